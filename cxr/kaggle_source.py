@@ -1,0 +1,206 @@
+"""Download a Kaggle dataset with the real ``kaggle`` client, safely.
+
+Credentials are looked up in the client's own order (``KAGGLE_API_TOKEN`` → ``~/.kaggle/access_token``
+→ ``KAGGLE_USERNAME``/``KAGGLE_KEY`` → ``kaggle.json``) *before* the client is imported: importing
+``kaggle`` authenticates at import time and prints a help page when nothing is configured. Secrets
+are never logged; only the *kind* of credential is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import stat
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxr.errors import FetchError
+
+log = logging.getLogger(__name__)
+
+NO_CREDENTIALS = (
+    "no Kaggle credentials found: set KAGGLE_API_TOKEN (a token from kaggle.com/settings), "
+    "or save ~/.kaggle/kaggle.json (then chmod 600 it), or set KAGGLE_USERNAME and KAGGLE_KEY "
+    "- or use data.source=dir (a local folder) or data.source=medmnist (no account needed)"
+)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    kind: str  # a description safe to log: never the secret itself
+    path: Path | None = None
+
+
+def _config_dir(env: Mapping[str, str], home: Path) -> Path:
+    if env.get("KAGGLE_CONFIG_DIR"):
+        return Path(env["KAGGLE_CONFIG_DIR"])
+    legacy = home / ".kaggle"
+    if legacy.exists():
+        return legacy
+    return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
+
+
+def _refuse_if_shared(path: Path) -> None:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise FetchError(
+            f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}): "
+            f"run 'chmod 600 {path}' and retry"
+        )
+
+
+def find_credentials(env: Mapping[str, str] | None = None, home: Path | None = None) -> Credentials:
+    """Say which credential the client will use, checking file permissions; never read secrets out."""
+    env = os.environ if env is None else env
+    home = Path.home() if home is None else home
+    token = env.get("KAGGLE_API_TOKEN", "")
+    if token:
+        if Path(token).is_file():
+            _refuse_if_shared(Path(token))
+            return Credentials("KAGGLE_API_TOKEN (file)", Path(token))
+        return Credentials("KAGGLE_API_TOKEN")
+    for name in ("access_token", "access_token.txt"):
+        path = home / ".kaggle" / name
+        if path.is_file() and path.stat().st_size:
+            _refuse_if_shared(path)
+            return Credentials("access token file", path)
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return Credentials("KAGGLE_USERNAME/KAGGLE_KEY")
+    config = _config_dir(env, home) / "kaggle.json"
+    if config.is_file():
+        _refuse_if_shared(config)
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, ValueError) as exc:
+            raise FetchError(f"{config}: not valid JSON ({type(exc).__name__}); re-download it") from exc
+        if not (isinstance(values, dict) and values.get("username") and values.get("key")):
+            raise FetchError(f"{config}: needs both 'username' and 'key'; re-download it from Kaggle")
+        return Credentials("kaggle.json", config)
+    raise FetchError(NO_CREDENTIALS)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    import requests
+
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
+    status = _http_status(exc)
+    return status is not None and (status >= 500 or status == 429)
+
+
+def with_retries(
+    action: Callable[[], Any],
+    what: str,
+    retries: int = 4,
+    backoff_s: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """Run ``action``; retry transient network errors with exponential backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if not _is_transient(exc) or attempt == retries:
+                raise
+            delay = backoff_s * 2**attempt
+            log.warning("%s failed (%s); retry %d/%d in %.0f s", what, type(exc).__name__,
+                        attempt + 1, retries, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _explain(exc: BaseException, dataset: str, creds: Credentials) -> FetchError:
+    status = _http_status(exc)
+    if status in (401, 403):
+        return FetchError(
+            f"Kaggle refused the credentials from {creds.kind} (HTTP {status}) for {dataset}: "
+            "create a new API token at kaggle.com/settings and accept the dataset's terms"
+        )
+    if status == 404:
+        return FetchError(f"Kaggle has no dataset {dataset!r} (HTTP 404): check data.kaggle_dataset")
+    if _is_transient(exc):
+        return FetchError(
+            f"could not reach Kaggle for {dataset} ({type(exc).__name__}) after retries: check the "
+            "network, or use data.source=dir or data.source=medmnist offline"
+        )
+    return FetchError(f"Kaggle download of {dataset} failed: {type(exc).__name__}: {exc}")
+
+
+def _zip_is_complete(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def download_dataset(
+    dataset: str, cache_dir: Path, retries: int = 4, backoff_s: float = 2.0
+) -> Path:
+    """Download ``owner/slug[/version]`` as a zip into ``cache_dir`` and return its path.
+
+    The client resumes interrupted downloads itself; a zip that fails its CRC check is deleted
+    and downloaded once more before giving up.
+    """
+    creds = find_credentials()
+    log.info("Kaggle credentials: %s", creds.kind)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    slug = dataset.split("/")[1] if dataset.count("/") >= 1 else dataset
+    target = cache_dir / f"{slug}.zip"
+
+    def client() -> Any:
+        # kaggle authenticates (and may print help or call the network) at import: keep it quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
+        return api
+
+    def metadata(api: Any) -> None:
+        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetMetadataRequest
+
+        owner, name = dataset.split("/")[:2]
+        request = ApiGetDatasetMetadataRequest()
+        request.owner_slug, request.dataset_slug = owner, name
+        with api.build_kaggle_client() as kaggle:
+            response = kaggle.datasets.dataset_api_client.get_dataset_metadata(request)
+        if response.error_message:
+            raise FetchError(f"Kaggle: {dataset}: {response.error_message}")
+        licences = [lic.name for lic in (response.info.licenses or []) if lic.name] if response.info else []
+        log.info("Kaggle dataset %s, licence %s", dataset, ", ".join(licences) or "unknown")
+
+    def download(api: Any) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            api.dataset_download_files(dataset, path=str(cache_dir), force=False, quiet=True)
+
+    try:
+        api = with_retries(client, "Kaggle authentication", retries, backoff_s)
+        with_retries(lambda: metadata(api), "Kaggle metadata", retries, backoff_s)
+        for attempt in (1, 2):
+            with_retries(lambda: download(api), "Kaggle download", retries, backoff_s)
+            if _zip_is_complete(target):
+                break
+            log.warning("downloaded %s fails its integrity check; deleting it (attempt %d)", target, attempt)
+            target.unlink(missing_ok=True)
+        else:
+            raise FetchError(f"Kaggle download of {dataset} is corrupt twice in a row: try again later")
+    except FetchError:
+        raise
+    except SystemExit as exc:  # the client calls exit(1) when authentication fails
+        raise FetchError(NO_CREDENTIALS) from exc
+    except Exception as exc:
+        raise _explain(exc, dataset, creds) from exc
+    return target

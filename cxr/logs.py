@@ -1,0 +1,57 @@
+"""Logging like a tool: one line per meaningful event, quiet and parseable in CI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+_OUR_LOGGERS = ("cxr", "tasks", "flows")
+_NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "matplotlib", "PIL")
+
+
+def setup_logging(level: str | None = None) -> None:
+    """Send our loggers' events to stderr, one line each (level from ``CXR_LOG_LEVEL``).
+
+    Our loggers do not propagate to the root logger, so a host that also logs there (Prefect's
+    console handler) does not print each line twice; chatty libraries are held at WARNING.
+    """
+    level = (level or os.environ.get("CXR_LOG_LEVEL", "INFO")).upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    for name in _OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not getattr(h, "_cxr", False)]
+        handler._cxr = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+
+
+def interactive() -> bool:
+    """True when a person watches a terminal (progress bars), False in CI and pipes."""
+    if os.environ.get("CI") or os.environ.get("CXR_NO_PROGRESS"):
+        return False
+    return sys.stderr.isatty()
+
+
+def progress(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
+    """Wrap ``items`` in a progress bar on a terminal; plain iteration otherwise."""
+    if not interactive():
+        yield from items
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm arrives with dvc and kaggle; stay usable without it
+        yield from items
+        return
+    yield from tqdm(items, total=total, desc=desc, unit="img", leave=False, file=sys.stderr)

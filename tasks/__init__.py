@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over ``cxr`` functions (caching policy, retries, artifacts)."""
