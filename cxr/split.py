@@ -71,7 +71,8 @@ def grouped_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, see
     for g in np.random.default_rng(seed).permutation(len(uniq)):
         if np.all(taken >= target):
             break
-        if np.all(taken + counts[g] <= target + counts[g] / 2.0):
+        fits = (counts[g] == 0) | (taken + counts[g] <= target + counts[g] / 2.0)
+        if np.all(fits):
             chosen[g] = True
             taken += counts[g]
     return chosen[inverse]

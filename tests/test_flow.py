@@ -1,0 +1,60 @@
+"""The Prefect flow, on the real Prefect engine: content-keyed caching of fetch and prepare."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, kermany_layout
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=120), \
+            temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(storage)}):
+        yield
+
+
+def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(prefect_env, make_dataset, tmp_path,
+                                                                        monkeypatch):
+    from flows.pipeline import pipeline
+
+    src = make_dataset(kermany_layout(n_patients=15), root=tmp_path / "xrays")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    args = ["data.source=dir", f"data.dir={src}", "prepare.min_images_per_class=1"]
+
+    first = pipeline(overrides=args)
+    assert first["states"] == {"fetch": "Completed", "prepare": "Completed"}
+    assert Path("data/prepared/splits.csv").is_file()
+
+    second = pipeline(overrides=args)
+    assert second["states"] == {"fetch": "Cached", "prepare": "Cached"}
+    assert second["prepare"] == first["prepare"]
+
+    # a parameter only prepare reads: fetch stays cached
+    third = pipeline(overrides=[*args, "split.seed=7"])
+    assert third["states"] == {"fetch": "Cached", "prepare": "Completed"}
+
+    # a deleted output is never trusted: its task runs again
+    os.remove("data/prepared/splits.csv")
+    fourth = pipeline(overrides=[*args, "split.seed=7"])
+    assert fourth["states"]["prepare"] == "Completed"
+    assert Path("data/prepared/splits.csv").is_file()
+
+    # new data in the source folder: fetch and prepare both rerun
+    from tests.conftest import write_image
+
+    write_image(src / "train/NORMAL/IM-0999-0001.jpeg", seed=999)
+    fifth = pipeline(overrides=[*args, "split.seed=7"])
+    assert fifth["states"] == {"fetch": "Completed", "prepare": "Completed"}
