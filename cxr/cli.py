@@ -40,6 +40,29 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cxr.train import train
+
+    params = load_params(args.params, args.set)
+    models = args.model or list((params.get("train") or {}).get("models") or [])
+    if not models:
+        raise CxrError("no model to train: pass --model NAME or list train.models in params.yaml")
+    for name in models:
+        card = train(name, params, splits_csv=args.splits, models_dir=args.models, reports_dir=args.reports)
+        print(json.dumps({"model": name, "model_sha256": card["model_sha256"],
+                          "val_auc": card["validation"]["auc"], "health": card["health"]["status"]}))
+    return 0
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from cxr.preview import augmented_batch
+
+    params = load_params(args.params, args.set)
+    out = augmented_batch(params, splits_csv=args.splits, out=args.out)
+    print(json.dumps({"plot": str(out)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
@@ -63,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/prepared")
     p.add_argument("--reports", default="reports")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train models of the registry (default: train.models)")
+    common(p)
+    p.add_argument("--model", action="append", help="model name (repeatable); default: train.models")
+    p.add_argument("--splits", default="data/prepared/splits.csv")
+    p.add_argument("--models", default="models")
+    p.add_argument("--reports", default="reports/train")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("preview", help="plot one augmented training batch (and warm the image cache)")
+    common(p)
+    p.add_argument("--splits", default="data/prepared/splits.csv")
+    p.add_argument("--out", default="reports/plots/augmented_batch.png")
+    p.set_defaults(func=_cmd_preview)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -31,5 +32,71 @@ def class_distribution(counts: Mapping[str, Mapping[str, int]], out: str | Path,
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def training_curves(history: Mapping[str, list[float]], out: str | Path, title: str) -> Path:
+    """Loss, accuracy and AUC per epoch, train vs validation (the notebook's curves, plus AUC)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metrics = [m for m in ("loss", "accuracy", "auc") if m in history]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    epochs = history.get("epoch") or list(range(1, len(history[metrics[0]]) + 1))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.plot(epochs, history[metric], "o-", label="train", ms=3)
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], "o-", label="validation", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def image_grid(images: Any, labels: Any, out: str | Path, title: str, columns: int = 4) -> Path:
+    """A grid of images (uint8 or [0, 1] floats) titled NORMAL / PNEUMONIA, like the notebook's."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes.flat, images, labels, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255 if image.dtype.kind == "u" else 1)
+        ax.set_title(CLASS_NAMES[int(label)], fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def architecture(layers: list[tuple[str, str, str, int]], out: str | Path, title: str) -> Path:
+    """A layer-by-layer diagram: (name, type, output shape, params) boxes top to bottom.
+
+    Drawn with matplotlib so it needs no Graphviz binary (keras.utils.plot_model does).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    height = 0.42 * len(layers) + 0.8
+    fig, ax = plt.subplots(figsize=(6.4, height))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, len(layers))
+    ax.axis("off")
+    for i, (name, kind, shape, params) in enumerate(layers):
+        y = len(layers) - i - 0.8
+        ax.add_patch(plt.Rectangle((0.05, y), 0.9, 0.6, fill=True, fc="#eef2f8", ec="#4c72b0"))
+        ax.text(0.08, y + 0.3, f"{name}  ({kind})", va="center", fontsize=8)
+        ax.text(0.92, y + 0.3, f"{shape}   {params:,}", va="center", ha="right", fontsize=8, color="#333")
+        if i:
+            ax.annotate("", (0.5, y + 0.6), (0.5, y + 1.0), arrowprops={"arrowstyle": "->", "lw": 0.8})
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90, metadata={"Software": None})
     plt.close(fig)
     return out

@@ -1,0 +1,197 @@
+"""The tf.data input pipeline (replaces ImageDataGenerator.flow_from_dataframe).
+
+``splits.csv`` rows → decode (JPEG/PNG/BMP, grayscale or RGB) → resize to ``image_size``
+(``squash`` like the notebook, or ``pad`` to keep the aspect ratio) → 3 channels, uint8. Decoded
+images are cached once per split as a uint8 ``.npy`` (memory-mapped; keyed by the split's content
+hashes and the preprocessing settings), so later epochs and later runs never decode a JPEG
+again. Batches are gathered from the cache, augmented on uint8 (training only), then scaled to
+[0, 1] float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr.augment import AugmentConfig, augment_batch
+from cxr.errors import CxrError, DataError
+from cxr.tfsetup import tensorflow
+
+log = logging.getLogger(__name__)
+
+RESIZE_MODES = ("squash", "pad")
+INTERPOLATIONS = ("bilinear", "nearest", "area", "bicubic")
+CACHE_MODES = ("disk", "memory", "none")
+_CACHE_VERSION = "1"  # bump when decode_image changes what it produces
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    image_size: int = 224
+    resize: str = "squash"
+    interpolation: str = "bilinear"
+    batch_size: int = 32
+    cache: str = "disk"
+    cache_dir: str = "data/cache"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment_validation: bool = False
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> InputConfig:
+        aug = dict(params.get("augment") or {})
+        augment_validation = bool(aug.pop("augment_validation", False))
+        cfg = cls(
+            image_size=int(params.get("image_size", 224)),
+            resize=str(params.get("resize", "squash")),
+            interpolation=str(params.get("interpolation", "bilinear")),
+            batch_size=int(params.get("batch_size", 32)),
+            cache=str(params.get("cache", "disk")),
+            cache_dir=str(params.get("cache_dir", "data/cache")),
+            augment=AugmentConfig(**aug),
+            augment_validation=augment_validation,
+        )
+        for name, value, allowed in (("resize", cfg.resize, RESIZE_MODES),
+                                     ("interpolation", cfg.interpolation, INTERPOLATIONS),
+                                     ("cache", cfg.cache, CACHE_MODES)):
+            if value not in allowed:
+                raise CxrError(f"input.{name}={value!r}: choose one of {', '.join(allowed)}")
+        return cfg
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a model trained on this pipeline expects (stored in its model card)."""
+        return {"image_size": self.image_size, "resize": self.resize,
+                "interpolation": self.interpolation, "channels": 3, "scale": "1/255",
+                "dtype": "float32"}
+
+
+def decode_image(path: Any, image_size: int, resize: str = "squash", interpolation: str = "bilinear") -> Any:
+    """File path (string tensor) → (S, S, 3) uint8 tensor."""
+    tf = tensorflow()
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return resize_image(image, image_size, resize, interpolation)
+
+
+def resize_image(image: Any, image_size: int, resize: str = "squash", interpolation: str = "bilinear") -> Any:
+    """(H, W, 3) uint8 → (S, S, 3) uint8, squashed or letter-boxed (zero padding)."""
+    tf = tensorflow()
+    size = (image_size, image_size)
+
+    def resized() -> Any:
+        if resize == "pad":
+            out = tf.image.resize_with_pad(image, image_size, image_size, method=interpolation,
+                                           antialias=interpolation != "nearest")
+        else:
+            out = tf.image.resize(image, size, method=interpolation, antialias=interpolation != "nearest")
+        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+    shape = tf.shape(image)
+    already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
+    out = tf.cond(already, lambda: image, resized)  # most of the shared set is already 224 px
+    out.set_shape([image_size, image_size, 3])
+    return out
+
+
+def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarray, str]:
+    """(paths, float32 labels, content key) of one split of ``splits.csv``."""
+    frame = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})
+    missing = {"path", "label", "split"} - set(frame.columns)
+    if missing:
+        raise DataError(f"{splits_csv}: missing columns {sorted(missing)}; rerun prepare")
+    part = frame[frame["split"] == split]
+    if part.empty:
+        raise DataError(f"{splits_csv}: the {split} split is empty")
+    digest = hashlib.sha256()
+    for row in part[["path", "sha256" if "sha256" in part else "path", "label"]].itertuples(index=False):
+        digest.update(("\t".join(map(str, row)) + "\n").encode())
+    return part["path"].tolist(), part["label"].to_numpy(np.float32), digest.hexdigest()
+
+
+def _decode_all(paths: list[str], cfg: InputConfig, out: np.ndarray) -> None:
+    tf = tensorflow()
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: decode_image(p, cfg.image_size, cfg.resize, cfg.interpolation),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+    ).batch(64).prefetch(2)
+    start = 0
+    try:
+        for batch in ds:
+            out[start:start + len(batch)] = batch.numpy()
+            start += len(batch)
+    except tf.errors.OpError as exc:
+        raise DataError(f"could not decode an image of this split ({exc.message.splitlines()[0]}); "
+                        "rerun prepare to exclude unreadable files") from exc
+
+
+def load_images(paths: list[str], content_key: str, cfg: InputConfig, split: str) -> np.ndarray:
+    """Decoded (N, S, S, 3) uint8 images of a split, from the cache when it is warm."""
+    shape = (len(paths), cfg.image_size, cfg.image_size, 3)
+    if cfg.cache == "memory" or cfg.cache == "none":
+        images = np.empty(shape, np.uint8)
+        _decode_all(paths, cfg, images)
+        return images
+    key = hashlib.sha256(
+        f"{_CACHE_VERSION}|{content_key}|{cfg.image_size}|{cfg.resize}|{cfg.interpolation}".encode()
+    ).hexdigest()[:20]
+    path = Path(cfg.cache_dir) / f"{split}-{cfg.image_size}px-{key}.npy"
+    if path.is_file():
+        images = np.load(path, mmap_mode="r")
+        if images.shape == shape:
+            log.info("%s: %d images from cache %s", split, len(paths), path)
+            return images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    started = time.perf_counter()
+    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        _decode_all(paths, cfg, images)
+        images.flush()
+        del images
+        os.replace(tmp, path)  # only a complete cache is ever visible
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("%s: decoded %d images in %.1f s into cache %s", split, len(paths),
+             time.perf_counter() - started, path)
+    return np.load(path, mmap_mode="r")
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray, cfg: InputConfig, *, shuffle: bool,
+                 augment: bool, seed: int, drop_remainder: bool = False) -> Any:
+    """Batches of ([0, 1] float32 images, float32 labels) from a decoded uint8 array."""
+    tf = tensorflow()
+    n, size = len(images), cfg.image_size
+    labels = np.asarray(labels, np.float32)
+
+    def gather(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(images[index]), labels[index]
+
+    ds = tf.data.Dataset.range(n)
+    if shuffle:
+        ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(lambda i: tf.numpy_function(gather, [i], [tf.uint8, tf.float32], stateful=False),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda x, y: (tf.ensure_shape(x, [None, size, size, 3]), tf.ensure_shape(y, [None])))
+    if augment:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (augment_batch(xy[0], s, cfg.augment), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+        )
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def describe(cfg: InputConfig) -> dict[str, Any]:
+    return {**asdict(cfg), "augment": asdict(cfg.augment)}

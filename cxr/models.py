@@ -1,0 +1,148 @@
+"""Model builders: a registry where adding a model is one function and one params.yaml block.
+
+Every builder returns an *uncompiled functional* Keras model taking (S, S, 3) float32 images in
+[0, 1] and returning P(pneumonia) from a sigmoid, so Grad-CAM can reach any convolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cxr.errors import CxrError
+from cxr.tfsetup import tensorflow
+
+tensorflow()  # quiet TensorFlow import before Keras pulls it in
+import keras  # noqa: E402
+
+Builder = Callable[[int, Mapping[str, Any]], Any]
+REGISTRY: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    def add(builder: Builder) -> Builder:
+        REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+def build_model(name: str, image_size: int, cfg: Mapping[str, Any]) -> Any:
+    if name not in REGISTRY:
+        raise CxrError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](image_size, cfg)
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class ImagenetCaffePreprocess(keras.layers.Layer):
+    """[0, 255] RGB → BGR minus the ImageNet channel means, as VGG16's ImageNet weights expect.
+
+    A named layer rather than a Lambda, so saved models load with ``safe_mode=True``.
+    """
+
+    MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def call(self, inputs: Any) -> Any:
+        bgr = keras.ops.flip(inputs, axis=-1)
+        return bgr - keras.ops.convert_to_tensor(self.MEAN_BGR, dtype=bgr.dtype)
+
+
+def _output(x: Any) -> Any:
+    # float32 output under mixed precision: a bf16 sigmoid rounds P(pneumonia) to 3 digits
+    return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia")(x)
+
+
+@register("smallnet")
+def smallnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
+    """The notebook's SmallNet, layer for layer (spec §3): 3×Conv(32) + Dense(32)."""
+    from keras import layers
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Conv2D(32, 3, activation="relu", name="conv3")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(32, activation="relu", name="dense")(x)
+    return keras.Model(inputs, _output(x), name="smallnet")
+
+
+def _imagenet_error(exc: BaseException) -> CxrError:
+    return CxrError(
+        f"could not download the ImageNet weights for VGG16 ({type(exc).__name__}): put "
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in ~/.keras/models/, or set "
+        "train.vgg16.weights to a local .h5/.keras weights file, or to none (random init)"
+    )
+
+
+@register("vgg16")
+def vgg16(image_size: int, cfg: Mapping[str, Any]) -> Any:
+    """Frozen VGG16 base + the notebook's head (spec §4): Flatten, 4096, 1072, Dropout 0.2."""
+    from keras import layers
+
+    weights = str(cfg.get("weights", "imagenet") or "none")
+    base_weights = "imagenet" if weights == "imagenet" else None
+    try:
+        base = keras.applications.VGG16(include_top=False, weights=base_weights,
+                                        input_shape=(image_size, image_size, 3))
+    except Exception as exc:  # urllib/HTTP/SSL errors surface as several types
+        if base_weights == "imagenet":
+            raise _imagenet_error(exc) from exc
+        raise
+    if weights not in ("imagenet", "none"):
+        path = Path(weights)
+        if not path.is_file():
+            raise CxrError(f"train.vgg16.weights={weights}: file not found (or use imagenet / none)")
+        base.load_weights(path)
+    base.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    if cfg.get("imagenet_preprocessing", True):
+        # VGG16's ImageNet weights expect BGR, mean-subtracted [0, 255] input; the notebook fed
+        # [0, 1] RGB (imagenet_preprocessing: false reproduces that).
+        x = layers.Rescaling(255.0, name="to_0_255")(x)
+        x = ImagenetCaffePreprocess(name="imagenet_preprocess")(x)
+    x = base(x, training=False)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(4096, activation="relu", name="fc1")(x)
+    x = layers.Dense(1072, activation="relu", name="fc2")(x)
+    x = layers.Dropout(float(cfg.get("dropout", 0.2)), name="dropout")(x)
+    return keras.Model(inputs, _output(x), name="vgg16")
+
+
+def _conv_block(x: Any, filters: int, name: str) -> Any:
+    from keras import layers
+
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.ReLU(name=f"{name}_relu{i}")(x)
+    return x
+
+
+@register("cxrnet")
+def cxrnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
+    """A compact radiograph classifier: BN conv blocks, global pooling, ~0.3 M parameters.
+
+    A strided stem brings 224 px to 56 px cheaply; four double-conv blocks (32–64–128–128
+    filters, batch-normalised) see the whole chest; global average pooling replaces the huge
+    Flatten→Dense of SmallNet (2.8 M of its 2.8 M weights), which is where it memorises
+    burned-in markers and image borders.
+    """
+    from keras import layers
+
+    widths = [int(w) for w in cfg.get("widths", [32, 64, 128, 128])]
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Conv2D(widths[0] // 2, 5, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    x = layers.MaxPooling2D(2, name="stem_pool")(x)
+    for i, width in enumerate(widths):
+        x = _conv_block(x, width, f"block{i + 1}")
+        if i < len(widths) - 1:
+            x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(float(cfg.get("dropout", 0.3)), name="dropout")(x)
+    return keras.Model(inputs, _output(x), name="cxrnet")
