@@ -122,7 +122,7 @@ def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: st
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _compile(model: Any, learning_rate: float) -> None:
+def compile_model(model: Any, learning_rate: float) -> None:
     import keras
 
     model.compile(
@@ -219,7 +219,7 @@ def train(
                  cfg.continue_epochs)
     else:
         model = build_model(name, input_cfg.image_size, cfg.model)
-    _compile(model, cfg.learning_rate)
+    compile_model(model, cfg.learning_rate)
 
     run_key = _run_key(name, cfg, input_cfg, splits_sha + (previous or {}).get("model_sha256", ""))
     backup_dir = models_dir / ".backup" / name / run_key

@@ -1,4 +1,4 @@
-"""The pipeline flow: fetch → prepare (later: train → evaluate → explain → report).
+"""The pipeline flow: fetch → prepare → preview + train (one task per model, concurrent).
 
 Run it with ``python -m flows.pipeline [-S key=value ...]``. With no ``PREFECT_API_URL`` Prefect
 starts a temporary local server for the run; with one, the run is recorded on that server.
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
 from cxr.errors import CxrError
@@ -23,24 +24,35 @@ from cxr.params import load_params, section
 from tasks.caching import outputs_intact
 from tasks.fetch import fetch_task
 from tasks.prepare import prepare_task
+from tasks.train import preview_task, train_task
 
 log = logging.getLogger("flows.pipeline")
 
 
-def run_verified(task_obj: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
-    """Run a task; if its cached result names files that changed or vanished, run it again."""
-    state = task_obj(**kwargs, return_state=True)
+def _verified(task_obj: Any, state: Any, kwargs: dict[str, Any]) -> tuple[str, Any]:
+    """Trust a cached result only if the files it names are intact; otherwise run the task again."""
     result = state.result()
     if state.is_completed() and state.name == "Cached" and not outputs_intact(result):
         state = task_obj.with_options(refresh_cache=True)(**kwargs, return_state=True)
         result = state.result()
-    log.info("%s: %s", task_obj.name, state.name)
+    label = f"{task_obj.name}@{kwargs['model']}" if "model" in kwargs else task_obj.name
+    log.info("%s: %s", label, state.name)
     return state.name, result
+
+
+def run_verified(task_obj: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """Run a task in the flow's thread; see :func:`_verified`."""
+    return _verified(task_obj, task_obj(**kwargs, return_state=True), kwargs)
 
 
 @flow(name="cxr-pipeline", log_prints=False)
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run every step; flow parameters (``overrides``) win over ``params.yaml``."""
+    """Run every step; flow parameters (``overrides``) win over ``params.yaml``.
+
+    Models train as separate tasks (each in its own process) and concurrently up to
+    ``orchestration.max_parallel_training``; a failed model fails the run only after the others
+    finished and kept their results.
+    """
     params = load_params(params_path, overrides or [])
     data = section(params, "data")
     states: dict[str, str] = {}
@@ -49,7 +61,35 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         prepare_task, raw_dir=fetched["raw"], split_params=section(params, "split"),
         prepare_params=params.get("prepare") or {},
     )
-    return {"states": states, "fetch": fetched, "prepare": prepared}
+    train_params = section(params, "train")
+    input_params = params.get("input") or {}
+    common = train_params.get("common") or {}
+    states["preview"], _ = run_verified(preview_task, splits=prepared["splits"], params_path=params_path,
+                                        input_params=input_params, seed=int(common.get("seed", 42)))
+    jobs = {}
+    for model in train_params.get("models") or []:
+        kwargs = {"model": model, "splits": prepared["splits"], "params_path": params_path,
+                  "input_params": input_params, "common": common, "own": train_params.get(model) or {}}
+        jobs[model] = (kwargs, train_task.submit(**kwargs, return_state=False))
+    models: dict[str, Any] = {}
+    failures = []
+    for model, (kwargs, future) in jobs.items():
+        future.wait()
+        state = future.state
+        if state.is_failed():
+            failures.append(f"{model}: {state.message}")
+            states[f"train@{model}"] = "Failed"
+            log.error("train@%s failed: %s", model, state.message)
+            continue
+        states[f"train@{model}"], models[model] = _verified(train_task, state, kwargs)
+    if failures:
+        raise CxrError("training failed for " + "; ".join(failures) + " (other models were kept)")
+    return {"states": states, "fetch": fetched, "prepare": prepared, "models": models}
+
+
+def pipeline_with_runner(max_parallel: int) -> Any:
+    """The flow with a thread pool of ``max_parallel`` workers for the training tasks."""
+    return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, max_parallel)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        result = pipeline(params_path=args.params, overrides=args.set)
+        params = load_params(args.params, args.set)
+        parallel = int((params.get("orchestration") or {}).get("max_parallel_training", 1))
+        result = pipeline_with_runner(parallel)(params_path=args.params, overrides=args.set)
     except CxrError as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 1
