@@ -54,8 +54,8 @@ def _is_link_or_special(info: zipfile.ZipInfo) -> bool:
 
 
 def _skip(parts: tuple[str, ...]) -> bool:
-    if not parts or parts[0] == "__MACOSX" or parts[-1].startswith("._"):
-        return True
+    if not parts or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
+        return True  # resource forks and hidden files (.DS_Store, ._*) are never data
     # Kaggle's chest-xray archive ships chest_xray/chest_xray/{train,val,test} as a duplicate.
     return len(parts) >= 2 and parts[0] == parts[1]
 

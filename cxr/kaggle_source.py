@@ -156,8 +156,11 @@ def download_dataset(
     """
     creds = find_credentials()
     log.info("Kaggle credentials: %s", creds.kind)
+    owner, slug, *version = dataset.split("/")
+    # one folder per owner/slug/version: the client keeps a cached zip that is "newer", so two
+    # datasets or versions must never share a file name
+    cache_dir = cache_dir / owner / slug / (version[0] if version else "latest")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    slug = dataset.split("/")[1] if dataset.count("/") >= 1 else dataset
     target = cache_dir / f"{slug}.zip"
 
     def client() -> Any:
@@ -200,6 +203,11 @@ def download_dataset(
     except FetchError:
         raise
     except SystemExit as exc:  # the client calls exit(1) when authentication fails
+        if "token" in creds.kind.lower():
+            raise FetchError(
+                f"Kaggle did not accept the token from {creds.kind} (inactive or expired): create a "
+                "new API token at kaggle.com/settings"
+            ) from exc
         raise FetchError(NO_CREDENTIALS) from exc
     except Exception as exc:
         raise _explain(exc, dataset, creds) from exc
