@@ -63,6 +63,95 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(params: dict, given: list[str] | None) -> list[str]:
+    models = given or list((params.get("train") or {}).get("models") or [])
+    if not models:
+        raise CxrError("no model given: pass --model NAME or list train.models in params.yaml")
+    return models
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxr.evaluate import evaluate_folder, evaluate_models
+
+    params = load_params(args.params, args.set)
+    eval_params = params.get("evaluate") or {}
+    if args.data:  # one saved model on any labelled folder
+        if not args.model or len(args.model) != 1:
+            raise CxrError("--data needs exactly one --model (a .keras file or a model name)")
+        model = args.model[0] if args.model[0].endswith(".keras") else f"models/{args.model[0]}.keras"
+        result = evaluate_folder(model, args.data, float(eval_params.get("threshold", 0.5)),
+                                 int(eval_params.get("bootstrap", 1000)), int(eval_params.get("seed", 42)))
+        if args.json:
+            print(json.dumps(result))
+        else:
+            ci = result["ci95"]["auc"]
+            print(f"{model} on {args.data}: n={result['n']} AUC {result['auc']:.4f} "
+                  f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}) " if ci else f"{model} on {args.data}: AUC {result['auc']} ",
+                  end="")
+            print(" ".join(f"{k}={result[k]:.4f}" for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")
+                           if result[k] is not None))
+            if result["skipped"]:
+                print(f"{len(result['skipped'])} unreadable file(s) skipped", file=sys.stderr)
+        return 0
+    summary = evaluate_models(_models(params, args.model), eval_params, params.get("input") or {})
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from cxr.explain import explain_models
+
+    params = load_params(args.params, args.set)
+    summary = explain_models(_models(params, args.model), params.get("evaluate") or {}, params.get("input") or {})
+    print(json.dumps({m: v["border_to_uniform_ratio"] for m, v in summary["models"].items()}))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cxr.report import render
+
+    params = load_params(args.params, args.set)
+    models = _models(params, args.model)
+    readers = str((params.get("report") or {}).get("readers") or "")
+    agreement_file = Path("reports/agreement.json")
+    if readers:
+        from cxr.agreement import agreement_for_report
+
+        agreement_for_report(readers, models[0], params.get("evaluate") or {}, agreement_file)
+    else:
+        agreement_file.unlink(missing_ok=True)
+    result = render(models)
+    print(json.dumps({"html": result["html"]}))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cxr.predict import predict
+
+    model = args.model if args.model.endswith(".keras") else f"models/{args.model}.keras"
+    failures = predict(model, args.paths, threshold=args.threshold, gradcam_dir=args.gradcam, as_json=args.json)
+    return 1 if failures else 0
+
+
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    from cxr.agreement import agreement, read_readers
+
+    _, readers = read_readers(args.readers)
+    result = agreement(readers, n_boot=args.bootstrap)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for c in result["cohen"]:
+            ci = c["ci95"]
+            print(f"Cohen's kappa {c['pair']}: {c['kappa']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
+        if result["fleiss"]:
+            print(f"Fleiss' kappa ({len(result['readers'])} readers): {result['fleiss']['kappa']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
@@ -100,6 +189,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="data/prepared/splits.csv")
     p.add_argument("--out", default="reports/plots/augmented_batch.png")
     p.set_defaults(func=_cmd_preview)
+
+    p = sub.add_parser("evaluate", help="test-split metrics of trained models, or one model on a labelled folder")
+    common(p)
+    p.add_argument("--model", action="append", help="model name or .keras file (repeatable)")
+    p.add_argument("--data", help="a labelled folder in Kaggle layout to score --model on")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("explain", help="Grad-CAM galleries and border-heat figures on the test split")
+    common(p)
+    p.add_argument("--model", action="append")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("report", help="write reports/report.html and reports/report.md")
+    common(p)
+    p.add_argument("--model", action="append")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("predict", help="label and P(pneumonia) for images, folders or DICOM files")
+    p.add_argument("--model", required=True, help="model name (models/NAME.keras) or a .keras file")
+    p.add_argument("paths", nargs="+", help="image files or folders (JPEG, PNG, BMP, DICOM)")
+    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default 0.5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--gradcam", metavar="DIR", help="also write Grad-CAM overlays into DIR")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("agreement", help="Cohen's and Fleiss' kappa for a readers CSV")
+    p.add_argument("readers", help="CSV: a key column (path/image) and one 0/1 column per reader")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_agreement)
     return parser
 
 

@@ -100,3 +100,46 @@ def architecture(layers: list[tuple[str, str, str, int]], out: str | Path, title
     fig.savefig(out, dpi=90, metadata={"Software": None})
     plt.close(fig)
     return out
+
+
+def _save(fig: Any, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def confusion(matrix: Mapping[str, int], out: str | Path, title: str) -> Path:
+    """2×2 confusion matrix (rows: truth, columns: prediction) with counts."""
+    grid = [[matrix["tn"], matrix["fp"]], [matrix["fn"], matrix["tp"]]]
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(grid, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(grid[i][j]), ha="center", va="center", fontsize=12,
+                    color="white" if grid[i][j] > max(map(max, grid)) / 2 else "black")
+    ax.set_xticks([0, 1], CLASS_NAMES)
+    ax.set_yticks([0, 1], CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, Path(out))
+
+
+def curve(x: Any, y: Any, out: str | Path, title: str, xlabel: str, ylabel: str,
+          diagonal: bool = False, label: str | None = None) -> Path:
+    """A single ROC / precision-recall / reliability curve."""
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.plot(x, y, "-o" if len(x) < 20 else "-", ms=3, label=label)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if label:
+        ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, Path(out))

@@ -1,4 +1,4 @@
-"""The pipeline flow: fetch → prepare → preview + train (one task per model, concurrent).
+"""The pipeline flow: fetch → prepare → preview + train (one task per model) → evaluate → explain → report.
 
 Run it with ``python -m flows.pipeline [-S key=value ...]``. With no ``PREFECT_API_URL`` Prefect
 starts a temporary local server for the run; with one, the run is recorded on that server.
@@ -22,6 +22,7 @@ from cxr.fetch import source_digest
 from cxr.logs import setup_logging
 from cxr.params import load_params, section
 from tasks.caching import outputs_intact
+from tasks.evaluate import evaluate_task, explain_task, report_task
 from tasks.fetch import fetch_task
 from tasks.prepare import prepare_task
 from tasks.train import preview_task, train_task
@@ -84,7 +85,21 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         states[f"train@{model}"], models[model] = _verified(train_task, state, kwargs)
     if failures:
         raise CxrError("training failed for " + "; ".join(failures) + " (other models were kept)")
-    return {"states": states, "fetch": fetched, "prepare": prepared, "models": models}
+    names = list(models)
+    files = [f"models/{m}.keras" for m in names]
+    eval_params = params.get("evaluate") or {}
+    states["evaluate"], evaluated = run_verified(
+        evaluate_task, models=names, model_files=files, splits=prepared["splits"], params_path=params_path,
+        eval_params=eval_params, input_params=input_params)
+    states["explain"], explained = run_verified(
+        explain_task, models=names, model_files=files, splits=prepared["splits"], eval_dir=evaluated["eval_dir"],
+        params_path=params_path, eval_params=eval_params, input_params=input_params)
+    report_inputs = [prepared["quality"], evaluated["metrics"], explained["summary"], *files,
+                     *[f"models/{m}.card.json" for m in names]]
+    readers = str((params.get("report") or {}).get("readers") or "")
+    states["report"], reported = run_verified(report_task, models=names, inputs=report_inputs, readers=readers,
+                                              eval_params=eval_params)
+    return {"states": states, "fetch": fetched, "prepare": prepared, "models": models, "report": reported}
 
 
 def pipeline_with_runner(max_parallel: int) -> Any:

@@ -35,6 +35,12 @@ def digest_path(path: str | Path) -> str:
     return "missing"
 
 
+def _digest_any(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [digest_path(v) for v in value]
+    return digest_path(value)
+
+
 @dataclass
 class ContentPolicy(CachePolicy):
     """Cache key over task source, named code files, inputs, and the content of path inputs."""
@@ -50,7 +56,7 @@ class ContentPolicy(CachePolicy):
             "task": inspect.getsource(fn),
             "code": {c: sha256_file(REPO_ROOT / c) for c in self.code},
             "inputs": {k: v for k, v in sorted(inputs.items()) if k not in self.exclude},
-            "content": {k: digest_path(inputs[k]) for k in self.path_inputs if inputs.get(k)},
+            "content": {k: _digest_any(inputs[k]) for k in self.path_inputs if inputs.get(k)},
         }
         return hash_objects(key, raise_on_failure=True)
 

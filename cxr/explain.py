@@ -1,0 +1,112 @@
+"""The ``explain`` step: Grad-CAM galleries and a number for where each model looks.
+
+For every model, a seeded selection of test images covering true/false positives and negatives
+(``evaluate.gradcam_per_outcome`` of each) is overlaid with the last convolution's Grad-CAM
+(interpolant 0.5), titled with prediction, P(pneumonia) and truth. Over *all* test images, the
+share of heat in the image border (``evaluate.border_margin``) is reported against the share a
+uniform map would have: a ratio above 1 means attention to burned-in markers ("A-P", "R") and
+edges rather than the lung field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr import CLASS_NAMES
+from cxr.dataset import InputConfig, load_images, read_split
+from cxr.fetch import write_json
+from cxr.gradcam import border_fraction, gradcam, last_conv_layer, overlay
+from cxr.inference import load
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("TP", "FP", "TN", "FN")
+
+
+def outcome(label: int, probability: float, threshold: float) -> str:
+    positive = probability >= threshold
+    return ("T" if positive == bool(label) else "F") + ("P" if positive else "N")
+
+
+def select(predictions: pd.DataFrame, threshold: float, per_outcome: int, seed: int) -> pd.DataFrame:
+    """A seeded sample of up to ``per_outcome`` rows of each outcome, in TP, FP, TN, FN order."""
+    frame = predictions.assign(outcome=[outcome(y, p, threshold) for y, p in
+                                        zip(predictions["label"], predictions["probability"], strict=True)])
+    rng = np.random.default_rng(seed)
+    parts = []
+    for kind in OUTCOMES:
+        rows = frame[frame["outcome"] == kind]
+        take = rng.choice(len(rows), size=min(per_outcome, len(rows)), replace=False) if len(rows) else []
+        parts.append(rows.iloc[sorted(take)])
+    return pd.concat(parts)
+
+
+def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path, title: str) -> Path:
+    from cxr.plots import plt
+
+    n = len(rows)
+    columns = min(4, max(n, 1))
+    lines = (n + columns - 1) // columns
+    fig, axes = plt.subplots(lines, columns, figsize=(3.0 * columns, 3.3 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, cam, (_, row) in zip(axes.flat, images, cams, rows.iterrows(), strict=False):
+        ax.imshow(overlay(image.astype(np.float32) / 255.0, cam))
+        predicted = CLASS_NAMES[int(row["probability"] >= row["threshold"])]
+        ax.set_title(f"{row['outcome']}: pred {predicted}\nP(pneumonia) {row['probability']:.3f} · "
+                     f"true {CLASS_NAMES[int(row['label'])]}", fontsize=7.5)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def explain_models(models: Sequence[str], eval_params: Mapping[str, Any], input_params: Mapping[str, Any],
+                   splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models",
+                   eval_dir: str | Path = "reports/eval", out_dir: str | Path = "reports/gradcam") -> dict[str, Any]:
+    threshold = float(eval_params.get("threshold", 0.5))
+    per_outcome = int(eval_params.get("gradcam_per_outcome", 2))
+    seed = int(eval_params.get("seed", 42))
+    margin = float(eval_params.get("border_margin", 0.125))
+    layer = eval_params.get("gradcam_layer") or None
+    out_dir = Path(out_dir)
+    summary: dict[str, Any] = {"threshold": threshold, "border_margin": margin,
+                               "uniform_border_fraction": 1 - (1 - 2 * margin) ** 2, "models": {}}
+    for name in models:
+        lm = load(Path(models_dir) / f"{name}.keras")
+        cfg = InputConfig(image_size=lm.input.image_size, resize=lm.input.resize,
+                          interpolation=lm.input.interpolation, cache="disk",
+                          cache_dir=str(input_params.get("cache_dir", "data/cache")))
+        paths, _, key = read_split(splits_csv, "test")
+        images = load_images(paths, key, cfg, "test")
+        fractions = []
+        for start in range(0, len(images), 32):
+            cams, _ = gradcam(lm.model, images[start:start + 32].astype(np.float32) / 255.0, layer)
+            fractions += [border_fraction(c, margin) for c in cams]
+        predictions = pd.read_csv(Path(eval_dir) / name / "predictions.csv", keep_default_na=False)
+        chosen = select(predictions, threshold, per_outcome, seed).assign(threshold=threshold)
+        index = {p: i for i, p in enumerate(paths)}
+        picked = images[[index[p] for p in chosen["path"]]]
+        cams, _ = gradcam(lm.model, picked.astype(np.float32) / 255.0, layer)
+        gallery = _gallery(picked, cams, chosen, out_dir / f"{name}.png",
+                           f"{name}: Grad-CAM of {layer or last_conv_layer(lm.model)}")
+        value = float(np.nanmean(fractions))
+        summary["models"][name] = {
+            "layer": layer or last_conv_layer(lm.model), "gallery": gallery.as_posix(),
+            "border_fraction_mean": round(value, 4),
+            "border_to_uniform_ratio": round(value / summary["uniform_border_fraction"], 3),
+            "images": len(fractions),
+            "examples": [{"path": r["path"], "outcome": r["outcome"], "probability": float(r["probability"]),
+                          "label": CLASS_NAMES[int(r["label"])]} for _, r in chosen.iterrows()],
+        }
+        log.info("%s: Grad-CAM border heat %.3f (uniform %.3f)", name, value, summary["uniform_border_fraction"])
+    write_json(out_dir / "summary.json", summary)
+    return summary

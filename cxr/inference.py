@@ -1,0 +1,98 @@
+"""Load a trained model with its card, and score images exactly as the model was trained.
+
+The preprocessing (image size, resize mode, interpolation, scaling) is read from the model card,
+never re-typed, and the decoding is the training pipeline's own function; DICOM files go through
+:mod:`cxr.dicom` and then the same resize.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr.dataset import InputConfig, decode_image, resize_image
+from cxr.dicom import is_dicom, read_dicom
+from cxr.errors import CxrError, DataError
+from cxr.hashing import sha256_file
+from cxr.tfsetup import tensorflow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    card: dict[str, Any]
+    input: InputConfig
+    path: Path
+    verified: bool  # the file's sha256 matches its card
+
+
+def card_path_for(model_path: Path) -> Path:
+    return model_path.with_name(model_path.name.removesuffix(".keras") + ".card.json")
+
+
+def load(model_path: str | Path) -> LoadedModel:
+    """Load ``<name>.keras`` (safe mode) and its ``<name>.card.json``."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise CxrError(f"{model_path}: model file not found")
+    card_file = card_path_for(model_path)
+    if not card_file.is_file():
+        raise CxrError(f"{card_file}: model card not found; the preprocessing of {model_path.name} is unknown")
+    card = json.loads(card_file.read_text())
+    verified = card.get("model_sha256") == sha256_file(model_path)
+    if not verified:
+        log.warning("%s does not match the sha256 in its card: results are unverified", model_path)
+    tensorflow()
+    import keras
+
+    import cxr.models  # noqa: F401  (registers the custom layers for deserialisation)
+
+    try:
+        model = keras.saving.load_model(model_path, safe_mode=True)
+    except Exception as exc:
+        raise CxrError(f"{model_path}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+    pre = card.get("input", {}).get("preprocessing", {})
+    cfg = InputConfig(image_size=int(pre.get("image_size", 224)), resize=pre.get("resize", "squash"),
+                      interpolation=pre.get("interpolation", "bilinear"), cache="memory")
+    return LoadedModel(model, card, cfg, model_path, verified)
+
+
+def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
+    """One file → (S, S, 3) uint8 as the model saw its training images; DataError if unreadable."""
+    tf = tensorflow()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if is_dicom(path):
+        image = tf.convert_to_tensor(read_dicom(path))
+        return resize_image(image, cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+    try:
+        return decode_image(tf.constant(str(path)), cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+    except tf.errors.OpError as exc:
+        raise DataError(f"{path}: not a readable JPEG/PNG/BMP image ({exc.message.splitlines()[0]})") from exc
+
+
+def iter_images(paths: Sequence[str | Path], cfg: InputConfig) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
+    """(path, image or None, error or None) per file, in order."""
+    for path in paths:
+        try:
+            yield Path(path), load_image(path, cfg), None
+        except DataError as exc:
+            yield Path(path), None, str(exc)
+
+
+def predict_images(model: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """P(pneumonia) for (N, S, S, 3) uint8 images."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].astype(np.float32) / 255.0
+        out.append(np.asarray(model(batch, training=False), dtype=np.float64).reshape(-1))
+    return np.concatenate(out) if out else np.zeros(0)

@@ -1,0 +1,76 @@
+"""``cxr predict``: label and P(pneumonia) for outside images (JPEG, PNG, DICOM), one per line.
+
+Human output keeps the notebook's format (``prediction: PNEUMONIA  P(Pneumonia): 0.9731``);
+``--json`` prints one JSON object per image. A bad file gets one line on stderr naming it, the
+others are still predicted, and the exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from cxr import CLASS_NAMES
+from cxr.inference import iter_images, load, predict_images
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
+
+
+def expand(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given; folders expanded (recursively, sorted) to their image and DICOM files."""
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                              and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            yield path
+
+
+def predict(model_path: str | Path, paths: Sequence[str | Path], threshold: float | None = None,
+            gradcam_dir: str | Path | None = None, as_json: bool = False,
+            out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Predict every file; return the number of files that could not be predicted."""
+    lm = load(model_path)
+    cut = float(threshold if threshold is not None else 0.5)
+    failures = 0
+    for path, image, error in iter_images(list(expand(paths)), lm.input):
+        if error or image is None:
+            failures += 1
+            print(f"cxr: error: {error}", file=err)
+            continue
+        probability = float(predict_images(lm.model, image[None])[0])
+        label = CLASS_NAMES[int(probability >= cut)]
+        record: dict[str, Any] = {"path": str(path), "label": label, "probability": round(probability, 6),
+                                  "threshold": cut, "model_sha256": lm.card.get("model_sha256"),
+                                  "verified_model": lm.verified}
+        if gradcam_dir is not None:
+            record["gradcam"] = _write_overlay(lm, image, path, Path(gradcam_dir), label, probability)
+        if as_json:
+            print(json.dumps(record), file=out)
+        else:
+            print(f"{path}: prediction: {label}  P(Pneumonia): {probability:.4f}", file=out)
+        out.flush()
+    return failures
+
+
+def _write_overlay(lm: Any, image: np.ndarray, path: Path, folder: Path, label: str, probability: float) -> str:
+    from cxr.gradcam import gradcam, overlay
+    from cxr.plots import plt
+
+    cam, _ = gradcam(lm.model, image[None].astype(np.float32) / 255.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{path.stem}.gradcam.png"
+    fig, ax = plt.subplots(figsize=(4, 4.2))
+    ax.imshow(overlay(image.astype(np.float32) / 255.0, cam[0]))
+    ax.axis("off")
+    ax.set_title(f"prediction: {label}  P(Pneumonia): {probability:.4f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(target, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return target.as_posix()

@@ -1,0 +1,61 @@
+"""Prefect tasks for evaluate, explain and report (wrapping ``cxr.evaluate``, ``cxr.explain``, ``cxr.report``).
+
+Evaluate and explain load TensorFlow models, so they run ``cxr`` in a child process like training;
+the report is plain Python and runs in the flow's process, then publishes Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from cxr.hashing import sha256_file
+from cxr.report import render
+from tasks.caching import ContentPolicy
+from tasks.train import _cxr
+
+EVAL_CODE = ("cxr/evaluate.py", "cxr/metrics.py", "cxr/inference.py", "cxr/dataset.py")
+EXPLAIN_CODE = ("cxr/explain.py", "cxr/gradcam.py", "cxr/inference.py")
+REPORT_CODE = ("cxr/report.py", "cxr/agreement.py")
+
+
+@task(name="evaluate", cache_policy=ContentPolicy(code=EVAL_CODE, path_inputs=("splits", "model_files")),
+      persist_result=True)
+def evaluate_task(models: list[str], model_files: list[str], splits: str, params_path: str,
+                  eval_params: dict[str, Any], input_params: dict[str, Any]) -> dict[str, Any]:
+    args = ["evaluate"] + [a for m in models for a in ("--model", m)]
+    _cxr(args, params_path, [f"evaluate={json.dumps(eval_params)}", f"input={json.dumps(input_params)}"])
+    return {"metrics": "reports/metrics.json", "metrics_sha256": sha256_file("reports/metrics.json"),
+            "eval_dir": "reports/eval"}
+
+
+@task(name="explain", cache_policy=ContentPolicy(code=EXPLAIN_CODE, path_inputs=("splits", "model_files",
+                                                                                   "eval_dir")),
+      persist_result=True)
+def explain_task(models: list[str], model_files: list[str], splits: str, eval_dir: str, params_path: str,
+                 eval_params: dict[str, Any], input_params: dict[str, Any]) -> dict[str, Any]:
+    args = ["explain"] + [a for m in models for a in ("--model", m)]
+    _cxr(args, params_path, [f"evaluate={json.dumps(eval_params)}", f"input={json.dumps(input_params)}"])
+    return {"summary": "reports/gradcam/summary.json", "summary_sha256": sha256_file("reports/gradcam/summary.json")}
+
+
+@task(name="report", cache_policy=ContentPolicy(code=REPORT_CODE, path_inputs=("inputs",)), persist_result=True)
+def report_task(models: list[str], inputs: list[str], readers: str, eval_params: dict[str, Any]) -> dict[str, Any]:
+    """Render the report and publish it as Prefect artifacts (keys stable, so the UI keeps history)."""
+    from pathlib import Path
+
+    agreement_file = Path("reports/agreement.json")
+    if readers:
+        from cxr.agreement import agreement_for_report
+
+        agreement_for_report(readers, models[0], eval_params, agreement_file)
+    else:
+        agreement_file.unlink(missing_ok=True)
+    result = render(models)
+    create_markdown_artifact(key="cxr-report", markdown=result["markdown"],
+                             description="Chest X-ray pipeline: data, metrics and warnings")
+    create_table_artifact(key="cxr-metrics", table=result["rows"], description="Test metrics per model")
+    return {"html": result["html"], "html_sha256": sha256_file(result["html"])}
