@@ -152,6 +152,55 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from cxr.audit import audit_model, models_for_data
+
+    if args.data:
+        found = models_for_data(args.data)
+        if args.json:
+            print(json.dumps(found))
+        for r in found if not args.json else []:
+            d = r.get("data", {})
+            print(f"{r['model']}  {r['model_sha256'][:12]}  manifest {str(d.get('manifest_sha256'))[:12]}  "
+                  f"created {r.get('created')}  run {r.get('run', {}).get('driver')}")
+        if not found:
+            print(f"no model in the lineage log was trained on data {args.data}", file=sys.stderr)
+        return 0 if found else 1
+    if not args.model_file:
+        raise CxrError("give a MODEL_FILE, or --data HASH")
+    from pathlib import Path
+
+    if not Path(args.model_file).is_file():
+        raise CxrError(f"{args.model_file}: file not found")
+    result = audit_model(args.model_file)
+    if args.json:
+        print(json.dumps(result))
+        return 0 if result["verified"] else 1
+    status = "verified" if result["verified"] else "unverified: " + "; ".join(result["problems"])
+    print(f"{result['model_file']}  sha256 {result['sha256'][:12]}  {status}")
+    r = result["record"]
+    if r:
+        d = r.get("data", {})
+        print(f"  data     source {d.get('source')} {d.get('origin') or ''}  kaggle version "
+              f"{d.get('kaggle_version') or 'n/a'}  raw {str(d.get('raw_sha256'))[:12]}")
+        print(f"  manifest {str(d.get('manifest_sha256'))[:12]}  splits {str(d.get('splits_sha256'))[:12]}  "
+              f"strategy {d.get('split_strategy')}")
+        for split, counts in (d.get("counts") or {}).items():
+            print(f"  {split:<8} " + "  ".join(f"{c} {n}" for c, n in counts.items()))
+        code = r.get("code", {})
+        print(f"  code     {code.get('commit')}{' (dirty)' if code.get('dirty') else ''}")
+        run = r.get("run", {})
+        print(f"  run      {run.get('driver')} {run.get('flow_run_id') or run.get('stage') or ''}  created "
+              f"{r.get('created')}")
+        val = r.get("metrics", {}).get("validation", {})
+        print(f"  metrics  validation AUC {val.get('auc')}  sensitivity {val.get('sensitivity')}  "
+              f"specificity {val.get('specificity')}")
+        t = r.get("params", {}).get("train", {})
+        print(f"  params   epochs {t.get('epochs')} lr {t.get('learning_rate')} class_weight {t.get('class_weight')} "
+              f"seed {t.get('seed')}")
+    return 0 if result["verified"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
@@ -220,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_agreement)
+
+    p = sub.add_parser("audit", help="which data, params, code and run produced a model file")
+    p.add_argument("model_file", nargs="?", help="a .keras file")
+    p.add_argument("--data", metavar="HASH", help="list the models trained on data with this hash (prefix)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_audit)
     return parser
 
 

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from functools import cache
 from types import ModuleType
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -70,3 +71,21 @@ def configure(seed: int, deterministic: bool, precision: str = "auto") -> str:
         policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[precision]
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def distribution(kind: str = "auto") -> Any:
+    """The tf.distribute strategy to build and train under.
+
+    ``auto``: MirroredStrategy when more than one GPU is visible, else the default (one device);
+    ``mirrored``: MirroredStrategy over every GPU, or every logical CPU when there is no GPU
+    (tests split the CPU into logical devices); ``none``: the default strategy.
+    """
+    tf = tensorflow()
+    if kind not in ("auto", "mirrored", "none"):
+        raise ValueError(f"distribute={kind!r}: choose auto, mirrored or none")
+    with _quiet_fd2():
+        gpus = tf.config.list_logical_devices("GPU")
+    if kind == "none" or (kind == "auto" and len(gpus) < 2):
+        return tf.distribute.get_strategy()
+    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices=devices)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr import plots
+from cxr import audit, plots
 from cxr.dataset import InputConfig, load_images, make_dataset, read_split
 from cxr.errors import CxrError, DataError
 from cxr.fetch import write_json
@@ -37,7 +37,7 @@ from cxr.hashing import sha256_file
 from cxr.health import HealthConfig, assess
 from cxr.lineage import code_version, library_versions
 from cxr.logs import interactive
-from cxr.tfsetup import configure
+from cxr.tfsetup import configure, distribution
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class TrainConfig:
     reduce_lr: dict[str, Any] = field(default_factory=lambda: {"monitor": "val_loss", "factor": 0.3,
                                                                   "patience": 3, "min_lr": 1e-6})
     tensorboard: bool = True
+    distribute: str = "auto"  # auto (MirroredStrategy on 2+ GPUs) | mirrored | none
     continue_epochs: int = 0
     health: HealthConfig = field(default_factory=HealthConfig)
     model: dict[str, Any] = field(default_factory=dict)  # builder options (weights, dropout...)
@@ -202,6 +203,9 @@ def train(
                           augment=input_cfg.augment_validation, seed=cfg.seed + 1)
     weights = class_weights(train_labels, cfg.class_weight)
 
+    strategy = distribution(cfg.distribute)
+    if strategy.num_replicas_in_sync > 1:
+        log.info("%s: training on %d replicas (%s)", name, strategy.num_replicas_in_sync, type(strategy).__name__)
     model_path = models_dir / f"{name}.keras"
     card_path = models_dir / f"{name}.card.json"
     initial_epoch, epochs, previous = 0, cfg.epochs, None
@@ -212,14 +216,17 @@ def train(
         previous = json.loads(card_path.read_text())
         if previous.get("model_sha256") != sha256_file(model_path):
             raise CxrError(f"{model_path} does not match its card (sha256 differs): refusing to continue")
-        model = keras.saving.load_model(model_path, safe_mode=True)
+        with strategy.scope():
+            model = keras.saving.load_model(model_path, safe_mode=True)
         initial_epoch = int(previous.get("epochs_run", 0))
         epochs = initial_epoch + cfg.continue_epochs
         log.info("%s: continuing %s from epoch %d for %d more epochs", name, model_path, initial_epoch,
                  cfg.continue_epochs)
     else:
-        model = build_model(name, input_cfg.image_size, cfg.model)
-    compile_model(model, cfg.learning_rate)
+        with strategy.scope():
+            model = build_model(name, input_cfg.image_size, cfg.model)
+    with strategy.scope():
+        compile_model(model, cfg.learning_rate)
 
     run_key = _run_key(name, cfg, input_cfg, splits_sha + (previous or {}).get("model_sha256", ""))
     backup_dir = models_dir / ".backup" / name / run_key
@@ -303,6 +310,7 @@ def train(
         "input": {"preprocessing": input_cfg.preprocessing(), "augment": vars(input_cfg.augment),
                   "augment_validation": input_cfg.augment_validation, "batch_size": input_cfg.batch_size},
         "precision_policy": policy,
+        "replicas": int(strategy.num_replicas_in_sync),
         "class_weights": weights,
         "epochs_run": epochs_run,
         "initial_epoch": initial_epoch,
@@ -354,7 +362,13 @@ def train(
     metrics = {"val": health.metrics, "epochs_run": epochs_run, "best_epoch": best_epoch,
                "health": health.status, "train_images_per_second": card["timings"]["train_images_per_second"]}
     write_json(reports_dir / "metrics.json", metrics)
+    card["run"] = audit.current_run()
+    card["lineage_data"] = audit.data_lineage(splits_csv)
     write_json(card_path, card)
+    audit.append({"model": name, "model_file": model_path.as_posix(), "model_sha256": card["model_sha256"],
+                  "data": card["lineage_data"], "params": {"train": card["train_config"], "input": card["input"]},
+                  "code": card["code"], "run": card["run"], "metrics": {"validation": health.metrics},
+                  "epochs_run": epochs_run, "created": card["created"]})
     shutil.rmtree(work_dir, ignore_errors=True)
     log.info("%s: saved %s (sha256 %s), best epoch %s, val AUC %.4f, %s", name, model_path,
              card["model_sha256"][:12], best_epoch, health.metrics.get("auc", math.nan), health.status)

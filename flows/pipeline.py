@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -46,9 +48,32 @@ def run_verified(task_obj: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
     return _verified(task_obj, task_obj(**kwargs, return_state=True), kwargs)
 
 
+def sync_dvc_lock(overrides: list[str] | None) -> str:
+    """Record in ``dvc.lock`` what this run produced, so ``dvc status`` agrees with the files on disk.
+
+    Only when the run used ``params.yaml`` as it is: with overrides, the lock would describe
+    parameters the outputs were not made with, so it is left alone (and says so).
+    """
+    if overrides:
+        log.warning("dvc.lock not updated: this run used overrides %s; run dvc repro to realign", overrides)
+        return "skipped (overrides)"
+    if not (Path("dvc.yaml").is_file() and Path(".dvc").is_dir()):
+        return "skipped (no DVC project)"
+    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        log.warning("dvc commit failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
+        return "failed"
+    return "committed"
+
+
 @flow(name="cxr-pipeline", log_prints=False)
-def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None,
+             refresh_source: bool = False) -> dict[str, Any]:
     """Run every step; flow parameters (``overrides``) win over ``params.yaml``.
+
+    ``refresh_source`` re-fetches even when the fetch task is cached (scheduled runs: a new Kaggle
+    version or new files then flow through; unchanged data leaves every later task cached).
 
     Models train as separate tasks (each in its own process) and concurrently up to
     ``orchestration.max_parallel_training``; a failed model fails the run only after the others
@@ -57,7 +82,8 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     params = load_params(params_path, overrides or [])
     data = section(params, "data")
     states: dict[str, str] = {}
-    states["fetch"], fetched = run_verified(fetch_task, data=data, source_digest=source_digest(data))
+    fetch = fetch_task.with_options(refresh_cache=True) if refresh_source else fetch_task
+    states["fetch"], fetched = run_verified(fetch, data=data, source_digest=source_digest(data))
     states["prepare"], prepared = run_verified(
         prepare_task, raw_dir=fetched["raw"], split_params=section(params, "split"),
         prepare_params=params.get("prepare") or {},
@@ -99,11 +125,20 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     readers = str((params.get("report") or {}).get("readers") or "")
     states["report"], reported = run_verified(report_task, models=names, inputs=report_inputs, readers=readers,
                                               eval_params=eval_params)
+    states["dvc.lock"] = sync_dvc_lock(overrides)
     return {"states": states, "fetch": fetched, "prepare": prepared, "models": models, "report": reported}
 
 
-def pipeline_with_runner(max_parallel: int) -> Any:
-    """The flow with a thread pool of ``max_parallel`` workers for the training tasks."""
+def pipeline_with_runner(max_parallel: int = 1, dask_address: str | None = None) -> Any:
+    """The flow with its task runner: local threads (``max_parallel``) or an existing Dask cluster.
+
+    On Dask, each training task (a ``cxr train`` child process) runs on a cluster worker; workers
+    must see the same repository checkout (a shared file system or the same path on every host).
+    """
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return pipeline.with_options(task_runner=DaskTaskRunner(address=dask_address))
     return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, max_parallel)))
 
 
@@ -111,12 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--dask", metavar="ADDRESS", help="run tasks on this Dask scheduler (tcp://host:8786)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         params = load_params(args.params, args.set)
         parallel = int((params.get("orchestration") or {}).get("max_parallel_training", 1))
-        result = pipeline_with_runner(parallel)(params_path=args.params, overrides=args.set)
+        result = pipeline_with_runner(parallel, args.dask)(params_path=args.params, overrides=args.set)
     except CxrError as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 1

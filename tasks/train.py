@@ -8,6 +8,7 @@ concurrently, and the code path is exactly the one ``dvc repro`` runs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,12 @@ def _cxr(args: list[str], params_path: str, overrides: list[str]) -> str:
     command = [sys.executable, "-m", "cxr", *args, "--params", params_path]
     for item in overrides:
         command += ["-S", item]
-    proc = subprocess.run(command, capture_output=True, text=True)
+    from prefect.runtime import flow_run
+
+    env = {**os.environ, "CXR_NO_PROGRESS": "1"}
+    if flow_run.id:  # recorded in the model card and the lineage log
+        env.update(CXR_PREFECT_FLOW_RUN=str(flow_run.id), CXR_PREFECT_FLOW_RUN_NAME=str(flow_run.name))
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise CxrError(f"cxr {' '.join(args)} failed: {last}")
