@@ -109,6 +109,7 @@ def resize_image(image: Any, image_size: int, resize: str = "squash", interpolat
                                            antialias=antialias)
         else:
             out = tf.image.resize(image, size, method=interpolation, antialias=antialias)
+        out = tf.cast(out, tf.float32)  # nearest keeps uint8; clip and round in float either way
         return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
     shape = tf.shape(image)

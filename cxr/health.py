@@ -74,7 +74,7 @@ def assess(labels: np.ndarray, probabilities: np.ndarray, history: Mapping[str, 
     if std is not None and std < cfg.min_prediction_std:
         collapsed.append(f"constant predictions (std {std:.5f} < {cfg.min_prediction_std})")
     fraction = metrics["predicted_positive_fraction"]
-    if fraction in (0.0, 1.0):
+    if fraction in (0.0, 1.0) and np.isfinite(probabilities).all():
         label = "PNEUMONIA" if fraction == 1.0 else "NORMAL"
         degenerate.append(f"predicts {label} for every validation image")
     if metrics["auc"] is not None and metrics["auc"] < cfg.min_val_auc:

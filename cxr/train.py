@@ -163,6 +163,7 @@ def _history(csv_path: Path) -> dict[str, list[float]]:
     if not csv_path.is_file():
         return {}
     frame = pd.read_csv(csv_path)
+    frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")  # an epoch redone after a kill
     frame["epoch"] = frame["epoch"] + 1
     return {c: frame[c].astype(float).tolist() for c in frame.columns}
 
@@ -241,13 +242,20 @@ def train(
         history_csv.unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
 
+    # On resume, the best checkpoint so far must only be replaced by a better epoch.
+    so_far = _history(history_csv).get(cfg.monitor) if resuming else None
+    best_so_far = None
+    if so_far:
+        best_so_far = (max if cfg.monitor_mode == "max" else min)(v for v in so_far if v == v)
     callbacks: list[Any] = [
+        # CSVLogger before BackupAndRestore: an epoch's row is on disk before its backup, so a kill
+        # between the two repeats the epoch (its row is then replaced) rather than losing its row.
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
         keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ModelCheckpoint(str(best_path), monitor=cfg.monitor, mode=cfg.monitor_mode,
-                                        save_best_only=True),
+                                        save_best_only=True, initial_value_threshold=best_so_far),
         keras.callbacks.ReduceLROnPlateau(**{"monitor": "val_loss", **cfg.reduce_lr}),
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
     ]
     if cfg.early_stopping.get("enabled", True):
         callbacks.append(keras.callbacks.EarlyStopping(
