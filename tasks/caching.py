@@ -9,8 +9,10 @@ trusted, the files it names are re-hashed: a deleted or edited output forces the
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,16 @@ def digest_path(path: str | Path) -> str:
     return "missing"
 
 
+def _task_source_digest(fn: Any) -> str:
+    """Digest of the file that defines the task (``inspect.getsource`` fails in flows that a
+    Prefect runner loads from an entrypoint, so the module file is hashed instead)."""
+    module = sys.modules.get(fn.__module__)
+    path = getattr(module, "__file__", None) or inspect.getsourcefile(fn)
+    if path and Path(path).is_file():
+        return sha256_file(path)
+    return hashlib.sha256(fn.__code__.co_code).hexdigest()
+
+
 def _digest_any(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [digest_path(v) for v in value]
@@ -51,9 +63,8 @@ class ContentPolicy(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        fn = task_ctx.task.fn
         key: dict[str, Any] = {
-            "task": inspect.getsource(fn),
+            "task": _task_source_digest(task_ctx.task.fn),
             "code": {c: sha256_file(REPO_ROOT / c) for c in self.code},
             "inputs": {k: v for k, v in sorted(inputs.items()) if k not in self.exclude},
             "content": {k: _digest_any(inputs[k]) for k in self.path_inputs if inputs.get(k)},
