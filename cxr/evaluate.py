@@ -158,6 +158,18 @@ def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[
     return files, np.asarray(labels), groups
 
 
+def _validation_youden(lm: LoadedModel, eval_dir: Path = Path("reports/eval")) -> float | None:
+    """The Youden threshold the pipeline chose on the validation split for exactly this model file."""
+    name = lm.path.name.removesuffix(".keras")
+    record = eval_dir / name / "metrics.json"
+    if not record.is_file():
+        return None
+    import json
+
+    data = json.loads(record.read_text())
+    return data.get("youden_threshold") if data.get("model_sha256") == lm.card.get("model_sha256") else None
+
+
 def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000,
                     seed: int = 42) -> dict[str, Any]:
     """Score one saved model on a labelled folder (e.g. an outside test set); unreadable files skipped."""
@@ -174,6 +186,6 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: flo
         raise DataError(f"{data_dir}: none of its {len(files)} images could be read")
     probs = predict_images(lm.model, np.stack(images))
     result, _ = score(labels[keep], probs, [groups[i] for i in keep], threshold, n_boot, seed,
-                      youden=lm.card.get("youden_threshold"))
+                      youden=_validation_youden(lm))
     result.update(model=str(model_path), data=str(data_dir), verified=lm.verified, skipped=skipped)
     return result

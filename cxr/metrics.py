@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,12 +107,15 @@ def paired_auc_test(samples_a: np.ndarray, samples_b: np.ndarray, auc_a: float, 
 
 
 def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
-    edges = np.linspace(0, 1, bins + 1)
+    """Reliability table over equal-width bins [k/bins, (k+1)/bins); 1.0 falls in the last bin."""
+    labels, probabilities = np.asarray(labels), np.asarray(probabilities, dtype=float)
+    # integer bin index (floating edges from linspace would put 0.3 into the bin below)
+    index = np.clip(np.floor(probabilities * bins + 1e-9).astype(int), 0, bins - 1)
     rows = []
-    for lo, hi in itertools.pairwise(edges):
-        mask = (probabilities >= lo) & ((probabilities < hi) if hi < 1 else (probabilities <= hi))
+    for k in range(bins):
+        mask = index == k
         if mask.any():
-            rows.append({"bin_low": float(lo), "bin_high": float(hi), "count": int(mask.sum()),
+            rows.append({"bin_low": k / bins, "bin_high": (k + 1) / bins, "count": int(mask.sum()),
                          "mean_predicted": float(probabilities[mask].mean()),
                          "fraction_positive": float(labels[mask].mean())})
     return rows

@@ -7,6 +7,7 @@ others are still predicted, and the exit status is non-zero.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,8 +35,10 @@ def expand(paths: Iterable[str | Path]) -> Iterator[Path]:
 
 def predict(model_path: str | Path, paths: Sequence[str | Path], threshold: float | None = None,
             gradcam_dir: str | Path | None = None, as_json: bool = False,
-            out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+            out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Predict every file; return the number of files that could not be predicted."""
+    out = out or sys.stdout  # looked up per call: callers may have redirected the streams
+    err = err or sys.stderr
     lm = load(model_path)
     cut = float(threshold if threshold is not None else 0.5)
     failures = 0
@@ -65,7 +68,9 @@ def _write_overlay(lm: Any, image: np.ndarray, path: Path, folder: Path, label: 
 
     cam, _ = gradcam(lm.model, image[None].astype(np.float32) / 255.0)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{path.stem}.gradcam.png"
+    # the stem alone would collide for x/scan.png and y/scan.dcm
+    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    target = folder / f"{path.stem}-{tag}.gradcam.png"
     fig, ax = plt.subplots(figsize=(4, 4.2))
     ax.imshow(overlay(image.astype(np.float32) / 255.0, cam[0]))
     ax.axis("off")
