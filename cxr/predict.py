@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from cxr import CLASS_NAMES
-from cxr.inference import iter_images, load, predict_images
+from cxr.inference import LoadedModel, iter_images, load, predict_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
 
@@ -33,32 +33,49 @@ def expand(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield path
 
 
-def predict(model_path: str | Path, paths: Sequence[str | Path], threshold: float | None = None,
+def predict(model_path: str | Path | LoadedModel, paths: Sequence[str | Path], threshold: float | None = None,
             gradcam_dir: str | Path | None = None, as_json: bool = False,
-            out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Predict every file; return the number of files that could not be predicted."""
+            out: TextIO | None = None, err: TextIO | None = None, batch_size: int = 32) -> int:
+    """Predict every file; return the number of files that could not be predicted.
+
+    Images are decoded one by one (a bad file is reported and skipped) and scored in batches, so
+    many images cost little more than one model call per ``batch_size``. Output keeps input order.
+    """
     out = out or sys.stdout  # looked up per call: callers may have redirected the streams
     err = err or sys.stderr
-    lm = load(model_path)
+    lm = model_path if isinstance(model_path, LoadedModel) else load(model_path)
     cut = float(threshold if threshold is not None else 0.5)
     failures = 0
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        probabilities = predict_images(lm.model, np.stack([image for _, image in pending]), batch_size)
+        for (path, image), probability in zip(pending, probabilities, strict=True):
+            label = CLASS_NAMES[int(probability >= cut)]
+            record: dict[str, Any] = {"path": str(path), "label": label, "probability": round(float(probability), 6),
+                                      "threshold": cut, "model_sha256": lm.card.get("model_sha256"),
+                                      "verified_model": lm.verified}
+            if gradcam_dir is not None:
+                record["gradcam"] = _write_overlay(lm, image, path, Path(gradcam_dir), label, float(probability))
+            if as_json:
+                print(json.dumps(record), file=out)
+            else:
+                print(f"{path}: prediction: {label}  P(Pneumonia): {probability:.4f}", file=out)
+        out.flush()
+        pending.clear()
+
     for path, image, error in iter_images(list(expand(paths)), lm.input):
         if error or image is None:
+            flush()  # keep the output in input order around the error line
             failures += 1
             print(f"cxr: error: {error}", file=err)
             continue
-        probability = float(predict_images(lm.model, image[None])[0])
-        label = CLASS_NAMES[int(probability >= cut)]
-        record: dict[str, Any] = {"path": str(path), "label": label, "probability": round(probability, 6),
-                                  "threshold": cut, "model_sha256": lm.card.get("model_sha256"),
-                                  "verified_model": lm.verified}
-        if gradcam_dir is not None:
-            record["gradcam"] = _write_overlay(lm, image, path, Path(gradcam_dir), label, probability)
-        if as_json:
-            print(json.dumps(record), file=out)
-        else:
-            print(f"{path}: prediction: {label}  P(Pneumonia): {probability:.4f}", file=out)
-        out.flush()
+        pending.append((path, image))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
     return failures
 
 
