@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,21 @@ def kermany_layout(n_patients: int = 12, images_per_patient: int = 2, splits: tu
         layout[f"{prefix}NORMAL"] = normal
         layout[f"{prefix}PNEUMONIA"] = pneumonia
     return layout
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[list[str]], tuple[int, str, str]]]:
+    """Run ``cxr.cli.main`` in-process → (exit code, stdout, stderr); restore the log handlers after."""
+    from cxr.cli import main
+
+    loggers = [logging.getLogger(n) for n in ("cxr", "tasks", "flows")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        code = main(argv)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    yield run
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers, lg.level, lg.propagate = handlers, level, propagate

@@ -4,8 +4,6 @@ reader agreement (Cohen's and Fleiss' kappa, the readers CSV, the ``cxr agreemen
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterator
 from itertools import combinations
 
 import numpy as np
@@ -14,7 +12,6 @@ import pytest
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from cxr.agreement import agreement, fleiss_kappa, read_readers
-from cxr.cli import main
 from cxr.errors import DataError
 from cxr.metrics import (
     at_threshold,
@@ -25,23 +22,6 @@ from cxr.metrics import (
     threshold_free,
     youden_threshold,
 )
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[list[str]], tuple[int, str, str]]]:
-    """Run ``cxr.cli.main``; restore the log handlers it attaches to the captured stderr afterwards."""
-    loggers = [logging.getLogger(n) for n in ("cxr", "tasks", "flows")]
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-
-    def run(argv: list[str]) -> tuple[int, str, str]:
-        code = main(argv)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield run
-    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        lg.handlers, lg.level, lg.propagate = handlers, level, propagate
-
 
 # --------------------------------------------------------------------------------------------- metrics
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -29,7 +28,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import cxr.predict
-from cxr.cli import main
 from cxr.errors import CxrError
 from cxr.evaluate import evaluate_models
 from cxr.explain import OUTCOMES, explain_models, outcome, select
@@ -140,23 +138,6 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return evaluated_project(tmp_path_factory)
 
 
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-        ) -> Iterator[Callable[[list[str]], tuple[int, str, str]]]:
-    """Run ``cxr.cli.main``; restore the log handlers it attaches to the captured stderr afterwards.
-
-    """
-    loggers = [logging.getLogger(n) for n in ("cxr", "tasks", "flows")]
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-
-    def run(argv: list[str]) -> tuple[int, str, str]:
-        code = main(argv)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield run
-    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        lg.handlers, lg.level, lg.propagate = handlers, level, propagate
 
 
 def png(path: Path, pixels: np.ndarray) -> Path:
