@@ -52,8 +52,11 @@ def append(entry: Mapping[str, Any], log_path: Path = LINEAGE_LOG) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps({**entry, "logged": datetime.now(timezone.utc).isoformat(timespec="seconds")},
                        sort_keys=True) + "\n").encode()
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a writer died mid-line: start ours on a fresh line
         os.write(fd, line)
     finally:
         os.close(fd)
