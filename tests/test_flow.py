@@ -58,3 +58,22 @@ def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(prefect_env
     write_image(src / "train/NORMAL/IM-0999-0001.jpeg", seed=999)
     fifth = pipeline(overrides=[*args, "split.seed=7"])
     assert fifth["states"] == {"fetch": "Completed", "prepare": "Completed"}
+
+
+def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_dataset, tmp_path, monkeypatch):
+    from cxr.errors import CxrError
+    from flows.pipeline import pipeline
+
+    src = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    args = ["data.source=dir", f"data.dir={src}", "prepare.min_images_per_class=1",
+            "train.models=[smallnet, nosuchnet]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
+            "train.common.tensorboard=false",
+            "train.common.health.on_collapse=warn", "input.image_size=32", "input.batch_size=8"]
+    with pytest.raises(CxrError, match=r"training failed for nosuchnet: .*unknown model 'nosuchnet'"):
+        pipeline(overrides=args)
+    card = Path("models/smallnet.card.json")
+    assert card.is_file() and Path("models/smallnet.keras").is_file()  # the healthy model was kept
