@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -14,6 +14,21 @@ _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 _OUR_LOGGERS = ("cxr", "tasks", "flows")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is *now* (a caller or test may have swapped it since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 _NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "matplotlib", "PIL")
 
 
@@ -24,7 +39,7 @@ def setup_logging(level: str | None = None) -> None:
     console handler) does not print each line twice; chatty libraries are held at WARNING.
     """
     level = (level or os.environ.get("CXR_LOG_LEVEL", "INFO")).upper()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     for name in _OUR_LOGGERS:
         logger = logging.getLogger(name)

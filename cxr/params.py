@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,18 @@ def apply_overrides(params: Mapping[str, Any], overrides: Iterable[str]) -> dict
             if not isinstance(child, dict):
                 raise CxrError(f"override {item!r}: {part} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = _parse_value(raw)
     return result
+
+
+def _parse_value(raw: str) -> Any:
+    """JSON first (``1e-06`` is a number there, a string to YAML 1.1), then YAML (``[a, b]``, ``true``)."""
+    if not raw:
+        return ""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return yaml.safe_load(raw)
 
 
 def section(params: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -123,6 +123,24 @@ def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: st
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _usable_backup(backup_dir: Path) -> bool:
+    """True when an interrupted run left a readable backup; an unreadable one is removed (start over)."""
+    if not backup_dir.is_dir() or not any(backup_dir.iterdir()):
+        return False
+    import h5py
+
+    for candidate in ("latest.weights.h5", "latest.weights.h5.bkp"):
+        path = backup_dir / candidate
+        try:
+            with h5py.File(path, "r"):
+                return True
+        except (OSError, ValueError):
+            continue
+    log.warning("backup in %s is unreadable (killed while writing?); starting the run over", backup_dir)
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return False
+
+
 def compile_model(model: Any, learning_rate: float) -> None:
     import keras
 
@@ -235,7 +253,7 @@ def train(
     work_dir.mkdir(parents=True, exist_ok=True)
     best_path = work_dir / f"best-{run_key}.keras"
     history_csv = reports_dir / "history.csv"
-    resuming = backup_dir.is_dir() and any(backup_dir.iterdir())
+    resuming = _usable_backup(backup_dir)
     if resuming:
         log.warning("%s: resuming an interrupted run from %s", name, backup_dir)
     elif cfg.continue_epochs == 0:
@@ -251,7 +269,8 @@ def train(
         # CSVLogger before BackupAndRestore: an epoch's row is on disk before its backup, so a kill
         # between the two repeats the epoch (its row is then replaced) rather than losing its row.
         keras.callbacks.CSVLogger(str(history_csv), append=True),
-        keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True),
+        keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True,
+                                         double_checkpoint=True),  # a kill mid-write leaves the previous one
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ModelCheckpoint(str(best_path), monitor=cfg.monitor, mode=cfg.monitor_mode,
                                         save_best_only=True, initial_value_threshold=best_so_far),
