@@ -141,6 +141,27 @@ def _usable_backup(backup_dir: Path) -> bool:
     return False
 
 
+def _trim_history(history_csv: Path, backup_dir: Path) -> None:
+    """Drop history rows of epochs the backup does not hold (they are about to be trained again)."""
+    import h5py
+    import pandas as pd
+
+    use_previous = False
+    try:
+        with h5py.File(backup_dir / "latest.weights.h5", "r"):
+            pass
+    except (OSError, ValueError):
+        use_previous = True  # Keras falls back to the previous checkpoint too
+    meta = backup_dir / ("training_metadata.json.bkp" if use_previous else "training_metadata.json")
+    if not (meta.is_file() and history_csv.is_file()):
+        return
+    resume_at = int(json.loads(meta.read_text()).get("epoch", 0))
+    frame = pd.read_csv(history_csv)
+    kept = frame[frame["epoch"] < resume_at]
+    if len(kept) != len(frame):
+        kept.to_csv(history_csv, index=False)
+
+
 def compile_model(model: Any, learning_rate: float) -> None:
     import keras
 
@@ -256,6 +277,7 @@ def train(
     resuming = _usable_backup(backup_dir)
     if resuming:
         log.warning("%s: resuming an interrupted run from %s", name, backup_dir)
+        _trim_history(history_csv, backup_dir)
     elif cfg.continue_epochs == 0:
         history_csv.unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
