@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cxr.report import render
-from tests.test_predict_evaluate import HOSTILE_NAME, chdir, cli, evaluated_project  # noqa: F401  (fixture)
+from tests.test_predict_evaluate import HOSTILE_NAME, chdir, evaluated_project
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -132,7 +132,7 @@ def test_data_strings_are_html_escaped(page):
     assert not any(name.startswith("on") for _, attrs in tags for name in attrs)
 
 
-def test_report_command_with_readers(reported, tmp_path, cli, monkeypatch):  # noqa: F811
+def test_report_command_with_readers(reported, tmp_path, cli, monkeypatch):
     root = tmp_path / "project"
     shutil.copytree(reported, root)
     predictions = (root / "reports/eval/smallnet/predictions.csv").read_text().splitlines()[1:]
