@@ -32,6 +32,7 @@ RESIZE_MODES = ("squash", "pad")
 INTERPOLATIONS = ("bilinear", "nearest", "area", "bicubic")
 CACHE_MODES = ("disk", "memory", "none")
 _CACHE_VERSION = "2"  # bump when decode_image changes what it produces
+_INPUT_THREADS = 2  # parallel batches in the training input pipeline (gather, augment, scale)
 
 
 @dataclass(frozen=True)
@@ -202,17 +203,22 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, cfg: InputConfig, *, sh
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
     ds = ds.map(lambda i: tf.numpy_function(gather, [i], [tf.uint8, tf.float32], stateful=False),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                num_parallel_calls=_INPUT_THREADS, deterministic=True)
     ds = ds.map(lambda x, y: (tf.ensure_shape(x, [None, size, size, 3]), tf.ensure_shape(y, [None])))
     if augment:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(
             lambda xy, s: (augment_batch(xy[0], s, cfg.augment), xy[1]),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+            num_parallel_calls=_INPUT_THREADS, deterministic=True,
         )
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=_INPUT_THREADS,
                 deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    # Input work stays on few threads so it does not compete with the model's kernels for the cores:
+    # with AUTOTUNE parallelism, SmallNet training with augmentation swung between 93 and 156
+    # images/s on 2 cores (measured); a warm epoch needs only a fraction of one core.
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def describe(cfg: InputConfig) -> dict[str, Any]:
