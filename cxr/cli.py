@@ -109,21 +109,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from cxr.report import render
+    from cxr.report import build
 
     params = load_params(args.params, args.set)
-    models = _models(params, args.model)
     readers = str((params.get("report") or {}).get("readers") or "")
-    agreement_file = Path("reports/agreement.json")
-    if readers:
-        from cxr.agreement import agreement_for_report
-
-        agreement_for_report(readers, models[0], params.get("evaluate") or {}, agreement_file)
-    else:
-        agreement_file.unlink(missing_ok=True)
-    result = render(models)
+    result = build(_models(params, args.model), readers, params.get("evaluate") or {})
     print(json.dumps({"html": result["html"]}))
     return 0
 

@@ -228,3 +228,16 @@ def render(models: Sequence[str], root: Path = Path("."), out: Path = Path("repo
     markdown_out.write_text(md)
     log.info("report: %s (%d KB), %s", out, len(page) // 1024, markdown_out)
     return {"html": out.as_posix(), "markdown": md, "rows": metric_rows(info)}
+
+
+def build(models: Sequence[str], readers: str, eval_params: Mapping[str, Any],
+          agreement_file: Path = Path("reports/agreement.json")) -> dict[str, Any]:
+    """The report step: reader agreement when a readers CSV is configured (a stale one removed
+    otherwise), then :func:`render`. Shared by the CLI and the Prefect task."""
+    if readers:
+        from cxr.agreement import agreement_for_report
+
+        agreement_for_report(readers, models[0], eval_params, agreement_file)
+    else:
+        agreement_file.unlink(missing_ok=True)
+    return render(models)

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cxr.hashing import sha256_file
-from cxr.report import render
+from cxr.report import build
 from tasks.caching import ContentPolicy
 from tasks.train import _cxr
 
@@ -45,16 +45,7 @@ def explain_task(models: list[str], model_files: list[str], splits: str, eval_di
 @task(name="report", cache_policy=ContentPolicy(code=REPORT_CODE, path_inputs=("inputs",)), persist_result=True)
 def report_task(models: list[str], inputs: list[str], readers: str, eval_params: dict[str, Any]) -> dict[str, Any]:
     """Render the report and publish it as Prefect artifacts (keys stable, so the UI keeps history)."""
-    from pathlib import Path
-
-    agreement_file = Path("reports/agreement.json")
-    if readers:
-        from cxr.agreement import agreement_for_report
-
-        agreement_for_report(readers, models[0], eval_params, agreement_file)
-    else:
-        agreement_file.unlink(missing_ok=True)
-    result = render(models)
+    result = build(models, readers, eval_params)
     create_markdown_artifact(key="cxr-report", markdown=result["markdown"],
                              description="Chest X-ray pipeline: data, metrics and warnings")
     create_table_artifact(key="cxr-metrics", table=result["rows"], description="Test metrics per model")
