@@ -82,7 +82,7 @@ def agreement_for_report(readers_csv: str | Path, model: str, eval_params: Mappi
 
     Reader rows are matched to predictions by path, or by file name when paths differ.
     """
-    from cxr.fetch import write_json
+    from cxr.files import write_json
 
     keys, readers = read_readers(readers_csv)
     predictions = pd.read_csv(Path(eval_dir) / model / "predictions.csv", keep_default_na=False)

@@ -21,9 +21,9 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve, roc_curve
 
 from cxr import CLASS_NAMES, plots
-from cxr.dataset import InputConfig, load_images, read_split
+from cxr.dataset import load_images, read_split
 from cxr.errors import DataError
-from cxr.fetch import write_json
+from cxr.files import write_json
 from cxr.inference import LoadedModel, iter_images, load, predict_images
 from cxr.layout import find_class_folders
 from cxr.manifest import parse_patient
@@ -94,8 +94,7 @@ def _split_probabilities(lm: LoadedModel, splits_csv: Path, split: str, cache_di
                          ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     import pandas as pd
 
-    cfg = InputConfig(image_size=lm.input.image_size, resize=lm.input.resize,
-                      interpolation=lm.input.interpolation, cache="disk", cache_dir=cache_dir)
+    cfg = lm.cached_input(cache_dir)
     paths, labels, key = read_split(splits_csv, split)
     images = load_images(paths, key, cfg, split)
     frame = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})

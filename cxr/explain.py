@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASS_NAMES
-from cxr.dataset import InputConfig, load_images, read_split
-from cxr.fetch import write_json
+from cxr.dataset import load_images, read_split
+from cxr.files import write_json
 from cxr.gradcam import border_fraction, gradcam, last_conv_layer, overlay
 from cxr.inference import load
 
@@ -82,9 +82,7 @@ def explain_models(models: Sequence[str], eval_params: Mapping[str, Any], input_
                                "uniform_border_fraction": 1 - (1 - 2 * margin) ** 2, "models": {}}
     for name in models:
         lm = load(Path(models_dir) / f"{name}.keras")
-        cfg = InputConfig(image_size=lm.input.image_size, resize=lm.input.resize,
-                          interpolation=lm.input.interpolation, cache="disk",
-                          cache_dir=str(input_params.get("cache_dir", "data/cache")))
+        cfg = lm.cached_input(str(input_params.get("cache_dir", "data/cache")))
         paths, _, key = read_split(splits_csv, "test")
         images = load_images(paths, key, cfg, "test")
         fractions = []

@@ -8,7 +8,6 @@ an interrupted fetch never leaves a half dataset that a later step would trust.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any
 from cxr import kaggle_source, medmnist_source
 from cxr.archive import ExtractLimits, safe_extract
 from cxr.errors import CxrError, DataError
+from cxr.files import write_json
 from cxr.hashing import hash_tree, sha256_file
 from cxr.layout import ClassFolder, find_class_folders
 
@@ -69,14 +69,6 @@ def _replace_dir(new: Path, target: Path) -> None:
     os.rename(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename), sorted keys, trailing newline."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def fetch(

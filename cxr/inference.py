@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,11 @@ class LoadedModel:
     input: InputConfig
     path: Path
     verified: bool  # the file's sha256 matches its card
+
+
+    def cached_input(self, cache_dir: str) -> InputConfig:
+        """The model's own preprocessing, reading and filling the pipeline's decoded-image cache."""
+        return replace(self.input, cache="disk", cache_dir=cache_dir)
 
 
 def card_path_for(model_path: Path) -> Path:

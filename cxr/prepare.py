@@ -17,7 +17,7 @@ import pandas as pd
 
 from cxr import CLASS_NAMES
 from cxr.errors import DataError
-from cxr.fetch import write_json
+from cxr.files import write_json
 from cxr.hashing import sha256_file
 from cxr.manifest import build_manifest
 from cxr.plots import class_distribution

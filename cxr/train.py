@@ -32,7 +32,7 @@ import numpy as np
 from cxr import audit, plots
 from cxr.dataset import InputConfig, load_images, make_dataset, read_split
 from cxr.errors import CxrError, DataError
-from cxr.fetch import write_json
+from cxr.files import write_json
 from cxr.hashing import sha256_file
 from cxr.health import HealthConfig, assess
 from cxr.lineage import code_version, library_versions
@@ -123,19 +123,22 @@ def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: st
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _readable_h5(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def _usable_backup(backup_dir: Path) -> bool:
     """True when an interrupted run left a readable backup; an unreadable one is removed (start over)."""
     if not backup_dir.is_dir() or not any(backup_dir.iterdir()):
         return False
-    import h5py
-
-    for candidate in ("latest.weights.h5", "latest.weights.h5.bkp"):
-        path = backup_dir / candidate
-        try:
-            with h5py.File(path, "r"):
-                return True
-        except (OSError, ValueError):
-            continue
+    if any(_readable_h5(backup_dir / name) for name in ("latest.weights.h5", "latest.weights.h5.bkp")):
+        return True
     log.warning("backup in %s is unreadable (killed while writing?); starting the run over", backup_dir)
     shutil.rmtree(backup_dir, ignore_errors=True)
     return False
@@ -143,15 +146,9 @@ def _usable_backup(backup_dir: Path) -> bool:
 
 def _trim_history(history_csv: Path, backup_dir: Path) -> None:
     """Drop history rows of epochs the backup does not hold (they are about to be trained again)."""
-    import h5py
     import pandas as pd
 
-    use_previous = False
-    try:
-        with h5py.File(backup_dir / "latest.weights.h5", "r"):
-            pass
-    except (OSError, ValueError):
-        use_previous = True  # Keras falls back to the previous checkpoint too
+    use_previous = not _readable_h5(backup_dir / "latest.weights.h5")  # Keras falls back to the .bkp too
     meta = backup_dir / ("training_metadata.json.bkp" if use_previous else "training_metadata.json")
     if not (meta.is_file() and history_csv.is_file()):
         return
