@@ -1,16 +1,20 @@
-"""Training-time augmentation equivalent to the notebook's ImageDataGenerator.
+"""Training-time augmentation: the notebook's ImageDataGenerator motion, plus the levers that make a
+model hold up on films from outside its training folder.
 
-``rotation_range=5, width_shift_range=0.1, height_shift_range=0.1`` with nearest fill becomes one
-random affine transform per image — rotation about the centre, then translation — resampled
-once (bilinear, as ImageDataGenerator's ``order=1``) on uint8. One resampling pass is half the
-work of chaining Keras' RandomRotation and RandomTranslation layers and blurs the image once.
-Randomness is stateless: the same seed gives the same transforms.
+Geometry (rotation about the centre, zoom, shear, translation, optional horizontal flip) is one
+random affine transform per image, resampled once (bilinear, as ImageDataGenerator's ``order=1``)
+on uint8: one resampling pass blurs the image once and is half the work of chaining Keras'
+random layers. Intensity changes (brightness, contrast, gamma, blur, noise, JPEG re-compression)
+follow on the same image. With every range at zero the batch comes back unchanged.
+
+Randomness is stateless: TensorFlow's stateless RNG draws every per-image parameter from the batch
+seed, so the same seed gives the same batch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -18,14 +22,58 @@ import numpy as np
 from cxr.tfsetup import tensorflow
 
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
+_EXTRA_DRAWS = 9  # uniforms per image beyond (angle, dx, dy): see _augment_numpy
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Ranges of the random changes applied to each training image (0 = off).
+
+    Args:
+        rotation_deg: rotation uniform in ±rotation_deg degrees.
+        width_shift, height_shift: translation uniform in ± that fraction of the width / height.
+        fill_mode: how pixels moved in from outside the film are filled (nearest, constant, ...).
+        zoom: scale uniform in [1 − zoom, 1 + zoom] (above 1 magnifies).
+        shear_deg: horizontal shear angle uniform in ±shear_deg degrees.
+        horizontal_flip: mirror left–right with probability 0.5 (moves the heart to the right).
+        brightness: add uniform ±brightness of the full range.
+        contrast: scale deviations from the image mean by uniform [1 − contrast, 1 + contrast].
+        gamma: gamma uniform in [1 − gamma, 1 + gamma] applied to [0, 1] intensities.
+        blur_sigma: Gaussian blur with sigma uniform in [0, blur_sigma] pixels, on half the images.
+        noise_std: Gaussian noise with std uniform in [0, noise_std] of the full range.
+        jpeg_quality: re-encode half the images as JPEG at a quality uniform in [jpeg_quality, 95]
+            (0 = off).
+    """
+
     rotation_deg: float = 5.0
-    width_shift: float = 0.1  # fraction of the width
+    width_shift: float = 0.1
     height_shift: float = 0.1
     fill_mode: str = "nearest"
+    zoom: float = 0.0
+    shear_deg: float = 0.0
+    horizontal_flip: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    blur_sigma: float = 0.0
+    noise_std: float = 0.0
+    jpeg_quality: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fill_mode not in FILL_MODES:
+            raise ValueError(f"fill_mode {self.fill_mode!r}: choose one of {FILL_MODES}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "fill_mode" and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"augment.{f.name}={value}: must be ≥ 0")
+        if self.zoom >= 1 or self.contrast > 1 or self.gamma >= 1:
+            raise ValueError("augment.zoom and augment.gamma must be < 1, augment.contrast ≤ 1")
+        if self.jpeg_quality > 95:
+            raise ValueError(f"augment.jpeg_quality={self.jpeg_quality}: choose 0 (off) or 1–95")
+
+    @property
+    def is_identity(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self) if f.name != "fill_mode")
 
 
 def affine_params(batch: Any, seed: Any, cfg: AugmentConfig) -> tuple[Any, Any, Any]:
@@ -40,24 +88,61 @@ def affine_params(batch: Any, seed: Any, cfg: AugmentConfig) -> tuple[Any, Any, 
     return angle, dx, dy
 
 
-def transforms(angle: Any, dx: Any, dy: Any, height: int, width: int) -> Any:
-    """(B, 8) projective transforms mapping each output pixel to the input pixel it samples."""
-    tf = tensorflow()
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    tx, ty = dx * width, dy * height
-    zeros = tf.zeros_like(angle)
-    return tf.stack([
-        cos, -sin, cx - cos * cx + sin * cy - tx,
-        sin, cos, cy - sin * cx - cos * cy - ty,
-        zeros, zeros,
-    ], axis=1)
-
-
 _BORDERS = {"nearest": 1, "constant": 0, "reflect": 4, "wrap": 3}  # cv2.BORDER_* values
 
 
-def _warp(images: np.ndarray, mats: np.ndarray, fill_mode: str) -> np.ndarray:
+def affine_matrix(angle: float, dx: float, dy: float, zoom: float, shear: float, flip: bool,
+                  height: int, width: int) -> np.ndarray:
+    """2×3 matrix mapping an output pixel to the input pixel it samples (ImageDataGenerator's way).
+
+    ``p_in = R(angle) · Shear(shear) · (p_out − c) / zoom + c − (dx·W, dy·H)``, mirrored in x when
+    ``flip``; c is the image centre.
+    """
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    cos, sin = math.cos(angle), math.sin(angle)
+    rot = np.array([[cos, -sin], [sin, cos]])
+    shear_m = np.array([[1.0, -math.sin(shear)], [0.0, math.cos(shear)]])
+    a = rot @ shear_m / zoom
+    centre = np.array([cx, cy])
+    offset = centre - a @ centre - np.array([dx * width, dy * height])
+    mat = np.hstack([a, offset[:, None]])
+    if flip:  # sample the mirrored input column
+        mat[0] = -mat[0]
+        mat[0, 2] += width - 1
+    return mat
+
+
+def _intensity(image: np.ndarray, u: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    import cv2
+
+    x = image.astype(np.float32) / 255.0
+    if cfg.gamma:
+        x = np.power(x, 1.0 + cfg.gamma * (2 * u[3] - 1))
+    if cfg.contrast:
+        mean = float(x.mean())
+        x = (x - mean) * (1.0 + cfg.contrast * (2 * u[4] - 1)) + mean
+    if cfg.brightness:
+        x = x + cfg.brightness * (2 * u[5] - 1)
+    if cfg.blur_sigma and u[6] < 0.5:
+        sigma = cfg.blur_sigma * u[6] * 2
+        if sigma >= 0.3:
+            x = cv2.GaussianBlur(x, (0, 0), sigma).reshape(x.shape)
+    if cfg.noise_std:
+        rng = np.random.default_rng(int(u[7] * 2**31))
+        x = x + rng.standard_normal(x.shape, dtype=np.float32) * (cfg.noise_std * u[7])
+    out = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    if cfg.jpeg_quality and u[8] < 0.5:
+        quality = int(np.rint(cfg.jpeg_quality + (95 - cfg.jpeg_quality) * u[8] * 2))
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok:
+            out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(out.shape)
+    return out
+
+
+def _augment_numpy(images: np.ndarray, angle: np.ndarray, dx: np.ndarray, dy: np.ndarray, u: np.ndarray,
+                   cfg: AugmentConfig) -> np.ndarray:
+    """Warp then change intensities; ``u`` holds the per-image uniforms in [0, 1):
+    0 zoom, 1 shear, 2 flip, 3 gamma, 4 contrast, 5 brightness, 6 blur, 7 noise, 8 JPEG."""
     import cv2
 
     # One thread per call: tf.data already runs batches in parallel, and OpenCV's own pool would
@@ -66,26 +151,30 @@ def _warp(images: np.ndarray, mats: np.ndarray, fill_mode: str) -> np.ndarray:
     out = np.empty_like(images)
     height, width = images.shape[1:3]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # matrices map output → input pixels
+    intensity = any((cfg.brightness, cfg.contrast, cfg.gamma, cfg.blur_sigma, cfg.noise_std, cfg.jpeg_quality))
+    shear = math.radians(cfg.shear_deg)
     for i in range(len(images)):
-        warped = cv2.warpAffine(images[i], mats[i, :6].reshape(2, 3).astype(np.float64), (width, height),
-                                flags=flags, borderMode=_BORDERS[fill_mode])
-        out[i] = warped.reshape(out[i].shape)  # cv2 drops a trailing axis of size 1
+        mat = affine_matrix(float(angle[i]), float(dx[i]), float(dy[i]), 1.0 + cfg.zoom * (2 * u[i, 0] - 1),
+                            shear * (2 * u[i, 1] - 1), bool(cfg.horizontal_flip and u[i, 2] < 0.5), height, width)
+        warped = cv2.warpAffine(images[i], mat, (width, height), flags=flags, borderMode=_BORDERS[cfg.fill_mode])
+        warped = warped.reshape(out[i].shape)  # cv2 drops a trailing axis of size 1
+        out[i] = _intensity(warped, u[i], cfg) if intensity else warped
     return out
 
 
 def augment_batch(images: Any, seed: Any, cfg: AugmentConfig) -> Any:
-    """Randomly rotate and shift a (B, H, W, C) uint8 batch; same seed, same result.
+    """Randomly transform a (B, H, W, C) uint8 batch; same seed, same result.
 
-    The random matrices come from TensorFlow's stateless RNG; the resampling is OpenCV's
+    The random parameters come from TensorFlow's stateless RNG; the resampling is OpenCV's
     ``warpAffine`` (SIMD, releases the GIL), several times faster on CPU than TensorFlow's
     ImageProjectiveTransformV3 for uint8 images.
     """
     tf = tensorflow()
-    if cfg.fill_mode not in FILL_MODES:
-        raise ValueError(f"fill_mode {cfg.fill_mode!r}: choose one of {FILL_MODES}")
-    height, width = images.shape[1], images.shape[2]
+    if cfg.is_identity:
+        return images
     angle, dx, dy = affine_params(tf.shape(images)[0], seed, cfg)
-    mats = transforms(angle, dx, dy, height, width)
-    out = tf.numpy_function(lambda x, m: _warp(x, m, cfg.fill_mode), [images, mats], images.dtype,
-                            stateful=False)
+    u = tf.random.stateless_uniform([tf.shape(images)[0], _EXTRA_DRAWS],
+                                    seed=tf.cast(seed, tf.int64) + tf.constant([0, 3], tf.int64))
+    out = tf.numpy_function(lambda x, a, b, c, v: _augment_numpy(x, a, b, c, v, cfg), [images, angle, dx, dy, u],
+                            images.dtype, stateful=False)
     return tf.ensure_shape(out, images.shape)

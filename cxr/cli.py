@@ -64,7 +64,9 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _models(params: dict, given: list[str] | None) -> list[str]:
-    models = given or list((params.get("train") or {}).get("models") or [])
+    from cxr.ensemble import evaluated_models
+
+    models = given or evaluated_models(params)
     if not models:
         raise CxrError("no model given: pass --model NAME or list train.models in params.yaml")
     return models
@@ -78,7 +80,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data:  # one saved model on any labelled folder
         if not args.model or len(args.model) != 1:
             raise CxrError("--data needs exactly one --model (a .keras file or a model name)")
-        model = args.model[0] if args.model[0].endswith(".keras") else f"models/{args.model[0]}.keras"
+        from cxr.inference import model_file
+
+        model = str(model_file(args.model[0]))
         result = evaluate_folder(model, args.data, float(eval_params.get("threshold", 0.5)),
                                  int(eval_params.get("bootstrap", 1000)), int(eval_params.get("seed", 42)))
         if args.json:
@@ -99,11 +103,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_external(args: argparse.Namespace) -> int:
+    from cxr.external import external_sets, index_external
+
+    params = load_params(args.params, args.set)
+    sets = external_sets(params.get("evaluate") or {})
+    names = args.name or list(sets)
+    unknown = [n for n in names if n not in sets]
+    if unknown:
+        raise CxrError(f"no external set named {', '.join(unknown)} in evaluate.external "
+                       f"(configured: {', '.join(sets) or 'none'})")
+    for name in names:
+        summary = index_external(name, sets[name], out_dir=args.out)
+        print(json.dumps({k: summary[k] for k in ("name", "images", "class_counts", "content_sha256")}))
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from cxr.ensemble import build_ensemble
+
+    params = load_params(args.params, args.set)
+    card = build_ensemble(params, splits_csv=args.splits, models_dir=args.models)
+    print(json.dumps({"model": "ensemble", "enabled": card is not None,
+                      "model_sha256": card["model_sha256"] if card else None}))
+    return 0
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from cxr.explain import explain_models
 
     params = load_params(args.params, args.set)
-    summary = explain_models(_models(params, args.model), params.get("evaluate") or {}, params.get("input") or {})
+    trained = list((params.get("train") or {}).get("models") or [])
+    models = _models({"train": {"models": trained}}, args.model)  # Grad-CAM needs one network: no ensemble
+    summary = explain_models(models, params.get("evaluate") or {}, params.get("input") or {})
     print(json.dumps({m: v["border_to_uniform_ratio"] for m, v in summary["models"].items()}))
     return 0
 
@@ -119,10 +151,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cxr.inference import model_file
     from cxr.predict import predict
 
-    model = args.model if args.model.endswith(".keras") else f"models/{args.model}.keras"
-    failures = predict(model, args.paths, threshold=args.threshold, gradcam_dir=args.gradcam, as_json=args.json)
+    failures = predict(model_file(args.model), args.paths, threshold=args.threshold, gradcam_dir=args.gradcam,
+                       as_json=args.json)
     return 1 if failures else 0
 
 
@@ -236,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("external", help="index the external validation sets of evaluate.external")
+    common(p)
+    p.add_argument("--name", action="append", help="set name (repeatable); default: every configured set")
+    p.add_argument("--out", default="data/external", help="index folder (default: data/external)")
+    p.set_defaults(func=_cmd_external)
+
+    p = sub.add_parser("ensemble", help="average the models of ensemble.members into ensemble/ensemble.keras")
+    common(p)
+    p.add_argument("--splits", default="data/prepared/splits.csv")
+    p.add_argument("--models", default="models")
+    p.set_defaults(func=_cmd_ensemble)
+
     p = sub.add_parser("explain", help="Grad-CAM galleries and border-heat figures on the test split")
     common(p)
     p.add_argument("--model", action="append")
@@ -249,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="label and P(pneumonia) for images, folders or DICOM files")
     p.add_argument("--model", required=True, help="model name (models/NAME.keras) or a .keras file")
     p.add_argument("paths", nargs="+", help="image files or folders (JPEG, PNG, BMP, DICOM)")
-    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold (default: the model's shipped threshold, from evaluate or its card)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--gradcam", metavar="DIR", help="also write Grad-CAM overlays into DIR")
     p.set_defaults(func=_cmd_predict)

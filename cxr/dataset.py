@@ -45,6 +45,7 @@ class InputConfig:
     cache_dir: str = "data/cache"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     augment_validation: bool = False
+    normalize: str = "none"  # per-image intensity normalisation, built into the model (cxr.models)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> InputConfig:
@@ -57,8 +58,9 @@ class InputConfig:
             batch_size=int(params.get("batch_size", 32)),
             cache=str(params.get("cache", "disk")),
             cache_dir=str(params.get("cache_dir", "data/cache")),
-            augment=AugmentConfig(**aug),
+            augment=_augment_config(aug),
             augment_validation=augment_validation,
+            normalize=str(params.get("normalize", "none")),
         )
         for name, value, allowed in (("resize", cfg.resize, RESIZE_MODES),
                                      ("interpolation", cfg.interpolation, INTERPOLATIONS),
@@ -71,7 +73,17 @@ class InputConfig:
         """What a model trained on this pipeline expects (stored in its model card)."""
         return {"image_size": self.image_size, "resize": self.resize,
                 "interpolation": self.interpolation, "channels": 3, "scale": "1/255",
-                "dtype": "float32"}
+                "dtype": "float32", "normalize": self.normalize}  # normalize runs inside the model
+
+
+def _augment_config(values: Mapping[str, Any]) -> AugmentConfig:
+    try:
+        return AugmentConfig(**values)
+    except TypeError as exc:
+        known = ", ".join(AugmentConfig.__dataclass_fields__)
+        raise CxrError(f"input.augment: {exc}; known keys: {known}, augment_validation") from exc
+    except ValueError as exc:
+        raise CxrError(f"input.augment: {exc}") from exc
 
 
 def decode_image(path: Any, image_size: int, resize: str = "squash", interpolation: str = "bilinear") -> Any:

@@ -1,11 +1,16 @@
-"""The ``evaluate`` step: test-split metrics a clinical reader expects, with patient-level CIs.
+"""The ``evaluate`` step: the metrics a clinical reader expects, with patient-level CIs, on the test
+split and on every external validation set (``evaluate.external``).
 
-Per model: the notebook's classification report, confusion matrix and ROC/AUC at
-``evaluate.threshold`` (0.5), plus sensitivity, specificity, PPV, NPV, F1, balanced accuracy,
-precision–recall, Brier score and a reliability curve; 95 % bootstrap intervals that resample
-*patients* (seeded); and an operating threshold chosen on the validation split by Youden's J,
-reported beside — never chosen on the test split. Across models: a paired bootstrap test of the
-AUC difference. ``cxr evaluate --model M --data DIR`` scores one model on any labelled folder.
+Per model and data set: the notebook's classification report, confusion matrix and ROC/AUC, plus
+sensitivity, specificity, PPV, NPV, F1, balanced accuracy, precision–recall, Brier score, expected
+calibration error and a reliability curve, all at the model's *shipped threshold*; 95 % bootstrap
+intervals that resample *patients* (seeded). The shipped threshold follows
+``evaluate.threshold_source``: ``validation`` (Youden's J on the validation split, the default: no
+outside data used), ``fixed`` (``evaluate.threshold``) or ``external:<name>`` (Youden's J on that
+external set; figures on that same set are labelled as such). Figures at the validation Youden
+threshold are reported beside, and on external sets also at the set's own Youden threshold
+(labelled optimistic). Across models: a paired bootstrap test of the AUC difference per data set.
+``cxr evaluate --model M --data DIR`` scores one model on any labelled folder.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import csv
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +28,10 @@ from sklearn.metrics import classification_report, precision_recall_curve, roc_c
 
 from cxr import CLASS_NAMES, plots
 from cxr.dataset import load_images, read_split
-from cxr.errors import DataError
+from cxr.errors import CxrError, DataError
+from cxr.external import EXTERNAL_DIR, ExternalSet, external_sets, load_external
 from cxr.files import write_json
-from cxr.inference import LoadedModel, iter_images, load, predict_images
+from cxr.inference import LoadedModel, iter_images, load, model_file, predict_images
 from cxr.layout import find_class_folders
 from cxr.manifest import parse_patient
 from cxr.metrics import (
@@ -102,44 +109,171 @@ def _split_probabilities(lm: LoadedModel, splits_csv: Path, split: str, cache_di
     return paths, labels, predict_images(lm.model, images), groups
 
 
+THRESHOLD_RULES = ("validation", "fixed", "external:<name>")
+
+
+def threshold_rule(eval_params: Mapping[str, Any], external_names: Sequence[str]) -> tuple[str, str | None]:
+    """``evaluate.threshold_source`` checked: ``("validation", None)``, ``("fixed", None)`` or
+    ``("external", name)``."""
+    source = str(eval_params.get("threshold_source", "validation"))
+    if source in ("validation", "fixed"):
+        return source, None
+    kind, _, name = source.partition(":")
+    if kind == "external" and name in external_names:
+        return "external", name
+    if kind == "external":
+        raise CxrError(f"evaluate.threshold_source={source}: no external set named {name!r} in evaluate.external "
+                       f"(configured: {', '.join(external_names) or 'none'})")
+    raise CxrError(f"evaluate.threshold_source={source!r}: choose one of {', '.join(THRESHOLD_RULES)}")
+
+
+def operating_point(rule: tuple[str, str | None], eval_params: Mapping[str, Any], val_youden: float,
+                    external_probs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """The shipped threshold of one model, with the rule and the data set it was chosen on."""
+    kind, name = rule
+    if kind == "fixed":
+        value = float(eval_params.get("threshold", 0.5))
+        return {"threshold": value, "rule": "fixed (evaluate.threshold)", "chosen_on": None}
+    if kind == "external":
+        labels, probs = external_probs[str(name)]
+        return {"threshold": youden_threshold(labels, probs), "rule": f"Youden's J on external set {name}",
+                "chosen_on": name}
+    return {"threshold": val_youden, "rule": "Youden's J on the validation split", "chosen_on": "val"}
+
+
+@dataclass
+class _Scored:
+    """One model's probabilities on every data set it is scored on."""
+
+    test: tuple[list[str], np.ndarray, np.ndarray, list[str]]
+    val_youden: float
+    external: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _score_model(lm: LoadedModel, splits_csv: Path, cache_dir: str, sets: Sequence[ExternalSet]) -> _Scored:
+    _, val_labels, val_probs, _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
+    scored = _Scored(test=_split_probabilities(lm, splits_csv, "test", cache_dir),
+                     val_youden=youden_threshold(val_labels, val_probs))
+    for ext in sets:
+        images = np.stack([_external_image(path, lm) for path in ext.paths])
+        scored.external[ext.name] = predict_images(lm.model, images)
+    return scored
+
+
+def _external_image(path: str, lm: LoadedModel) -> np.ndarray:
+    from cxr.inference import load_image
+
+    return load_image(path, lm.input)
+
+
+_SUMMARY_KEYS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "brier",
+                 "average_precision", "ci95", "youden_threshold", "n")
+
+
+def _compact(result: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: result.get(k) for k in _SUMMARY_KEYS}
+    out["threshold"] = result["at_threshold"]["threshold"]
+    out["at_youden"] = {k: result["at_youden"][k] for k in ("sensitivity", "specificity", "accuracy")}
+    out["calibration"] = result.get("calibration")
+    return out
+
+
+def _calibration(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Brier score and expected calibration error (10 equal-width bins)."""
+    bins = calibration_bins(labels, probs)
+    n = max(len(labels), 1)
+    ece = sum(b["count"] / n * abs(b["mean_predicted"] - b["fraction_positive"]) for b in bins)
+    return {"brier": float(np.mean((np.asarray(probs) - labels) ** 2)), "ece": float(ece)}
+
+
+def _write_set(name: str, label: str, paths: Sequence[str], labels: np.ndarray, probs: np.ndarray,
+               groups: Sequence[str], result: dict[str, Any], target: Path) -> None:
+    rows = [(p, int(y), g, round(float(q), 6)) for p, y, g, q in zip(paths, labels, groups, probs, strict=True)]
+    _write_rows(target / "predictions.csv", ["path", "label", "patient_id", "probability"], rows)
+    _curves(f"{name} on {label}", labels.astype(int), probs, result, target)
+    write_json(target / "metrics.json", result)
+
+
 def evaluate_models(models: Sequence[str], eval_params: Mapping[str, Any], input_params: Mapping[str, Any],
                     splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models",
                     out_dir: str | Path = "reports/eval", metrics_path: str | Path = "reports/metrics.json",
-                    ) -> dict[str, Any]:
-    """Evaluate every model on the test split; write per-model files and ``reports/metrics.json``."""
-    threshold = float(eval_params.get("threshold", 0.5))
+                    external_dir: str | Path = EXTERNAL_DIR) -> dict[str, Any]:
+    """Evaluate every model on the test split and on every external set.
+
+    Args:
+        models: model names (``models/<name>.keras``; ``ensemble`` is ``ensemble/ensemble.keras``).
+        eval_params: the ``evaluate`` section (threshold rule, bootstrap, seed, external sets).
+        input_params: the ``input`` section (the decoded-image cache folder).
+        splits_csv, models_dir, out_dir, metrics_path, external_dir: where the files are.
+
+    Returns:
+        The summary written to ``metrics.json``: per model the test figures at its shipped
+        threshold, per external set the same figures, and paired AUC comparisons.
+    """
     n_boot, seed = int(eval_params.get("bootstrap", 1000)), int(eval_params.get("seed", 42))
     cache_dir = str(input_params.get("cache_dir", "data/cache"))
     splits_csv, out_dir = Path(splits_csv), Path(out_dir)
-    summary: dict[str, Any] = {"threshold": threshold, "split": "test", "models": {}, "comparison": []}
-    samples: dict[str, dict[str, np.ndarray]] = {}
+    sets_cfg = external_sets(eval_params)
+    rule = threshold_rule(eval_params, list(sets_cfg))
+    sets = [load_external(name, folder, external_dir) for name, folder in sets_cfg.items()]
+    summary: dict[str, Any] = {
+        "threshold": float(eval_params.get("threshold", 0.5)),
+        "threshold_source": str(eval_params.get("threshold_source", "validation")),
+        "split": "test", "models": {}, "comparison": [],
+        "external": {ext.name: {"n": len(ext.labels), "prevalence": ext.prevalence, "folder": sets_cfg[ext.name],
+                                "models": {}, "comparison": []} for ext in sets},
+    }
+    samples: dict[str, dict[str, dict[str, np.ndarray]]] = {"test": {}, **{ext.name: {} for ext in sets}}
     for name in models:
-        lm = load(Path(models_dir) / f"{name}.keras")
-        _, val_labels, val_probs, _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
-        paths, labels, probs, groups = _split_probabilities(lm, splits_csv, "test", cache_dir)
-        youden = youden_threshold(val_labels, val_probs)
-        result, samples[name] = score(labels, probs, groups, threshold, n_boot, seed, youden)
-        result["model_sha256"] = lm.card.get("model_sha256")
-        result["verified"] = lm.verified
-        result["health"] = lm.card.get("health", {}).get("status")
-        target = out_dir / name
-        rows = [(p, int(y), g, round(float(q), 6)) for p, y, g, q in zip(paths, labels, groups, probs, strict=True)]
-        _write_rows(target / "predictions.csv", ["path", "label", "patient_id", "probability"], rows)
-        _curves(name, labels.astype(int), probs, result, target)
-        write_json(target / "metrics.json", result)
-        summary["models"][name] = {k: result[k] for k in (
-            "auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "brier",
-            "average_precision", "ci95", "youden_threshold", "n")}
-        summary["models"][name]["at_youden"] = {k: result["at_youden"][k] for k in
-                                                ("sensitivity", "specificity", "accuracy")}
-        log.info("%s: test AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.2f", name,
-                 result["auc"], result["ci95"]["auc"], result["sensitivity"], result["specificity"], threshold)
-    for a, b in itertools.combinations(models, 2):
-        test = paired_auc_test(samples[a]["auc"], samples[b]["auc"], summary["models"][a]["auc"],
-                               summary["models"][b]["auc"])
-        summary["comparison"].append({"a": a, "b": b, **test})
+        lm = load(model_file(name, models_dir))
+        scored = _score_model(lm, splits_csv, cache_dir, sets)
+        point = operating_point(rule, eval_params, scored.val_youden,
+                                {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets})
+        threshold = point["threshold"]
+        paths, labels, probs, groups = scored.test
+        result, samples["test"][name] = score(labels, probs, groups, threshold, n_boot, seed, scored.val_youden)
+        result.update(model_sha256=lm.card.get("model_sha256"), verified=lm.verified,
+                      health=lm.card.get("health", {}).get("status"), operating_point=point,
+                      calibration=_calibration(labels, probs))
+        _write_set(name, "test", paths, labels, probs, groups, result, out_dir / name)
+        write_json(out_dir / name / "operating_point.json", {**point, "model": name,
+                                                              "model_sha256": lm.card.get("model_sha256")})
+        summary["models"][name] = {**_compact(result), "operating_point": point}
+        log.info("%s: test AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f (%s)", name,
+                 result["auc"], _ci_text(result["ci95"]["auc"]), result["sensitivity"], result["specificity"],
+                 threshold, point["rule"])
+        for ext in sets:
+            ext_probs = scored.external[ext.name]
+            ext_result, samples[ext.name][name] = score(ext.labels, ext_probs, ext.groups, threshold, n_boot, seed,
+                                                        scored.val_youden)
+            own = youden_threshold(ext.labels, ext_probs)
+            ext_result.update(calibration=_calibration(ext.labels, ext_probs),
+                              threshold_chosen_on_this_set=point["chosen_on"] == ext.name,
+                              at_own_youden={**at_threshold(ext.labels, ext_probs, own),
+                                             "note": "threshold chosen on this same set (optimistic)"})
+            _write_set(name, ext.name, ext.paths, ext.labels, ext_probs, ext.groups, ext_result,
+                       out_dir / name / f"external-{ext.name}")
+            compact = _compact(ext_result)
+            compact.update(threshold_chosen_on_this_set=ext_result["threshold_chosen_on_this_set"],
+                           at_own_youden={k: ext_result["at_own_youden"][k] for k in
+                                          ("threshold", "sensitivity", "specificity", "accuracy")})
+            summary["external"][ext.name]["models"][name] = compact
+            log.info("%s on external %s: n=%d AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f%s",
+                     name, ext.name, len(ext.labels), ext_result["auc"], _ci_text(ext_result["ci95"]["auc"]),
+                     ext_result["sensitivity"], ext_result["specificity"], threshold,
+                     " (threshold chosen on this set)" if compact["threshold_chosen_on_this_set"] else "")
+    for set_name, by_model in samples.items():
+        target = summary["comparison"] if set_name == "test" else summary["external"][set_name]["comparison"]
+        aucs = summary["models"] if set_name == "test" else summary["external"][set_name]["models"]
+        for a, b in itertools.combinations(models, 2):
+            test = paired_auc_test(by_model[a]["auc"], by_model[b]["auc"], aucs[a]["auc"], aucs[b]["auc"])
+            target.append({"a": a, "b": b, **test})
     write_json(Path(metrics_path), summary)
     return summary
+
+
+def _ci_text(pair: Sequence[float] | None) -> str:
+    return f"{pair[0]:.3f} to {pair[1]:.3f}" if pair else "n/a"
 
 
 def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -158,7 +292,10 @@ def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[
 
 
 def _validation_youden(lm: LoadedModel, eval_dir: Path = Path("reports/eval")) -> float | None:
-    """The Youden threshold the pipeline chose on the validation split for exactly this model file."""
+    """The Youden threshold chosen on the validation split for exactly this model file."""
+    point = lm.card.get("operating_point") or {}
+    if point.get("chosen_on") == "val":
+        return float(point["threshold"])
     name = lm.path.name.removesuffix(".keras")
     record = eval_dir / name / "metrics.json"
     if not record.is_file():

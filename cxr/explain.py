@@ -22,7 +22,7 @@ from cxr import CLASS_NAMES
 from cxr.dataset import load_images, read_split
 from cxr.files import write_json
 from cxr.gradcam import border_fraction, gradcam, last_conv_layer, overlay
-from cxr.inference import load
+from cxr.inference import load, shipped_threshold
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,16 @@ def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path
 def explain_models(models: Sequence[str], eval_params: Mapping[str, Any], input_params: Mapping[str, Any],
                    splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models",
                    eval_dir: str | Path = "reports/eval", out_dir: str | Path = "reports/gradcam") -> dict[str, Any]:
-    threshold = float(eval_params.get("threshold", 0.5))
     per_outcome = int(eval_params.get("gradcam_per_outcome", 2))
     seed = int(eval_params.get("seed", 42))
     margin = float(eval_params.get("border_margin", 0.125))
     layer = eval_params.get("gradcam_layer") or None
     out_dir = Path(out_dir)
-    summary: dict[str, Any] = {"threshold": threshold, "border_margin": margin,
+    summary: dict[str, Any] = {"border_margin": margin,
                                "uniform_border_fraction": 1 - (1 - 2 * margin) ** 2, "models": {}}
     for name in models:
         lm = load(Path(models_dir) / f"{name}.keras")
+        threshold, _ = shipped_threshold(lm, eval_dir)  # TP/FP/TN/FN as the model ships
         cfg = lm.cached_input(str(input_params.get("cache_dir", "data/cache")))
         paths, _, key = read_split(splits_csv, "test")
         images = load_images(paths, key, cfg, "test")
@@ -98,7 +98,7 @@ def explain_models(models: Sequence[str], eval_params: Mapping[str, Any], input_
                            f"{name}: Grad-CAM of {layer or last_conv_layer(lm.model)}")
         value = float(np.nanmean(fractions))
         summary["models"][name] = {
-            "layer": layer or last_conv_layer(lm.model), "gallery": gallery.as_posix(),
+            "layer": layer or last_conv_layer(lm.model), "gallery": gallery.as_posix(), "threshold": threshold,
             "border_fraction_mean": round(value, 4),
             "border_to_uniform_ratio": round(value / summary["uniform_border_fraction"], 3),
             "images": len(fractions),

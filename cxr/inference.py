@@ -39,6 +39,40 @@ class LoadedModel:
         return replace(self.input, cache="disk", cache_dir=cache_dir)
 
 
+ENSEMBLE = "ensemble"
+
+
+def model_file(name: str | Path, models_dir: str | Path = "models") -> Path:
+    """``models/<name>.keras`` for a model name (``ensemble/ensemble.keras`` for the ensemble); a
+    path ending in ``.keras`` as given."""
+    if str(name).endswith(".keras"):
+        return Path(name)
+    if str(name) == ENSEMBLE:
+        return Path(models_dir).parent / ENSEMBLE / f"{ENSEMBLE}.keras"
+    return Path(models_dir) / f"{name}.keras"
+
+
+def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = "reports/eval") -> tuple[float, str]:
+    """The model's decision threshold and where it came from.
+
+    In order: the operating point ``evaluate`` recorded for exactly this model file (it follows
+    ``evaluate.threshold_source``), the card's operating point (Youden's J on the validation split,
+    chosen at training time), else 0.5.
+    """
+    record = Path(eval_dir) / lm.path.name.removesuffix(".keras") / "operating_point.json"
+    if record.is_file():
+        try:
+            point = json.loads(record.read_text())
+        except ValueError:
+            point = {}
+        if point.get("model_sha256") and point.get("model_sha256") == lm.card.get("model_sha256"):
+            return float(point["threshold"]), f"{point.get('rule', 'evaluate')} ({record.as_posix()})"
+    point = lm.card.get("operating_point") or {}
+    if isinstance(point.get("threshold"), int | float):
+        return float(point["threshold"]), f"{point.get('rule', 'model card')} (model card)"
+    return 0.5, "default 0.5 (no operating point in the card)"
+
+
 def card_path_for(model_path: Path) -> Path:
     return model_path.with_name(model_path.name.removesuffix(".keras") + ".card.json")
 

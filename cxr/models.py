@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cxr.errors import CxrError
 from cxr.tfsetup import tensorflow
 
@@ -28,10 +30,79 @@ def register(name: str) -> Callable[[Builder], Builder]:
     return add
 
 
-def build_model(name: str, image_size: int, cfg: Mapping[str, Any]) -> Any:
+NORMALIZATIONS = ("none", "standardize", "equalize")
+
+
+def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: str = "none") -> Any:
+    """An uncompiled model of the registry.
+
+    Args:
+        name: registry name (smallnet, vgg16, cxrnet, ...).
+        image_size: side of the square input images.
+        cfg: the builder's own options (``train.<name>`` keys the trainer does not use).
+        normalize: per-image intensity normalisation built into the model's first layer
+            (``none``, ``standardize`` or ``equalize``), so every caller of the saved model gets it.
+
+    Returns:
+        A functional Keras model: (S, S, 3) float32 in [0, 1] → P(pneumonia).
+    """
     if name not in REGISTRY:
         raise CxrError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](image_size, cfg)
+    if normalize not in NORMALIZATIONS:
+        raise CxrError(f"input.normalize={normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
+    return REGISTRY[name](image_size, {**cfg, "normalize": normalize})
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class IntensityNormalization(keras.layers.Layer):
+    """Per-image intensity normalisation of [0, 1] images, inside the model.
+
+    Films from another scanner or exposure differ in brightness and contrast before they differ in
+    anatomy; normalising each image removes that difference for training and inference alike.
+
+    - ``standardize``: zero mean, unit standard deviation per image (all channels together).
+    - ``equalize``: histogram equalisation per image (256 grey levels, computed on the channel
+      mean), output in [0, 1].
+    """
+
+    def __init__(self, mode: str = "standardize", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("standardize", "equalize"):
+            raise ValueError(f"IntensityNormalization mode {mode!r}: choose standardize or equalize")
+        self.mode = mode
+
+    def call(self, inputs: Any) -> Any:
+        tf = tensorflow()
+        x = tf.cast(inputs, tf.float32)
+        if self.mode == "standardize":
+            mean, var = tf.nn.moments(x, axes=[1, 2, 3], keepdims=True)
+            return tf.cast((x - mean) / tf.sqrt(var + 1e-6), inputs.dtype)
+        grey = tf.reduce_mean(x, axis=-1)  # (B, H, W)
+        batch = tf.shape(grey)[0]
+        levels = tf.cast(tf.clip_by_value(tf.round(grey * 255.0), 0, 255), tf.int32)
+        offsets = tf.range(batch)[:, None, None] * 256
+        hist = tf.math.bincount(tf.reshape(levels + offsets, [-1]), minlength=256 * batch,
+                                maxlength=256 * batch, dtype=tf.float32)
+        cdf = tf.cumsum(tf.reshape(hist, [batch, 256]), axis=1)
+        cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, tf.fill(tf.shape(cdf), np.inf)), axis=1, keepdims=True)
+        total = cdf[:, -1:]
+        lut = tf.clip_by_value((cdf - cdf_min) / tf.maximum(total - cdf_min, 1.0), 0.0, 1.0)
+        out = tf.gather(lut, levels, batch_dims=1)  # (B, H, W)
+        return tf.cast(tf.repeat(out[..., None], tf.shape(x)[-1], axis=-1), inputs.dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "mode": self.mode}
+
+
+def _image_input(image_size: int, cfg: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The model's input and, when ``normalize`` asks for it, its normalised version."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    mode = cfg.get("normalize", "none")
+    x = inputs if mode == "none" else IntensityNormalization(mode, name="normalize", dtype="float32")(inputs)
+    return inputs, x
 
 
 @keras.saving.register_keras_serializable(package="cxr")
@@ -58,8 +129,8 @@ def smallnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
     """The notebook's SmallNet, layer for layer (spec §3): 3×Conv(32) + Dense(32)."""
     from keras import layers
 
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
+    inputs, x = _image_input(image_size, cfg)
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Conv2D(32, 3, activation="relu", name="conv2")(x)
     x = layers.MaxPooling2D(2, name="pool2")(x)
@@ -97,9 +168,8 @@ def vgg16(image_size: int, cfg: Mapping[str, Any]) -> Any:
             raise CxrError(f"train.vgg16.weights={weights}: file not found (or use imagenet / none)")
         base.load_weights(path)
     base.trainable = False
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = inputs
-    if cfg.get("imagenet_preprocessing", True):
+    inputs, x = _image_input(image_size, cfg)
+    if cfg.get("imagenet_preprocessing", True) and cfg.get("normalize", "none") == "none":
         # VGG16's ImageNet weights expect BGR, mean-subtracted [0, 255] input; the notebook fed
         # [0, 1] RGB (imagenet_preprocessing: false reproduces that).
         x = layers.Rescaling(255.0, name="to_0_255")(x)
@@ -134,8 +204,8 @@ def cxrnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
     from keras import layers
 
     widths = [int(w) for w in cfg.get("widths", [32, 64, 128, 128])]
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Conv2D(widths[0] // 2, 5, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    inputs, x = _image_input(image_size, cfg)
+    x = layers.Conv2D(widths[0] // 2, 5, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.BatchNormalization(name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
     x = layers.MaxPooling2D(2, name="stem_pool")(x)

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from cxr import CLASS_NAMES
-from cxr.inference import LoadedModel, iter_images, load, predict_images
+from cxr.inference import LoadedModel, iter_images, load, predict_images, shipped_threshold
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
 
@@ -44,7 +44,10 @@ def predict(model_path: str | Path | LoadedModel, paths: Sequence[str | Path], t
     out = out or sys.stdout  # looked up per call: callers may have redirected the streams
     err = err or sys.stderr
     lm = model_path if isinstance(model_path, LoadedModel) else load(model_path)
-    cut = float(threshold if threshold is not None else 0.5)
+    if threshold is not None:
+        cut, cut_source = float(threshold), "--threshold"
+    else:
+        cut, cut_source = shipped_threshold(lm)
     failures = 0
     pending: list[tuple[Path, np.ndarray]] = []
 
@@ -55,7 +58,8 @@ def predict(model_path: str | Path | LoadedModel, paths: Sequence[str | Path], t
         for (path, image), probability in zip(pending, probabilities, strict=True):
             label = CLASS_NAMES[int(probability >= cut)]
             record: dict[str, Any] = {"path": str(path), "label": label, "probability": round(float(probability), 6),
-                                      "threshold": cut, "model_sha256": lm.card.get("model_sha256"),
+                                      "threshold": cut, "threshold_source": cut_source,
+                                      "model_sha256": lm.card.get("model_sha256"),
                                       "verified_model": lm.verified}
             if gradcam_dir is not None:
                 record["gradcam"] = _write_overlay(lm, image, path, Path(gradcam_dir), label, float(probability))

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cxr.inference import card_path_for, model_file
+
 log = logging.getLogger(__name__)
 
 _CSS = """
@@ -83,9 +85,86 @@ def collect(models: Sequence[str], root: Path = Path(".")) -> dict[str, Any]:
         "quality": _load(root / "reports/data_quality.json"),
         "metrics": _load(root / "reports/metrics.json"),
         "gradcam": _load(root / "reports/gradcam/summary.json"),
-        "cards": {m: _load(root / f"models/{m}.card.json") for m in models},
+        "cards": {m: _load(root / card_path_for(model_file(m))) for m in models},
+        "external": {name: _load(root / "data/external" / f"{name}.json")
+                     for name in (_load(root / "reports/metrics.json").get("external") or {})},
         "agreement": _load(root / "reports/agreement.json"),
     }
+
+
+def _ci_to(pair: Sequence[float] | None) -> str:
+    """A 95 % CI as "0.912 to 0.951" (a dash between negative numbers misreads)."""
+    return f"{pair[0]:.3f} to {pair[1]:.3f}".replace("-", "−") if pair else "–"
+
+
+def summary_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per data set and model, at the shipped threshold: external sets first, then the test split."""
+    metrics = info.get("metrics", {})
+    rows = []
+    sets = [(name, s, f"external: {name}") for name, s in (metrics.get("external") or {}).items()]
+    sets.append(("test", {"models": metrics.get("models") or {}},
+                 "test split (held-out patients of the training source)"))
+    for set_name, data, label in sets:
+        for model, m in (data.get("models") or {}).items():
+            ci = m.get("ci95") or {}
+            point = (metrics.get("models") or {}).get(model, {}).get("operating_point") or {}
+            rows.append({
+                "data_set": label, "set": set_name, "model": model, "n": m.get("n"),
+                "prevalence": data.get("prevalence", _prevalence(info, set_name)),
+                "auc": m.get("auc"), "auc_ci95": ci.get("auc"),
+                "sensitivity": m.get("sensitivity"), "sensitivity_ci95": ci.get("sensitivity"),
+                "specificity": m.get("specificity"), "specificity_ci95": ci.get("specificity"),
+                "accuracy": m.get("accuracy"), "brier": m.get("brier"),
+                "ece": (m.get("calibration") or {}).get("ece"), "threshold": m.get("threshold"),
+                "threshold_rule": point.get("rule"),
+                "threshold_chosen_on_this_set": bool(m.get("threshold_chosen_on_this_set")),
+                "at_youden": m.get("at_youden"),
+            })
+    return rows
+
+
+def _prevalence(info: Mapping[str, Any], set_name: str) -> float | None:
+    q = info.get("quality", {})
+    counts = q.get("splits", {}).get(q.get("split_strategy"), {}).get("counts", {}).get(set_name, {})
+    total = sum(counts.values()) if counts else 0
+    return counts.get("PNEUMONIA", 0) / total if total else None
+
+
+def _summary_html(info: Mapping[str, Any]) -> str:
+    rows = summary_rows(info)
+    if not rows:
+        return ""
+    out = ["<h2>Summary</h2><p>Every model on every data set at its <b>shipped threshold</b>; 95 % confidence "
+           "intervals from bootstrap resamples of patients. External sets come first: a held-out slice of the "
+           "training source is in-distribution and flatters every model.</p>"]
+    table = []
+    for r in rows:
+        chosen = r["threshold_chosen_on_this_set"]
+        marker = " <span class='warn'>(threshold chosen on this set)</span>" if chosen else ""
+        youden = r.get("at_youden") or {}
+        table.append([esc(r["data_set"]), esc(r["model"]), esc(r["n"]), _fmt(r["prevalence"]),
+                      f"{_fmt(r['auc'])} ({_ci_to(r['auc_ci95'])})",
+                      f"{_fmt(r['sensitivity'])} ({_ci_to(r['sensitivity_ci95'])})",
+                      f"{_fmt(r['specificity'])} ({_ci_to(r['specificity_ci95'])})", _fmt(r["accuracy"]),
+                      _fmt(r["brier"]), _fmt(r["ece"]), _fmt(r["threshold"]) + marker,
+                      f"{_fmt(youden.get('sensitivity'))} / {_fmt(youden.get('specificity'))}"])
+    out.append(_table(["data set", "model", "n", "prevalence", "AUC (95 % CI)", "sensitivity (95 % CI)",
+                       "specificity (95 % CI)", "accuracy", "Brier", "ECE", "threshold",
+                       "sens / spec at validation Youden"], table))
+    rules = {r["model"]: r["threshold_rule"] for r in rows if r["threshold_rule"]}
+    if rules:
+        out.append("<p class='small'>Shipped thresholds: " + "; ".join(
+            f"{esc(m)}: {esc(rule)}" for m, rule in rules.items()) + ".</p>")
+    for name, ext in (info.get("external") or {}).items():
+        overlap = ext.get("overlap_with_training") or {}
+        if overlap.get("identical_files") or overlap.get("shared_patient_ids"):
+            out.append(f"<p class='warn'>External set {esc(name)} shares {esc(overlap.get('identical_files'))} "
+                       f"identical files and {esc(overlap.get('shared_patient_ids'))} patient ids with the training "
+                       "data: its figures are not fully independent.</p>")
+        if ext.get("excluded"):
+            out.append(f"<p class='small'>External set {esc(name)}: {len(ext['excluded'])} unreadable file(s) "
+                       "excluded.</p>")
+    return "".join(out)
 
 
 def metric_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -103,6 +182,18 @@ def metric_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
 def markdown(info: Mapping[str, Any]) -> str:
     q, metrics = info.get("quality", {}), info.get("metrics", {})
     lines = ["# Chest X-ray pneumonia pipeline — report", ""]
+    rows = summary_rows(info)
+    if rows:
+        lines += ["Every model on every data set at its shipped threshold (95 % CI over patients); external sets "
+                  "first.", "", "| data set | model | n | prevalence | AUC (95 % CI) | sensitivity (95 % CI) | "
+                  "specificity (95 % CI) | accuracy | Brier | threshold |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            chosen = " (chosen on this set)" if r["threshold_chosen_on_this_set"] else ""
+            lines.append(f"| {r['data_set']} | {r['model']} | {r['n']} | {_fmt(r['prevalence'])} | {_fmt(r['auc'])} "
+                         f"({_ci_to(r['auc_ci95'])}) | {_fmt(r['sensitivity'])} ({_ci_to(r['sensitivity_ci95'])}) | "
+                         f"{_fmt(r['specificity'])} ({_ci_to(r['specificity_ci95'])}) | {_fmt(r['accuracy'])} | "
+                         f"{_fmt(r['brier'])} | {_fmt(r['threshold'])}{chosen} |")
+        lines.append("")
     if q:
         split = q.get("split_strategy")
         counts = q.get("splits", {}).get(split, {}).get("counts", {})
@@ -136,6 +227,7 @@ def render(models: Sequence[str], root: Path = Path("."), out: Path = Path("repo
     q, metrics, cam = info["quality"], info["metrics"], info["gradcam"]
     parts = ["<h1>Chest X-ray pneumonia classifiers — report</h1><p class='small'>Data: Kermany, Zhang & "
              "Goldbaum (2018), doi:10.17632/rscbjbr9sj.2, CC BY 4.0. Research software, not a medical device.</p>"]
+    parts.append(_summary_html(info))
 
     parts.append("<h2>Data</h2>")
     if q:
@@ -175,8 +267,9 @@ def render(models: Sequence[str], root: Path = Path("."), out: Path = Path("repo
 
     parts.append("<h2>Test metrics</h2>")
     if metrics:
-        parts.append(f"<p>Threshold {esc(metrics.get('threshold'))}; 95 % confidence intervals from "
-                     "bootstrap resamples of patients; Youden threshold chosen on the validation split.</p>")
+        parts.append(f"<p>At each model's shipped threshold (rule <code>{esc(metrics.get('threshold_source'))}"
+                     "</code>); 95 % confidence intervals from bootstrap resamples of patients; Youden threshold "
+                     "chosen on the validation split.</p>")
         parts.append(_table(
             ["model", "AUC", "AUC 95 % CI", "sensitivity", "specificity", "PPV", "NPV", "F1", "balanced acc.",
              "Brier", "Youden thr."],

@@ -42,6 +42,7 @@ from cxr.tfsetup import configure, distribution
 log = logging.getLogger(__name__)
 
 CLASS_WEIGHTS = ("balanced", "none")
+OPTIMIZERS = ("adam", "adamw")
 
 
 class TrainingRejected(CxrError):
@@ -67,6 +68,10 @@ class TrainConfig:
     tensorboard: bool = True
     distribute: str = "auto"  # auto (MirroredStrategy on 2+ GPUs) | mirrored | none
     continue_epochs: int = 0
+    optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
+    weight_decay: float = 0.0  # adamw only
+    label_smoothing: float = 0.0  # binary targets become {s/2, 1 − s/2}: softer, better-calibrated outputs
+    ema: bool = False  # validate, checkpoint and ship an exponential moving average of the weights
     health: HealthConfig = field(default_factory=HealthConfig)
     model: dict[str, Any] = field(default_factory=dict)  # builder options (weights, dropout...)
 
@@ -81,6 +86,12 @@ class TrainConfig:
         cfg = cls(**merged, health=health, model=builder_opts)
         if cfg.class_weight not in CLASS_WEIGHTS:
             raise CxrError(f"train.{name}.class_weight={cfg.class_weight!r}: choose balanced or none")
+        if cfg.optimizer not in OPTIMIZERS:
+            raise CxrError(f"train.{name}.optimizer={cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= cfg.label_smoothing < 0.5:
+            raise CxrError(f"train.{name}.label_smoothing={cfg.label_smoothing}: choose a value in [0, 0.5)")
+        if cfg.weight_decay < 0:
+            raise CxrError(f"train.{name}.weight_decay={cfg.weight_decay}: must be ≥ 0")
         if cfg.monitor_mode not in ("min", "max"):
             raise CxrError(f"train.{name}.monitor_mode={cfg.monitor_mode!r}: choose min or max")
         return cfg
@@ -159,12 +170,37 @@ def _trim_history(history_csv: Path, backup_dir: Path) -> None:
         kept.to_csv(history_csv, index=False)
 
 
-def compile_model(model: Any, learning_rate: float) -> None:
+def validation_operating_point(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any] | None:
+    """The shipped threshold chosen at training time: Youden's J on the validation split."""
+    from cxr.metrics import youden_threshold
+
+    if len(set(np.asarray(labels).astype(int).tolist())) < 2 or not np.isfinite(probabilities).all():
+        return None
+    return {"threshold": youden_threshold(labels, probabilities), "rule": "Youden's J on the validation split",
+            "chosen_on": "val"}
+
+
+def compile_model(model: Any, learning_rate: float, optimizer: str = "adam", weight_decay: float = 0.0,
+                  label_smoothing: float = 0.0, ema: bool = False) -> None:
+    """Compile for binary pneumonia classification with the notebook's metrics.
+
+    Args:
+        model: an uncompiled (or loaded) Keras model.
+        learning_rate: the optimiser's initial learning rate.
+        optimizer: ``adam`` or ``adamw`` (decoupled ``weight_decay``).
+        weight_decay: AdamW's decoupled weight decay.
+        label_smoothing: binary cross-entropy label smoothing.
+        ema: keep an exponential moving average of the weights (swapped in for validation).
+    """
     import keras
 
+    opt_cls = keras.optimizers.AdamW if optimizer == "adamw" else keras.optimizers.Adam
+    opt_kwargs: dict[str, Any] = {"learning_rate": learning_rate, "use_ema": ema}
+    if optimizer == "adamw":
+        opt_kwargs["weight_decay"] = weight_decay
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss="binary_crossentropy",
+        optimizer=opt_cls(**opt_kwargs),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=["accuracy", keras.metrics.Precision(name="precision"),
                  keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc")],
     )
@@ -261,9 +297,9 @@ def train(
                  cfg.continue_epochs)
     else:
         with strategy.scope():
-            model = build_model(name, input_cfg.image_size, cfg.model)
+            model = build_model(name, input_cfg.image_size, cfg.model, normalize=input_cfg.normalize)
     with strategy.scope():
-        compile_model(model, cfg.learning_rate)
+        compile_model(model, cfg.learning_rate, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.ema)
 
     run_key = _run_key(name, cfg, input_cfg, splits_sha + (previous or {}).get("model_sha256", ""))
     backup_dir = models_dir / ".backup" / name / run_key
@@ -291,6 +327,7 @@ def train(
         keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True,
                                          double_checkpoint=True),  # a kill mid-write leaves the previous one
         keras.callbacks.TerminateOnNaN(),
+        *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []),
         keras.callbacks.ModelCheckpoint(str(best_path), monitor=cfg.monitor, mode=cfg.monitor_mode,
                                         save_best_only=True, initial_value_threshold=best_so_far),
         keras.callbacks.ReduceLROnPlateau(**{"monitor": "val_loss", **cfg.reduce_lr}),
@@ -326,6 +363,7 @@ def train(
     eval_ds = make_dataset(val_images, val_labels, input_cfg, shuffle=False, augment=False, seed=0)
     probabilities = model.predict(eval_ds, verbose=0).reshape(-1).astype(np.float64)
     health = assess(val_labels, probabilities, history, cfg.health)
+    point = validation_operating_point(val_labels, probabilities)
     epochs_run = int(history["epoch"][-1]) if history.get("epoch") else epochs
     best_epoch = None
     if history.get(cfg.monitor):
@@ -365,6 +403,7 @@ def train(
         "resumed_interrupted_run": resuming,
         "continued_from": (previous or {}).get("model_sha256"),
         "validation": health.metrics,
+        "operating_point": point,
         "health": {"status": health.status, "problems": health.problems},
         "timings": {"fit_seconds": round(fit_seconds, 1), "total_seconds": None,
                     "train_images_per_second": round(images_seen / fit_seconds, 1) if fit_seconds else None},

@@ -1,4 +1,5 @@
-"""The pipeline flow: fetch → prepare → preview + train (one task per model) → evaluate → explain → report.
+"""The pipeline flow: fetch → prepare → preview + train (one task per model) → ensemble → external sets
+→ evaluate → explain → report.
 
 Run it with ``python -m flows.pipeline [-S key=value ...]``. With no ``PREFECT_API_URL`` Prefect
 starts a temporary local server for the run; with one, the run is recorded on that server.
@@ -19,12 +20,15 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
+from cxr.ensemble import members_of
 from cxr.errors import CxrError
+from cxr.external import external_sets
 from cxr.fetch import source_digest
+from cxr.inference import card_path_for
 from cxr.logs import setup_logging
 from cxr.params import load_params, section
 from tasks.caching import outputs_intact
-from tasks.evaluate import evaluate_task, explain_task, report_task
+from tasks.evaluate import ensemble_task, evaluate_task, explain_task, external_task, report_task
 from tasks.fetch import fetch_task
 from tasks.prepare import prepare_task
 from tasks.train import preview_task, train_task
@@ -113,15 +117,29 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         raise CxrError("training failed for " + "; ".join(failures) + " (other models were kept)")
     names = list(models)
     files = [f"models/{m}.keras" for m in names]
+    members = members_of(params)
+    scored_names, scored_files = list(names), list(files)
+    if members:
+        states["ensemble"], ensembled = run_verified(
+            ensemble_task, members=members, model_files=[f"models/{m}.keras" for m in members],
+            splits=prepared["splits"], params_path=params_path, input_params=input_params)
+        scored_names.append("ensemble")
+        scored_files.append(ensembled["model"])
     eval_params = params.get("evaluate") or {}
+    indexes = []
+    for set_name, folder in external_sets(eval_params).items():
+        states[f"external@{set_name}"], indexed = run_verified(external_task, name=set_name, folder=folder,
+                                                               manifest=prepared["manifest"])
+        indexes.append(indexed["index"])
     states["evaluate"], evaluated = run_verified(
-        evaluate_task, models=names, model_files=files, splits=prepared["splits"], params_path=params_path,
-        eval_params=eval_params, input_params=input_params)
+        evaluate_task, models=scored_names, model_files=scored_files, splits=prepared["splits"],
+        params_path=params_path, eval_params=eval_params, input_params=input_params, external_indexes=indexes)
     states["explain"], explained = run_verified(
         explain_task, models=names, model_files=files, splits=prepared["splits"], eval_dir=evaluated["eval_dir"],
         params_path=params_path, eval_params=eval_params, input_params=input_params)
-    report_inputs = [prepared["quality"], evaluated["metrics"], explained["summary"], *files,
-                     *[f"models/{m}.card.json" for m in names]]
+    report_inputs = [prepared["quality"], evaluated["metrics"], explained["summary"], *scored_files,
+                     *[str(card_path_for(Path(f))) for f in scored_files]]
+    names = scored_names
     readers = str((params.get("report") or {}).get("readers") or "")
     states["report"], reported = run_verified(report_task, models=names, inputs=report_inputs, readers=readers,
                                               eval_params=eval_params)

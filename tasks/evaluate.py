@@ -12,20 +12,45 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from cxr.external import index_external
 from cxr.hashing import sha256_file
 from cxr.report import build
 from tasks.caching import ContentPolicy
 from tasks.train import _cxr
 
-EVAL_CODE = ("cxr/evaluate.py", "cxr/metrics.py", "cxr/inference.py", "cxr/dataset.py")
+EVAL_CODE = ("cxr/evaluate.py", "cxr/metrics.py", "cxr/inference.py", "cxr/dataset.py", "cxr/external.py")
+EXTERNAL_CODE = ("cxr/external.py", "cxr/images.py", "cxr/layout.py", "cxr/manifest.py")
+ENSEMBLE_CODE = ("cxr/ensemble.py", "cxr/inference.py", "cxr/dataset.py", "cxr/health.py")
+
+
+@task(name="external", cache_policy=ContentPolicy(code=EXTERNAL_CODE, path_inputs=("folder", "manifest")),
+      persist_result=True, task_run_name="external-{name}")
+def external_task(name: str, folder: str, manifest: str) -> dict[str, Any]:
+    """Index one external validation set; keyed on the folder's content (and the training manifest,
+    against which identical files and shared patients are reported)."""
+    summary = index_external(name, folder, manifest_csv=manifest)
+    index = f"data/external/{name}.csv"
+    return {"index": index, "index_sha256": sha256_file(index), "images": summary["images"]}
+
+
+@task(name="ensemble", cache_policy=ContentPolicy(code=ENSEMBLE_CODE, path_inputs=("model_files", "splits")),
+      persist_result=True)
+def ensemble_task(members: list[str], model_files: list[str], splits: str, params_path: str,
+                  input_params: dict[str, Any]) -> dict[str, Any]:
+    """Average the member models into ``ensemble/ensemble.keras`` (a child process, like training)."""
+    _cxr(["ensemble", "--splits", splits], params_path,
+         [f"ensemble={json.dumps({'members': members})}", f"input={json.dumps(input_params)}"])
+    return {"model": "ensemble/ensemble.keras", "model_sha256": sha256_file("ensemble/ensemble.keras")}
 EXPLAIN_CODE = ("cxr/explain.py", "cxr/gradcam.py", "cxr/inference.py")
 REPORT_CODE = ("cxr/report.py", "cxr/agreement.py")
 
 
-@task(name="evaluate", cache_policy=ContentPolicy(code=EVAL_CODE, path_inputs=("splits", "model_files")),
+@task(name="evaluate", cache_policy=ContentPolicy(code=EVAL_CODE, path_inputs=("splits", "model_files",
+                                                                                 "external_indexes")),
       persist_result=True)
 def evaluate_task(models: list[str], model_files: list[str], splits: str, params_path: str,
-                  eval_params: dict[str, Any], input_params: dict[str, Any]) -> dict[str, Any]:
+                  eval_params: dict[str, Any], input_params: dict[str, Any],
+                  external_indexes: list[str] | None = None) -> dict[str, Any]:
     args = ["evaluate"] + [a for m in models for a in ("--model", m)]
     _cxr(args, params_path, [f"evaluate={json.dumps(eval_params)}", f"input={json.dumps(input_params)}"])
     return {"metrics": "reports/metrics.json", "metrics_sha256": sha256_file("reports/metrics.json"),

@@ -178,13 +178,16 @@ def test_predict_json_one_object_per_image(trained, images, cli):
     records = json_lines(out)
     assert [r["path"] for r in records] == [str(p) for p in images.values()]
     card = json.loads(card_path_for(model).read_text())
+    shipped = card["operating_point"]["threshold"]  # Youden's J on validation, chosen at training time
+    assert card["operating_point"]["chosen_on"] == "val" and 0 < shipped < 1
     for record in records:
         assert record["label"] in ("NORMAL", "PNEUMONIA")
         assert 0.0 <= record["probability"] <= 1.0
-        assert record["label"] == ("PNEUMONIA" if record["probability"] >= 0.5 else "NORMAL")
+        assert record["threshold"] == shipped and "model card" in record["threshold_source"]
+        assert record["label"] == ("PNEUMONIA" if record["probability"] >= shipped else "NORMAL")
         assert record["model_sha256"] == card["model_sha256"] and record["verified_model"] is True
-    labels = {Path(r["path"]).name: r["label"] for r in records}
-    assert labels == {"dark.png": "NORMAL", "bright.png": "PNEUMONIA", "bright_scan.dcm": "PNEUMONIA"}
+    at_half = {Path(r["path"]).name: "PNEUMONIA" if r["probability"] >= 0.5 else "NORMAL" for r in records}
+    assert at_half == {"dark.png": "NORMAL", "bright.png": "PNEUMONIA", "bright_scan.dcm": "PNEUMONIA"}
 
 
 def test_predict_bad_files_get_one_error_line_each(trained, images, tmp_path, cli):
@@ -465,7 +468,7 @@ def test_explain_writes_gallery_and_border_summary(evaluated):
     counts: dict[str, int] = {}
     for example in m["examples"]:
         label, probability = by_path[example["path"]]
-        assert example["outcome"] == outcome(label, probability, 0.5)
+        assert example["outcome"] == outcome(label, probability, m["threshold"])
         assert example["label"] == ("PNEUMONIA" if label else "NORMAL")
         counts[example["outcome"]] = counts.get(example["outcome"], 0) + 1
     assert all(n <= 2 for n in counts.values()) and sum(counts.values()) >= 2

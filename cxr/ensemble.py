@@ -1,0 +1,148 @@
+"""The ``ensemble`` step: average the trained models' P(pneumonia) into one shippable model.
+
+Models trained from different starting points make different mistakes on films from another
+population; averaging them ranks and calibrates better than either alone. The ensemble is saved
+as an ordinary Keras model (``ensemble/ensemble.keras``: the members side by side, then an
+average), with a card like any trained model's, so ``cxr predict``, ``cxr evaluate`` and
+``cxr audit`` use it unchanged. Its operating point is Youden's J on the validation split.
+
+``params.yaml: ensemble.members`` lists the members (``[]`` = no ensemble). They must share their
+preprocessing (image size, resize mode, interpolation) and their training split file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cxr import audit
+from cxr.errors import CxrError
+from cxr.files import write_json
+from cxr.hashing import sha256_file
+from cxr.inference import ENSEMBLE, LoadedModel, load, model_file
+from cxr.lineage import code_version, library_versions
+
+log = logging.getLogger(__name__)
+
+_SAME_PREPROCESSING = ("image_size", "resize", "interpolation")
+
+
+def members_of(params: Mapping[str, Any]) -> list[str]:
+    """``ensemble.members`` checked: distinct names of models listed in ``train.models``."""
+    members = list((params.get("ensemble") or {}).get("members") or [])
+    trained = list((params.get("train") or {}).get("models") or [])
+    unknown = [m for m in members if m not in trained]
+    if unknown:
+        raise CxrError(f"ensemble.members: {', '.join(map(str, unknown))} not in train.models ({', '.join(trained)})")
+    if len(set(members)) != len(members):
+        raise CxrError(f"ensemble.members lists a model twice: {members}")
+    if len(members) == 1:
+        raise CxrError("ensemble.members: an ensemble needs at least two models (or [] for none)")
+    return members
+
+
+def evaluated_models(params: Mapping[str, Any]) -> list[str]:
+    """The models ``evaluate`` and ``report`` cover: ``train.models``, then the ensemble if configured."""
+    models = list((params.get("train") or {}).get("models") or [])
+    return models + ([ENSEMBLE] if members_of(params) else [])
+
+
+def compose(members: Sequence[LoadedModel]) -> Any:
+    """One functional model: every member on the same input, then the mean probability."""
+    import keras
+
+    image_size = members[0].input.image_size
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    outputs = [lm.model(inputs, training=False) for lm in members]
+    averaged = keras.layers.Average(name="mean_probability", dtype="float32")(outputs)
+    return keras.Model(inputs, averaged, name=ENSEMBLE)
+
+
+def _check_members(members: Sequence[LoadedModel]) -> None:
+    first = members[0]
+    for lm in members:
+        if not lm.verified:
+            raise CxrError(f"{lm.path}: its sha256 differs from its card; retrain it before building the ensemble")
+        differs = [k for k in _SAME_PREPROCESSING if getattr(lm.input, k) != getattr(first.input, k)]
+        if differs:
+            raise CxrError(f"ensemble: {lm.path.name} and {first.path.name} differ in preprocessing "
+                           f"({', '.join(differs)})")
+        if lm.card.get("data", {}).get("splits_sha256") != first.card.get("data", {}).get("splits_sha256"):
+            raise CxrError(f"ensemble: {lm.path.name} and {first.path.name} were trained on different splits; "
+                           "retrain them on the same data")
+
+
+def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/prepared/splits.csv",
+                   models_dir: str | Path = "models") -> dict[str, Any] | None:
+    """Write ``ensemble/ensemble.keras`` and its card from ``ensemble.members``; None when disabled.
+
+    Args:
+        params: the whole parameters mapping (``ensemble``, ``train.models``, ``input``).
+        splits_csv: the split file the members were trained on (validation scores the ensemble).
+        models_dir: where the members are.
+
+    Returns:
+        The ensemble's card, or None when ``ensemble.members`` is empty.
+    """
+    from cxr.dataset import load_images, read_split
+    from cxr.health import HealthConfig, assess
+    from cxr.inference import predict_images
+    from cxr.train import _save_keras, validation_operating_point
+
+    members = members_of(params)
+    out_dir = model_file(ENSEMBLE, models_dir).parent
+    if not members:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        write_json(out_dir / "ensemble.json", {"enabled": False, "members": []})
+        log.info("ensemble: disabled (ensemble.members is empty)")
+        return None
+    loaded = [load(model_file(name, models_dir)) for name in members]
+    _check_members(loaded)
+    model = compose(loaded)
+    cache_dir = str((params.get("input") or {}).get("cache_dir", "data/cache"))
+    paths, labels, key = read_split(splits_csv, "val")
+    probabilities = predict_images(model, load_images(paths, key, loaded[0].cached_input(cache_dir), "val"))
+    health = assess(labels, probabilities, {}, HealthConfig())
+    first = loaded[0].card
+    card: dict[str, Any] = {
+        "model": ENSEMBLE,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_file": model_file(ENSEMBLE, models_dir).as_posix(),
+        "members": [{"model": lm.card.get("model"), "model_file": lm.path.as_posix(),
+                     "model_sha256": lm.card.get("model_sha256")} for lm in loaded],
+        "combination": "mean of the members' P(pneumonia)",
+        "parameters": {"total": int(model.count_params())},
+        "data": first.get("data"),
+        "input": {"preprocessing": first.get("input", {}).get("preprocessing")},
+        "validation": health.metrics,
+        "operating_point": validation_operating_point(labels, probabilities),
+        "health": {"status": health.status, "problems": health.problems},
+        "code": code_version(),
+        "libraries": library_versions(),
+    }
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    _save_keras(model, tmp_dir / "ensemble.keras")
+    card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
+    card["run"] = audit.current_run()
+    card["lineage_data"] = audit.data_lineage(Path(splits_csv))
+    write_json(tmp_dir / "ensemble.card.json", card)
+    write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": members})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp_dir, out_dir)  # the model and its card appear together
+    audit.append({"model": ENSEMBLE, "model_file": card["model_file"], "model_sha256": card["model_sha256"],
+                  "data": card["lineage_data"], "params": {"ensemble": {"members": members}},
+                  "members": card["members"], "code": card["code"], "run": card["run"],
+                  "metrics": {"validation": health.metrics}, "created": card["created"]})
+    log.info("ensemble of %s: validation AUC %.4f, threshold %.3f, saved %s (sha256 %s)", ", ".join(members),
+             health.metrics.get("auc", float("nan")), (card["operating_point"] or {}).get("threshold", float("nan")),
+             card["model_file"], card["model_sha256"][:12])
+    return card
+

@@ -1,0 +1,171 @@
+"""External validation sets: labelled folders from outside the training data.
+
+A held-out slice of the training folder is in-distribution and flatters every model; a hospital
+trusts a model only after scoring it on its own labelled films. ``params.yaml: evaluate.external``
+names such folders (``{NORMAL,PNEUMONIA}/`` or Kaggle layout). The ``external`` step indexes each
+one into ``data/external/<name>.csv`` (path, label, patient id, sha256 of every readable image)
+and ``data/external/<name>.json`` (counts, excluded files with their reasons, overlap with the
+training data); ``evaluate`` scores every model on the indexed files and checks their hashes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr import CLASS_NAMES
+from cxr.errors import CxrError, DataError
+from cxr.files import write_json
+from cxr.hashing import sha256_file, tree_digest
+from cxr.images import probe
+from cxr.layout import find_class_folders
+from cxr.manifest import parse_patient
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DIR = Path("data/external")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+RESERVED = {"train", "val", "test"}
+COLUMNS = ("path", "label", "class_name", "patient_id", "sha256")
+
+
+def external_sets(eval_params: Mapping[str, Any]) -> dict[str, str]:
+    """``evaluate.external`` checked: ``{name: folder}`` (empty when none is configured)."""
+    value = eval_params.get("external") or {}
+    if not isinstance(value, Mapping):
+        raise CxrError("evaluate.external: expected a mapping of name: folder, e.g. {hospital_b: /data/b}")
+    sets = {}
+    for name, folder in value.items():
+        name = str(name)
+        if not _NAME.match(name) or name in RESERVED:
+            raise CxrError(f"evaluate.external: set name {name!r} must start with a letter, use letters, digits, "
+                           f"_ or -, and not be one of {sorted(RESERVED)}")
+        if not isinstance(folder, str) or not folder:
+            raise CxrError(f"evaluate.external.{name}: expected a folder path, got {folder!r}")
+        sets[name] = folder
+    return sets
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """The indexed images of one external set."""
+
+    name: str
+    paths: list[str]
+    labels: np.ndarray  # 0 normal, 1 pneumonia
+    groups: list[str]  # patient ids ("" = unknown: each image its own group)
+    sha256: list[str]
+
+    @property
+    def prevalence(self) -> float:
+        return float(self.labels.mean()) if len(self.labels) else float("nan")
+
+
+def _training_overlap(rows: list[dict[str, Any]], manifest_csv: Path) -> dict[str, Any]:
+    """Identical files and named patients the external set shares with the training manifest."""
+    if not manifest_csv.is_file():
+        return {"checked": False}
+    import pandas as pd
+
+    manifest = pd.read_csv(manifest_csv, keep_default_na=False, dtype={"patient_id": str})
+    train_hashes = set(manifest.get("sha256", []))
+    # Only the Kermany "person<N>" ids name a child; IM-<S> study numbers are reused between batches.
+    train_patients = {p for p in manifest.get("patient_id", []) if str(p).startswith("person")}
+    same_files = sorted({r["path"] for r in rows if r["sha256"] in train_hashes})
+    patients = sorted({r["patient_id"] for r in rows if r["patient_id"] in train_patients})
+    return {"checked": True, "identical_files": len(same_files), "identical_file_examples": same_files[:5],
+            "shared_patient_ids": len(patients), "shared_patient_examples": patients[:5]}
+
+
+def index_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL_DIR,
+                   manifest_csv: str | Path = "data/prepared/manifest.csv") -> dict[str, Any]:
+    """Index one labelled folder: every image decode-checked and hashed; unreadable files listed.
+
+    Args:
+        name: the set's name in ``evaluate.external``.
+        folder: ``{NORMAL,PNEUMONIA}/`` or Kaggle layout (split folders are pooled).
+        out_dir: where ``<name>.csv`` and ``<name>.json`` are written.
+        manifest_csv: the training manifest, to report identical files and shared patients.
+
+    Returns:
+        The summary written to ``<name>.json``.
+    """
+    from imutils import paths as imutils_paths
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    excluded: list[dict[str, str]] = []
+    for class_folder in find_class_folders(folder):
+        for file in sorted(imutils_paths.list_images(str(class_folder.path))):
+            info = probe(file)
+            if "error" in info:
+                excluded.append({"path": file, "reason": info["error"]})
+                continue
+            rows.append({"path": Path(file).as_posix(), "label": CLASS_NAMES.index(class_folder.class_name),
+                         "class_name": class_folder.class_name, "patient_id": parse_patient(Path(file).name)[0],
+                         "sha256": info["sha256"]})
+    counts = [sum(r["label"] == c for r in rows) for c in (0, 1)]
+    if min(counts) == 0:
+        raise DataError(f"evaluate.external.{name}: {folder} needs readable images of both classes "
+                        f"(found {counts[0]} NORMAL, {counts[1]} PNEUMONIA, {len(excluded)} unreadable)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"{name}.csv"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(csv_path)
+    summary = {
+        "name": name, "folder": folder.as_posix(), "images": len(rows),
+        "class_counts": {"NORMAL": counts[0], "PNEUMONIA": counts[1]},
+        "prevalence": round(counts[1] / len(rows), 4),
+        "patients_named": len({r["patient_id"] for r in rows if r["patient_id"]}),
+        "excluded": excluded,
+        "content_sha256": tree_digest((r["path"], r["sha256"]) for r in rows),
+        "index_sha256": sha256_file(csv_path),
+        "overlap_with_training": _training_overlap(rows, Path(manifest_csv)),
+    }
+    write_json(out_dir / f"{name}.json", summary)
+    overlap = summary["overlap_with_training"]
+    log.info("external %s: %d images (%d NORMAL, %d PNEUMONIA) from %s, %d unreadable excluded", name, len(rows),
+             counts[0], counts[1], folder, len(excluded))
+    if overlap.get("identical_files"):
+        log.warning("external %s: %d files are byte-identical to training images: its figures are not external",
+                    name, overlap["identical_files"])
+    return summary
+
+
+def load_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL_DIR,
+                  verify: bool = True) -> ExternalSet:
+    """The indexed set ``name``; indexes it first when no index exists (a CLI run without DVC).
+
+    With ``verify``, every listed file is re-hashed: an index that no longer describes the folder
+    is refused (``dvc repro`` or ``cxr external`` rebuilds it).
+    """
+    csv_path = Path(out_dir) / f"{name}.csv"
+    if not csv_path.is_file():
+        index_external(name, folder, out_dir)
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if verify:
+        for row in rows:
+            path = Path(row["path"])
+            if not path.is_file() or sha256_file(path) != row["sha256"]:
+                raise DataError(f"{csv_path}: {path} is missing or changed since the set was indexed; "
+                                f"run `cxr external --name {name}` (dvc repro does it)")
+    return ExternalSet(name, [r["path"] for r in rows], np.asarray([int(r["label"]) for r in rows]),
+                       [r["patient_id"] for r in rows], [r["sha256"] for r in rows])
+
+
+def external_summary(name: str, out_dir: str | Path = EXTERNAL_DIR) -> dict[str, Any]:
+    path = Path(out_dir) / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
