@@ -70,7 +70,7 @@ def test_index_lists_every_readable_image_and_each_unreadable_one_with_its_reaso
     assert summary["images"] == 12 and summary["class_counts"] == {"NORMAL": 6, "PNEUMONIA": 6}
     assert summary["prevalence"] == 0.5
     [bad] = summary["excluded"]
-    assert bad["path"].endswith("broken.jpeg") and "not an image" in bad["reason"] or "corrupt" in bad["reason"]
+    assert (bad["path"].endswith("broken.jpeg") and "not an image" in bad["reason"]) or "corrupt" in bad["reason"]
     overlap = summary["overlap_with_training"]
     assert overlap["identical_files"] == 1 and overlap["shared_patient_ids"] == 1
     assert overlap["shared_patient_examples"] == ["person901"]
