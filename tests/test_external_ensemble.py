@@ -20,7 +20,7 @@ from cxr.external import external_sets, index_external, load_external
 from cxr.inference import load, load_image, model_file, predict_images, shipped_threshold
 from cxr.metrics import youden_threshold
 from cxr.train import train
-from tests.test_predict_evaluate import chdir, evaluated, small_params, synthetic  # noqa: F401 (fixture)
+from tests.test_predict_evaluate import chdir, evaluated_project, small_params, synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -42,9 +42,9 @@ def write_external(root: Path, n: int = 6, seed: int = 7, corrupt: bool = True, 
 
 
 @pytest.fixture
-def project(evaluated: Path, tmp_path: Path) -> Path:
+def project(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
     root = tmp_path / "project"
-    shutil.copytree(evaluated, root)
+    shutil.copytree(evaluated_project(tmp_path_factory), root)
     write_external(root / "site_b")
     return root
 
