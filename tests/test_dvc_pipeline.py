@@ -134,3 +134,44 @@ def test_a_prefect_run_leaves_dvc_up_to_date_and_a_remote_round_trips(fresh_clon
              "manifest": sha256_file(fresh_clone / "data/prepared/manifest.csv")}
     assert after == before
     assert "up to date" in _run(["dvc", "status"], fresh_clone)
+
+
+def test_external_sets_and_the_ensemble_rerun_exactly_what_they_touch(fresh_clone, make_dataset, tmp_path):
+    from tests.conftest import kermany_layout
+
+    source = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
+    site = make_dataset({"NORMAL": [f"IM-{900 + i:04d}-0001.jpeg" for i in range(5)],
+                         "PNEUMONIA": [f"person{900 + i}_virus_{i}.jpeg" for i in range(5)]}, root=tmp_path / "site_b")
+    _set_params(fresh_clone, data__source="dir", data__dir=str(source), prepare__min_images_per_class=1,
+                train__models=["smallnet", "cxrnet"], train__smallnet__epochs=1, train__cxrnet__epochs=1,
+                train__common__steps_per_epoch=2, train__common__tensorboard=False,
+                train__common__health__on_collapse="warn", input__image_size=32, input__batch_size=8,
+                evaluate__bootstrap=50, evaluate__gradcam_per_outcome=1, evaluate__external={"site_b": str(site)},
+                ensemble__members=["smallnet", "cxrnet"])
+    out = _run(["dvc", "repro"], fresh_clone)
+    for stage in ("external@site_b", "ensemble", "evaluate", "explain", "report"):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((fresh_clone / "reports/metrics.json").read_text())
+    assert set(metrics["external"]["site_b"]["models"]) == {"smallnet", "cxrnet", "ensemble"}
+    assert metrics["external"]["site_b"]["n"] == 10
+    shown = _run(["dvc", "metrics", "show", "--json"], fresh_clone)
+    assert '"site_b"' in shown and '"ensemble"' in shown  # dvc metrics / exp show list the external figures
+    assert "Running stage" not in _run(["dvc", "repro"], fresh_clone)
+
+    # a new image in the external folder: its index and everything scored on it, no training
+    shutil.copy(next((site / "NORMAL").glob("*.jpeg")), site / "NORMAL" / "IM-0999-0001.jpeg")
+    changed = _run(["dvc", "repro"], fresh_clone)
+    for stage in ("external@site_b", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in changed
+    for stage in ("fetch", "prepare", "train@smallnet", "train@cxrnet", "ensemble"):
+        assert f"Running stage '{stage}'" not in changed
+    assert json.loads((fresh_clone / "reports/metrics.json").read_text())["external"]["site_b"]["n"] == 11
+
+    # the threshold rule reruns scoring only, and the report says where the threshold came from
+    _set_params(fresh_clone, evaluate__threshold_source="external:site_b")
+    changed = _run(["dvc", "repro"], fresh_clone)
+    assert "Running stage 'evaluate'" in changed and "Running stage 'train@cxrnet'" not in changed
+    assert "Running stage 'external@site_b'" not in changed
+    metrics = json.loads((fresh_clone / "reports/metrics.json").read_text())
+    assert metrics["external"]["site_b"]["models"]["ensemble"]["threshold_chosen_on_this_set"] is True
+    assert "threshold chosen on this set" in (fresh_clone / "reports/report.html").read_text()
