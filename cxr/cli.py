@@ -83,7 +83,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from cxr.inference import model_file
 
         model = str(model_file(args.model[0]))
-        result = evaluate_folder(model, args.data, float(eval_params.get("threshold", 0.5)),
+        fixed = eval_params.get("threshold_source") == "fixed"
+        result = evaluate_folder(model, args.data, float(eval_params.get("threshold", 0.5)) if fixed else None,
                                  int(eval_params.get("bootstrap", 1000)), int(eval_params.get("seed", 42)))
         if args.json:
             print(json.dumps(result))

@@ -31,7 +31,7 @@ from cxr.dataset import load_images, read_split
 from cxr.errors import CxrError, DataError
 from cxr.external import EXTERNAL_DIR, ExternalSet, external_sets, load_external
 from cxr.files import write_json
-from cxr.inference import LoadedModel, iter_images, load, model_file, predict_images
+from cxr.inference import LoadedModel, iter_images, load, model_file, predict_images, shipped_threshold
 from cxr.layout import find_class_folders
 from cxr.manifest import parse_patient
 from cxr.metrics import (
@@ -306,10 +306,17 @@ def _validation_youden(lm: LoadedModel, eval_dir: Path = Path("reports/eval")) -
     return data.get("youden_threshold") if data.get("model_sha256") == lm.card.get("model_sha256") else None
 
 
-def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: float = 0.5, n_boot: int = 1000,
-                    seed: int = 42) -> dict[str, Any]:
-    """Score one saved model on a labelled folder (e.g. an outside test set); unreadable files skipped."""
+def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: float | None = None,
+                    n_boot: int = 1000, seed: int = 42) -> dict[str, Any]:
+    """Score one saved model on a labelled folder (e.g. an outside test set); unreadable files skipped.
+
+    ``threshold`` None uses the model's shipped threshold (see :func:`cxr.inference.shipped_threshold`).
+    """
     lm = load(model_path)
+    if threshold is None:
+        threshold, source = shipped_threshold(lm)
+    else:
+        source = "given"
     files, labels, groups = labelled_folder(data_dir)
     keep, images, skipped = [], [], []
     for i, (path, image, error) in enumerate(iter_images(files, lm.input)):
@@ -323,5 +330,6 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: flo
     probs = predict_images(lm.model, np.stack(images))
     result, _ = score(labels[keep], probs, [groups[i] for i in keep], threshold, n_boot, seed,
                       youden=_validation_youden(lm))
-    result.update(model=str(model_path), data=str(data_dir), verified=lm.verified, skipped=skipped)
+    result.update(model=str(model_path), data=str(data_dir), verified=lm.verified, skipped=skipped,
+                  threshold_source=source)
     return result

@@ -381,6 +381,9 @@ def test_evaluate_command_on_a_labelled_folder(trained, tmp_path, cli, monkeypat
     assert result["auc"] > 0.9
     low, high = result["ci95"]["auc"]
     assert low <= result["auc"] <= high
+    card = json.loads((trained / "models/smallnet.card.json").read_text())
+    assert result["at_threshold"]["threshold"] == card["operating_point"]["threshold"]  # the shipped one
+    assert "model card" in result["threshold_source"]
 
 
 def _split(root: Path, split: str) -> pd.DataFrame:
