@@ -87,3 +87,36 @@ def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_da
         pipeline(overrides=args)
     card = Path("models/smallnet.card.json")
     assert card.is_file() and Path("models/smallnet.keras").is_file()  # the healthy model was kept
+
+
+def test_external_sets_and_the_ensemble_in_the_flow(prefect_env, make_dataset, tmp_path, monkeypatch):
+    import json
+
+    from flows.pipeline import pipeline
+    from tests.conftest import write_image
+
+    src = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
+    site = make_dataset({"NORMAL": [f"IM-{900 + i:04d}-0001.jpeg" for i in range(5)],
+                         "PNEUMONIA": [f"person{900 + i}_virus_{i}.jpeg" for i in range(5)]}, root=tmp_path / "site")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    args = ["data.source=dir", f"data.dir={src}", "prepare.min_images_per_class=1", *SMALL_TRAINING,
+            "train.models=[smallnet, cxrnet]", "train.cxrnet.epochs=1", "ensemble.members=[smallnet, cxrnet]",
+            f"evaluate.external={json.dumps({'site_b': str(site)})}"]
+    first = pipeline(overrides=args)
+    assert first["states"]["external@site_b"] == "Completed" and first["states"]["ensemble"] == "Completed"
+    metrics = json.loads(Path("reports/metrics.json").read_text())
+    assert set(metrics["external"]["site_b"]["models"]) == {"smallnet", "cxrnet", "ensemble"}
+
+    second = pipeline(overrides=args)
+    assert all(v == "Cached" for k, v in second["states"].items() if k != "dvc.lock"), second["states"]
+
+    # a new image at the outside site: index and scoring rerun, training and the ensemble stay cached
+    write_image(site / "NORMAL" / "IM-0999-0001.jpeg", seed=4242)
+    third = pipeline(overrides=args)
+    ran = {k for k, v in third["states"].items() if v == "Completed"}
+    assert {"external@site_b", "evaluate", "report"} <= ran
+    assert not ran & {"fetch", "prepare", "train@smallnet", "train@cxrnet", "ensemble"}
+    assert json.loads(Path("reports/metrics.json").read_text())["external"]["site_b"]["n"] == 11
