@@ -46,6 +46,7 @@ class InputConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     augment_validation: bool = False
     normalize: str = "none"  # per-image intensity normalisation, built into the model (cxr.models)
+    center_crop: float = 0.0  # fraction of each side the model cuts away first (cxr.models)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> InputConfig:
@@ -61,6 +62,7 @@ class InputConfig:
             augment=_augment_config(aug),
             augment_validation=augment_validation,
             normalize=str(params.get("normalize", "none")),
+            center_crop=float(params.get("center_crop", 0.0)),
         )
         for name, value, allowed in (("resize", cfg.resize, RESIZE_MODES),
                                      ("interpolation", cfg.interpolation, INTERPOLATIONS),
@@ -73,7 +75,8 @@ class InputConfig:
         """What a model trained on this pipeline expects (stored in its model card)."""
         return {"image_size": self.image_size, "resize": self.resize,
                 "interpolation": self.interpolation, "channels": 3, "scale": "1/255",
-                "dtype": "float32", "normalize": self.normalize}  # normalize runs inside the model
+                "dtype": "float32", "normalize": self.normalize,
+                "center_crop": self.center_crop}  # normalize and center_crop run inside the model
 
 
 def _augment_config(values: Mapping[str, Any]) -> AugmentConfig:

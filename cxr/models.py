@@ -33,15 +33,18 @@ def register(name: str) -> Callable[[Builder], Builder]:
 NORMALIZATIONS = ("none", "standardize", "equalize")
 
 
-def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: str = "none") -> Any:
+def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: str = "none",
+                center_crop: float = 0.0) -> Any:
     """An uncompiled model of the registry.
 
     Args:
         name: registry name (smallnet, vgg16, cxrnet, ...).
         image_size: side of the square input images.
         cfg: the builder's own options (``train.<name>`` keys the trainer does not use).
-        normalize: per-image intensity normalisation built into the model's first layer
+        normalize: per-image intensity normalisation built into the model's first layers
             (``none``, ``standardize`` or ``equalize``), so every caller of the saved model gets it.
+        center_crop: fraction of each side cut away by the model's first layer (0 = none): the
+            film's outer band (collimation, background, markers) never reaches the network.
 
     Returns:
         A functional Keras model: (S, S, 3) float32 in [0, 1] → P(pneumonia).
@@ -50,7 +53,9 @@ def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: s
         raise CxrError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
     if normalize not in NORMALIZATIONS:
         raise CxrError(f"input.normalize={normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
-    return REGISTRY[name](image_size, {**cfg, "normalize": normalize})
+    if not 0.0 <= center_crop < 0.4:
+        raise CxrError(f"input.center_crop={center_crop}: choose a fraction in [0, 0.4)")
+    return REGISTRY[name](image_size, {**cfg, "normalize": normalize, "center_crop": center_crop})
 
 
 @keras.saving.register_keras_serializable(package="cxr")
@@ -98,10 +103,16 @@ class IntensityNormalization(keras.layers.Layer):
 
 
 def _image_input(image_size: int, cfg: Mapping[str, Any]) -> tuple[Any, Any]:
-    """The model's input and, when ``normalize`` asks for it, its normalised version."""
+    """The model's input and what the network sees: centre-cropped and normalised when asked."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    crop = float(cfg.get("center_crop", 0.0))
+    if crop > 0:
+        side = image_size - 2 * round(image_size * crop)
+        x = keras.layers.CenterCrop(side, side, name="center_crop", dtype="float32")(x)
     mode = cfg.get("normalize", "none")
-    x = inputs if mode == "none" else IntensityNormalization(mode, name="normalize", dtype="float32")(inputs)
+    if mode != "none":
+        x = IntensityNormalization(mode, name="normalize", dtype="float32")(x)
     return inputs, x
 
 

@@ -297,7 +297,8 @@ def train(
                  cfg.continue_epochs)
     else:
         with strategy.scope():
-            model = build_model(name, input_cfg.image_size, cfg.model, normalize=input_cfg.normalize)
+            model = build_model(name, input_cfg.image_size, cfg.model, normalize=input_cfg.normalize,
+                                    center_crop=input_cfg.center_crop)
     with strategy.scope():
         compile_model(model, cfg.learning_rate, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.ema)
 

@@ -141,3 +141,15 @@ def test_optimiser_options_reach_keras():
                          ({"weight_decay": -1}, "weight_decay")):
         with pytest.raises(CxrError, match=message):
             TrainConfig.from_params({"common": bad}, "cxrnet")
+
+
+def test_center_crop_keeps_the_film_border_away_from_the_network():
+    model = build_model("cxrnet", 40, {"widths": [8, 8, 8, 8]}, center_crop=0.1)
+    assert tuple(model.get_layer("center_crop").output.shape[1:3]) == (32, 32)
+    x = np.random.default_rng(4).uniform(0, 1, (1, 40, 40, 3)).astype(np.float32)
+    bordered = x.copy()
+    bordered[:, :4], bordered[:, -4:], bordered[:, :, :4], bordered[:, :, -4:] = 1.0, 0.0, 1.0, 0.0
+    np.testing.assert_allclose(model(bordered, training=False), model(x, training=False), atol=1e-6)
+    assert InputConfig.from_params({"center_crop": 0.1}).preprocessing()["center_crop"] == 0.1
+    with pytest.raises(CxrError, match=r"input\.center_crop"):
+        build_model("cxrnet", 40, {}, center_crop=0.45)
