@@ -38,7 +38,8 @@ def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: s
     """An uncompiled model of the registry.
 
     Args:
-        name: registry name (smallnet, vgg16, cxrnet, ...).
+        name: registry name (smallnet, vgg16, cxrnet, ...), or any name whose ``cfg`` names a
+            registered ``architecture`` (two differently seeded cxrnets for an ensemble, say).
         image_size: side of the square input images.
         cfg: the builder's own options (``train.<name>`` keys the trainer does not use).
         normalize: per-image intensity normalisation built into the model's first layers
@@ -49,13 +50,18 @@ def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: s
     Returns:
         A functional Keras model: (S, S, 3) float32 in [0, 1] → P(pneumonia).
     """
-    if name not in REGISTRY:
-        raise CxrError(f"unknown model {name!r}: choose one of {', '.join(sorted(REGISTRY))}")
+    architecture = str(cfg.get("architecture") or name)
+    if architecture not in REGISTRY:
+        raise CxrError(f"unknown model {architecture!r}: choose one of {', '.join(sorted(REGISTRY))} "
+                       f"(or set train.{name}.architecture to one of them)")
     if normalize not in NORMALIZATIONS:
         raise CxrError(f"input.normalize={normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     if not 0.0 <= center_crop < 0.4:
         raise CxrError(f"input.center_crop={center_crop}: choose a fraction in [0, 0.4)")
-    return REGISTRY[name](image_size, {**cfg, "normalize": normalize, "center_crop": center_crop})
+    model = REGISTRY[architecture](image_size, {**cfg, "normalize": normalize, "center_crop": center_crop})
+    if architecture != name:
+        model.name = name  # the saved model and its Grad-CAM titles carry the configured name
+    return model
 
 
 @keras.saving.register_keras_serializable(package="cxr")

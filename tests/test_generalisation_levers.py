@@ -153,3 +153,13 @@ def test_center_crop_keeps_the_film_border_away_from_the_network():
     assert InputConfig.from_params({"center_crop": 0.1}).preprocessing()["center_crop"] == 0.1
     with pytest.raises(CxrError, match=r"input\.center_crop"):
         build_model("cxrnet", 40, {}, center_crop=0.45)
+
+
+def test_a_second_configuration_of_one_architecture_trains_under_its_own_name():
+    cfg = TrainConfig.from_params({"common": {}, "cxrnet_b": {"architecture": "cxrnet", "seed": 7,
+                                                              "widths": [8, 8, 8, 8]}}, "cxrnet_b")
+    assert cfg.seed == 7 and cfg.model == {"architecture": "cxrnet", "widths": [8, 8, 8, 8]}
+    model = build_model("cxrnet_b", 32, cfg.model)
+    assert model.name == "cxrnet_b" and model.get_layer("block4_conv2").filters == 8
+    with pytest.raises(CxrError, match=r"set train\.resnet\.architecture"):
+        build_model("resnet", 32, {})
