@@ -53,6 +53,19 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(min(max(thresholds[best], 0.0), 1.0))
 
 
+def sensitivity_threshold(labels: np.ndarray, probabilities: np.ndarray, target: float) -> float:
+    """The highest threshold at which sensitivity is still at least ``target`` (choose it on validation).
+
+    A screening operating point: fix how many pneumonias may be missed, then call as few healthy
+    children positive as that allows.
+    """
+    positives = np.sort(np.asarray(probabilities, dtype=float)[np.asarray(labels).astype(int) == 1])
+    if positives.size == 0:
+        raise ValueError("no positive case to set a sensitivity target on")
+    allowed_misses = int(np.floor((1.0 - target) * positives.size + 1e-9))
+    return float(positives[min(allowed_misses, positives.size - 1)])
+
+
 def _group_index(groups: Sequence[str]) -> list[np.ndarray]:
     order: dict[str, list[int]] = {}
     for i, g in enumerate(groups):

@@ -259,3 +259,26 @@ def test_ensemble_members_are_checked(two_models):
             handle.write(b"\0")
         with pytest.raises(CxrError, match="differs from its card"):
             build_ensemble(params)
+
+
+def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(project):
+    from cxr.metrics import sensitivity_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.3, 0.6, 0.2, 0.5, 0.55, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99])
+    assert sensitivity_threshold(labels, probs, 0.9) == 0.5  # one of ten may be missed: 0.2
+    assert sensitivity_threshold(labels, probs, 0.8) == 0.55
+    assert sensitivity_threshold(labels, probs, 0.99) == 0.2
+    with chdir(project):
+        params = _params(target_sensitivity=0.9)
+        summary = evaluate_models(["smallnet"], params["evaluate"], small_params()["input"])
+        point = summary["models"]["smallnet"]["operating_point"]
+        assert point["chosen_on"] == "val" and "sensitivity ≥ 0.9" in point["rule"]
+        val = pd.read_csv("data/prepared/splits.csv", keep_default_na=False).query("split == 'val'")
+        lm = load("models/smallnet.keras")
+        val_probs = predict_images(lm.model, np.stack([load_image(p, lm.input) for p in val["path"]]))
+        assert point["threshold"] == pytest.approx(sensitivity_threshold(val["label"].to_numpy(), val_probs, 0.9))
+        for bad in (1.5, 0, "high", True):
+            with pytest.raises(CxrError, match="target_sensitivity"):
+                evaluate_models(["smallnet"], {**params["evaluate"], "target_sensitivity": bad},
+                                small_params()["input"])
