@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         for kv in overrides:
             cmd += ["-S", kv]
         started = time.perf_counter()
-        subprocess.run(cmd, cwd=ws, check=True)
+        if (models_dir / f"{model}.card.json").is_file():  # trained by an interrupted run: score it
+            print(f"{name}: model already trained, scoring it", file=sys.stderr)
+        else:
+            subprocess.run(cmd, cwd=ws, check=True)
         seconds = time.perf_counter() - started
         card = json.loads((models_dir / f"{model}.card.json").read_text())
         result = _score(models_dir / f"{model}.keras", ws / "data/prepared/splits.csv", args.external.resolve(),
