@@ -4,7 +4,8 @@ Models trained from different starting points make different mistakes on films f
 population; averaging them ranks and calibrates better than either alone. The ensemble is saved
 as an ordinary Keras model (``ensemble/ensemble.keras``: the members side by side, then an
 average), with a card like any trained model's, so ``cxr predict``, ``cxr evaluate`` and
-``cxr audit`` use it unchanged. Its operating point is Youden's J on the validation split.
+``cxr audit`` use it unchanged. Its operating point is chosen on the validation split by the same
+rule as its members' (``train.common.target_sensitivity``).
 
 ``params.yaml: ensemble.members`` lists the members (``[]`` = no ensemble). They must share their
 preprocessing (image size, resize mode, interpolation) and their training split file.
@@ -92,7 +93,8 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
     from cxr.dataset import load_images, read_split
     from cxr.health import HealthConfig, assess
     from cxr.inference import predict_images
-    from cxr.train import _save_keras, validation_operating_point
+    from cxr.metrics import validation_operating_point
+    from cxr.train import TrainConfig, _save_keras
 
     members = members_of(params)
     out_dir = model_file(ENSEMBLE, models_dir).parent
@@ -121,7 +123,8 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
         "data": first.get("data"),
         "input": {"preprocessing": first.get("input", {}).get("preprocessing")},
         "validation": health.metrics,
-        "operating_point": validation_operating_point(labels, probabilities),
+        "operating_point": validation_operating_point(
+            labels, probabilities, TrainConfig.from_params(params.get("train") or {}, members[0]).target_sensitivity),
         "health": {"status": health.status, "problems": health.problems},
         "code": code_version(),
         "libraries": library_versions(),

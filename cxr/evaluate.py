@@ -5,10 +5,11 @@ Per model and data set: the notebook's classification report, confusion matrix a
 sensitivity, specificity, PPV, NPV, F1, balanced accuracy, precision–recall, Brier score, expected
 calibration error and a reliability curve, all at the model's *shipped threshold*; 95 % bootstrap
 intervals that resample *patients* (seeded). The shipped threshold follows
-``evaluate.threshold_source``: ``validation`` (the default: no outside data used; Youden's J on the
-validation split, or with ``evaluate.target_sensitivity`` the highest threshold that keeps that
-validation sensitivity), ``fixed`` (``evaluate.threshold``) or ``external:<name>`` (Youden's J on that
-external set; figures on that same set are labelled as such). Figures at the validation Youden
+``evaluate.threshold_source``: ``validation`` (the default: no outside data used; the model card's
+operating point, chosen on the validation split at training time by Youden's J or, with
+``train.common.target_sensitivity``, as the highest threshold that keeps that sensitivity),
+``fixed`` (``evaluate.threshold``) or ``external:<name>`` (Youden's J on that external set; figures
+on that same set are labelled as such). Figures at the validation Youden
 threshold are reported beside, and on external sets also at the set's own Youden threshold
 (labelled optimistic). Across models: a paired bootstrap test of the AUC difference per data set.
 ``cxr evaluate --model M --data DIR`` scores one model on any labelled folder.
@@ -41,7 +42,6 @@ from cxr.metrics import (
     calibration_bins,
     interval,
     paired_auc_test,
-    sensitivity_threshold,
     threshold_free,
     youden_threshold,
 )
@@ -129,24 +129,14 @@ def threshold_rule(eval_params: Mapping[str, Any], external_names: Sequence[str]
     raise CxrError(f"evaluate.threshold_source={source!r}: choose one of {', '.join(THRESHOLD_RULES)}")
 
 
-def target_sensitivity(eval_params: Mapping[str, Any]) -> float | None:
-    """``evaluate.target_sensitivity`` checked: None (Youden's J) or a fraction in (0, 1)."""
-    value = eval_params.get("target_sensitivity")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < float(value) < 1:
-        raise CxrError(f"evaluate.target_sensitivity={value!r}: choose null (Youden's J) or a fraction in (0, 1)")
-    return float(value)
-
-
-def validation_threshold(eval_params: Mapping[str, Any], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """The validation rule: Youden's J, or the highest threshold keeping ``target_sensitivity``."""
-    target = target_sensitivity(eval_params)
-    if target is None:
-        return {"threshold": youden_threshold(labels, probs), "rule": "Youden's J on the validation split",
-                "chosen_on": "val"}
-    return {"threshold": sensitivity_threshold(labels, probs, target),
-            "rule": f"highest threshold with validation sensitivity ≥ {target:g}", "chosen_on": "val"}
+def validation_point(lm: LoadedModel, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """The validation rule's threshold: the model card's operating point (chosen at training time by
+    ``train.<model>.target_sensitivity``), or Youden's J on validation for a card without one."""
+    point = lm.card.get("operating_point") or {}
+    if point.get("chosen_on") == "val" and isinstance(point.get("threshold"), int | float):
+        return {"threshold": float(point["threshold"]), "rule": str(point.get("rule")), "chosen_on": "val"}
+    return {"threshold": youden_threshold(labels, probs), "rule": "Youden's J on the validation split",
+            "chosen_on": "val"}
 
 
 def operating_point(rule: tuple[str, str | None], eval_params: Mapping[str, Any], val_point: Mapping[str, Any],
@@ -173,12 +163,11 @@ class _Scored:
     external: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _score_model(lm: LoadedModel, splits_csv: Path, cache_dir: str, sets: Sequence[ExternalSet],
-                 eval_params: Mapping[str, Any]) -> _Scored:
+def _score_model(lm: LoadedModel, splits_csv: Path, cache_dir: str, sets: Sequence[ExternalSet]) -> _Scored:
     _, val_labels, val_probs, _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
     scored = _Scored(test=_split_probabilities(lm, splits_csv, "test", cache_dir),
                      val_youden=youden_threshold(val_labels, val_probs),
-                     val_point=validation_threshold(eval_params, val_labels, val_probs))
+                     val_point=validation_point(lm, val_labels, val_probs))
     for ext in sets:
         images = np.stack([_external_image(path, lm) for path in ext.paths])
         scored.external[ext.name] = predict_images(lm.model, images)
@@ -240,7 +229,6 @@ def evaluate_models(models: Sequence[str], eval_params: Mapping[str, Any], input
     splits_csv, out_dir = Path(splits_csv), Path(out_dir)
     sets_cfg = external_sets(eval_params)
     rule = threshold_rule(eval_params, list(sets_cfg))
-    target_sensitivity(eval_params)  # a bad value stops before any model is loaded
     sets = [load_external(name, folder, external_dir) for name, folder in sets_cfg.items()]
     summary: dict[str, Any] = {
         "threshold": float(eval_params.get("threshold", 0.5)),
@@ -252,7 +240,7 @@ def evaluate_models(models: Sequence[str], eval_params: Mapping[str, Any], input
     samples: dict[str, dict[str, dict[str, np.ndarray]]] = {"test": {}, **{ext.name: {} for ext in sets}}
     for name in models:
         lm = load(model_file(name, models_dir))
-        scored = _score_model(lm, splits_csv, cache_dir, sets, eval_params)
+        scored = _score_model(lm, splits_csv, cache_dir, sets)
         point = operating_point(rule, eval_params, scored.val_point,
                                 {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets})
         threshold = point["threshold"]

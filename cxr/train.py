@@ -37,6 +37,7 @@ from cxr.hashing import sha256_file
 from cxr.health import HealthConfig, assess
 from cxr.lineage import code_version, library_versions
 from cxr.logs import interactive
+from cxr.metrics import validation_operating_point
 from cxr.tfsetup import configure, distribution
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # adamw only
     label_smoothing: float = 0.0  # binary targets become {s/2, 1 − s/2}: softer, better-calibrated outputs
     ema: bool = False  # validate, checkpoint and ship an exponential moving average of the weights
+    target_sensitivity: float | None = None  # shipped threshold: None = Youden's J on validation, else this sensitivity
     health: HealthConfig = field(default_factory=HealthConfig)
     model: dict[str, Any] = field(default_factory=dict)  # builder options (weights, dropout...)
 
@@ -90,6 +92,9 @@ class TrainConfig:
             raise CxrError(f"train.{name}.optimizer={cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if not 0 <= cfg.label_smoothing < 0.5:
             raise CxrError(f"train.{name}.label_smoothing={cfg.label_smoothing}: choose a value in [0, 0.5)")
+        if cfg.target_sensitivity is not None and not 0 < cfg.target_sensitivity < 1:
+            raise CxrError(f"train.{name}.target_sensitivity={cfg.target_sensitivity}: choose null or a fraction "
+                           "in (0, 1)")
         if cfg.weight_decay < 0:
             raise CxrError(f"train.{name}.weight_decay={cfg.weight_decay}: must be ≥ 0")
         if cfg.monitor_mode not in ("min", "max"):
@@ -168,16 +173,6 @@ def _trim_history(history_csv: Path, backup_dir: Path) -> None:
     kept = frame[frame["epoch"] < resume_at]
     if len(kept) != len(frame):
         kept.to_csv(history_csv, index=False)
-
-
-def validation_operating_point(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any] | None:
-    """The shipped threshold chosen at training time: Youden's J on the validation split."""
-    from cxr.metrics import youden_threshold
-
-    if len(set(np.asarray(labels).astype(int).tolist())) < 2 or not np.isfinite(probabilities).all():
-        return None
-    return {"threshold": youden_threshold(labels, probabilities), "rule": "Youden's J on the validation split",
-            "chosen_on": "val"}
 
 
 def compile_model(model: Any, learning_rate: float, optimizer: str = "adam", weight_decay: float = 0.0,
@@ -364,7 +359,7 @@ def train(
     eval_ds = make_dataset(val_images, val_labels, input_cfg, shuffle=False, augment=False, seed=0)
     probabilities = model.predict(eval_ds, verbose=0).reshape(-1).astype(np.float64)
     health = assess(val_labels, probabilities, history, cfg.health)
-    point = validation_operating_point(val_labels, probabilities)
+    point = validation_operating_point(val_labels, probabilities, cfg.target_sensitivity)
     epochs_run = int(history["epoch"][-1]) if history.get("epoch") else epochs
     best_epoch = None
     if history.get(cfg.monitor):

@@ -19,7 +19,7 @@ from cxr.evaluate import evaluate_models, threshold_rule
 from cxr.external import external_sets, index_external, load_external
 from cxr.inference import load, load_image, model_file, predict_images, shipped_threshold
 from cxr.metrics import youden_threshold
-from cxr.train import train
+from cxr.train import TrainConfig, train
 from tests.test_predict_evaluate import chdir, evaluated_project, small_params, synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -262,23 +262,29 @@ def test_ensemble_members_are_checked(two_models):
 
 
 def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(project):
-    from cxr.metrics import sensitivity_threshold
+    from cxr.metrics import sensitivity_threshold, validation_operating_point
 
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     probs = np.array([0.1, 0.3, 0.6, 0.2, 0.5, 0.55, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99])
     assert sensitivity_threshold(labels, probs, 0.9) == 0.5  # one of ten may be missed: 0.2
     assert sensitivity_threshold(labels, probs, 0.8) == 0.55
     assert sensitivity_threshold(labels, probs, 0.99) == 0.2
+    assert validation_operating_point(labels, probs)["rule"] == "Youden's J on the validation split"
+    assert validation_operating_point(np.ones(4), np.full(4, 0.5)) is None
+    params = small_params()
+    params["train"]["common"]["target_sensitivity"] = 0.9
     with chdir(project):
-        params = _params(target_sensitivity=0.9)
-        summary = evaluate_models(["smallnet"], params["evaluate"], small_params()["input"])
-        point = summary["models"]["smallnet"]["operating_point"]
+        card = train("smallnet", params)  # the card carries the rule's threshold, rule and set
+        point = card["operating_point"]
         assert point["chosen_on"] == "val" and "sensitivity ≥ 0.9" in point["rule"]
         val = pd.read_csv("data/prepared/splits.csv", keep_default_na=False).query("split == 'val'")
         lm = load("models/smallnet.keras")
         val_probs = predict_images(lm.model, np.stack([load_image(p, lm.input) for p in val["path"]]))
-        assert point["threshold"] == pytest.approx(sensitivity_threshold(val["label"].to_numpy(), val_probs, 0.9))
-        for bad in (1.5, 0, "high", True):
-            with pytest.raises(CxrError, match="target_sensitivity"):
-                evaluate_models(["smallnet"], {**params["evaluate"], "target_sensitivity": bad},
-                                small_params()["input"])
+        assert point["threshold"] == pytest.approx(sensitivity_threshold(val["label"].to_numpy(), val_probs, 0.9),
+                                                   abs=1e-6)
+        summary = evaluate_models(["smallnet"], _params()["evaluate"], small_params()["input"])
+        assert summary["models"]["smallnet"]["operating_point"] == point  # evaluate ships the card's
+    for bad in (1.5, 0):
+        params["train"]["common"]["target_sensitivity"] = bad
+        with pytest.raises(CxrError, match="target_sensitivity"):
+            TrainConfig.from_params(params["train"], "smallnet")
