@@ -91,7 +91,7 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
         The ensemble's card, or None when ``ensemble.members`` is empty.
     """
     from cxr.dataset import load_images, read_split
-    from cxr.health import HealthConfig, assess
+    from cxr.health import assess
     from cxr.inference import predict_images
     from cxr.metrics import validation_operating_point
     from cxr.train import TrainConfig, _save_keras
@@ -110,7 +110,11 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
     cache_dir = str((params.get("input") or {}).get("cache_dir", "data/cache"))
     paths, labels, key = read_split(splits_csv, "val")
     probabilities = predict_images(model, load_images(paths, key, loaded[0].cached_input(cache_dir), "val"))
-    health = assess(labels, probabilities, {}, HealthConfig())
+    member_cfg = TrainConfig.from_params(params.get("train") or {}, members[0])
+    health = assess(labels, probabilities, {}, member_cfg.health)
+    if health.status != "healthy" and member_cfg.health.on_collapse == "fail":
+        raise CxrError(f"ensemble of {', '.join(members)} is {health.status}: {'; '.join(health.problems)}; not "
+                       "shipped (set train.common.health.on_collapse: warn to keep it)")
     first = loaded[0].card
     card: dict[str, Any] = {
         "model": ENSEMBLE,
@@ -123,8 +127,7 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
         "data": first.get("data"),
         "input": {"preprocessing": first.get("input", {}).get("preprocessing")},
         "validation": health.metrics,
-        "operating_point": validation_operating_point(
-            labels, probabilities, TrainConfig.from_params(params.get("train") or {}, members[0]).target_sensitivity),
+        "operating_point": validation_operating_point(labels, probabilities, member_cfg.target_sensitivity),
         "health": {"status": health.status, "problems": health.problems},
         "code": code_version(),
         "libraries": library_versions(),

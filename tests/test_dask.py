@@ -27,7 +27,8 @@ def test_two_models_train_concurrently_on_a_local_dask_cluster(make_dataset, tmp
     shutil.copy(REPO_ROOT / "params.yaml", work / "params.yaml")
     monkeypatch.chdir(work)
     overrides = ["data.source=dir", f"data.dir={source}", "prepare.min_images_per_class=1",
-                 "train.models=[smallnet, cxrnet]", "train.smallnet.epochs=2", "train.cxrnet.epochs=2",
+                 "train.models=[smallnet, cxrnet]",
+                 "ensemble.members=[]", "train.smallnet.epochs=2", "train.cxrnet.epochs=2",
                  "train.common.steps_per_epoch=3", "train.common.tensorboard=false",
                  "train.common.health.on_collapse=warn", "input.image_size=32", "input.batch_size=8",
                  "evaluate.bootstrap=50", "evaluate.gradcam_per_outcome=1"]

@@ -105,7 +105,8 @@ def test_a_prefect_run_leaves_dvc_up_to_date_and_a_remote_round_trips(fresh_clon
 
     source = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
     _set_params(fresh_clone, data__source="dir", data__dir=str(source), prepare__min_images_per_class=1,
-                train__models=["smallnet"], train__smallnet__epochs=1, train__common__steps_per_epoch=2,
+                train__models=["smallnet"],
+                ensemble__members=[], train__smallnet__epochs=1, train__common__steps_per_epoch=2,
                 train__common__tensorboard=False, train__common__health__on_collapse="warn",
                 input__image_size=32, input__batch_size=8, evaluate__bootstrap=50, evaluate__gradcam_per_outcome=1)
     env_home = tmp_path / "prefect-home"

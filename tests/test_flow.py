@@ -11,7 +11,8 @@ from tests.conftest import REPO_ROOT, kermany_layout
 
 pytestmark = pytest.mark.slow
 
-SMALL_TRAINING = ["train.models=[smallnet]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
+SMALL_TRAINING = ["train.models=[smallnet]",
+                  "ensemble.members=[]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
                   "train.common.tensorboard=false", "train.common.health.on_collapse=warn", "input.image_size=32",
                   "input.batch_size=8", "evaluate.bootstrap=50", "evaluate.gradcam_per_outcome=1"]
 TASKS = ["fetch", "prepare", "preview", "train@smallnet", "evaluate", "explain", "report"]
@@ -80,7 +81,8 @@ def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_da
     monkeypatch.chdir(work)
     (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
     args = ["data.source=dir", f"data.dir={src}", "prepare.min_images_per_class=1",
-            "train.models=[smallnet, nosuchnet]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
+            "train.models=[smallnet, nosuchnet]",
+            "ensemble.members=[]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
             "train.common.tensorboard=false",
             "train.common.health.on_collapse=warn", "input.image_size=32", "input.batch_size=8"]
     with pytest.raises(CxrError, match=r"training failed for nosuchnet: .*unknown model 'nosuchnet'"):

@@ -86,7 +86,8 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
     _copy_repo(project)
     source = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
     overrides = ["data.source=dir", f"data.dir={source}", "prepare.min_images_per_class=1",
-                 "train.models=[smallnet]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
+                 "train.models=[smallnet]",
+                 "ensemble.members=[]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
                  "train.common.tensorboard=false", "train.common.health.on_collapse=warn", "input.image_size=32",
                  "input.batch_size=8", "evaluate.bootstrap=50", "evaluate.gradcam_per_outcome=1"]
     serve_cmd = [sys.executable, "-m", "flows.schedule", "--cron", "0 0 1 1 *", "--name", "test"]
