@@ -101,7 +101,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     summary = evaluate_models(_models(params, args.model), eval_params, params.get("input") or {})
     if args.json:
         print(json.dumps(summary))
+        return 0
+    sets = [(f"external {name}", data["models"]) for name, data in summary["external"].items()]
+    for label, by_model in [*sets, ("test split", summary["models"])]:
+        for name, m in by_model.items():
+            print(f"{name} on {label}: n={m['n']} AUC {_num(m['auc'])} (95% CI {_ci_text(m['ci95'].get('auc'))}) "
+                  f"sensitivity {_num(m['sensitivity'])} specificity {_num(m['specificity'])} "
+                  f"accuracy {_num(m['accuracy'])} at threshold {m['threshold']:.3f}")
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _ci_text(pair: list[float] | None) -> str:
+    return f"{pair[0]:.3f} to {pair[1]:.3f}" if pair else "n/a"
 
 
 def _cmd_external(args: argparse.Namespace) -> int:

@@ -291,3 +291,15 @@ def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(proje
         params["train"]["common"]["target_sensitivity"] = bad
         with pytest.raises(CxrError, match="target_sensitivity"):
             TrainConfig.from_params(params["train"], "smallnet")
+
+
+def test_evaluate_command_prints_one_line_per_model_and_data_set(project, cli, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(project)
+    Path("params.yaml").write_text(yaml.safe_dump(_params()))
+    code, out, _ = cli(["evaluate"])
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].startswith("smallnet on external site_b: n=12 AUC ") and " at threshold " in lines[0]
+    assert lines[1].startswith("smallnet on test split: n=")
