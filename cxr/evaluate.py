@@ -257,25 +257,8 @@ def evaluate_models(models: Sequence[str], eval_params: Mapping[str, Any], input
                  result["auc"], _ci_text(result["ci95"]["auc"]), result["sensitivity"], result["specificity"],
                  threshold, point["rule"])
         for ext in sets:
-            ext_probs = scored.external[ext.name]
-            ext_result, samples[ext.name][name] = score(ext.labels, ext_probs, ext.groups, threshold, n_boot, seed,
-                                                        scored.val_youden)
-            own = youden_threshold(ext.labels, ext_probs)
-            ext_result.update(calibration=_calibration(ext.labels, ext_probs),
-                              threshold_chosen_on_this_set=point["chosen_on"] == ext.name,
-                              at_own_youden={**at_threshold(ext.labels, ext_probs, own),
-                                             "note": "threshold chosen on this same set (optimistic)"})
-            _write_set(name, ext.name, ext.paths, ext.labels, ext_probs, ext.groups, ext_result,
-                       out_dir / name / f"external-{ext.name}")
-            compact = _compact(ext_result)
-            compact.update(threshold_chosen_on_this_set=ext_result["threshold_chosen_on_this_set"],
-                           at_own_youden={k: ext_result["at_own_youden"][k] for k in
-                                          ("threshold", "sensitivity", "specificity", "accuracy")})
+            compact, samples[ext.name][name] = _score_external(name, ext, scored, point, n_boot, seed, out_dir)
             summary["external"][ext.name]["models"][name] = compact
-            log.info("%s on external %s: n=%d AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f%s",
-                     name, ext.name, len(ext.labels), ext_result["auc"], _ci_text(ext_result["ci95"]["auc"]),
-                     ext_result["sensitivity"], ext_result["specificity"], threshold,
-                     " (threshold chosen on this set)" if compact["threshold_chosen_on_this_set"] else "")
     for set_name, by_model in samples.items():
         target = summary["comparison"] if set_name == "test" else summary["external"][set_name]["comparison"]
         aucs = summary["models"] if set_name == "test" else summary["external"][set_name]["models"]
@@ -284,6 +267,29 @@ def evaluate_models(models: Sequence[str], eval_params: Mapping[str, Any], input
             target.append({"a": a, "b": b, **test})
     write_json(Path(metrics_path), summary)
     return summary
+
+
+def _score_external(name: str, ext: ExternalSet, scored: _Scored, point: Mapping[str, Any], n_boot: int, seed: int,
+                    out_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One model on one external set at its shipped threshold; files under ``external-<set>/``."""
+    threshold, probs = point["threshold"], scored.external[ext.name]
+    result, samples = score(ext.labels, probs, ext.groups, threshold, n_boot, seed, scored.val_youden)
+    own = youden_threshold(ext.labels, probs)
+    result.update(calibration=_calibration(ext.labels, probs),
+                  threshold_chosen_on_this_set=point["chosen_on"] == ext.name,
+                  at_own_youden={**at_threshold(ext.labels, probs, own),
+                                 "note": "threshold chosen on this same set (optimistic)"})
+    _write_set(name, ext.name, ext.paths, ext.labels, probs, ext.groups, result,
+               out_dir / name / f"external-{ext.name}")
+    compact = _compact(result)
+    compact.update(threshold_chosen_on_this_set=result["threshold_chosen_on_this_set"],
+                   at_own_youden={k: result["at_own_youden"][k] for k in
+                                  ("threshold", "sensitivity", "specificity", "accuracy")})
+    chosen = " (threshold chosen on this set)" if compact["threshold_chosen_on_this_set"] else ""
+    log.info("%s on external %s: n=%d AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f%s", name,
+             ext.name, len(ext.labels), result["auc"], _ci_text(result["ci95"]["auc"]), result["sensitivity"],
+             result["specificity"], threshold, chosen)
+    return compact, samples
 
 
 def _ci_text(pair: Sequence[float] | None) -> str:
