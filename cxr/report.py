@@ -102,8 +102,7 @@ def summary_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
     metrics = info.get("metrics", {})
     rows = []
     sets = [(name, s, f"external: {name}") for name, s in (metrics.get("external") or {}).items()]
-    sets.append(("test", {"models": metrics.get("models") or {}},
-                 "test split (held-out patients of the training source)"))
+    sets.append(("test", {"models": metrics.get("models") or {}}, "test split"))
     for set_name, data, label in sets:
         for model, m in (data.get("models") or {}).items():
             ci = m.get("ci95") or {}
