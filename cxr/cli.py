@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/plots/augmented_batch.png")
     p.set_defaults(func=_cmd_preview)
 
-    p = sub.add_parser("evaluate", help="test-split metrics of trained models, or one model on a labelled folder")
+    p = sub.add_parser("evaluate", help="test-split and external-set metrics of the models, or one model on a folder")
     common(p)
     p.add_argument("--model", action="append", help="model name or .keras file (repeatable)")
     p.add_argument("--data", help="a labelled folder in Kaggle layout to score --model on")
