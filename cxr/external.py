@@ -5,7 +5,7 @@ trusts a model only after scoring it on its own labelled films. ``params.yaml: e
 names such folders (``{NORMAL,PNEUMONIA}/`` or Kaggle layout). The ``external`` step indexes each
 one into ``data/external/<name>.csv`` (path, label, patient id, sha256 of every readable image)
 and ``data/external/<name>.json`` (counts, excluded files with their reasons, overlap with the
-training data); ``evaluate`` scores every model on the indexed files and checks their hashes.
+train and validation splits); ``evaluate`` scores every model on the indexed files and checks their hashes.
 """
 
 from __future__ import annotations
@@ -69,16 +69,19 @@ class ExternalSet:
         return float(self.labels.mean()) if len(self.labels) else float("nan")
 
 
-def _training_overlap(rows: list[dict[str, Any]], manifest_csv: Path) -> dict[str, Any]:
-    """Identical files and named patients the external set shares with the training manifest."""
-    if not manifest_csv.is_file():
+def _training_overlap(rows: list[dict[str, Any]], splits_csv: Path) -> dict[str, Any]:
+    """Identical files and named patients the external set shares with the images the models learned
+    from or were selected on (the train and validation splits; the test split is scored, not learned)."""
+    if not splits_csv.is_file():
         return {"checked": False}
     import pandas as pd
 
-    manifest = pd.read_csv(manifest_csv, keep_default_na=False, dtype={"patient_id": str})
-    train_hashes = set(manifest.get("sha256", []))
+    learned = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})
+    if "split" in learned:
+        learned = learned[learned["split"].isin(["train", "val"])]
+    train_hashes = set(learned.get("sha256", []))
     # Only the Kermany "person<N>" ids name a child; IM-<S> study numbers are reused between batches.
-    train_patients = {p for p in manifest.get("patient_id", []) if str(p).startswith("person")}
+    train_patients = {p for p in learned.get("patient_id", []) if str(p).startswith("person")}
     same_files = sorted({r["path"] for r in rows if r["sha256"] in train_hashes})
     patients = sorted({r["patient_id"] for r in rows if r["patient_id"] in train_patients})
     return {"checked": True, "identical_files": len(same_files), "identical_file_examples": same_files[:5],
@@ -86,14 +89,15 @@ def _training_overlap(rows: list[dict[str, Any]], manifest_csv: Path) -> dict[st
 
 
 def index_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL_DIR,
-                   manifest_csv: str | Path = "data/prepared/manifest.csv") -> dict[str, Any]:
+                   splits_csv: str | Path = "data/prepared/splits.csv") -> dict[str, Any]:
     """Index one labelled folder: every image decode-checked and hashed; unreadable files listed.
 
     Args:
         name: the set's name in ``evaluate.external``.
         folder: ``{NORMAL,PNEUMONIA}/`` or Kaggle layout (split folders are pooled).
         out_dir: where ``<name>.csv`` and ``<name>.json`` are written.
-        manifest_csv: the training manifest, to report identical files and shared patients.
+        splits_csv: the split file, to report identical files and shared patients with the train
+            and validation splits.
 
     Returns:
         The summary written to ``<name>.json``.
@@ -132,7 +136,7 @@ def index_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL
         "excluded": excluded,
         "content_sha256": tree_digest((r["path"], r["sha256"]) for r in rows),
         "index_sha256": sha256_file(csv_path),
-        "overlap_with_training": _training_overlap(rows, Path(manifest_csv)),
+        "overlap_with_training": _training_overlap(rows, Path(splits_csv)),
     }
     write_json(out_dir / f"{name}.json", summary)
     overlap = summary["overlap_with_training"]

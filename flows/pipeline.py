@@ -129,7 +129,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     indexes = []
     for set_name, folder in external_sets(eval_params).items():
         states[f"external@{set_name}"], indexed = run_verified(external_task, name=set_name, folder=folder,
-                                                               manifest=prepared["manifest"])
+                                                               splits=prepared["splits"])
         indexes.append(indexed["index"])
     states["evaluate"], evaluated = run_verified(
         evaluate_task, models=scored_names, model_files=scored_files, splits=prepared["splits"],

@@ -23,12 +23,12 @@ EXTERNAL_CODE = ("cxr/external.py", "cxr/images.py", "cxr/layout.py", "cxr/manif
 ENSEMBLE_CODE = ("cxr/ensemble.py", "cxr/inference.py", "cxr/dataset.py", "cxr/health.py")
 
 
-@task(name="external", cache_policy=ContentPolicy(code=EXTERNAL_CODE, path_inputs=("folder", "manifest")),
+@task(name="external", cache_policy=ContentPolicy(code=EXTERNAL_CODE, path_inputs=("folder", "splits")),
       persist_result=True, task_run_name="external-{name}")
-def external_task(name: str, folder: str, manifest: str) -> dict[str, Any]:
-    """Index one external validation set; keyed on the folder's content (and the training manifest,
-    against which identical files and shared patients are reported)."""
-    summary = index_external(name, folder, manifest_csv=manifest)
+def external_task(name: str, folder: str, splits: str) -> dict[str, Any]:
+    """Index one external validation set; keyed on the folder's content (and the split file, against
+    whose train and validation images identical files and shared patients are reported)."""
+    summary = index_external(name, folder, splits_csv=splits)
     index = f"data/external/{name}.csv"
     return {"index": index, "index_sha256": sha256_file(index), "images": summary["images"]}
 

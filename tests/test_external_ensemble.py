@@ -60,13 +60,16 @@ def _params(rule: str = "validation", **extra: object) -> dict:
 
 def test_index_lists_every_readable_image_and_each_unreadable_one_with_its_reason(tmp_path):
     folder = write_external(tmp_path / "ext")
-    manifest = tmp_path / "manifest.csv"
-    first_pneumonia = sorted((folder / "test/PNEUMONIA").glob("person*.jpeg"))[0]
+    splits = tmp_path / "splits.csv"
+    pneumonia = sorted((folder / "test/PNEUMONIA").glob("person*.jpeg"))
     from cxr.hashing import sha256_file
 
-    pd.DataFrame({"path": ["x.jpeg", "y.jpeg"], "sha256": [sha256_file(first_pneumonia), "0" * 64],
-                  "patient_id": ["person999", "person901"]}).to_csv(manifest, index=False)
-    summary = index_external("site_b", folder, tmp_path / "index", manifest)
+    # only train and validation images count: the test split is scored, not learned from
+    pd.DataFrame({"path": ["x.jpeg", "y.jpeg", "z.jpeg"],
+                  "sha256": [sha256_file(pneumonia[0]), "0" * 64, sha256_file(pneumonia[2])],
+                  "patient_id": ["person999", "person901", "person902"],
+                  "split": ["train", "val", "test"]}).to_csv(splits, index=False)
+    summary = index_external("site_b", folder, tmp_path / "index", splits)
     assert summary["images"] == 12 and summary["class_counts"] == {"NORMAL": 6, "PNEUMONIA": 6}
     assert summary["prevalence"] == 0.5
     [bad] = summary["excluded"]
