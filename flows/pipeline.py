@@ -119,10 +119,11 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     files = [f"models/{m}.keras" for m in names]
     members = members_of(params)
     scored_names, scored_files = list(names), list(files)
+    states["ensemble"], ensembled = run_verified(
+        ensemble_task, members=members, model_files=[f"models/{m}.keras" for m in members],
+        splits=prepared["splits"], params_path=params_path, input_params=input_params, common=common,
+        models=list(train_params.get("models") or []))
     if members:
-        states["ensemble"], ensembled = run_verified(
-            ensemble_task, members=members, model_files=[f"models/{m}.keras" for m in members],
-            splits=prepared["splits"], params_path=params_path, input_params=input_params)
         scored_names.append("ensemble")
         scored_files.append(ensembled["model"])
     eval_params = params.get("evaluate") or {}

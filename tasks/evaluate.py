@@ -36,11 +36,19 @@ def external_task(name: str, folder: str, splits: str) -> dict[str, Any]:
 @task(name="ensemble", cache_policy=ContentPolicy(code=ENSEMBLE_CODE, path_inputs=("model_files", "splits")),
       persist_result=True)
 def ensemble_task(members: list[str], model_files: list[str], splits: str, params_path: str,
-                  input_params: dict[str, Any]) -> dict[str, Any]:
-    """Average the member models into ``ensemble/ensemble.keras`` (a child process, like training)."""
+                  input_params: dict[str, Any], common: dict[str, Any], models: list[str]) -> dict[str, Any]:
+    """Average the member models into ``ensemble/ensemble.keras`` (a child process, like training).
+
+    With no members it still runs: it writes ``ensemble/ensemble.json`` saying so, the output the
+    DVC ``ensemble`` stage declares, so ``dvc commit`` after a flow run finds every output."""
+    # the members' health policy and threshold rule (train.common) apply to their average too
     _cxr(["ensemble", "--splits", splits], params_path,
-         [f"ensemble={json.dumps({'members': members})}", f"input={json.dumps(input_params)}"])
-    return {"model": "ensemble/ensemble.keras", "model_sha256": sha256_file("ensemble/ensemble.keras")}
+         [f"ensemble={json.dumps({'members': members})}", f"input={json.dumps(input_params)}",
+          f"train.common={json.dumps(common)}", f"train.models={json.dumps(models)}"])
+    result = {"record": "ensemble/ensemble.json", "record_sha256": sha256_file("ensemble/ensemble.json")}
+    if members:
+        result.update(model="ensemble/ensemble.keras", model_sha256=sha256_file("ensemble/ensemble.keras"))
+    return result
 EXPLAIN_CODE = ("cxr/explain.py", "cxr/gradcam.py", "cxr/inference.py")
 REPORT_CODE = ("cxr/report.py", "cxr/agreement.py")
 

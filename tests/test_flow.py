@@ -15,7 +15,7 @@ SMALL_TRAINING = ["train.models=[smallnet]",
                   "ensemble.members=[]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
                   "train.common.tensorboard=false", "train.common.health.on_collapse=warn", "input.image_size=32",
                   "input.batch_size=8", "evaluate.bootstrap=50", "evaluate.gradcam_per_outcome=1"]
-TASKS = ["fetch", "prepare", "preview", "train@smallnet", "evaluate", "explain", "report"]
+TASKS = ["fetch", "prepare", "preview", "train@smallnet", "ensemble", "evaluate", "explain", "report"]
 
 
 @pytest.fixture(scope="module")
