@@ -73,7 +73,7 @@ def _models(params: dict, given: list[str] | None) -> list[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxr.evaluate import evaluate_folder, evaluate_models
+    from cxr.evaluate import ci_text, evaluate_folder, evaluate_models
 
     params = load_params(args.params, args.set)
     eval_params = params.get("evaluate") or {}
@@ -105,7 +105,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     sets = [(f"external {name}", data["models"]) for name, data in summary["external"].items()]
     for label, by_model in [*sets, ("test split", summary["models"])]:
         for name, m in by_model.items():
-            print(f"{name} on {label}: n={m['n']} AUC {_num(m['auc'])} (95% CI {_ci_text(m['ci95'].get('auc'))}) "
+            print(f"{name} on {label}: n={m['n']} AUC {_num(m['auc'])} (95% CI {ci_text(m['ci95'].get('auc'))}) "
                   f"sensitivity {_num(m['sensitivity'])} specificity {_num(m['specificity'])} "
                   f"accuracy {_num(m['accuracy'])} at threshold {m['threshold']:.3f}")
     return 0
@@ -113,10 +113,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _ci_text(pair: list[float] | None) -> str:
-    return f"{pair[0]:.3f} to {pair[1]:.3f}" if pair else "n/a"
 
 
 def _cmd_external(args: argparse.Namespace) -> int:

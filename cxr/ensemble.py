@@ -23,7 +23,7 @@ from typing import Any
 
 from cxr import audit
 from cxr.errors import CxrError
-from cxr.files import write_json
+from cxr.files import save_keras, write_json
 from cxr.hashing import sha256_file
 from cxr.inference import ENSEMBLE, LoadedModel, load, model_file
 from cxr.lineage import code_version, library_versions
@@ -94,7 +94,7 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
     from cxr.health import assess
     from cxr.inference import predict_images
     from cxr.metrics import validation_operating_point
-    from cxr.train import TrainConfig, _save_keras
+    from cxr.train import TrainConfig
 
     members = members_of(params)
     out_dir = model_file(ENSEMBLE, models_dir).parent
@@ -135,7 +135,7 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    _save_keras(model, tmp_dir / "ensemble.keras")
+    save_keras(model, tmp_dir / "ensemble.keras")
     card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
     card["run"] = audit.current_run()
     card["lineage_data"] = audit.data_lineage(Path(splits_csv))

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ import numpy as np
 from cxr import audit, plots
 from cxr.dataset import InputConfig, load_images, make_dataset, read_split
 from cxr.errors import CxrError, DataError
-from cxr.files import write_json
+from cxr.files import save_keras, write_json
 from cxr.hashing import sha256_file
 from cxr.health import HealthConfig, assess
 from cxr.lineage import code_version, library_versions
@@ -216,12 +215,6 @@ def _summary_text(model: Any) -> str:
     lines: list[str] = []
     model.summary(print_fn=lambda line, **_: lines.append(line), line_length=100)
     return "\n".join(lines) + "\n"
-
-
-def _save_keras(model: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 def _history(csv_path: Path) -> dict[str, list[float]]:
@@ -428,7 +421,7 @@ def train(
         if cfg.health.on_collapse == "fail":
             rejected = models_dir / ".rejected"
             rejected.mkdir(exist_ok=True)
-            _save_keras(model, rejected / f"{name}.keras")
+            save_keras(model, rejected / f"{name}.keras")
             card.update(model_file=(rejected / f"{name}.keras").as_posix(),
                         model_sha256=sha256_file(rejected / f"{name}.keras"))
             write_json(rejected / f"{name}.card.json", card)
@@ -437,7 +430,7 @@ def train(
                 f"train.{name}.learning_rate, or set train.common.health.on_collapse: warn to keep it"
             )
 
-    _save_keras(model, model_path)
+    save_keras(model, model_path)
     card["model_sha256"] = sha256_file(model_path)
     card["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
     metrics = {"val": health.metrics, "epochs_run": epochs_run, "best_epoch": best_epoch,
