@@ -7,4 +7,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+# The ephemeral API server runs its database migrations on first start; on a loaded two-core machine that
+# takes longer than Prefect's 20 s default, and the whole run would fail before its first task.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
