@@ -24,7 +24,7 @@ def labelled_files(data: str | Path, limit: int | None = None) -> pd.DataFrame:
 
 def notebook_generator(frame: pd.DataFrame, batch_size: int = 32, subset: str | None = "training"):
     """The original notebook's training generator (Keras' legacy ImageDataGenerator)."""
-    from cxr.tfsetup import tensorflow
+    from cxr.runtime import tensorflow
 
     tensorflow()
     from keras.src.legacy.preprocessing.image import ImageDataGenerator

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import labelled_files, notebook_generator
 
-from cxr.dataset import InputConfig, load_images, make_dataset
+from cxr.training.input_pipeline import InputConfig, load_images, make_dataset
 
 
 def _epoch(ds) -> int:

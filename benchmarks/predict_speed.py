@@ -17,8 +17,8 @@ import time
 
 from imutils import paths as imutils_paths
 
-from cxr.inference import load
-from cxr.predict import predict
+from cxr.inference.loading import load
+from cxr.inference.predict import predict
 
 
 def main() -> int:

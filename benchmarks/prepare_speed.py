@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxr.fetch import fetch
+from cxr.data.fetch import fetch
 
 CHILD = """
 import resource, sys, time
-from cxr.prepare import prepare
+from cxr.data.prepare import prepare
 t = time.perf_counter()
 prepare("data/raw", {"strategy": "patient", "seed": 42}, {"min_images_per_class": 1})
 wall = time.perf_counter() - t

@@ -26,10 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import labelled_files, notebook_generator
 
-from cxr.dataset import InputConfig, load_images, make_dataset
-from cxr.models import build_model
-from cxr.tfsetup import configure
-from cxr.train import compile_model
+from cxr.runtime import configure
+from cxr.training.input_pipeline import InputConfig, load_images, make_dataset
+from cxr.training.models import build_model
+from cxr.training.train import compile_model
 
 GFLOP_PER_IMAGE_STEP = {"smallnet": 1.1}
 

@@ -14,15 +14,15 @@ import sys
 from collections.abc import Sequence
 
 from cxr import __version__
+from cxr.config import load_params, section
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
-from cxr.params import load_params, section
 
 log = logging.getLogger("cxr")
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from cxr.fetch import fetch
+    from cxr.data.fetch import fetch
 
     params = load_params(args.params, args.set)
     record = fetch(section(params, "data"), raw_dir=args.out, record_path=args.record)
@@ -31,7 +31,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from cxr.prepare import prepare
+    from cxr.data.prepare import prepare
 
     params = load_params(args.params, args.set)
     result = prepare(args.raw, section(params, "split"), params.get("prepare") or {},
@@ -41,7 +41,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cxr.train import train
+    from cxr.training.train import train
 
     params = load_params(args.params, args.set)
     models = args.model or list((params.get("train") or {}).get("models") or [])
@@ -55,7 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from cxr.preview import augmented_batch
+    from cxr.training.preview import augmented_batch
 
     params = load_params(args.params, args.set)
     out = augmented_batch(params, splits_csv=args.splits, out=args.out)
@@ -64,7 +64,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _models(params: dict, given: list[str] | None) -> list[str]:
-    from cxr.ensemble import evaluated_models
+    from cxr.training.ensemble import evaluated_models
 
     models = given or evaluated_models(params)
     if not models:
@@ -73,14 +73,14 @@ def _models(params: dict, given: list[str] | None) -> list[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxr.evaluate import ci_text, evaluate_folder, evaluate_models
+    from cxr.evaluation.evaluate import ci_text, evaluate_folder, evaluate_models
 
     params = load_params(args.params, args.set)
     eval_params = params.get("evaluate") or {}
     if args.data:  # one saved model on any labelled folder
         if not args.model or len(args.model) != 1:
             raise CxrError("--data needs exactly one --model (a .keras file or a model name)")
-        from cxr.inference import model_file
+        from cxr.inference.loading import model_file
 
         model = str(model_file(args.model[0]))
         fixed = eval_params.get("threshold_source") == "fixed"
@@ -116,7 +116,7 @@ def _num(value: float | None) -> str:
 
 
 def _cmd_external(args: argparse.Namespace) -> int:
-    from cxr.external import external_sets, index_external
+    from cxr.data.external_sets import external_sets, index_external
 
     params = load_params(args.params, args.set)
     sets = external_sets(params.get("evaluate") or {})
@@ -132,7 +132,7 @@ def _cmd_external(args: argparse.Namespace) -> int:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from cxr.ensemble import build_ensemble
+    from cxr.training.ensemble import build_ensemble
 
     params = load_params(args.params, args.set)
     card = build_ensemble(params, splits_csv=args.splits, models_dir=args.models)
@@ -142,7 +142,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from cxr.explain import explain_models
+    from cxr.evaluation.explain import explain_models
 
     params = load_params(args.params, args.set)
     trained = list((params.get("train") or {}).get("models") or [])
@@ -153,7 +153,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cxr.report import build
+    from cxr.reporting.report import build
 
     params = load_params(args.params, args.set)
     readers = str((params.get("report") or {}).get("readers") or "")
@@ -163,8 +163,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cxr.inference import model_file
-    from cxr.predict import predict
+    from cxr.inference.loading import model_file
+    from cxr.inference.predict import predict
 
     failures = predict(model_file(args.model), args.paths, threshold=args.threshold, gradcam_dir=args.gradcam,
                        as_json=args.json)
@@ -172,7 +172,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_agreement(args: argparse.Namespace) -> int:
-    from cxr.agreement import agreement, read_readers
+    from cxr.evaluation.agreement import agreement, read_readers
 
     _, readers = read_readers(args.readers)
     result = agreement(readers, n_boot=args.bootstrap)
@@ -188,7 +188,7 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from cxr.audit import audit_model, models_for_data
+    from cxr.provenance.lineage_log import audit_model, models_for_data
 
     if args.data:
         found = models_for_data(args.data)

@@ -20,13 +20,13 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
-from cxr.ensemble import members_of
+from cxr.config import load_params, section
+from cxr.data.external_sets import external_sets
+from cxr.data.fetch import source_digest
 from cxr.errors import CxrError
-from cxr.external import external_sets
-from cxr.fetch import source_digest
-from cxr.inference import card_path_for
+from cxr.inference.loading import card_path_for
 from cxr.logs import setup_logging
-from cxr.params import load_params, section
+from cxr.training.ensemble import members_of
 from tasks.caching import outputs_intact
 from tasks.evaluate import ensemble_task, evaluate_task, explain_task, external_task, report_task
 from tasks.fetch import fetch_task

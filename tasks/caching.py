@@ -20,7 +20,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from cxr.hashing import hash_tree, sha256_file
+from cxr.provenance.hashing import hash_tree, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prefect tasks for evaluate, explain and report (wrapping ``cxr.evaluate``, ``cxr.explain``, ``cxr.report``).
+"""Prefect tasks for evaluate, explain and report (wrapping ``cxr.evaluation.evaluate``, ``cxr.evaluation.explain``, ``cxr.reporting.report``).
 
 Evaluate and explain load TensorFlow models, so they run ``cxr`` in a child process like training;
 the report is plain Python and runs in the flow's process, then publishes Prefect artifacts.
@@ -12,15 +12,15 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from cxr.external import index_external
-from cxr.hashing import sha256_file
-from cxr.report import build
+from cxr.data.external_sets import index_external
+from cxr.provenance.hashing import sha256_file
+from cxr.reporting.report import build
 from tasks.caching import ContentPolicy
 from tasks.train import _cxr
 
-EVAL_CODE = ("cxr/evaluate.py", "cxr/metrics.py", "cxr/inference.py", "cxr/dataset.py", "cxr/external.py")
-EXTERNAL_CODE = ("cxr/external.py", "cxr/images.py", "cxr/layout.py", "cxr/manifest.py")
-ENSEMBLE_CODE = ("cxr/ensemble.py", "cxr/inference.py", "cxr/dataset.py", "cxr/health.py")
+EVAL_CODE = ("cxr/evaluation/evaluate.py", "cxr/evaluation/metrics.py", "cxr/inference/loading.py", "cxr/training/input_pipeline.py", "cxr/data/external_sets.py")
+EXTERNAL_CODE = ("cxr/data/external_sets.py", "cxr/data/images.py", "cxr/data/kaggle_layout.py", "cxr/data/manifest.py")
+ENSEMBLE_CODE = ("cxr/training/ensemble.py", "cxr/inference/loading.py", "cxr/training/input_pipeline.py", "cxr/training/health.py")
 
 
 @task(name="external", cache_policy=ContentPolicy(code=EXTERNAL_CODE, path_inputs=("folder", "splits")),
@@ -49,8 +49,8 @@ def ensemble_task(members: list[str], model_files: list[str], splits: str, param
     if members:
         result.update(model="ensemble/ensemble.keras", model_sha256=sha256_file("ensemble/ensemble.keras"))
     return result
-EXPLAIN_CODE = ("cxr/explain.py", "cxr/gradcam.py", "cxr/inference.py")
-REPORT_CODE = ("cxr/report.py", "cxr/agreement.py")
+EXPLAIN_CODE = ("cxr/evaluation/explain.py", "cxr/evaluation/gradcam.py", "cxr/inference/loading.py")
+REPORT_CODE = ("cxr/reporting/report.py", "cxr/evaluation/agreement.py")
 
 
 @task(name="evaluate", cache_policy=ContentPolicy(code=EVAL_CODE, path_inputs=("splits", "model_files",

@@ -1,4 +1,4 @@
-"""Prefect task for the ``fetch`` step (wraps :func:`cxr.fetch.fetch`)."""
+"""Prefect task for the ``fetch`` step (wraps :func:`cxr.data.fetch.fetch`)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from typing import Any
 
 from prefect import task
 
-from cxr.fetch import fetch
+from cxr.data.fetch import fetch
 from tasks.caching import ContentPolicy
 
-FETCH_CODE = ("cxr/fetch.py", "cxr/kaggle_source.py", "cxr/medmnist_source.py", "cxr/archive.py",
-              "cxr/layout.py")
+FETCH_CODE = ("cxr/data/fetch.py", "cxr/data/kaggle.py", "cxr/data/medmnist.py", "cxr/data/archive.py",
+              "cxr/data/kaggle_layout.py")
 
 
 @task(

@@ -1,4 +1,4 @@
-"""Prefect task for the ``prepare`` step (wraps :func:`cxr.prepare.prepare`)."""
+"""Prefect task for the ``prepare`` step (wraps :func:`cxr.data.prepare.prepare`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any
 
 from prefect import task
 
-from cxr.prepare import prepare
+from cxr.data.prepare import prepare
 from tasks.caching import ContentPolicy
 
-PREPARE_CODE = ("cxr/prepare.py", "cxr/manifest.py", "cxr/images.py", "cxr/split.py", "cxr/plots.py")
+PREPARE_CODE = ("cxr/data/prepare.py", "cxr/data/manifest.py", "cxr/data/images.py", "cxr/data/split.py", "cxr/reporting/plots.py")
 
 
 @task(name="prepare", cache_policy=ContentPolicy(code=PREPARE_CODE, path_inputs=("raw_dir",)),

@@ -17,11 +17,11 @@ from typing import Any
 from prefect import task
 
 from cxr.errors import CxrError
-from cxr.hashing import sha256_file
+from cxr.provenance.hashing import sha256_file
 from tasks.caching import ContentPolicy
 
-TRAIN_CODE = ("cxr/train.py", "cxr/models.py", "cxr/dataset.py", "cxr/augment.py", "cxr/health.py")
-PREVIEW_CODE = ("cxr/preview.py", "cxr/dataset.py", "cxr/augment.py", "cxr/plots.py")
+TRAIN_CODE = ("cxr/training/train.py", "cxr/training/models.py", "cxr/training/input_pipeline.py", "cxr/training/augment.py", "cxr/training/health.py")
+PREVIEW_CODE = ("cxr/training/preview.py", "cxr/training/input_pipeline.py", "cxr/training/augment.py", "cxr/reporting/plots.py")
 
 
 def _cxr(args: list[str], params_path: str, overrides: list[str]) -> str:

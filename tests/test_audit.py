@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr.audit import append, audit_model, models_for_data, records
-from cxr.hashing import sha256_file
+from cxr.provenance.hashing import sha256_file
+from cxr.provenance.lineage_log import append, audit_model, models_for_data, records
 from tests.test_predict_evaluate import chdir, trained_project
 
 

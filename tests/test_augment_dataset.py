@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cxr.dataset
-from cxr.augment import AugmentConfig, affine_params, augment_batch
-from cxr.dataset import InputConfig, decode_image, load_images, make_dataset, resize_image
+import cxr.training.input_pipeline
 from cxr.errors import CxrError, DataError
-from cxr.tfsetup import tensorflow
+from cxr.runtime import tensorflow
+from cxr.training.augment import AugmentConfig, affine_params, augment_batch
+from cxr.training.input_pipeline import InputConfig, decode_image, load_images, make_dataset, resize_image
 from tests.conftest import write_image
 
 tf = tensorflow()
@@ -240,7 +240,7 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache is warm")
 
-    monkeypatch.setattr(cxr.dataset, "_decode_all", no_decoding)
+    monkeypatch.setattr(cxr.training.input_pipeline, "_decode_all", no_decoding)
     second = load_images(paths, "key-a", cfg, "train")
     np.testing.assert_array_equal(np.asarray(second), first)
     assert _cache_entries(cache) == files
@@ -269,13 +269,13 @@ def test_cache_key_of_a_real_split_changes_with_its_content(tmp_path):
     rows = ["path,label,split,sha256", "a.jpeg,0,train,aaa", "b.jpeg,1,train,bbb", "c.jpeg,1,val,ccc"]
     splits = tmp_path / "splits.csv"
     splits.write_text("\n".join(rows) + "\n")
-    paths, labels, key = cxr.dataset.read_split(splits, "train")
+    paths, labels, key = cxr.training.input_pipeline.read_split(splits, "train")
     assert paths == ["a.jpeg", "b.jpeg"] and labels.tolist() == [0.0, 1.0]
     splits.write_text("\n".join([*rows[:2], "b.jpeg,1,train,bbb2", rows[3]]) + "\n")  # same name, new bytes
-    assert cxr.dataset.read_split(splits, "train")[2] != key
+    assert cxr.training.input_pipeline.read_split(splits, "train")[2] != key
     splits.write_text("\n".join(rows) + "\n")
-    assert cxr.dataset.read_split(splits, "train")[2] == key
-    assert cxr.dataset.read_split(splits, "val")[2] != key
+    assert cxr.training.input_pipeline.read_split(splits, "train")[2] == key
+    assert cxr.training.input_pipeline.read_split(splits, "val")[2] != key
 
 
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, DataError])
@@ -283,18 +283,18 @@ def test_an_interrupted_cache_write_leaves_nothing_behind(tmp_path, monkeypatch,
     paths = _images(tmp_path)
     cache = tmp_path / "cache"
     cfg = InputConfig(image_size=16, cache="disk", cache_dir=str(cache))
-    real = cxr.dataset._decode_all
+    real = cxr.training.input_pipeline._decode_all
 
     def half_then_fail(paths, cfg, out):
         out[: len(paths) // 2] = 7
         raise interruption("stopped half way")  # Ctrl-C or an unreadable image mid-split
 
-    monkeypatch.setattr(cxr.dataset, "_decode_all", half_then_fail)
+    monkeypatch.setattr(cxr.training.input_pipeline, "_decode_all", half_then_fail)
     with pytest.raises(interruption):
         load_images(paths, "key-a", cfg, "train")
     assert _cache_entries(cache) == []  # neither a partial .npy nor its temporary file
 
-    monkeypatch.setattr(cxr.dataset, "_decode_all", real)
+    monkeypatch.setattr(cxr.training.input_pipeline, "_decode_all", real)
     images = load_images(paths, "key-a", cfg, "train")
     assert not (np.asarray(images) == 7).all(axis=(1, 2, 3)).any()
     assert len(_cache_entries(cache)) == 1

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from cxr.cli import main
+from cxr.config import apply_overrides, load_params
 from cxr.errors import CxrError
-from cxr.params import apply_overrides, load_params
 from tests.conftest import REPO_ROOT, kermany_layout
 
 

@@ -1,6 +1,6 @@
 """DICOM reading: real Part 10 files written with pydicom, pixel values checked against the documented pipeline.
 
-The reference below re-implements ``cxr.dicom``'s documented order of operations with plain numpy
+The reference below re-implements ``cxr.inference.dicom``'s documented order of operations with plain numpy
 (modality LUT → VOI window (DICOM PS3.3 C.11.2.1.2.1, LINEAR) → MONOCHROME1 inversion → clip to
 mean ± 2.5 std → 0–255 uint8 → 3 channels), independently of pydicom's LUT helpers. The last two
 steps are invariant to a positive affine map, so the reference maps the window onto [0, 1] while
@@ -19,11 +19,11 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxr.dataset import InputConfig, resize_image
-from cxr.dicom import is_dicom, read_dicom, to_uint8
 from cxr.errors import DataError
-from cxr.inference import load_image
-from cxr.tfsetup import tensorflow
+from cxr.inference.dicom import is_dicom, read_dicom, to_uint8
+from cxr.inference.loading import load_image
+from cxr.runtime import tensorflow
+from cxr.training.input_pipeline import InputConfig, resize_image
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"

@@ -12,13 +12,13 @@ from tests.conftest import REPO_ROOT
 
 SCRIPT = r"""
 import json, numpy as np
-from cxr.tfsetup import tensorflow, distribution, configure
+from cxr.runtime import tensorflow, distribution, configure
 tf = tensorflow()
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 configure(seed=1, deterministic=False, precision="float32")
-from cxr.models import build_model
-from cxr.train import compile_model
+from cxr.training.models import build_model
+from cxr.training.train import compile_model
 single = distribution("none")
 mirrored = distribution("mirrored")
 with mirrored.scope():

@@ -100,7 +100,7 @@ def test_repro_trains_each_model_and_retrains_only_the_changed_one(fresh_clone):
 
 
 def test_a_prefect_run_leaves_dvc_up_to_date_and_a_remote_round_trips(fresh_clone, make_dataset, tmp_path):
-    from cxr.hashing import hash_tree, sha256_file
+    from cxr.provenance.hashing import hash_tree, sha256_file
     from tests.conftest import kermany_layout
 
     source = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")

@@ -13,13 +13,13 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from cxr.ensemble import build_ensemble, evaluated_models, members_of
+from cxr.data.external_sets import external_sets, index_external, load_external
 from cxr.errors import CxrError, DataError
-from cxr.evaluate import evaluate_models, threshold_rule
-from cxr.external import external_sets, index_external, load_external
-from cxr.inference import load, load_image, model_file, predict_images, shipped_threshold
-from cxr.metrics import youden_threshold
-from cxr.train import TrainConfig, train
+from cxr.evaluation.evaluate import evaluate_models, threshold_rule
+from cxr.evaluation.metrics import youden_threshold
+from cxr.inference.loading import load, load_image, model_file, predict_images, shipped_threshold
+from cxr.training.ensemble import build_ensemble, evaluated_models, members_of
+from cxr.training.train import TrainConfig, train
 from tests.test_predict_evaluate import chdir, evaluated_project, small_params, synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -62,7 +62,7 @@ def test_index_lists_every_readable_image_and_each_unreadable_one_with_its_reaso
     folder = write_external(tmp_path / "ext")
     splits = tmp_path / "splits.csv"
     pneumonia = sorted((folder / "test/PNEUMONIA").glob("person*.jpeg"))
-    from cxr.hashing import sha256_file
+    from cxr.provenance.hashing import sha256_file
 
     # only train and validation images count: the test split is scored, not learned from
     pd.DataFrame({"path": ["x.jpeg", "y.jpeg", "z.jpeg"],
@@ -188,13 +188,13 @@ def test_a_fixed_threshold_rule_uses_evaluate_threshold(project):
 
 
 def test_report_summary_puts_external_sets_first(project):
-    from cxr.report import render, summary_rows
+    from cxr.reporting.report import render, summary_rows
 
     with chdir(project):
         evaluate_models(["smallnet"], _params()["evaluate"], small_params()["input"])
         result = render(["smallnet"])
         html = Path(result["html"]).read_text()
-        from cxr.report import collect
+        from cxr.reporting.report import collect
 
         rows = summary_rows(collect(["smallnet"]))
     assert [r["set"] for r in rows] == ["site_b", "test"]
@@ -268,7 +268,7 @@ def test_ensemble_members_are_checked(two_models):
 
 
 def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(project):
-    from cxr.metrics import sensitivity_threshold, validation_operating_point
+    from cxr.evaluation.metrics import sensitivity_threshold, validation_operating_point
 
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     probs = np.array([0.1, 0.3, 0.6, 0.2, 0.5, 0.55, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99])

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cxr.data.fetch import fetch, source_digest
+from cxr.data.kaggle_layout import find_class_folders
 from cxr.errors import CxrError, DataError
-from cxr.fetch import fetch, source_digest
-from cxr.hashing import hash_tree
-from cxr.layout import find_class_folders
+from cxr.provenance.hashing import hash_tree
 
 
 def _fetch(src: Path, tmp_path: Path) -> dict:

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from cxr.augment import AugmentConfig, affine_matrix, augment_batch
-from cxr.dataset import InputConfig
 from cxr.errors import CxrError
-from cxr.models import IntensityNormalization, build_model
-from cxr.tfsetup import tensorflow
-from cxr.train import TrainConfig, compile_model
+from cxr.runtime import tensorflow
+from cxr.training.augment import AugmentConfig, affine_matrix, augment_batch
+from cxr.training.input_pipeline import InputConfig
+from cxr.training.models import IntensityNormalization, build_model
+from cxr.training.train import TrainConfig, compile_model
 
 tf = tensorflow()
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.images import probe
-from cxr.manifest import build_manifest, classify_path, parse_patient
+from cxr.data.images import probe
+from cxr.data.manifest import build_manifest, classify_path, parse_patient
 from tests.conftest import write_image
 
 

@@ -35,9 +35,9 @@ import pytest
 from kaggle_standin import KaggleStandIn, Seen, StandInUnavailable
 
 from cxr import CLASS_NAMES, SPLITS
+from cxr.data.fetch import fetch
 from cxr.errors import FetchError
-from cxr.fetch import fetch
-from cxr.hashing import hash_tree
+from cxr.provenance.hashing import hash_tree
 
 DATASET = "paultimothymooney/chest-xray-pneumonia"
 SLUG = "chest-xray-pneumonia"
@@ -566,7 +566,7 @@ def test_transient_503s_are_retried_with_backoff(
     assert metadata[2].at - metadata[1].at >= 2 * backoff
     assert [s.status for s in standin.seen("DownloadDataset")] == [503, 302]
     warnings = [r.getMessage() for r in caplog.records
-                if r.name == "cxr.kaggle_source" and r.levelno == logging.WARNING]
+                if r.name == "cxr.data.kaggle" and r.levelno == logging.WARNING]
     assert len(warnings) == 3
     assert "Kaggle metadata failed (HTTPError); retry 1/3" in warnings[0]
     assert "Kaggle metadata failed (HTTPError); retry 2/3" in warnings[1]

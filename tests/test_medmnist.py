@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.data.fetch import fetch
 from cxr.errors import DataError, FetchError
-from cxr.fetch import fetch
 from tests.conftest import SHARED_DATA
 
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from cxr.agreement import agreement, fleiss_kappa, read_readers
 from cxr.errors import DataError
-from cxr.metrics import (
+from cxr.evaluation.agreement import agreement, fleiss_kappa, read_readers
+from cxr.evaluation.metrics import (
     at_threshold,
     bootstrap,
     calibration_bins,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cxr.errors import CxrError
-from cxr.models import REGISTRY, ImagenetCaffePreprocess, build_model
-from cxr.tfsetup import tensorflow
+from cxr.runtime import tensorflow
+from cxr.training.models import REGISTRY, ImagenetCaffePreprocess, build_model
 
 tensorflow()
 import keras  # noqa: E402

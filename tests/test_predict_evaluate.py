@@ -27,15 +27,15 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-import cxr.predict
+import cxr.inference.predict
+from cxr.data.prepare import prepare
 from cxr.errors import CxrError
-from cxr.evaluate import evaluate_models
-from cxr.explain import OUTCOMES, explain_models, outcome, select
-from cxr.gradcam import border_fraction
-from cxr.inference import card_path_for, load, load_image, predict_images
-from cxr.metrics import youden_threshold
-from cxr.prepare import prepare
-from cxr.train import train
+from cxr.evaluation.evaluate import evaluate_models
+from cxr.evaluation.explain import OUTCOMES, explain_models, outcome, select
+from cxr.evaluation.gradcam import border_fraction
+from cxr.evaluation.metrics import youden_threshold
+from cxr.inference.loading import card_path_for, load, load_image, predict_images
+from cxr.training.train import train
 from tests.conftest import REPO_ROOT
 from tests.test_dicom import write_dicom
 
@@ -299,9 +299,9 @@ def test_predict_gradcam_overlays_of_same_named_images_do_not_collide(trained, t
 def test_predict_writes_to_the_current_stdout(trained, images):
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        failures = cxr.predict.predict(trained / "models/smallnet.keras", [images["dark"]], as_json=True)
+        failures = cxr.inference.predict.predict(trained / "models/smallnet.keras", [images["dark"]], as_json=True)
     assert failures == 0
-    assert buffer.getvalue().strip(), "predict printed to the stream that was sys.stdout when cxr.predict was imported"
+    assert buffer.getvalue().strip(), "predict wrote to the sys.stdout of import time"
     assert json.loads(buffer.getvalue())["path"] == str(images["dark"])
 
 

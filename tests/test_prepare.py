@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
+from cxr.data.prepare import prepare
 from cxr.errors import DataError
-from cxr.hashing import sha256_file
-from cxr.prepare import prepare
+from cxr.provenance.hashing import sha256_file
 from tests.conftest import kermany_layout, write_image
 
 SPLIT = {"strategy": "patient", "seed": 42, "test_size": 0.2, "val_size": 0.2}

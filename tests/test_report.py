@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.report import render
+from cxr.reporting.report import render
 from tests.test_predict_evaluate import HOSTILE_NAME, chdir, evaluated_project
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import train_test_split
 
+from cxr.data.split import assign_splits, group_ids, grouped_holdout, leakage
 from cxr.errors import CxrError
-from cxr.split import assign_splits, group_ids, grouped_holdout, leakage
 
 
 def synthetic_manifest(n_patients: int = 300, seed: int = 0, official_test: int = 0) -> pd.DataFrame:

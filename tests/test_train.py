@@ -22,11 +22,11 @@ import yaml
 from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
+from cxr.data.prepare import prepare
 from cxr.errors import CxrError, DataError
-from cxr.hashing import sha256_file
-from cxr.health import HealthConfig, assess
-from cxr.prepare import prepare
-from cxr.train import TrainingRejected, class_weights, train
+from cxr.provenance.hashing import sha256_file
+from cxr.training.health import HealthConfig, assess
+from cxr.training.train import TrainingRejected, class_weights, train
 from tests.conftest import REPO_ROOT
 
 SPLIT = {"strategy": "patient", "seed": 42, "test_size": 0.2, "val_size": 0.2}

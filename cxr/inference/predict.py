@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from cxr import CLASS_NAMES
-from cxr.inference import LoadedModel, iter_images, load, predict_images, shipped_threshold
+from cxr.inference.loading import LoadedModel, iter_images, load, predict_images, shipped_threshold
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
 
@@ -84,8 +84,8 @@ def predict(model_path: str | Path | LoadedModel, paths: Sequence[str | Path], t
 
 
 def _write_overlay(lm: Any, image: np.ndarray, path: Path, folder: Path, label: str, probability: float) -> str:
-    from cxr.gradcam import gradcam, overlay
-    from cxr.plots import plt
+    from cxr.evaluation.gradcam import gradcam, overlay
+    from cxr.reporting.plots import plt
 
     cam, _ = gradcam(lm.model, image[None].astype(np.float32) / 255.0)
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,10 @@ import numpy as np
 from cxr import CLASS_NAMES
 from cxr.errors import CxrError, DataError
 from cxr.files import write_json
-from cxr.hashing import sha256_file, tree_digest
-from cxr.images import probe
-from cxr.layout import find_class_folders
-from cxr.manifest import parse_patient
+from cxr.provenance.hashing import sha256_file, tree_digest
+from cxr.data.images import probe
+from cxr.data.kaggle_layout import find_class_folders
+from cxr.data.manifest import parse_patient
 
 log = logging.getLogger(__name__)
 

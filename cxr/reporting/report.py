@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr.inference import card_path_for, model_file
+from cxr.inference.loading import card_path_for, model_file
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def build(models: Sequence[str], readers: str, eval_params: Mapping[str, Any],
     """The report step: reader agreement when a readers CSV is configured (a stale one removed
     otherwise), then :func:`render`. Shared by the CLI and the Prefect task."""
     if readers:
-        from cxr.agreement import agreement_for_report
+        from cxr.evaluation.agreement import agreement_for_report
 
         agreement_for_report(readers, models[0], eval_params, agreement_file)
     else:

@@ -28,23 +28,12 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve, roc_curve
 
-from cxr import CLASS_NAMES, plots
-from cxr.dataset import load_images, read_split
+from cxr import CLASS_NAMES
+from cxr.data.external_sets import EXTERNAL_DIR, ExternalSet, external_sets, load_external
+from cxr.data.kaggle_layout import find_class_folders
+from cxr.data.manifest import parse_patient
 from cxr.errors import CxrError, DataError
-from cxr.external import EXTERNAL_DIR, ExternalSet, external_sets, load_external
-from cxr.files import write_json
-from cxr.inference import (
-    LoadedModel,
-    iter_images,
-    load,
-    load_image,
-    model_file,
-    predict_images,
-    shipped_threshold,
-)
-from cxr.layout import find_class_folders
-from cxr.manifest import parse_patient
-from cxr.metrics import (
+from cxr.evaluation.metrics import (
     at_threshold,
     bootstrap,
     calibration_bins,
@@ -53,6 +42,18 @@ from cxr.metrics import (
     threshold_free,
     youden_threshold,
 )
+from cxr.files import write_json
+from cxr.inference.loading import (
+    LoadedModel,
+    iter_images,
+    load,
+    load_image,
+    model_file,
+    predict_images,
+    shipped_threshold,
+)
+from cxr.reporting import plots
+from cxr.training.input_pipeline import load_images, read_split
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: flo
                     n_boot: int = 1000, seed: int = 42) -> dict[str, Any]:
     """Score one saved model on a labelled folder (e.g. an outside test set); unreadable files skipped.
 
-    ``threshold`` None uses the model's shipped threshold (see :func:`cxr.inference.shipped_threshold`).
+    ``threshold`` None uses the model's shipped threshold (see :func:`cxr.inference.loading.shipped_threshold`).
     """
     lm = load(model_path)
     if threshold is None:

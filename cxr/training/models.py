@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cxr.errors import CxrError
-from cxr.tfsetup import tensorflow
+from cxr.runtime import tensorflow
 
 tensorflow()  # quiet TensorFlow import before Keras pulls it in
 import keras  # noqa: E402

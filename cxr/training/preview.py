@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from cxr import plots
-from cxr.dataset import InputConfig, load_images, make_dataset, read_split
+from cxr.reporting import plots
+from cxr.training.input_pipeline import InputConfig, load_images, make_dataset, read_split
 
 
 def augmented_batch(params: Mapping[str, Any], splits_csv: str | Path = "data/prepared/splits.csv",

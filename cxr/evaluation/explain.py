@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASS_NAMES
-from cxr.dataset import load_images, read_split
+from cxr.evaluation.gradcam import border_fraction, gradcam, last_conv_layer, overlay
 from cxr.files import write_json
-from cxr.gradcam import border_fraction, gradcam, last_conv_layer, overlay
-from cxr.inference import load, shipped_threshold
+from cxr.inference.loading import load, shipped_threshold
+from cxr.training.input_pipeline import load_images, read_split
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def select(predictions: pd.DataFrame, threshold: float, per_outcome: int, seed: 
 
 
 def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path, title: str) -> Path:
-    from cxr.plots import plt
+    from cxr.reporting.plots import plt
 
     n = len(rows)
     columns = min(4, max(n, 1))

@@ -18,10 +18,10 @@ import pandas as pd
 from cxr import CLASS_NAMES
 from cxr.errors import DataError
 from cxr.files import write_json
-from cxr.hashing import sha256_file
-from cxr.manifest import build_manifest
-from cxr.plots import class_distribution
-from cxr.split import STRATEGIES, assign_splits
+from cxr.provenance.hashing import sha256_file
+from cxr.data.manifest import build_manifest
+from cxr.reporting.plots import class_distribution
+from cxr.data.split import STRATEGIES, assign_splits
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.tfsetup import tensorflow
+from cxr.runtime import tensorflow
 
 FILL_MODES = ("nearest", "constant", "reflect", "wrap")
 _EXTRA_DRAWS = 9  # uniforms per image beyond (angle, dx, dy): see _augment_numpy

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.augment import AugmentConfig, augment_batch
 from cxr.errors import CxrError, DataError
-from cxr.tfsetup import tensorflow
+from cxr.runtime import tensorflow
+from cxr.training.augment import AugmentConfig, augment_batch
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class InputConfig:
     cache_dir: str = "data/cache"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     augment_validation: bool = False
-    normalize: str = "none"  # per-image intensity normalisation, built into the model (cxr.models)
-    center_crop: float = 0.0  # fraction of each side the model cuts away first (cxr.models)
+    normalize: str = "none"  # per-image intensity normalisation, built into the model (cxr.training.models)
+    center_crop: float = 0.0  # fraction of each side the model cuts away first (cxr.training.models)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> InputConfig:

@@ -28,7 +28,7 @@ import pandas as pd
 from imutils import paths as imutils_paths
 
 from cxr import CLASS_NAMES, SPLITS
-from cxr.images import probe
+from cxr.data.images import probe
 from cxr.logs import progress
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cxr import kaggle_source, medmnist_source
-from cxr.archive import ExtractLimits, safe_extract
+from cxr.data import kaggle as kaggle_source
+from cxr.data import medmnist as medmnist_source
+from cxr.data.archive import ExtractLimits, safe_extract
 from cxr.errors import CxrError, DataError
 from cxr.files import write_json
-from cxr.hashing import hash_tree, sha256_file
-from cxr.layout import ClassFolder, find_class_folders
+from cxr.provenance.hashing import hash_tree, sha256_file
+from cxr.data.kaggle_layout import ClassFolder, find_class_folders
 
 log = logging.getLogger(__name__)
 

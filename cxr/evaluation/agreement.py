@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
 from cxr.errors import DataError
-from cxr.metrics import interval
+from cxr.evaluation.metrics import interval
 
 _LABELS = {"0": 0, "1": 1, "normal": 0, "pneumonia": 1, "pn": 1}
 KEY_COLUMNS = ("path", "image", "file", "filename")

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxr.hashing import sha256_file
+from cxr.provenance.hashing import sha256_file
 
 LINEAGE_LOG = Path("lineage/models.jsonl")
 

@@ -21,12 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxr import audit
 from cxr.errors import CxrError
 from cxr.files import save_keras, write_json
-from cxr.hashing import sha256_file
-from cxr.inference import ENSEMBLE, LoadedModel, load, model_file
-from cxr.lineage import code_version, library_versions
+from cxr.inference.loading import ENSEMBLE, LoadedModel, load, model_file
+from cxr.provenance import lineage_log as audit
+from cxr.provenance.hashing import sha256_file
+from cxr.provenance.versions import code_version, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,11 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
     Returns:
         The ensemble's card, or None when ``ensemble.members`` is empty.
     """
-    from cxr.dataset import load_images, read_split
-    from cxr.health import assess
-    from cxr.inference import predict_images
-    from cxr.metrics import validation_operating_point
-    from cxr.train import TrainConfig
+    from cxr.evaluation.metrics import validation_operating_point
+    from cxr.inference.loading import predict_images
+    from cxr.training.health import assess
+    from cxr.training.input_pipeline import load_images, read_split
+    from cxr.training.train import TrainConfig
 
     members = members_of(params)
     out_dir = model_file(ENSEMBLE, models_dir).parent

@@ -28,16 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from cxr import audit, plots
-from cxr.dataset import InputConfig, load_images, make_dataset, read_split
 from cxr.errors import CxrError, DataError
+from cxr.evaluation.metrics import validation_operating_point
 from cxr.files import save_keras, write_json
-from cxr.hashing import sha256_file
-from cxr.health import HealthConfig, assess
-from cxr.lineage import code_version, library_versions
 from cxr.logs import interactive
-from cxr.metrics import validation_operating_point
-from cxr.tfsetup import configure, distribution
+from cxr.provenance import lineage_log as audit
+from cxr.provenance.hashing import sha256_file
+from cxr.provenance.versions import code_version, library_versions
+from cxr.reporting import plots
+from cxr.runtime import configure, distribution
+from cxr.training.health import HealthConfig, assess
+from cxr.training.input_pipeline import InputConfig, load_images, make_dataset, read_split
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class EpochLine:
 def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: str) -> str:
     payload = json.dumps({"name": name, "cfg": repr(cfg), "input": repr(input_cfg), "splits": splits_sha,
                           "code": [sha256_file(Path(__file__).with_name(f)) for f in
-                                   ("train.py", "models.py", "dataset.py", "augment.py")]},
+                                   ("train.py", "models.py", "input_pipeline.py", "augment.py")]},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -238,7 +239,7 @@ def train(
 ) -> dict[str, Any]:
     """Train model ``name`` with ``params`` (the whole params.yaml mapping); return its card."""
     started = time.perf_counter()
-    from cxr.models import build_model
+    from cxr.training.models import build_model
 
     train_params = params.get("train") or {}
     cfg = TrainConfig.from_params(train_params, name)

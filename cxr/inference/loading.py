@@ -2,7 +2,7 @@
 
 The preprocessing (image size, resize mode, interpolation, scaling) is read from the model card,
 never re-typed, and the decoding is the training pipeline's own function; DICOM files go through
-:mod:`cxr.dicom` and then the same resize.
+:mod:`cxr.inference.dicom` and then the same resize.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from cxr.dataset import InputConfig, decode_image, resize_image
-from cxr.dicom import is_dicom, read_dicom
 from cxr.errors import CxrError, DataError
-from cxr.hashing import sha256_file
-from cxr.tfsetup import tensorflow
+from cxr.inference.dicom import is_dicom, read_dicom
+from cxr.provenance.hashing import sha256_file
+from cxr.runtime import tensorflow
+from cxr.training.input_pipeline import InputConfig, decode_image, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def load(model_path: str | Path) -> LoadedModel:
     tensorflow()
     import keras
 
-    import cxr.models  # noqa: F401  (registers the custom layers for deserialisation)
+    import cxr.training.models  # noqa: F401  (registers the custom layers for deserialisation)
 
     try:
         model = keras.saving.load_model(model_path, safe_mode=True)

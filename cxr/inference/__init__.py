@@ -1,0 +1,6 @@
+"""Inference on new films.
+
+- ``loading`` — find a shipped model, verify it against its card, read its threshold.
+- ``predict`` — the ``cxr predict`` step: a folder or files in, a CSV/JSON of probabilities out.
+- ``dicom`` — reading DICOM files into model input (pydicom), with one-line errors for odd files.
+"""
