@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 
 from cxr import CLASS_NAMES
-from cxr.errors import CxrError, DataError
-from cxr.files import write_json
-from cxr.provenance.hashing import sha256_file, tree_digest
 from cxr.data.images import probe
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.data.manifest import parse_patient
+from cxr.errors import CxrError, DataError
+from cxr.files import write_json
+from cxr.provenance.hashing import sha256_file, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,14 @@ COLUMNS = ("path", "label", "class_name", "patient_id", "sha256")
 
 
 def external_sets(eval_params: Mapping[str, Any]) -> dict[str, str]:
-    """``evaluate.external`` checked: ``{name: folder}`` (empty when none is configured)."""
+    """``evaluate.external`` checked: ``{name: folder}`` (empty when none is configured).
+
+    Args:
+        eval_params: the ``evaluate`` section.
+
+    Returns:
+        ``{set name: folder}``; names start with a letter and are not a split name.
+    """
     value = eval_params.get("external") or {}
     if not isinstance(value, Mapping):
         raise CxrError("evaluate.external: expected a mapping of name: folder, e.g. {hospital_b: /data/b}")
@@ -46,8 +53,10 @@ def external_sets(eval_params: Mapping[str, Any]) -> dict[str, str]:
     for name, folder in value.items():
         name = str(name)
         if not _NAME.match(name) or name in RESERVED:
-            raise CxrError(f"evaluate.external: set name {name!r} must start with a letter, use letters, digits, "
-                           f"_ or -, and not be one of {sorted(RESERVED)}")
+            raise CxrError(
+                f"evaluate.external: set name {name!r} must start with a letter, use letters, digits, "
+                f"_ or -, and not be one of {sorted(RESERVED)}"
+            )
         if not isinstance(folder, str) or not folder:
             raise CxrError(f"evaluate.external.{name}: expected a folder path, got {folder!r}")
         sets[name] = folder
@@ -84,12 +93,67 @@ def _training_overlap(rows: list[dict[str, Any]], splits_csv: Path) -> dict[str,
     train_patients = {p for p in learned.get("patient_id", []) if str(p).startswith("person")}
     same_files = sorted({r["path"] for r in rows if r["sha256"] in train_hashes})
     patients = sorted({r["patient_id"] for r in rows if r["patient_id"] in train_patients})
-    return {"checked": True, "identical_files": len(same_files), "identical_file_examples": same_files[:5],
-            "shared_patient_ids": len(patients), "shared_patient_examples": patients[:5]}
+    return {
+        "checked": True,
+        "identical_files": len(same_files),
+        "identical_file_examples": same_files[:5],
+        "shared_patient_ids": len(patients),
+        "shared_patient_examples": patients[:5],
+    }
 
 
-def index_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL_DIR,
-                   splits_csv: str | Path = "data/prepared/splits.csv") -> dict[str, Any]:
+def _index_rows(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """One row per readable image of ``folder`` (its ``COLUMNS``), and the unreadable files with their reasons."""
+    from imutils import paths as imutils_paths
+
+    rows: list[dict[str, Any]] = []
+    excluded: list[dict[str, str]] = []
+    for class_folder in find_class_folders(folder):
+        for file in sorted(imutils_paths.list_images(str(class_folder.path))):
+            info = probe(file)
+            if "error" in info:
+                excluded.append({"path": file, "reason": info["error"]})
+                continue
+            rows.append(
+                {
+                    "path": Path(file).as_posix(),
+                    "label": CLASS_NAMES.index(class_folder.class_name),
+                    "class_name": class_folder.class_name,
+                    "patient_id": parse_patient(Path(file).name)[0],
+                    "sha256": info["sha256"],
+                }
+            )
+    return rows, excluded
+
+
+def _class_counts(name: str, folder: Path, rows: list[dict[str, Any]], excluded: list[dict[str, str]]) -> list[int]:
+    """[NORMAL, PNEUMONIA] image counts; a set missing either class is refused (no AUC without both)."""
+    counts = [sum(r["label"] == c for r in rows) for c in (0, 1)]
+    if min(counts) == 0:
+        raise DataError(
+            f"evaluate.external.{name}: {folder} needs readable images of both classes "
+            f"(found {counts[0]} NORMAL, {counts[1]} PNEUMONIA, {len(excluded)} unreadable)"
+        )
+    return counts
+
+
+def _write_index(rows: list[dict[str, Any]], csv_path: Path) -> None:
+    """Write the rows as CSV, atomically (a temporary file renamed into place)."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(csv_path)
+
+
+def index_external(
+    name: str,
+    folder: str | Path,
+    out_dir: str | Path = EXTERNAL_DIR,
+    splits_csv: str | Path = "data/prepared/splits.csv",
+) -> dict[str, Any]:
     """Index one labelled folder: every image decode-checked and hashed; unreadable files listed.
 
     Args:
@@ -102,34 +166,15 @@ def index_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL
     Returns:
         The summary written to ``<name>.json``.
     """
-    from imutils import paths as imutils_paths
-
     folder, out_dir = Path(folder), Path(out_dir)
-    rows: list[dict[str, Any]] = []
-    excluded: list[dict[str, str]] = []
-    for class_folder in find_class_folders(folder):
-        for file in sorted(imutils_paths.list_images(str(class_folder.path))):
-            info = probe(file)
-            if "error" in info:
-                excluded.append({"path": file, "reason": info["error"]})
-                continue
-            rows.append({"path": Path(file).as_posix(), "label": CLASS_NAMES.index(class_folder.class_name),
-                         "class_name": class_folder.class_name, "patient_id": parse_patient(Path(file).name)[0],
-                         "sha256": info["sha256"]})
-    counts = [sum(r["label"] == c for r in rows) for c in (0, 1)]
-    if min(counts) == 0:
-        raise DataError(f"evaluate.external.{name}: {folder} needs readable images of both classes "
-                        f"(found {counts[0]} NORMAL, {counts[1]} PNEUMONIA, {len(excluded)} unreadable)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, excluded = _index_rows(folder)
+    counts = _class_counts(name, folder, rows, excluded)
     csv_path = out_dir / f"{name}.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)
+    _write_index(rows, csv_path)
     summary = {
-        "name": name, "folder": folder.as_posix(), "images": len(rows),
+        "name": name,
+        "folder": folder.as_posix(),
+        "images": len(rows),
         "class_counts": {"NORMAL": counts[0], "PNEUMONIA": counts[1]},
         "prevalence": round(counts[1] / len(rows), 4),
         "patients_named": len({r["patient_id"] for r in rows if r["patient_id"]}),
@@ -139,21 +184,47 @@ def index_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL
         "overlap_with_training": _training_overlap(rows, Path(splits_csv)),
     }
     write_json(out_dir / f"{name}.json", summary)
-    overlap = summary["overlap_with_training"]
-    log.info("external %s: %d images (%d NORMAL, %d PNEUMONIA) from %s, %d unreadable excluded", name, len(rows),
-             counts[0], counts[1], folder, len(excluded))
-    if overlap.get("identical_files"):
-        log.warning("external %s: %d files are byte-identical to training images: its figures are not external",
-                    name, overlap["identical_files"])
+    _log_index(name, folder, summary)
     return summary
 
 
-def load_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL_DIR,
-                  verify: bool = True) -> ExternalSet:
+def _log_index(name: str, folder: Path, summary: Mapping[str, Any]) -> None:
+    """One line on what was indexed; a warning when files are byte-identical to training images."""
+    counts = summary["class_counts"]
+    log.info(
+        "external %s: %d images (%d NORMAL, %d PNEUMONIA) from %s, %d unreadable excluded",
+        name,
+        summary["images"],
+        counts["NORMAL"],
+        counts["PNEUMONIA"],
+        folder,
+        len(summary["excluded"]),
+    )
+    overlap = summary["overlap_with_training"]
+    if overlap.get("identical_files"):
+        log.warning(
+            "external %s: %d files are byte-identical to training images: its figures are not external",
+            name,
+            overlap["identical_files"],
+        )
+
+
+def load_external(
+    name: str, folder: str | Path, out_dir: str | Path = EXTERNAL_DIR, verify: bool = True
+) -> ExternalSet:
     """The indexed set ``name``; indexes it first when no index exists (a CLI run without DVC).
 
     With ``verify``, every listed file is re-hashed: an index that no longer describes the folder
     is refused (``dvc repro`` or ``cxr external`` rebuilds it).
+
+    Args:
+        name: the set's name in ``evaluate.external``.
+        folder: the set's folder (only read when the set has no index yet).
+        out_dir: where the index ``<name>.csv`` is.
+        verify: re-hash every listed file against the index.
+
+    Returns:
+        The set's paths, labels, patient ids and hashes, in index order.
     """
     csv_path = Path(out_dir) / f"{name}.csv"
     if not csv_path.is_file():
@@ -164,12 +235,20 @@ def load_external(name: str, folder: str | Path, out_dir: str | Path = EXTERNAL_
         for row in rows:
             path = Path(row["path"])
             if not path.is_file() or sha256_file(path) != row["sha256"]:
-                raise DataError(f"{csv_path}: {path} is missing or changed since the set was indexed; "
-                                f"run `cxr external --name {name}` (dvc repro does it)")
-    return ExternalSet(name, [r["path"] for r in rows], np.asarray([int(r["label"]) for r in rows]),
-                       [r["patient_id"] for r in rows], [r["sha256"] for r in rows])
+                raise DataError(
+                    f"{csv_path}: {path} is missing or changed since the set was indexed; "
+                    f"run `cxr external --name {name}` (dvc repro does it)"
+                )
+    return ExternalSet(
+        name,
+        [r["path"] for r in rows],
+        np.asarray([int(r["label"]) for r in rows]),
+        [r["patient_id"] for r in rows],
+        [r["sha256"] for r in rows],
+    )
 
 
 def external_summary(name: str, out_dir: str | Path = EXTERNAL_DIR) -> dict[str, Any]:
+    """The summary :func:`index_external` wrote for ``name`` (``<name>.json``); empty when there is none."""
     path = Path(out_dir) / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -13,21 +13,20 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cxr.data import kaggle as kaggle_source
 from cxr.data import medmnist as medmnist_source
 from cxr.data.archive import ExtractLimits, safe_extract
+from cxr.data.kaggle_layout import ClassFolder, find_class_folders
 from cxr.errors import CxrError, DataError
 from cxr.files import write_json
 from cxr.provenance.hashing import hash_tree, sha256_file
-from cxr.data.kaggle_layout import ClassFolder, find_class_folders
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("kaggle", "dir", "medmnist")
 
 
 def _dest(raw: Path, folder: ClassFolder) -> Path:
@@ -72,13 +71,97 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class _Workspace:
+    """Where a source writes while fetching: all of it is deleted once the fetch ends."""
+
+    staged: Path  # the new data/raw, in Kaggle layout, renamed into place when complete
+    scratch: Path  # room for downloads and extraction beside ``staged``
+    raw_dir: Path  # the data/raw the staged tree will replace
+    cache_dir: Path  # downloads kept between runs
+
+
+def _fetch_dir(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
+    """Copy a local folder in Kaggle layout; the record names the folder."""
+    src = Path(str(data.get("dir") or ""))
+    if not str(data.get("dir") or ""):
+        raise CxrError("data.source=dir needs data.dir: the folder in Kaggle layout to read")
+    if src.resolve() == ws.raw_dir.resolve() or ws.raw_dir.resolve() in src.resolve().parents:
+        raise CxrError(f"data.dir={src} is inside {ws.raw_dir}: point it at the original folder")
+    _copy_dir_source(src, ws.staged)
+    return {"origin": str(src)}
+
+
+def _fetch_medmnist(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
+    """Write PneumoniaMNIST images from ``data.npz`` (downloaded into the cache when not given)."""
+    npz = str(data.get("npz") or "")
+    size = int(data.get("medmnist_size", 28))
+    npz_path = Path(npz) if npz else medmnist_source.download_npz(size, ws.cache_dir / "medmnist")
+    medmnist_source.materialise_npz(npz_path, ws.staged)
+    return {"origin": str(npz_path), "origin_sha256": sha256_file(npz_path)}
+
+
+def _extract_limits(data: Mapping[str, Any]) -> ExtractLimits:
+    return ExtractLimits(
+        max_files=int(data.get("max_files", ExtractLimits.max_files)),
+        max_bytes=int(float(data.get("max_bytes", ExtractLimits.max_bytes))),
+    )
+
+
+def _fetch_kaggle(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
+    """Download ``data.kaggle_dataset``, extract it within limits and keep its class folders."""
+    dataset = str(data.get("kaggle_dataset") or "")
+    if dataset.count("/") not in (1, 2):
+        raise CxrError(f"data.kaggle_dataset={dataset!r}: expected owner/slug[/version]")
+    archive = kaggle_source.download_dataset(
+        dataset,
+        ws.cache_dir / "kaggle",
+        retries=int(data.get("retries", 4)),
+        backoff_s=float(data.get("retry_backoff_s", 2.0)),
+    )
+    safe_extract(archive, ws.scratch / "extract", _extract_limits(data))
+    _move_class_folders(ws.scratch / "extract", ws.staged)
+    version = dataset.split("/")[2] if dataset.count("/") == 2 else None
+    return {"origin": dataset, "kaggle_version": version, "origin_sha256": sha256_file(archive)}
+
+
+# Every source: (data section, workspace) -> its fields of the fetch record ("origin", digests).
+_FETCHERS: dict[str, Callable[[Mapping[str, Any], _Workspace], dict[str, Any]]] = {
+    "kaggle": _fetch_kaggle,
+    "dir": _fetch_dir,
+    "medmnist": _fetch_medmnist,
+}
+SOURCES = tuple(_FETCHERS)
+
+
+def _contents(staged: Path, origin: Any) -> dict[str, Any]:
+    """File count, per-folder counts and content digest of the staged tree; an empty tree is refused."""
+    counts = _counts(staged)
+    if not counts:
+        raise DataError(f"{origin}: the class folders hold no files")
+    return {"files": sum(counts.values()), "counts": counts, "tree_sha256": hash_tree(staged)}
+
+
 def fetch(
     data: Mapping[str, Any],
     raw_dir: str | Path = "data/raw",
     record_path: str | Path = "data/fetch.json",
     cache_dir: str | Path = "data/.cache",
 ) -> dict[str, Any]:
-    """Materialise ``data.source`` into ``raw_dir`` and write the fetch record; return the record."""
+    """Materialise ``data.source`` into ``raw_dir`` and write the fetch record.
+
+    Args:
+        data: the ``data`` section: ``source`` (one of ``SOURCES``) and that source's settings
+            (``dir``; ``npz``, ``medmnist_size``; ``kaggle_dataset``, ``retries``, ``retry_backoff_s``,
+            ``max_files``, ``max_bytes``).
+        raw_dir: the folder that receives the images in Kaggle layout (replaced as a whole).
+        record_path: where the fetch record is written as JSON.
+        cache_dir: downloads kept between runs (Kaggle zips, MedMNIST ``.npz`` files).
+
+    Returns:
+        The fetch record: the source, its origin (and digest where known), the file counts per
+        folder and the content digest of ``raw_dir``.
+    """
     source = data.get("source")
     if source not in SOURCES:
         raise CxrError(f"data.source={source!r}: choose one of {', '.join(SOURCES)}")
@@ -89,55 +172,32 @@ def fetch(
     try:
         staged = work / "raw"
         staged.mkdir()
-        if source == "dir":
-            src = Path(str(data.get("dir") or ""))
-            if not str(data.get("dir") or ""):
-                raise CxrError("data.source=dir needs data.dir: the folder in Kaggle layout to read")
-            if src.resolve() == raw_dir.resolve() or raw_dir.resolve() in src.resolve().parents:
-                raise CxrError(f"data.dir={src} is inside {raw_dir}: point it at the original folder")
-            _copy_dir_source(src, staged)
-            record["origin"] = str(src)
-        elif source == "medmnist":
-            npz = str(data.get("npz") or "")
-            size = int(data.get("medmnist_size", 28))
-            npz_path = Path(npz) if npz else medmnist_source.download_npz(size, cache_dir / "medmnist")
-            medmnist_source.materialise_npz(npz_path, staged)
-            record.update(origin=str(npz_path), origin_sha256=sha256_file(npz_path))
-        else:
-            dataset = str(data.get("kaggle_dataset") or "")
-            if dataset.count("/") not in (1, 2):
-                raise CxrError(f"data.kaggle_dataset={dataset!r}: expected owner/slug[/version]")
-            archive = kaggle_source.download_dataset(
-                dataset,
-                cache_dir / "kaggle",
-                retries=int(data.get("retries", 4)),
-                backoff_s=float(data.get("retry_backoff_s", 2.0)),
-            )
-            limits = ExtractLimits(
-                max_files=int(data.get("max_files", ExtractLimits.max_files)),
-                max_bytes=int(float(data.get("max_bytes", ExtractLimits.max_bytes))),
-            )
-            safe_extract(archive, work / "extract", limits)
-            _move_class_folders(work / "extract", staged)
-            version = dataset.split("/")[2] if dataset.count("/") == 2 else None
-            record.update(origin=dataset, kaggle_version=version, origin_sha256=sha256_file(archive))
-        counts = _counts(staged)
-        if not counts:
-            raise DataError(f"{record.get('origin')}: the class folders hold no files")
-        record.update(files=sum(counts.values()), counts=counts, tree_sha256=hash_tree(staged))
+        record.update(_FETCHERS[source](data, _Workspace(staged, work, raw_dir, cache_dir)))
+        record.update(_contents(staged, record.get("origin")))
         _replace_dir(staged, raw_dir)
         write_json(record_path, record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("fetched %d files from %s source %s into %s (tree %s)", record["files"], source,
-             record.get("origin"), raw_dir, record["tree_sha256"][:12])
+    log.info(
+        "fetched %d files from %s source %s into %s (tree %s)",
+        record["files"],
+        source,
+        record.get("origin"),
+        raw_dir,
+        record["tree_sha256"][:12],
+    )
     return record
 
 
 def source_digest(data: Mapping[str, Any]) -> str | None:
     """Content digest of a *local* source (folder or .npz), so callers can tell if it changed.
 
-    None for Kaggle: its content is only known after downloading.
+    Args:
+        data: the ``data`` section.
+
+    Returns:
+        The digest of ``data.dir`` (``dir``) or ``data.npz`` (``medmnist``); None for Kaggle (its
+        content is only known after downloading) and for a local source that is not there.
     """
     source = data.get("source")
     if source == "dir" and data.get("dir"):

@@ -51,13 +51,23 @@ def _refuse_if_shared(path: Path) -> None:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise FetchError(
-            f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}): "
-            f"run 'chmod 600 {path}' and retry"
+            f"{path} is readable by other users (mode {stat.S_IMODE(mode):o}): run 'chmod 600 {path}' and retry"
         )
 
 
 def find_credentials(env: Mapping[str, str] | None = None, home: Path | None = None) -> Credentials:
-    """Say which credential the client will use, checking file permissions; never read secrets out."""
+    """Say which credential the client will use, checking file permissions; never read secrets out.
+
+    Args:
+        env: the environment (default ``os.environ``).
+        home: the home folder (default ``Path.home()``).
+
+    Returns:
+        The kind of credential (safe to log) and its file, if it is one.
+
+    Raises:
+        FetchError: no credentials, a credential file readable by other users, or a broken ``kaggle.json``.
+    """
     env = os.environ if env is None else env
     home = Path.home() if home is None else home
     token = env.get("KAGGLE_API_TOKEN", "")
@@ -107,7 +117,18 @@ def with_retries(
     backoff_s: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Any:
-    """Run ``action``; retry transient network errors with exponential backoff."""
+    """Run ``action``; retry transient network errors with exponential backoff.
+
+    Args:
+        action: the call to make.
+        what: what it does, for the warning logged before each retry.
+        retries: retries after the first attempt; connection errors, timeouts, HTTP 429 and 5xx are retried.
+        backoff_s: the first delay; it doubles on every retry.
+        sleep: the wait (tests replace it).
+
+    Returns:
+        What ``action`` returns.
+    """
     for attempt in range(retries + 1):
         try:
             return action()
@@ -115,8 +136,7 @@ def with_retries(
             if not _is_transient(exc) or attempt == retries:
                 raise
             delay = backoff_s * 2**attempt
-            log.warning("%s failed (%s); retry %d/%d in %.0f s", what, type(exc).__name__,
-                        attempt + 1, retries, delay)
+            log.warning("%s failed (%s); retry %d/%d in %.0f s", what, type(exc).__name__, attempt + 1, retries, delay)
             sleep(delay)
     raise AssertionError("unreachable")
 
@@ -146,69 +166,100 @@ def _zip_is_complete(path: Path) -> bool:
         return False
 
 
-def download_dataset(
-    dataset: str, cache_dir: Path, retries: int = 4, backoff_s: float = 2.0
-) -> Path:
+def _cached_zip(dataset: str, cache_dir: Path) -> Path:
+    """Where the zip of ``dataset`` is downloaded: one folder per owner/slug/version, created.
+
+    The client keeps a cached zip that is "newer", so two datasets or versions must never share a
+    file name.
+    """
+    owner, slug, *version = dataset.split("/")
+    folder = cache_dir / owner / slug / (version[0] if version else "latest")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{slug}.zip"
+
+
+def _client() -> Any:
+    """An authenticated ``KaggleApi``."""
+    # kaggle authenticates (and may print help or call the network) at import: keep it quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        api.authenticate()
+    return api
+
+
+def _log_licence(api: Any, dataset: str) -> None:
+    """Ask Kaggle for the dataset's metadata (so a wrong name fails early) and log its licence."""
+    from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetMetadataRequest
+
+    owner, name = dataset.split("/")[:2]
+    request = ApiGetDatasetMetadataRequest()
+    request.owner_slug, request.dataset_slug = owner, name
+    with api.build_kaggle_client() as kaggle:
+        response = kaggle.datasets.dataset_api_client.get_dataset_metadata(request)
+    if response.error_message:
+        raise FetchError(f"Kaggle: {dataset}: {response.error_message}")
+    licences = [lic.name for lic in (response.info.licenses or []) if lic.name] if response.info else []
+    log.info("Kaggle dataset %s, licence %s", dataset, ", ".join(licences) or "unknown")
+
+
+def _download(api: Any, dataset: str, folder: Path) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        api.dataset_download_files(dataset, path=str(folder), force=False, quiet=True)
+
+
+def _download_complete_zip(api: Any, dataset: str, target: Path, retries: int, backoff_s: float) -> None:
+    """Download ``dataset`` to ``target``; a zip that fails its CRC check is deleted and downloaded once more."""
+    for attempt in (1, 2):
+        with_retries(lambda: _download(api, dataset, target.parent), "Kaggle download", retries, backoff_s)
+        if _zip_is_complete(target):
+            return
+        log.warning("downloaded %s fails its integrity check; deleting it (attempt %d)", target, attempt)
+        target.unlink(missing_ok=True)
+    raise FetchError(f"Kaggle download of {dataset} is corrupt twice in a row: try again later")
+
+
+def _refused_login(creds: Credentials) -> FetchError:
+    """The error for the client's exit(1) when authentication fails."""
+    if "token" in creds.kind.lower():
+        return FetchError(
+            f"Kaggle did not accept the token from {creds.kind} (inactive or expired): create a "
+            "new API token at kaggle.com/settings"
+        )
+    return FetchError(NO_CREDENTIALS)
+
+
+def download_dataset(dataset: str, cache_dir: Path, retries: int = 4, backoff_s: float = 2.0) -> Path:
     """Download ``owner/slug[/version]`` as a zip into ``cache_dir`` and return its path.
 
     The client resumes interrupted downloads itself; a zip that fails its CRC check is deleted
     and downloaded once more before giving up.
+
+    Args:
+        dataset: ``owner/slug`` or ``owner/slug/version`` on Kaggle.
+        cache_dir: the download cache; the zip goes to ``<owner>/<slug>/<version or latest>/<slug>.zip``.
+        retries: how many times a transient network error is retried, per request.
+        backoff_s: the first retry delay; it doubles on every retry.
+
+    Returns:
+        The path of the downloaded, CRC-checked zip.
+
+    Raises:
+        FetchError: no or refused credentials, an unknown dataset, no network after retries, or a
+            zip corrupt twice in a row.
     """
     creds = find_credentials()
     log.info("Kaggle credentials: %s", creds.kind)
-    owner, slug, *version = dataset.split("/")
-    # one folder per owner/slug/version: the client keeps a cached zip that is "newer", so two
-    # datasets or versions must never share a file name
-    cache_dir = cache_dir / owner / slug / (version[0] if version else "latest")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{slug}.zip"
-
-    def client() -> Any:
-        # kaggle authenticates (and may print help or call the network) at import: keep it quiet.
-        with contextlib.redirect_stdout(io.StringIO()):
-            from kaggle.api.kaggle_api_extended import KaggleApi
-
-            api = KaggleApi()
-            api.authenticate()
-        return api
-
-    def metadata(api: Any) -> None:
-        from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetMetadataRequest
-
-        owner, name = dataset.split("/")[:2]
-        request = ApiGetDatasetMetadataRequest()
-        request.owner_slug, request.dataset_slug = owner, name
-        with api.build_kaggle_client() as kaggle:
-            response = kaggle.datasets.dataset_api_client.get_dataset_metadata(request)
-        if response.error_message:
-            raise FetchError(f"Kaggle: {dataset}: {response.error_message}")
-        licences = [lic.name for lic in (response.info.licenses or []) if lic.name] if response.info else []
-        log.info("Kaggle dataset %s, licence %s", dataset, ", ".join(licences) or "unknown")
-
-    def download(api: Any) -> None:
-        with contextlib.redirect_stdout(io.StringIO()):
-            api.dataset_download_files(dataset, path=str(cache_dir), force=False, quiet=True)
-
+    target = _cached_zip(dataset, cache_dir)
     try:
-        api = with_retries(client, "Kaggle authentication", retries, backoff_s)
-        with_retries(lambda: metadata(api), "Kaggle metadata", retries, backoff_s)
-        for attempt in (1, 2):
-            with_retries(lambda: download(api), "Kaggle download", retries, backoff_s)
-            if _zip_is_complete(target):
-                break
-            log.warning("downloaded %s fails its integrity check; deleting it (attempt %d)", target, attempt)
-            target.unlink(missing_ok=True)
-        else:
-            raise FetchError(f"Kaggle download of {dataset} is corrupt twice in a row: try again later")
+        api = with_retries(_client, "Kaggle authentication", retries, backoff_s)
+        with_retries(lambda: _log_licence(api, dataset), "Kaggle metadata", retries, backoff_s)
+        _download_complete_zip(api, dataset, target, retries, backoff_s)
     except FetchError:
         raise
     except SystemExit as exc:  # the client calls exit(1) when authentication fails
-        if "token" in creds.kind.lower():
-            raise FetchError(
-                f"Kaggle did not accept the token from {creds.kind} (inactive or expired): create a "
-                "new API token at kaggle.com/settings"
-            ) from exc
-        raise FetchError(NO_CREDENTIALS) from exc
+        raise _refused_login(creds) from exc
     except Exception as exc:
         raise _explain(exc, dataset, creds) from exc
     return target

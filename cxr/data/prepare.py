@@ -16,12 +16,12 @@ from typing import Any
 import pandas as pd
 
 from cxr import CLASS_NAMES
+from cxr.data.manifest import build_manifest
+from cxr.data.split import STRATEGIES, assign_splits
 from cxr.errors import DataError
 from cxr.files import write_json
 from cxr.provenance.hashing import sha256_file
-from cxr.data.manifest import build_manifest
 from cxr.reporting.plots import class_distribution
-from cxr.data.split import STRATEGIES, assign_splits
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +55,21 @@ def _duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any], l
     return manifest[~conflicting].reset_index(drop=True), summary, excluded
 
 
-def prepare(
-    raw_dir: str | Path,
-    split_params: Mapping[str, Any],
-    prepare_params: Mapping[str, Any] | None = None,
-    prepared_dir: str | Path = "data/prepared",
-    reports_dir: str | Path = "reports",
-) -> dict[str, Any]:
-    """Run the step; return paths and content hashes of what it wrote."""
-    started = time.perf_counter()
-    prepare_params = prepare_params or {}
-    raw_dir, prepared_dir, reports_dir = Path(raw_dir), Path(prepared_dir), Path(reports_dir)
+def _usable_manifest(
+    raw_dir: Path, prepare_params: Mapping[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any], list[dict[str, str]]]:
+    """Manifest of the readable images, the duplicate summary, and the files excluded with their reasons."""
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir}: not found; run the fetch step first (dvc repro fetch)")
     manifest, excluded = build_manifest(raw_dir, workers=int(prepare_params.get("workers", 0)))
     manifest, dup_summary, conflict_excluded = _duplicates(manifest)
-    excluded += conflict_excluded
+    return manifest, dup_summary, excluded + conflict_excluded
 
+
+def _class_counts(
+    manifest: pd.DataFrame, excluded: list[dict[str, str]], raw_dir: Path, prepare_params: Mapping[str, Any]
+) -> dict[str, int]:
+    """Usable images per class; fewer than ``prepare.min_images_per_class`` (at least 1) in a class is refused."""
     minimum = int(prepare_params.get("min_images_per_class", 1))
     class_counts = {c: int((manifest["class_name"] == c).sum()) for c in CLASS_NAMES}
     short = {c: n for c, n in class_counts.items() if n < max(minimum, 1)}
@@ -81,7 +79,11 @@ def prepare(
             f"{raw_dir}: too few usable images ({detail}; prepare.min_images_per_class={minimum}); "
             f"{len(excluded)} files were excluded, see the log"
         )
+    return class_counts
 
+
+def _split(manifest: pd.DataFrame, split_params: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """The configured strategy, its split per manifest row, and the summaries of every strategy."""
     strategy = str(split_params.get("strategy", "patient"))
     kwargs = {
         "test_size": float(split_params.get("test_size", 0.2)),
@@ -96,19 +98,37 @@ def prepare(
             chosen = split
     if chosen is None:  # assign_splits raised for an unknown strategy before reaching here
         raise DataError(f"split.strategy={strategy!r}")
+    return strategy, chosen, summaries
 
+
+def _write_tables(manifest: pd.DataFrame, chosen: Any, prepared_dir: Path) -> tuple[Path, Path]:
+    """Write ``manifest.csv`` (every usable image) and ``splits.csv`` (those assigned a split)."""
     manifest_path = prepared_dir / "manifest.csv"
     splits_path = prepared_dir / "splits.csv"
     _write_csv(manifest, manifest_path)
     splits = manifest.assign(split=chosen)
     splits = splits[splits["split"] != "excluded"][SPLIT_COLUMNS]
     _write_csv(splits, splits_path)
+    return manifest_path, splits_path
 
+
+def _quality_report(
+    raw_dir: Path,
+    manifest: pd.DataFrame,
+    excluded: list[dict[str, str]],
+    dup_summary: dict[str, Any],
+    class_counts: dict[str, int],
+    split: tuple[str, dict[str, Any]],
+    tables: tuple[Path, Path],
+) -> dict[str, Any]:
+    """The content of ``data_quality.json``; ``split`` is (strategy, summaries), ``tables`` the two CSVs."""
+    strategy, summaries = split
+    manifest_path, splits_path = tables
     patients = manifest.loc[manifest["patient_id"] != "", "patient_id"]
-    quality = {
+    not_images = sum(1 for e in excluded if e["reason"] == "not an image file name")
+    return {
         "raw_dir": raw_dir.as_posix(),
-        "images_listed": len(manifest) + len(excluded) - sum(
-            1 for e in excluded if e["reason"] == "not an image file name"),
+        "images_listed": len(manifest) + len(excluded) - not_images,
         "images_usable": len(manifest),
         "class_counts": class_counts,
         "excluded_count": len(excluded),
@@ -129,21 +149,75 @@ def prepare(
         "manifest_sha256": sha256_file(manifest_path),
         "splits_sha256": sha256_file(splits_path),
     }
-    quality_path = reports_dir / "data_quality.json"
-    write_json(quality_path, quality)
+
+
+def _log_exclusions(excluded: list[dict[str, str]]) -> None:
     for reason in sorted({e["reason"] for e in excluded}):
         n = sum(e["reason"] == reason for e in excluded)
         log.warning("excluded %d file(s): %s", n, reason)
-    plot_path = class_distribution(summaries[strategy]["counts"],
-                                   reports_dir / "plots" / "class_distribution.png",
-                                   f"Class distribution ({strategy} split)")
-    leak = summaries[strategy]["leakage"]
-    log.info("split %s: %s; leakage clean=%s; prepared in %.1f s", strategy,
-             {s: sum(c.values()) for s, c in summaries[strategy]["counts"].items()},
-             leak["clean"], time.perf_counter() - started)
+
+
+def _plot_classes(strategy: str, summary: Mapping[str, Any], reports_dir: Path) -> Path:
+    """Bar plot of the images per class and split of the chosen split."""
+    return class_distribution(
+        summary["counts"],
+        reports_dir / "plots" / "class_distribution.png",
+        f"Class distribution ({strategy} split)",
+    )
+
+
+def _log_split(strategy: str, summary: Mapping[str, Any], started: float) -> None:
+    log.info(
+        "split %s: %s; leakage clean=%s; prepared in %.1f s",
+        strategy,
+        {s: sum(c.values()) for s, c in summary["counts"].items()},
+        summary["leakage"]["clean"],
+        time.perf_counter() - started,
+    )
+
+
+def prepare(
+    raw_dir: str | Path,
+    split_params: Mapping[str, Any],
+    prepare_params: Mapping[str, Any] | None = None,
+    prepared_dir: str | Path = "data/prepared",
+    reports_dir: str | Path = "reports",
+) -> dict[str, Any]:
+    """Build the manifest, check the data, split it without leakage and plot the class balance.
+
+    Args:
+        raw_dir: the fetched images in Kaggle layout.
+        split_params: the ``split`` section: ``strategy`` (``patient``, the default, or ``seed``:
+            the notebook's image-level split), ``test_size``, ``val_size``, ``seed``.
+        prepare_params: the ``prepare`` section: ``workers`` (image probing), ``min_images_per_class``.
+        prepared_dir: where ``manifest.csv`` and ``splits.csv`` are written.
+        reports_dir: where ``data_quality.json`` and ``plots/class_distribution.png`` are written.
+
+    Returns:
+        Paths and content hashes of what the step wrote (``manifest``, ``splits``, ``quality``,
+        each with its ``*_sha256``, and ``plot``).
+    """
+    started = time.perf_counter()
+    prepare_params = prepare_params or {}
+    raw_dir, prepared_dir, reports_dir = Path(raw_dir), Path(prepared_dir), Path(reports_dir)
+    manifest, dup_summary, excluded = _usable_manifest(raw_dir, prepare_params)
+    class_counts = _class_counts(manifest, excluded, raw_dir, prepare_params)
+    strategy, chosen, summaries = _split(manifest, split_params)
+    manifest_path, splits_path = _write_tables(manifest, chosen, prepared_dir)
+    quality = _quality_report(
+        raw_dir, manifest, excluded, dup_summary, class_counts, (strategy, summaries), (manifest_path, splits_path)
+    )
+    quality_path = reports_dir / "data_quality.json"
+    write_json(quality_path, quality)
+    _log_exclusions(excluded)
+    plot_path = _plot_classes(strategy, summaries[strategy], reports_dir)
+    _log_split(strategy, summaries[strategy], started)
     return {
-        "manifest": manifest_path.as_posix(), "manifest_sha256": quality["manifest_sha256"],
-        "splits": splits_path.as_posix(), "splits_sha256": quality["splits_sha256"],
-        "quality": quality_path.as_posix(), "quality_sha256": sha256_file(quality_path),
+        "manifest": manifest_path.as_posix(),
+        "manifest_sha256": quality["manifest_sha256"],
+        "splits": splits_path.as_posix(),
+        "splits_sha256": quality["splits_sha256"],
+        "quality": quality_path.as_posix(),
+        "quality_sha256": sha256_file(quality_path),
         "plot": plot_path.as_posix(),
     }

@@ -1,4 +1,4 @@
-"""Reader agreement (spec §9): the model against each radiologist, and the radiologists together.
+"""Reader agreement: the model against each radiologist, and the radiologists together.
 
 Input: a CSV with one row per image, a key column (``path`` or ``image``) and one column per
 reader holding 0/1 or NORMAL/PNEUMONIA. Cohen's kappa for the model against each reader and for

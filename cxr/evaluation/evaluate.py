@@ -58,12 +58,21 @@ from cxr.training.input_pipeline import load_images, read_split
 log = logging.getLogger(__name__)
 
 
-def score(labels: np.ndarray, probabilities: np.ndarray, groups: Sequence[str], threshold: float,
-          n_boot: int, seed: int, youden: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def score(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    groups: Sequence[str],
+    threshold: float,
+    n_boot: int,
+    seed: int,
+    youden: float | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """All metrics of one model on one labelled set; also the bootstrap samples (for comparisons)."""
     labels = np.asarray(labels).astype(int)
-    result: dict[str, Any] = {**threshold_free(labels, probabilities),
-                              "at_threshold": at_threshold(labels, probabilities, threshold)}
+    result: dict[str, Any] = {
+        **threshold_free(labels, probabilities),
+        "at_threshold": at_threshold(labels, probabilities, threshold),
+    }
     samples = bootstrap(labels, [probabilities], groups, threshold, n_boot, seed)[0]
     result["ci95"] = {k: interval(v) for k, v in samples.items()}
     result["ci_method"] = f"{n_boot} bootstrap resamples of patients (seed {seed})"
@@ -73,8 +82,13 @@ def score(labels: np.ndarray, probabilities: np.ndarray, groups: Sequence[str], 
     for key in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy"):
         result[key] = result["at_threshold"][key]
     result["classification_report"] = classification_report(
-        labels, (probabilities >= threshold).astype(int), labels=[0, 1], target_names=["normal", "pn"],
-        output_dict=True, zero_division=0)
+        labels,
+        (probabilities >= threshold).astype(int),
+        labels=[0, 1],
+        target_names=["normal", "pn"],
+        output_dict=True,
+        zero_division=0,
+    )
     return result, samples
 
 
@@ -87,29 +101,76 @@ def _write_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
 
 def _curves(name: str, labels: np.ndarray, probs: np.ndarray, result: Mapping[str, Any], out: Path) -> None:
-    fpr, tpr, thr = roc_curve(labels, probs)
-    _write_rows(out / "roc.csv", ["fpr", "tpr", "threshold"],
-                [(round(a, 5), round(b, 5), round(min(c, 1.0), 5)) for a, b, c in zip(fpr, tpr, thr, strict=True)])
+    """ROC, precision–recall and reliability curves (CSV and PNG) and the confusion matrix plot, into ``out``."""
+    roc = roc_curve(labels, probs)
     precision, recall, _ = precision_recall_curve(labels, probs)
-    _write_rows(out / "pr.csv", ["recall", "precision"],
-                [(round(r, 5), round(p, 5)) for r, p in zip(recall, precision, strict=True)])
     bins = calibration_bins(labels, probs)
-    _write_rows(out / "calibration.csv", ["mean_predicted", "fraction_positive", "count"],
-                [(round(b["mean_predicted"], 5), round(b["fraction_positive"], 5), b["count"]) for b in bins])
+    _write_curve_tables(out, roc, (recall, precision), bins)
+    _plot_curves(name, out, roc[:2], (recall, precision), bins, result)
+
+
+def _write_curve_tables(out: Path, roc: Sequence[np.ndarray], pr: Sequence[np.ndarray], bins: Sequence[Any]) -> None:
+    """``roc.csv`` (fpr, tpr, threshold), ``pr.csv`` (recall, precision) and ``calibration.csv``."""
+    fpr, tpr, thr = roc
+    _write_rows(
+        out / "roc.csv",
+        ["fpr", "tpr", "threshold"],
+        [(round(a, 5), round(b, 5), round(min(c, 1.0), 5)) for a, b, c in zip(fpr, tpr, thr, strict=True)],
+    )
+    recall, precision = pr
+    _write_rows(
+        out / "pr.csv",
+        ["recall", "precision"],
+        [(round(r, 5), round(p, 5)) for r, p in zip(recall, precision, strict=True)],
+    )
+    _write_rows(
+        out / "calibration.csv",
+        ["mean_predicted", "fraction_positive", "count"],
+        [(round(b["mean_predicted"], 5), round(b["fraction_positive"], 5), b["count"]) for b in bins],
+    )
+
+
+def _plot_curves(
+    name: str,
+    out: Path,
+    roc: Sequence[np.ndarray],
+    pr: Sequence[np.ndarray],
+    bins: Sequence[Any],
+    result: Mapping[str, Any],
+) -> None:
+    """``roc.png``, ``pr.png``, ``calibration.png`` and ``confusion.png`` (at the shipped threshold)."""
     auc = result["auc"] or float("nan")
-    plots.curve(fpr, tpr, out / "roc.png", f"{name}: ROC", "1 − specificity", "sensitivity", diagonal=True,
-                label=f"AUC {auc:.3f}")
-    plots.curve(recall, precision, out / "pr.png", f"{name}: precision–recall", "recall (sensitivity)",
-                "precision (PPV)", label=f"AP {result['average_precision'] or float('nan'):.3f}")
-    plots.curve([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins],
-                out / "calibration.png", f"{name}: reliability (Brier {result['brier']:.3f})",
-                "mean predicted P(pneumonia)", "observed fraction with pneumonia", diagonal=True)
-    plots.confusion(result["at_threshold"]["confusion"], out / "confusion.png",
-                    f"{name} @ {result['at_threshold']['threshold']:.2f}")
+    ap = result["average_precision"] or float("nan")
+    plots.curve(
+        *roc, out / "roc.png", f"{name}: ROC", "1 − specificity", "sensitivity", diagonal=True, label=f"AUC {auc:.3f}"
+    )
+    plots.curve(
+        *pr,
+        out / "pr.png",
+        f"{name}: precision–recall",
+        "recall (sensitivity)",
+        "precision (PPV)",
+        label=f"AP {ap:.3f}",
+    )
+    plots.curve(
+        [b["mean_predicted"] for b in bins],
+        [b["fraction_positive"] for b in bins],
+        out / "calibration.png",
+        f"{name}: reliability (Brier {result['brier']:.3f})",
+        "mean predicted P(pneumonia)",
+        "observed fraction with pneumonia",
+        diagonal=True,
+    )
+    plots.confusion(
+        result["at_threshold"]["confusion"],
+        out / "confusion.png",
+        f"{name} @ {result['at_threshold']['threshold']:.2f}",
+    )
 
 
-def _split_probabilities(lm: LoadedModel, splits_csv: Path, split: str, cache_dir: str
-                         ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+def _split_probabilities(
+    lm: LoadedModel, splits_csv: Path, split: str, cache_dir: str
+) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     import pandas as pd
 
     cfg = lm.cached_input(cache_dir)
@@ -133,8 +194,10 @@ def threshold_rule(eval_params: Mapping[str, Any], external_names: Sequence[str]
     if kind == "external" and name in external_names:
         return "external", name
     if kind == "external":
-        raise CxrError(f"evaluate.threshold_source={source}: no external set named {name!r} in evaluate.external "
-                       f"(configured: {', '.join(external_names) or 'none'})")
+        raise CxrError(
+            f"evaluate.threshold_source={source}: no external set named {name!r} in evaluate.external "
+            f"(configured: {', '.join(external_names) or 'none'})"
+        )
     raise CxrError(f"evaluate.threshold_source={source!r}: choose one of {', '.join(THRESHOLD_RULES)}")
 
 
@@ -144,12 +207,19 @@ def validation_point(lm: LoadedModel, labels: np.ndarray, probs: np.ndarray) -> 
     point = lm.card.get("operating_point") or {}
     if point.get("chosen_on") == "val" and isinstance(point.get("threshold"), int | float):
         return {"threshold": float(point["threshold"]), "rule": str(point.get("rule")), "chosen_on": "val"}
-    return {"threshold": youden_threshold(labels, probs), "rule": "Youden's J on the validation split",
-            "chosen_on": "val"}
+    return {
+        "threshold": youden_threshold(labels, probs),
+        "rule": "Youden's J on the validation split",
+        "chosen_on": "val",
+    }
 
 
-def operating_point(rule: tuple[str, str | None], eval_params: Mapping[str, Any], val_point: Mapping[str, Any],
-                    external_probs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+def operating_point(
+    rule: tuple[str, str | None],
+    eval_params: Mapping[str, Any],
+    val_point: Mapping[str, Any],
+    external_probs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> dict[str, Any]:
     """The shipped threshold of one model, with the rule and the data set it was chosen on."""
     kind, name = rule
     if kind == "fixed":
@@ -157,8 +227,11 @@ def operating_point(rule: tuple[str, str | None], eval_params: Mapping[str, Any]
         return {"threshold": value, "rule": "fixed (evaluate.threshold)", "chosen_on": None}
     if kind == "external":
         labels, probs = external_probs[str(name)]
-        return {"threshold": youden_threshold(labels, probs), "rule": f"Youden's J on external set {name}",
-                "chosen_on": name}
+        return {
+            "threshold": youden_threshold(labels, probs),
+            "rule": f"Youden's J on external set {name}",
+            "chosen_on": name,
+        }
     return dict(val_point)
 
 
@@ -172,12 +245,19 @@ class _Scored:
     external: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _score_model(lm: LoadedModel, splits_csv: Path, cache_dir: str, sets: Sequence[ExternalSet],
-                 decoded: dict[tuple[Any, ...], np.ndarray]) -> _Scored:
+def _score_model(
+    lm: LoadedModel,
+    splits_csv: Path,
+    cache_dir: str,
+    sets: Sequence[ExternalSet],
+    decoded: dict[tuple[Any, ...], np.ndarray],
+) -> _Scored:
     _, val_labels, val_probs, _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
-    scored = _Scored(test=_split_probabilities(lm, splits_csv, "test", cache_dir),
-                     val_youden=youden_threshold(val_labels, val_probs),
-                     val_point=validation_point(lm, val_labels, val_probs))
+    scored = _Scored(
+        test=_split_probabilities(lm, splits_csv, "test", cache_dir),
+        val_youden=youden_threshold(val_labels, val_probs),
+        val_point=validation_point(lm, val_labels, val_probs),
+    )
     for ext in sets:
         key = (ext.name, lm.input.image_size, lm.input.resize, lm.input.interpolation)
         if key not in decoded:  # models sharing preprocessing (an ensemble and its members) decode once
@@ -186,8 +266,21 @@ def _score_model(lm: LoadedModel, splits_csv: Path, cache_dir: str, sets: Sequen
     return scored
 
 
-_SUMMARY_KEYS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "brier",
-                 "average_precision", "ci95", "youden_threshold", "n")
+_SUMMARY_KEYS = (
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "balanced_accuracy",
+    "brier",
+    "average_precision",
+    "ci95",
+    "youden_threshold",
+    "n",
+)
 
 
 def _compact(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -206,25 +299,109 @@ def _calibration(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     return {"brier": float(np.mean((np.asarray(probs) - labels) ** 2)), "ece": float(ece)}
 
 
-def _write_set(name: str, label: str, paths: Sequence[str], labels: np.ndarray, probs: np.ndarray,
-               groups: Sequence[str], result: dict[str, Any], target: Path) -> None:
+def _write_set(
+    name: str,
+    label: str,
+    paths: Sequence[str],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    groups: Sequence[str],
+    result: dict[str, Any],
+    target: Path,
+) -> None:
     rows = [(p, int(y), g, round(float(q), 6)) for p, y, g, q in zip(paths, labels, groups, probs, strict=True)]
     _write_rows(target / "predictions.csv", ["path", "label", "patient_id", "probability"], rows)
     _curves(f"{name} on {label}", labels.astype(int), probs, result, target)
     write_json(target / "metrics.json", result)
 
 
-def evaluate_models(models: Sequence[str], eval_params: Mapping[str, Any], input_params: Mapping[str, Any],
-                    splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models",
-                    out_dir: str | Path = "reports/eval", metrics_path: str | Path = "reports/metrics.json",
-                    external_dir: str | Path = EXTERNAL_DIR) -> dict[str, Any]:
+def _empty_summary(
+    eval_params: Mapping[str, Any], sets: Sequence[ExternalSet], sets_cfg: Mapping[str, str]
+) -> dict[str, Any]:
+    """The ``metrics.json`` skeleton: settings, and empty per-model and comparison slots per data set."""
+    return {
+        "threshold": float(eval_params.get("threshold", 0.5)),
+        "threshold_source": str(eval_params.get("threshold_source", "validation")),
+        "split": "test",
+        "models": {},
+        "comparison": [],
+        "external": {
+            ext.name: {
+                "n": len(ext.labels),
+                "prevalence": ext.prevalence,
+                "folder": sets_cfg[ext.name],
+                "models": {},
+                "comparison": [],
+            }
+            for ext in sets
+        },
+    }
+
+
+def _score_test(
+    name: str, lm: LoadedModel, scored: _Scored, point: Mapping[str, Any], n_boot: int, seed: int, out_dir: Path
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One model on the test split at its shipped threshold; files under ``<out_dir>/<name>/``."""
+    threshold = point["threshold"]
+    paths, labels, probs, groups = scored.test
+    result, samples = score(labels, probs, groups, threshold, n_boot, seed, scored.val_youden)
+    result.update(
+        model_sha256=lm.card.get("model_sha256"),
+        verified=lm.verified,
+        health=lm.card.get("health", {}).get("status"),
+        operating_point=point,
+        calibration=_calibration(labels, probs),
+    )
+    _write_set(name, "test", paths, labels, probs, groups, result, out_dir / name)
+    write_json(
+        out_dir / name / "operating_point.json", {**point, "model": name, "model_sha256": lm.card.get("model_sha256")}
+    )
+    log.info(
+        "%s: test AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f (%s)",
+        name,
+        result["auc"],
+        ci_text(result["ci95"]["auc"]),
+        result["sensitivity"],
+        result["specificity"],
+        threshold,
+        point["rule"],
+    )
+    return {**_compact(result), "operating_point": point}, samples
+
+
+def _add_comparisons(
+    summary: dict[str, Any], samples: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], models: Sequence[str]
+) -> None:
+    """A paired bootstrap test of the AUC difference for every pair of models, per data set."""
+    for set_name, by_model in samples.items():
+        target = summary["comparison"] if set_name == "test" else summary["external"][set_name]["comparison"]
+        aucs = summary["models"] if set_name == "test" else summary["external"][set_name]["models"]
+        for a, b in itertools.combinations(models, 2):
+            test = paired_auc_test(by_model[a]["auc"], by_model[b]["auc"], aucs[a]["auc"], aucs[b]["auc"])
+            target.append({"a": a, "b": b, **test})
+
+
+def evaluate_models(
+    models: Sequence[str],
+    eval_params: Mapping[str, Any],
+    input_params: Mapping[str, Any],
+    splits_csv: str | Path = "data/prepared/splits.csv",
+    models_dir: str | Path = "models",
+    out_dir: str | Path = "reports/eval",
+    metrics_path: str | Path = "reports/metrics.json",
+    external_dir: str | Path = EXTERNAL_DIR,
+) -> dict[str, Any]:
     """Evaluate every model on the test split and on every external set.
 
     Args:
         models: model names (``models/<name>.keras``; ``ensemble`` is ``ensemble/ensemble.keras``).
         eval_params: the ``evaluate`` section (threshold rule, bootstrap, seed, external sets).
         input_params: the ``input`` section (the decoded-image cache folder).
-        splits_csv, models_dir, out_dir, metrics_path, external_dir: where the files are.
+        splits_csv: the split file (the test split is scored, the validation split sets thresholds).
+        models_dir: where the models are.
+        out_dir: where per-model predictions, metrics, curves and plots are written.
+        metrics_path: where the summary is written.
+        external_dir: where the external sets' indexes are.
 
     Returns:
         The summary written to ``metrics.json``: per model the test figures at its shipped
@@ -236,66 +413,60 @@ def evaluate_models(models: Sequence[str], eval_params: Mapping[str, Any], input
     sets_cfg = external_sets(eval_params)
     rule = threshold_rule(eval_params, list(sets_cfg))
     sets = [load_external(name, folder, external_dir) for name, folder in sets_cfg.items()]
-    summary: dict[str, Any] = {
-        "threshold": float(eval_params.get("threshold", 0.5)),
-        "threshold_source": str(eval_params.get("threshold_source", "validation")),
-        "split": "test", "models": {}, "comparison": [],
-        "external": {ext.name: {"n": len(ext.labels), "prevalence": ext.prevalence, "folder": sets_cfg[ext.name],
-                                "models": {}, "comparison": []} for ext in sets},
-    }
+    summary = _empty_summary(eval_params, sets, sets_cfg)
     samples: dict[str, dict[str, dict[str, np.ndarray]]] = {"test": {}, **{ext.name: {} for ext in sets}}
     decoded: dict[tuple[Any, ...], np.ndarray] = {}
     for name in models:
         lm = load(model_file(name, models_dir))
         scored = _score_model(lm, splits_csv, cache_dir, sets, decoded)
-        point = operating_point(rule, eval_params, scored.val_point,
-                                {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets})
-        threshold = point["threshold"]
-        paths, labels, probs, groups = scored.test
-        result, samples["test"][name] = score(labels, probs, groups, threshold, n_boot, seed, scored.val_youden)
-        result.update(model_sha256=lm.card.get("model_sha256"), verified=lm.verified,
-                      health=lm.card.get("health", {}).get("status"), operating_point=point,
-                      calibration=_calibration(labels, probs))
-        _write_set(name, "test", paths, labels, probs, groups, result, out_dir / name)
-        write_json(out_dir / name / "operating_point.json", {**point, "model": name,
-                                                              "model_sha256": lm.card.get("model_sha256")})
-        summary["models"][name] = {**_compact(result), "operating_point": point}
-        log.info("%s: test AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f (%s)", name,
-                 result["auc"], ci_text(result["ci95"]["auc"]), result["sensitivity"], result["specificity"],
-                 threshold, point["rule"])
+        point = operating_point(
+            rule, eval_params, scored.val_point, {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets}
+        )
+        summary["models"][name], samples["test"][name] = _score_test(name, lm, scored, point, n_boot, seed, out_dir)
         for ext in sets:
             compact, samples[ext.name][name] = _score_external(name, ext, scored, point, n_boot, seed, out_dir)
             summary["external"][ext.name]["models"][name] = compact
-    for set_name, by_model in samples.items():
-        target = summary["comparison"] if set_name == "test" else summary["external"][set_name]["comparison"]
-        aucs = summary["models"] if set_name == "test" else summary["external"][set_name]["models"]
-        for a, b in itertools.combinations(models, 2):
-            test = paired_auc_test(by_model[a]["auc"], by_model[b]["auc"], aucs[a]["auc"], aucs[b]["auc"])
-            target.append({"a": a, "b": b, **test})
+    _add_comparisons(summary, samples, models)
     write_json(Path(metrics_path), summary)
     return summary
 
 
-def _score_external(name: str, ext: ExternalSet, scored: _Scored, point: Mapping[str, Any], n_boot: int, seed: int,
-                    out_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _score_external(
+    name: str, ext: ExternalSet, scored: _Scored, point: Mapping[str, Any], n_boot: int, seed: int, out_dir: Path
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One model on one external set at its shipped threshold; files under ``external-<set>/``."""
     threshold, probs = point["threshold"], scored.external[ext.name]
     result, samples = score(ext.labels, probs, ext.groups, threshold, n_boot, seed, scored.val_youden)
     own = youden_threshold(ext.labels, probs)
-    result.update(calibration=_calibration(ext.labels, probs),
-                  threshold_chosen_on_this_set=point["chosen_on"] == ext.name,
-                  at_own_youden={**at_threshold(ext.labels, probs, own),
-                                 "note": "threshold chosen on this same set (optimistic)"})
-    _write_set(name, ext.name, ext.paths, ext.labels, probs, ext.groups, result,
-               out_dir / name / f"external-{ext.name}")
+    result.update(
+        calibration=_calibration(ext.labels, probs),
+        threshold_chosen_on_this_set=point["chosen_on"] == ext.name,
+        at_own_youden={
+            **at_threshold(ext.labels, probs, own),
+            "note": "threshold chosen on this same set (optimistic)",
+        },
+    )
+    _write_set(
+        name, ext.name, ext.paths, ext.labels, probs, ext.groups, result, out_dir / name / f"external-{ext.name}"
+    )
     compact = _compact(result)
-    compact.update(threshold_chosen_on_this_set=result["threshold_chosen_on_this_set"],
-                   at_own_youden={k: result["at_own_youden"][k] for k in
-                                  ("threshold", "sensitivity", "specificity", "accuracy")})
+    compact.update(
+        threshold_chosen_on_this_set=result["threshold_chosen_on_this_set"],
+        at_own_youden={k: result["at_own_youden"][k] for k in ("threshold", "sensitivity", "specificity", "accuracy")},
+    )
     chosen = " (threshold chosen on this set)" if compact["threshold_chosen_on_this_set"] else ""
-    log.info("%s on external %s: n=%d AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f%s", name,
-             ext.name, len(ext.labels), result["auc"], ci_text(result["ci95"]["auc"]), result["sensitivity"],
-             result["specificity"], threshold, chosen)
+    log.info(
+        "%s on external %s: n=%d AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f%s",
+        name,
+        ext.name,
+        len(ext.labels),
+        result["auc"],
+        ci_text(result["ci95"]["auc"]),
+        result["sensitivity"],
+        result["specificity"],
+        threshold,
+        chosen,
+    )
     return compact, samples
 
 
@@ -305,7 +476,14 @@ def ci_text(pair: Sequence[float] | None) -> str:
 
 
 def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Images, labels and patient ids of a folder in Kaggle layout (any split folders pooled)."""
+    """Images, labels and patient ids of a folder in Kaggle layout (any split folders pooled).
+
+    Args:
+        data_dir: a folder with ``NORMAL/`` and ``PNEUMONIA/`` (optionally below split folders).
+
+    Returns:
+        The image files, their labels (0 normal, 1 pneumonia) and patient ids ("" when unknown).
+    """
     from imutils import paths as imutils_paths
 
     files, labels, groups = [], [], []
@@ -334,11 +512,22 @@ def _validation_youden(lm: LoadedModel, eval_dir: Path = Path("reports/eval")) -
     return data.get("youden_threshold") if data.get("model_sha256") == lm.card.get("model_sha256") else None
 
 
-def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: float | None = None,
-                    n_boot: int = 1000, seed: int = 42) -> dict[str, Any]:
+def evaluate_folder(
+    model_path: str | Path, data_dir: str | Path, threshold: float | None = None, n_boot: int = 1000, seed: int = 42
+) -> dict[str, Any]:
     """Score one saved model on a labelled folder (e.g. an outside test set); unreadable files skipped.
 
-    ``threshold`` None uses the model's shipped threshold (see :func:`cxr.inference.loading.shipped_threshold`).
+    Args:
+        model_path: a saved ``.keras`` model with its card.
+        data_dir: a labelled folder in ``{NORMAL,PNEUMONIA}/`` or Kaggle layout (split folders pooled).
+        threshold: the decision threshold; None uses the model's shipped threshold (see
+            :func:`cxr.inference.loading.shipped_threshold`).
+        n_boot: bootstrap resamples of patients for the 95 % intervals.
+        seed: the bootstrap seed.
+
+    Returns:
+        The metrics of :func:`score`, plus the model, the folder, whether the model file matches its
+        card, the skipped files with their reasons, and where the threshold came from.
     """
     lm = load(model_path)
     if threshold is None:
@@ -356,8 +545,10 @@ def evaluate_folder(model_path: str | Path, data_dir: str | Path, threshold: flo
     if not images:
         raise DataError(f"{data_dir}: none of its {len(files)} images could be read")
     probs = predict_images(lm.model, np.stack(images))
-    result, _ = score(labels[keep], probs, [groups[i] for i in keep], threshold, n_boot, seed,
-                      youden=_validation_youden(lm))
-    result.update(model=str(model_path), data=str(data_dir), verified=lm.verified, skipped=skipped,
-                  threshold_source=source)
+    result, _ = score(
+        labels[keep], probs, [groups[i] for i in keep], threshold, n_boot, seed, youden=_validation_youden(lm)
+    )
+    result.update(
+        model=str(model_path), data=str(data_dir), verified=lm.verified, skipped=skipped, threshold_source=source
+    )
     return result

@@ -18,10 +18,6 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def tree_digest(entries: Iterable[tuple[str, str]]) -> str:
     """Digest of a folder from ``(relative_path, sha256)`` pairs, independent of listing order."""
     digest = hashlib.sha256()
@@ -34,8 +30,6 @@ def hash_tree(root: str | Path) -> str:
     """Content digest of every regular file below ``root`` (paths relative, '/'-separated)."""
     root = Path(root)
     pairs = [
-        (p.relative_to(root).as_posix(), sha256_file(p))
-        for p in root.rglob("*")
-        if p.is_file() and not p.is_symlink()
+        (p.relative_to(root).as_posix(), sha256_file(p)) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
     ]
     return tree_digest(pairs)

@@ -17,9 +17,10 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxr.errors import CxrError
 from cxr.files import save_keras, write_json
@@ -28,13 +29,25 @@ from cxr.provenance import lineage_log as audit
 from cxr.provenance.hashing import sha256_file
 from cxr.provenance.versions import code_version, library_versions
 
+if TYPE_CHECKING:  # for annotations only
+    import numpy as np
+
+    from cxr.training.health import Health
+
 log = logging.getLogger(__name__)
 
 _SAME_PREPROCESSING = ("image_size", "resize", "interpolation")
 
 
 def members_of(params: Mapping[str, Any]) -> list[str]:
-    """``ensemble.members`` checked: distinct names of models listed in ``train.models``."""
+    """``ensemble.members`` checked: distinct names of models listed in ``train.models``.
+
+    Args:
+        params: the whole parameters mapping (``ensemble.members``, ``train.models``).
+
+    Returns:
+        The member names (empty: no ensemble); never a single member.
+    """
     members = list((params.get("ensemble") or {}).get("members") or [])
     trained = list((params.get("train") or {}).get("models") or [])
     unknown = [m for m in members if m not in trained]
@@ -48,7 +61,14 @@ def members_of(params: Mapping[str, Any]) -> list[str]:
 
 
 def evaluated_models(params: Mapping[str, Any]) -> list[str]:
-    """The models ``evaluate`` and ``report`` cover: ``train.models``, then the ensemble if configured."""
+    """The models ``evaluate`` and ``report`` cover: ``train.models``, then the ensemble if configured.
+
+    Args:
+        params: the whole parameters mapping.
+
+    Returns:
+        Model names, ``ensemble`` last when ``ensemble.members`` is set.
+    """
     models = list((params.get("train") or {}).get("models") or [])
     return models + ([ENSEMBLE] if members_of(params) else [])
 
@@ -71,15 +91,129 @@ def _check_members(members: Sequence[LoadedModel]) -> None:
             raise CxrError(f"{lm.path}: its sha256 differs from its card; retrain it before building the ensemble")
         differs = [k for k in _SAME_PREPROCESSING if getattr(lm.input, k) != getattr(first.input, k)]
         if differs:
-            raise CxrError(f"ensemble: {lm.path.name} and {first.path.name} differ in preprocessing "
-                           f"({', '.join(differs)})")
+            raise CxrError(
+                f"ensemble: {lm.path.name} and {first.path.name} differ in preprocessing ({', '.join(differs)})"
+            )
         if lm.card.get("data", {}).get("splits_sha256") != first.card.get("data", {}).get("splits_sha256"):
-            raise CxrError(f"ensemble: {lm.path.name} and {first.path.name} were trained on different splits; "
-                           "retrain them on the same data")
+            raise CxrError(
+                f"ensemble: {lm.path.name} and {first.path.name} were trained on different splits; "
+                "retrain them on the same data"
+            )
 
 
-def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/prepared/splits.csv",
-                   models_dir: str | Path = "models") -> dict[str, Any] | None:
+def _write_disabled(out_dir: Path) -> None:
+    """Leave only ``ensemble.json`` saying the ensemble is off (DVC still gets the output it declares)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    write_json(out_dir / "ensemble.json", {"enabled": False, "members": []})
+    log.info("ensemble: disabled (ensemble.members is empty)")
+
+
+@dataclass(frozen=True)
+class _Validation:
+    """The ensemble scored on the validation split."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    health: Health
+    target_sensitivity: float | None  # the members' rule for the shipped threshold (None: Youden's J)
+
+
+def _validate(
+    model: Any, loaded: Sequence[LoadedModel], members: Sequence[str], params: Mapping[str, Any], splits_csv: str | Path
+) -> _Validation:
+    """Score the ensemble on the validation split and apply the members' health policy to it."""
+    from cxr.inference.loading import predict_images
+    from cxr.training.health import assess
+    from cxr.training.input_pipeline import load_images, read_split
+    from cxr.training.train import TrainConfig
+
+    cache_dir = str((params.get("input") or {}).get("cache_dir", "data/cache"))
+    paths, labels, key = read_split(splits_csv, "val")
+    probabilities = predict_images(model, load_images(paths, key, loaded[0].cached_input(cache_dir), "val"))
+    member_cfg = TrainConfig.from_params(params.get("train") or {}, members[0])
+    health = assess(labels, probabilities, {}, member_cfg.health)
+    if health.status != "healthy" and member_cfg.health.on_collapse == "fail":
+        raise CxrError(
+            f"ensemble of {', '.join(members)} is {health.status}: {'; '.join(health.problems)}; not "
+            "shipped (set train.common.health.on_collapse: warn to keep it)"
+        )
+    return _Validation(labels, probabilities, health, member_cfg.target_sensitivity)
+
+
+def _card(model: Any, loaded: Sequence[LoadedModel], models_dir: str | Path, val: _Validation) -> dict[str, Any]:
+    """The ensemble's model card, before it is saved (no file hash, run or lineage yet)."""
+    from cxr.evaluation.metrics import validation_operating_point
+
+    first = loaded[0].card
+    return {
+        "model": ENSEMBLE,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_file": model_file(ENSEMBLE, models_dir).as_posix(),
+        "members": [
+            {
+                "model": lm.card.get("model"),
+                "model_file": lm.path.as_posix(),
+                "model_sha256": lm.card.get("model_sha256"),
+            }
+            for lm in loaded
+        ],
+        "combination": "mean of the members' P(pneumonia)",
+        "parameters": {"total": int(model.count_params())},
+        "data": first.get("data"),
+        "input": {"preprocessing": first.get("input", {}).get("preprocessing")},
+        "validation": val.health.metrics,
+        "operating_point": validation_operating_point(val.labels, val.probabilities, val.target_sensitivity),
+        "health": {"status": val.health.status, "problems": val.health.problems},
+        "code": code_version(),
+        "libraries": library_versions(),
+    }
+
+
+def _save(model: Any, card: dict[str, Any], members: Sequence[str], out_dir: Path, splits_csv: str | Path) -> None:
+    """Write the model, its card and ``ensemble.json`` into ``out_dir`` at once; completes ``card``."""
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    save_keras(model, tmp_dir / "ensemble.keras")
+    card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
+    card["run"] = audit.current_run()
+    card["lineage_data"] = audit.data_lineage(Path(splits_csv))
+    write_json(tmp_dir / "ensemble.card.json", card)
+    write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": list(members)})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp_dir, out_dir)  # the model and its card appear together
+
+
+def _record(card: Mapping[str, Any], members: Sequence[str], metrics: Mapping[str, Any]) -> None:
+    """Append the ensemble to the lineage log and log its validation figures."""
+    audit.append(
+        {
+            "model": ENSEMBLE,
+            "model_file": card["model_file"],
+            "model_sha256": card["model_sha256"],
+            "data": card["lineage_data"],
+            "params": {"ensemble": {"members": members}},
+            "members": card["members"],
+            "code": card["code"],
+            "run": card["run"],
+            "metrics": {"validation": metrics},
+            "created": card["created"],
+        }
+    )
+    log.info(
+        "ensemble of %s: validation AUC %.4f, threshold %.3f, saved %s (sha256 %s)",
+        ", ".join(members),
+        metrics.get("auc", float("nan")),
+        (card["operating_point"] or {}).get("threshold", float("nan")),
+        card["model_file"],
+        card["model_sha256"][:12],
+    )
+
+
+def build_ensemble(
+    params: Mapping[str, Any], splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models"
+) -> dict[str, Any] | None:
     """Write ``ensemble/ensemble.keras`` and its card from ``ensemble.members``; None when disabled.
 
     Args:
@@ -90,65 +224,16 @@ def build_ensemble(params: Mapping[str, Any], splits_csv: str | Path = "data/pre
     Returns:
         The ensemble's card, or None when ``ensemble.members`` is empty.
     """
-    from cxr.evaluation.metrics import validation_operating_point
-    from cxr.inference.loading import predict_images
-    from cxr.training.health import assess
-    from cxr.training.input_pipeline import load_images, read_split
-    from cxr.training.train import TrainConfig
-
     members = members_of(params)
     out_dir = model_file(ENSEMBLE, models_dir).parent
     if not members:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        write_json(out_dir / "ensemble.json", {"enabled": False, "members": []})
-        log.info("ensemble: disabled (ensemble.members is empty)")
+        _write_disabled(out_dir)
         return None
     loaded = [load(model_file(name, models_dir)) for name in members]
     _check_members(loaded)
     model = compose(loaded)
-    cache_dir = str((params.get("input") or {}).get("cache_dir", "data/cache"))
-    paths, labels, key = read_split(splits_csv, "val")
-    probabilities = predict_images(model, load_images(paths, key, loaded[0].cached_input(cache_dir), "val"))
-    member_cfg = TrainConfig.from_params(params.get("train") or {}, members[0])
-    health = assess(labels, probabilities, {}, member_cfg.health)
-    if health.status != "healthy" and member_cfg.health.on_collapse == "fail":
-        raise CxrError(f"ensemble of {', '.join(members)} is {health.status}: {'; '.join(health.problems)}; not "
-                       "shipped (set train.common.health.on_collapse: warn to keep it)")
-    first = loaded[0].card
-    card: dict[str, Any] = {
-        "model": ENSEMBLE,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_file": model_file(ENSEMBLE, models_dir).as_posix(),
-        "members": [{"model": lm.card.get("model"), "model_file": lm.path.as_posix(),
-                     "model_sha256": lm.card.get("model_sha256")} for lm in loaded],
-        "combination": "mean of the members' P(pneumonia)",
-        "parameters": {"total": int(model.count_params())},
-        "data": first.get("data"),
-        "input": {"preprocessing": first.get("input", {}).get("preprocessing")},
-        "validation": health.metrics,
-        "operating_point": validation_operating_point(labels, probabilities, member_cfg.target_sensitivity),
-        "health": {"status": health.status, "problems": health.problems},
-        "code": code_version(),
-        "libraries": library_versions(),
-    }
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    save_keras(model, tmp_dir / "ensemble.keras")
-    card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
-    card["run"] = audit.current_run()
-    card["lineage_data"] = audit.data_lineage(Path(splits_csv))
-    write_json(tmp_dir / "ensemble.card.json", card)
-    write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": members})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)  # the model and its card appear together
-    audit.append({"model": ENSEMBLE, "model_file": card["model_file"], "model_sha256": card["model_sha256"],
-                  "data": card["lineage_data"], "params": {"ensemble": {"members": members}},
-                  "members": card["members"], "code": card["code"], "run": card["run"],
-                  "metrics": {"validation": health.metrics}, "created": card["created"]})
-    log.info("ensemble of %s: validation AUC %.4f, threshold %.3f, saved %s (sha256 %s)", ", ".join(members),
-             health.metrics.get("auc", float("nan")), (card["operating_point"] or {}).get("threshold", float("nan")),
-             card["model_file"], card["model_sha256"][:12])
+    val = _validate(model, loaded, members, params, splits_csv)
+    card = _card(model, loaded, models_dir, val)
+    _save(model, card, members, out_dir, splits_csv)
+    _record(card, members, val.health.metrics)
     return card
-
