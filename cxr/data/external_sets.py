@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,45 +21,30 @@ from typing import Any
 import numpy as np
 
 from cxr import CLASS_NAMES
+from cxr.config import EvaluateConfig, check_external_sets, setting
 from cxr.data.images import probe
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.data.manifest import parse_patient
-from cxr.errors import CxrError, DataError
+from cxr.errors import DataError
 from cxr.files import write_json
 from cxr.provenance.hashing import sha256_file, tree_digest
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_DIR = Path("data/external")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-RESERVED = {"train", "val", "test"}
 COLUMNS = ("path", "label", "class_name", "patient_id", "sha256")
 
 
-def external_sets(eval_params: Mapping[str, Any]) -> dict[str, str]:
+def external_sets(eval_params: EvaluateConfig | Mapping[str, Any]) -> dict[str, str]:
     """``evaluate.external`` checked: ``{name: folder}`` (empty when none is configured).
 
     Args:
-        eval_params: the ``evaluate`` section.
+        eval_params: the ``evaluate`` section (its dataclass or the mapping).
 
     Returns:
         ``{set name: folder}``; names start with a letter and are not a split name.
     """
-    value = eval_params.get("external") or {}
-    if not isinstance(value, Mapping):
-        raise CxrError("evaluate.external: expected a mapping of name: folder, e.g. {hospital_b: /data/b}")
-    sets = {}
-    for name, folder in value.items():
-        name = str(name)
-        if not _NAME.match(name) or name in RESERVED:
-            raise CxrError(
-                f"evaluate.external: set name {name!r} must start with a letter, use letters, digits, "
-                f"_ or -, and not be one of {sorted(RESERVED)}"
-            )
-        if not isinstance(folder, str) or not folder:
-            raise CxrError(f"evaluate.external.{name}: expected a folder path, got {folder!r}")
-        sets[name] = folder
-    return sets
+    return check_external_sets(setting(eval_params, EvaluateConfig, "external") or {})
 
 
 @dataclass(frozen=True)

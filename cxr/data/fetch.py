@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxr.config import DataConfig, as_section
 from cxr.data import kaggle as kaggle_source
 from cxr.data import medmnist as medmnist_source
 from cxr.data.archive import ExtractLimits, safe_extract
@@ -81,10 +82,10 @@ class _Workspace:
     cache_dir: Path  # downloads kept between runs
 
 
-def _fetch_dir(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
+def _fetch_dir(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
     """Copy a local folder in Kaggle layout; the record names the folder."""
-    src = Path(str(data.get("dir") or ""))
-    if not str(data.get("dir") or ""):
+    src = Path(data.dir)
+    if not data.dir:
         raise CxrError("data.source=dir needs data.dir: the folder in Kaggle layout to read")
     if src.resolve() == ws.raw_dir.resolve() or ws.raw_dir.resolve() in src.resolve().parents:
         raise CxrError(f"data.dir={src} is inside {ws.raw_dir}: point it at the original folder")
@@ -92,32 +93,29 @@ def _fetch_dir(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
     return {"origin": str(src)}
 
 
-def _fetch_medmnist(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
+def _fetch_medmnist(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
     """Write PneumoniaMNIST images from ``data.npz`` (downloaded into the cache when not given)."""
-    npz = str(data.get("npz") or "")
-    size = int(data.get("medmnist_size", 28))
-    npz_path = Path(npz) if npz else medmnist_source.download_npz(size, ws.cache_dir / "medmnist")
+    npz_path = (
+        Path(data.npz) if data.npz else medmnist_source.download_npz(data.medmnist_size, ws.cache_dir / "medmnist")
+    )
     medmnist_source.materialise_npz(npz_path, ws.staged)
     return {"origin": str(npz_path), "origin_sha256": sha256_file(npz_path)}
 
 
-def _extract_limits(data: Mapping[str, Any]) -> ExtractLimits:
-    return ExtractLimits(
-        max_files=int(data.get("max_files", ExtractLimits.max_files)),
-        max_bytes=int(float(data.get("max_bytes", ExtractLimits.max_bytes))),
-    )
+def _extract_limits(data: DataConfig) -> ExtractLimits:
+    return ExtractLimits(max_files=data.max_files, max_bytes=data.max_bytes)
 
 
-def _fetch_kaggle(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
+def _fetch_kaggle(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
     """Download ``data.kaggle_dataset``, extract it within limits and keep its class folders."""
-    dataset = str(data.get("kaggle_dataset") or "")
+    dataset = data.kaggle_dataset
     if dataset.count("/") not in (1, 2):
         raise CxrError(f"data.kaggle_dataset={dataset!r}: expected owner/slug[/version]")
     archive = kaggle_source.download_dataset(
         dataset,
         ws.cache_dir / "kaggle",
-        retries=int(data.get("retries", 4)),
-        backoff_s=float(data.get("retry_backoff_s", 2.0)),
+        retries=data.retries,
+        backoff_s=data.retry_backoff_s,
     )
     safe_extract(archive, ws.scratch / "extract", _extract_limits(data))
     _move_class_folders(ws.scratch / "extract", ws.staged)
@@ -126,7 +124,7 @@ def _fetch_kaggle(data: Mapping[str, Any], ws: _Workspace) -> dict[str, Any]:
 
 
 # Every source: (data section, workspace) -> its fields of the fetch record ("origin", digests).
-_FETCHERS: dict[str, Callable[[Mapping[str, Any], _Workspace], dict[str, Any]]] = {
+_FETCHERS: dict[str, Callable[[DataConfig, _Workspace], dict[str, Any]]] = {
     "kaggle": _fetch_kaggle,
     "dir": _fetch_dir,
     "medmnist": _fetch_medmnist,
@@ -143,7 +141,7 @@ def _contents(staged: Path, origin: Any) -> dict[str, Any]:
 
 
 def fetch(
-    data: Mapping[str, Any],
+    data: DataConfig | Mapping[str, Any],
     raw_dir: str | Path = "data/raw",
     record_path: str | Path = "data/fetch.json",
     cache_dir: str | Path = "data/.cache",
@@ -151,7 +149,8 @@ def fetch(
     """Materialise ``data.source`` into ``raw_dir`` and write the fetch record.
 
     Args:
-        data: the ``data`` section: ``source`` (one of ``SOURCES``) and that source's settings
+        data: the ``data`` section (its dataclass, or the mapping): ``source`` (one of ``SOURCES``) and that
+            source's settings
             (``dir``; ``npz``, ``medmnist_size``; ``kaggle_dataset``, ``retries``, ``retry_backoff_s``,
             ``max_files``, ``max_bytes``).
         raw_dir: the folder that receives the images in Kaggle layout (replaced as a whole).
@@ -162,7 +161,8 @@ def fetch(
         The fetch record: the source, its origin (and digest where known), the file counts per
         folder and the content digest of ``raw_dir``.
     """
-    source = data.get("source")
+    data = as_section(DataConfig, data, "data")
+    source = data.source
     if source not in SOURCES:
         raise CxrError(f"data.source={source!r}: choose one of {', '.join(SOURCES)}")
     raw_dir, record_path, cache_dir = Path(raw_dir), Path(record_path), Path(cache_dir)
@@ -189,7 +189,7 @@ def fetch(
     return record
 
 
-def source_digest(data: Mapping[str, Any]) -> str | None:
+def source_digest(data: DataConfig | Mapping[str, Any]) -> str | None:
     """Content digest of a *local* source (folder or .npz), so callers can tell if it changed.
 
     Args:
@@ -199,11 +199,11 @@ def source_digest(data: Mapping[str, Any]) -> str | None:
         The digest of ``data.dir`` (``dir``) or ``data.npz`` (``medmnist``); None for Kaggle (its
         content is only known after downloading) and for a local source that is not there.
     """
-    source = data.get("source")
-    if source == "dir" and data.get("dir"):
-        src = Path(str(data["dir"]))
+    data = as_section(DataConfig, data, "data")
+    if data.source == "dir" and data.dir:
+        src = Path(data.dir)
         return hash_tree(src) if src.is_dir() else None
-    if source == "medmnist" and data.get("npz"):
-        npz = Path(str(data["npz"]))
+    if data.source == "medmnist" and data.npz:
+        npz = Path(data.npz)
         return sha256_file(npz) if npz.is_file() else None
     return None

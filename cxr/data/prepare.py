@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from cxr import CLASS_NAMES
+from cxr.config import PrepareConfig, SplitConfig, as_section
 from cxr.data.manifest import build_manifest
 from cxr.data.split import STRATEGIES, assign_splits
 from cxr.errors import DataError
@@ -56,21 +57,21 @@ def _duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any], l
 
 
 def _usable_manifest(
-    raw_dir: Path, prepare_params: Mapping[str, Any]
+    raw_dir: Path, prepare_params: PrepareConfig
 ) -> tuple[pd.DataFrame, dict[str, Any], list[dict[str, str]]]:
     """Manifest of the readable images, the duplicate summary, and the files excluded with their reasons."""
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir}: not found; run the fetch step first (dvc repro fetch)")
-    manifest, excluded = build_manifest(raw_dir, workers=int(prepare_params.get("workers", 0)))
+    manifest, excluded = build_manifest(raw_dir, workers=prepare_params.workers)
     manifest, dup_summary, conflict_excluded = _duplicates(manifest)
     return manifest, dup_summary, excluded + conflict_excluded
 
 
 def _class_counts(
-    manifest: pd.DataFrame, excluded: list[dict[str, str]], raw_dir: Path, prepare_params: Mapping[str, Any]
+    manifest: pd.DataFrame, excluded: list[dict[str, str]], raw_dir: Path, prepare_params: PrepareConfig
 ) -> dict[str, int]:
-    """Usable images per class; fewer than ``prepare.min_images_per_class`` (at least 1) in a class is refused."""
-    minimum = int(prepare_params.get("min_images_per_class", 1))
+    """Usable images per class; fewer than ``prepare.min_images_per_class`` in a class is refused."""
+    minimum = prepare_params.min_images_per_class
     class_counts = {c: int((manifest["class_name"] == c).sum()) for c in CLASS_NAMES}
     short = {c: n for c, n in class_counts.items() if n < max(minimum, 1)}
     if short:
@@ -82,14 +83,10 @@ def _class_counts(
     return class_counts
 
 
-def _split(manifest: pd.DataFrame, split_params: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+def _split(manifest: pd.DataFrame, split_params: SplitConfig) -> tuple[str, Any, dict[str, Any]]:
     """The configured strategy, its split per manifest row, and the summaries of every strategy."""
-    strategy = str(split_params.get("strategy", "patient"))
-    kwargs = {
-        "test_size": float(split_params.get("test_size", 0.2)),
-        "val_size": float(split_params.get("val_size", 0.2)),
-        "seed": int(split_params.get("seed", 42)),
-    }
+    strategy = split_params.strategy
+    kwargs = {"test_size": split_params.test_size, "val_size": split_params.val_size, "seed": split_params.seed}
     summaries: dict[str, Any] = {}
     chosen = None
     for name in STRATEGIES:  # both, so the report can show what the other one would leak
@@ -178,8 +175,8 @@ def _log_split(strategy: str, summary: Mapping[str, Any], started: float) -> Non
 
 def prepare(
     raw_dir: str | Path,
-    split_params: Mapping[str, Any],
-    prepare_params: Mapping[str, Any] | None = None,
+    split_params: SplitConfig | Mapping[str, Any],
+    prepare_params: PrepareConfig | Mapping[str, Any] | None = None,
     prepared_dir: str | Path = "data/prepared",
     reports_dir: str | Path = "reports",
 ) -> dict[str, Any]:
@@ -187,9 +184,10 @@ def prepare(
 
     Args:
         raw_dir: the fetched images in Kaggle layout.
-        split_params: the ``split`` section: ``strategy`` (``patient``, the default, or ``seed``:
-            the notebook's image-level split), ``test_size``, ``val_size``, ``seed``.
-        prepare_params: the ``prepare`` section: ``workers`` (image probing), ``min_images_per_class``.
+        split_params: the ``split`` section (its dataclass or the mapping): ``strategy`` (``patient``,
+            the default, or ``seed``: the notebook's image-level split), ``test_size``, ``val_size``, ``seed``.
+        prepare_params: the ``prepare`` section: ``workers`` (image probing), ``min_images_per_class``
+            (None = the defaults).
         prepared_dir: where ``manifest.csv`` and ``splits.csv`` are written.
         reports_dir: where ``data_quality.json`` and ``plots/class_distribution.png`` are written.
 
@@ -198,7 +196,8 @@ def prepare(
         each with its ``*_sha256``, and ``plot``).
     """
     started = time.perf_counter()
-    prepare_params = prepare_params or {}
+    split_params = as_section(SplitConfig, split_params, "split")
+    prepare_params = as_section(PrepareConfig, prepare_params, "prepare")
     raw_dir, prepared_dir, reports_dir = Path(raw_dir), Path(prepared_dir), Path(reports_dir)
     manifest, dup_summary, excluded = _usable_manifest(raw_dir, prepare_params)
     class_counts = _class_counts(manifest, excluded, raw_dir, prepare_params)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import cohen_kappa_score
 
+from cxr.config import EvaluateConfig, as_section
 from cxr.errors import DataError
 from cxr.evaluation.metrics import interval
 
@@ -76,7 +77,7 @@ def agreement(readers: pd.DataFrame, model: Mapping[str, Any] | None = None, n_b
     return result
 
 
-def agreement_for_report(readers_csv: str | Path, model: str, eval_params: Mapping[str, Any],
+def agreement_for_report(readers_csv: str | Path, model: str, eval_params: EvaluateConfig | Mapping[str, Any],
                          out: str | Path, eval_dir: str | Path = "reports/eval") -> dict[str, Any]:
     """Agreement of ``model`` (its test predictions at ``evaluate.threshold``) with the readers.
 
@@ -86,7 +87,8 @@ def agreement_for_report(readers_csv: str | Path, model: str, eval_params: Mappi
 
     keys, readers = read_readers(readers_csv)
     predictions = pd.read_csv(Path(eval_dir) / model / "predictions.csv", keep_default_na=False)
-    threshold = float(eval_params.get("threshold", 0.5))
+    evaluate = as_section(EvaluateConfig, eval_params, "evaluate")
+    threshold = evaluate.threshold
     by_path = dict(zip(predictions["path"], predictions["probability"], strict=True))
     by_name = {Path(p).name: q for p, q in by_path.items()}
     probs = [by_path.get(k, by_name.get(Path(k).name)) for k in keys]
@@ -95,7 +97,6 @@ def agreement_for_report(readers_csv: str | Path, model: str, eval_params: Mappi
         raise DataError(f"{readers_csv}: {len(missing)} image(s) are not in {model}'s test predictions, "
                         f"e.g. {missing[0]!r}")
     labels = (np.asarray(probs, dtype=float) >= threshold).astype(int)
-    result = agreement(readers, {"name": model, "labels": labels}, int(eval_params.get("bootstrap", 1000)),
-                       int(eval_params.get("seed", 42)))
+    result = agreement(readers, {"name": model, "labels": labels}, evaluate.bootstrap, evaluate.seed)
     write_json(Path(out), result)
     return result

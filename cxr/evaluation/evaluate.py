@@ -29,6 +29,7 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve, roc_curve
 
 from cxr import CLASS_NAMES
+from cxr.config import EvaluateConfig, InputConfig, as_section, setting
 from cxr.data.external_sets import EXTERNAL_DIR, ExternalSet, external_sets, load_external
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.data.manifest import parse_patient
@@ -184,10 +185,12 @@ def _split_probabilities(
 THRESHOLD_RULES = ("validation", "fixed", "external:<name>")
 
 
-def threshold_rule(eval_params: Mapping[str, Any], external_names: Sequence[str]) -> tuple[str, str | None]:
+def threshold_rule(
+    eval_params: EvaluateConfig | Mapping[str, Any], external_names: Sequence[str]
+) -> tuple[str, str | None]:
     """``evaluate.threshold_source`` checked: ``("validation", None)``, ``("fixed", None)`` or
     ``("external", name)``."""
-    source = str(eval_params.get("threshold_source", "validation"))
+    source = str(setting(eval_params, EvaluateConfig, "threshold_source"))
     if source in ("validation", "fixed"):
         return source, None
     kind, _, name = source.partition(":")
@@ -216,14 +219,14 @@ def validation_point(lm: LoadedModel, labels: np.ndarray, probs: np.ndarray) -> 
 
 def operating_point(
     rule: tuple[str, str | None],
-    eval_params: Mapping[str, Any],
+    eval_params: EvaluateConfig,
     val_point: Mapping[str, Any],
     external_probs: Mapping[str, tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, Any]:
     """The shipped threshold of one model, with the rule and the data set it was chosen on."""
     kind, name = rule
     if kind == "fixed":
-        value = float(eval_params.get("threshold", 0.5))
+        value = eval_params.threshold
         return {"threshold": value, "rule": "fixed (evaluate.threshold)", "chosen_on": None}
     if kind == "external":
         labels, probs = external_probs[str(name)]
@@ -316,12 +319,12 @@ def _write_set(
 
 
 def _empty_summary(
-    eval_params: Mapping[str, Any], sets: Sequence[ExternalSet], sets_cfg: Mapping[str, str]
+    eval_params: EvaluateConfig, sets: Sequence[ExternalSet], sets_cfg: Mapping[str, str]
 ) -> dict[str, Any]:
     """The ``metrics.json`` skeleton: settings, and empty per-model and comparison slots per data set."""
     return {
-        "threshold": float(eval_params.get("threshold", 0.5)),
-        "threshold_source": str(eval_params.get("threshold_source", "validation")),
+        "threshold": eval_params.threshold,
+        "threshold_source": eval_params.threshold_source,
         "split": "test",
         "models": {},
         "comparison": [],
@@ -383,8 +386,8 @@ def _add_comparisons(
 
 def evaluate_models(
     models: Sequence[str],
-    eval_params: Mapping[str, Any],
-    input_params: Mapping[str, Any],
+    eval_params: EvaluateConfig | Mapping[str, Any],
+    input_params: InputConfig | Mapping[str, Any],
     splits_csv: str | Path = "data/prepared/splits.csv",
     models_dir: str | Path = "models",
     out_dir: str | Path = "reports/eval",
@@ -407,8 +410,9 @@ def evaluate_models(
         The summary written to ``metrics.json``: per model the test figures at its shipped
         threshold, per external set the same figures, and paired AUC comparisons.
     """
-    n_boot, seed = int(eval_params.get("bootstrap", 1000)), int(eval_params.get("seed", 42))
-    cache_dir = str(input_params.get("cache_dir", "data/cache"))
+    eval_params = as_section(EvaluateConfig, eval_params, "evaluate")
+    n_boot, seed = eval_params.bootstrap, eval_params.seed
+    cache_dir = as_section(InputConfig, input_params, "input").cache_dir
     splits_csv, out_dir = Path(splits_csv), Path(out_dir)
     sets_cfg = external_sets(eval_params)
     rule = threshold_rule(eval_params, list(sets_cfg))

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASS_NAMES
+from cxr.config import EvaluateConfig, InputConfig, as_section
 from cxr.evaluation.gradcam import border_fraction, gradcam, last_conv_layer, overlay
 from cxr.files import write_json
 from cxr.inference.loading import load, shipped_threshold
@@ -69,20 +70,20 @@ def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path
     return out
 
 
-def explain_models(models: Sequence[str], eval_params: Mapping[str, Any], input_params: Mapping[str, Any],
+def explain_models(models: Sequence[str], eval_params: EvaluateConfig | Mapping[str, Any],
+                   input_params: InputConfig | Mapping[str, Any],
                    splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models",
                    eval_dir: str | Path = "reports/eval", out_dir: str | Path = "reports/gradcam") -> dict[str, Any]:
-    per_outcome = int(eval_params.get("gradcam_per_outcome", 2))
-    seed = int(eval_params.get("seed", 42))
-    margin = float(eval_params.get("border_margin", 0.125))
-    layer = eval_params.get("gradcam_layer") or None
+    eval_params = as_section(EvaluateConfig, eval_params, "evaluate")
+    per_outcome, seed = eval_params.gradcam_per_outcome, eval_params.seed
+    margin, layer = eval_params.border_margin, eval_params.gradcam_layer or None
     out_dir = Path(out_dir)
     summary: dict[str, Any] = {"border_margin": margin,
                                "uniform_border_fraction": 1 - (1 - 2 * margin) ** 2, "models": {}}
     for name in models:
         lm = load(Path(models_dir) / f"{name}.keras")
         threshold, _ = shipped_threshold(lm, eval_dir)  # TP/FP/TN/FN as the model ships
-        cfg = lm.cached_input(str(input_params.get("cache_dir", "data/cache")))
+        cfg = lm.cached_input(as_section(InputConfig, input_params, "input").cache_dir)
         paths, _, key = read_split(splits_csv, "test")
         images = load_images(paths, key, cfg, "test")
         fractions = []

@@ -14,66 +14,16 @@ seed, so the same seed gives the same batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
+from cxr.config import AugmentConfig
 from cxr.runtime import tensorflow
 
-FILL_MODES = ("nearest", "constant", "reflect", "wrap")
+__all__ = ["AugmentConfig", "affine_matrix", "affine_params", "augment_batch"]
+
 _EXTRA_DRAWS = 9  # uniforms per image beyond (angle, dx, dy): see _augment_numpy
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random changes applied to each training image (0 = off).
-
-    Args:
-        rotation_deg: rotation uniform in ±rotation_deg degrees.
-        width_shift, height_shift: translation uniform in ± that fraction of the width / height.
-        fill_mode: how pixels moved in from outside the film are filled (nearest, constant, ...).
-        zoom: scale uniform in [1 − zoom, 1 + zoom] (above 1 magnifies).
-        shear_deg: horizontal shear angle uniform in ±shear_deg degrees.
-        horizontal_flip: mirror left–right with probability 0.5 (moves the heart to the right).
-        brightness: add uniform ±brightness of the full range.
-        contrast: scale deviations from the image mean by uniform [1 − contrast, 1 + contrast].
-        gamma: gamma uniform in [1 − gamma, 1 + gamma] applied to [0, 1] intensities.
-        blur_sigma: Gaussian blur with sigma uniform in [0, blur_sigma] pixels, on half the images.
-        noise_std: Gaussian noise with std uniform in [0, noise_std] of the full range.
-        jpeg_quality: re-encode half the images as JPEG at a quality uniform in [jpeg_quality, 95]
-            (0 = off).
-    """
-
-    rotation_deg: float = 5.0
-    width_shift: float = 0.1
-    height_shift: float = 0.1
-    fill_mode: str = "nearest"
-    zoom: float = 0.0
-    shear_deg: float = 0.0
-    horizontal_flip: bool = False
-    brightness: float = 0.0
-    contrast: float = 0.0
-    gamma: float = 0.0
-    blur_sigma: float = 0.0
-    noise_std: float = 0.0
-    jpeg_quality: int = 0
-
-    def __post_init__(self) -> None:
-        if self.fill_mode not in FILL_MODES:
-            raise ValueError(f"fill_mode {self.fill_mode!r}: choose one of {FILL_MODES}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name != "fill_mode" and not isinstance(value, bool) and value < 0:
-                raise ValueError(f"augment.{f.name}={value}: must be ≥ 0")
-        if self.zoom >= 1 or self.contrast > 1 or self.gamma >= 1:
-            raise ValueError("augment.zoom and augment.gamma must be < 1, augment.contrast ≤ 1")
-        if self.jpeg_quality > 95:
-            raise ValueError(f"augment.jpeg_quality={self.jpeg_quality}: choose 0 (off) or 1–95")
-
-    @property
-    def is_identity(self) -> bool:
-        return not any(getattr(self, f.name) for f in fields(self) if f.name != "fill_mode")
 
 
 def affine_params(batch: Any, seed: Any, cfg: AugmentConfig) -> tuple[Any, Any, Any]:

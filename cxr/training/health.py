@@ -15,19 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-ACTIONS = ("fail", "warn", "fallback")
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    on_collapse: str = "fail"  # fail: keep nothing | warn: keep, flagged | fallback: retrain at lr/10
-    min_val_auc: float = 0.6
-    min_prediction_std: float = 0.01
-    fallback_lr_factor: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.on_collapse not in ACTIONS:
-            raise ValueError(f"health.on_collapse={self.on_collapse!r}: choose one of {ACTIONS}")
+from cxr.config import HealthConfig
 
 
 @dataclass

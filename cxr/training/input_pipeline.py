@@ -14,79 +14,21 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cxr.errors import CxrError, DataError
+from cxr.config import InputConfig
+from cxr.errors import DataError
 from cxr.runtime import tensorflow
-from cxr.training.augment import AugmentConfig, augment_batch
+from cxr.training.augment import augment_batch
 
 log = logging.getLogger(__name__)
 
-RESIZE_MODES = ("squash", "pad")
-INTERPOLATIONS = ("bilinear", "nearest", "area", "bicubic")
-CACHE_MODES = ("disk", "memory", "none")
 _CACHE_VERSION = "2"  # bump when decode_image changes what it produces
 _INPUT_THREADS = 2  # parallel batches in the training input pipeline (gather, augment, scale)
-
-
-@dataclass(frozen=True)
-class InputConfig:
-    image_size: int = 224
-    resize: str = "squash"
-    interpolation: str = "bilinear"
-    batch_size: int = 32
-    cache: str = "disk"
-    cache_dir: str = "data/cache"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    augment_validation: bool = False
-    normalize: str = "none"  # per-image intensity normalisation, built into the model (cxr.training.models)
-    center_crop: float = 0.0  # fraction of each side the model cuts away first (cxr.training.models)
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> InputConfig:
-        aug = dict(params.get("augment") or {})
-        augment_validation = bool(aug.pop("augment_validation", False))
-        cfg = cls(
-            image_size=int(params.get("image_size", 224)),
-            resize=str(params.get("resize", "squash")),
-            interpolation=str(params.get("interpolation", "bilinear")),
-            batch_size=int(params.get("batch_size", 32)),
-            cache=str(params.get("cache", "disk")),
-            cache_dir=str(params.get("cache_dir", "data/cache")),
-            augment=_augment_config(aug),
-            augment_validation=augment_validation,
-            normalize=str(params.get("normalize", "none")),
-            center_crop=float(params.get("center_crop", 0.0)),
-        )
-        for name, value, allowed in (("resize", cfg.resize, RESIZE_MODES),
-                                     ("interpolation", cfg.interpolation, INTERPOLATIONS),
-                                     ("cache", cfg.cache, CACHE_MODES)):
-            if value not in allowed:
-                raise CxrError(f"input.{name}={value!r}: choose one of {', '.join(allowed)}")
-        return cfg
-
-    def preprocessing(self) -> dict[str, Any]:
-        """What a model trained on this pipeline expects (stored in its model card)."""
-        return {"image_size": self.image_size, "resize": self.resize,
-                "interpolation": self.interpolation, "channels": 3, "scale": "1/255",
-                "dtype": "float32", "normalize": self.normalize,
-                "center_crop": self.center_crop}  # normalize and center_crop run inside the model
-
-
-def _augment_config(values: Mapping[str, Any]) -> AugmentConfig:
-    try:
-        return AugmentConfig(**values)
-    except TypeError as exc:
-        known = ", ".join(AugmentConfig.__dataclass_fields__)
-        raise CxrError(f"input.augment: {exc}; known keys: {known}, augment_validation") from exc
-    except ValueError as exc:
-        raise CxrError(f"input.augment: {exc}") from exc
 
 
 def decode_image(path: Any, image_size: int, resize: str = "squash", interpolation: str = "bilinear") -> Any:
@@ -94,8 +36,11 @@ def decode_image(path: Any, image_size: int, resize: str = "squash", interpolati
     tf = tensorflow()
     data = tf.io.read_file(path)
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    image = tf.cond(is_jpeg, lambda: _decode_jpeg_reduced(data, image_size),
-                    lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8))
+    image = tf.cond(
+        is_jpeg,
+        lambda: _decode_jpeg_reduced(data, image_size),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
+    )
     image.set_shape([None, None, 3])
     return resize_image(image, image_size, resize, interpolation)
 
@@ -121,8 +66,7 @@ def resize_image(image: Any, image_size: int, resize: str = "squash", interpolat
 
     def resized(antialias: bool) -> Any:
         if resize == "pad":
-            out = tf.image.resize_with_pad(image, image_size, image_size, method=interpolation,
-                                           antialias=antialias)
+            out = tf.image.resize_with_pad(image, image_size, image_size, method=interpolation, antialias=antialias)
         else:
             out = tf.image.resize(image, size, method=interpolation, antialias=antialias)
         out = tf.cast(out, tf.float32)  # nearest keeps uint8; clip and round in float either way
@@ -134,14 +78,26 @@ def resize_image(image: Any, image_size: int, resize: str = "squash", interpolat
     big = tf.greater(tf.minimum(shape[0], shape[1]), 2 * image_size)
     use_aa = interpolation != "nearest"
     already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-    out = tf.cond(already, lambda: image,  # most of the shared set is already 224 px
-                  lambda: tf.cond(big, lambda: resized(use_aa), lambda: resized(False)))
+    out = tf.cond(
+        already,
+        lambda: image,  # most of the shared set is already 224 px
+        lambda: tf.cond(big, lambda: resized(use_aa), lambda: resized(False)),
+    )
     out.set_shape([image_size, image_size, 3])
     return out
 
 
 def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarray, str]:
-    """(paths, float32 labels, content key) of one split of ``splits.csv``."""
+    """(paths, float32 labels, content key) of one split of ``splits.csv``.
+
+    Args:
+        splits_csv: the split file written by ``prepare``.
+        split: ``train``, ``val`` or ``test``.
+
+    Returns:
+        The image paths, their labels as float32 (0 normal, 1 pneumonia), and a digest of the
+        split's paths, hashes and labels (part of the decoded-image cache key).
+    """
     frame = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})
     missing = {"path", "label", "split"} - set(frame.columns)
     if missing:
@@ -157,22 +113,40 @@ def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarra
 
 def _decode_all(paths: list[str], cfg: InputConfig, out: np.ndarray) -> None:
     tf = tensorflow()
-    ds = tf.data.Dataset.from_tensor_slices(paths).map(
-        lambda p: decode_image(p, cfg.image_size, cfg.resize, cfg.interpolation),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
-    ).batch(64).prefetch(2)
+    ds = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(
+            lambda p: decode_image(p, cfg.image_size, cfg.resize, cfg.interpolation),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .batch(64)
+        .prefetch(2)
+    )
     start = 0
     try:
         for batch in ds:
-            out[start:start + len(batch)] = batch.numpy()
+            out[start : start + len(batch)] = batch.numpy()
             start += len(batch)
     except tf.errors.OpError as exc:
-        raise DataError(f"could not decode an image of this split ({exc.message.splitlines()[0]}); "
-                        "rerun prepare to exclude unreadable files") from exc
+        raise DataError(
+            f"could not decode an image of this split ({exc.message.splitlines()[0]}); "
+            "rerun prepare to exclude unreadable files"
+        ) from exc
 
 
 def load_images(paths: list[str], content_key: str, cfg: InputConfig, split: str) -> np.ndarray:
-    """Decoded (N, S, S, 3) uint8 images of a split, from the cache when it is warm."""
+    """Decoded (N, S, S, 3) uint8 images of a split, from the cache when it is warm.
+
+    Args:
+        paths: the split's image files.
+        content_key: the split's digest from :func:`read_split`.
+        cfg: the preprocessing (image size, resize, interpolation) and the cache mode and folder.
+        split: the split's name (cache file names and log lines).
+
+    Returns:
+        The images: memory-mapped from the ``.npy`` cache with ``cache: disk``, in memory otherwise.
+    """
     shape = (len(paths), cfg.image_size, cfg.image_size, 3)
     if cfg.cache == "memory" or cfg.cache == "none":
         images = np.empty(shape, np.uint8)
@@ -198,14 +172,34 @@ def load_images(paths: list[str], content_key: str, cfg: InputConfig, split: str
         os.replace(tmp, path)  # only a complete cache is ever visible
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("%s: decoded %d images in %.1f s into cache %s", split, len(paths),
-             time.perf_counter() - started, path)
+    log.info("%s: decoded %d images in %.1f s into cache %s", split, len(paths), time.perf_counter() - started, path)
     return np.load(path, mmap_mode="r")
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, cfg: InputConfig, *, shuffle: bool,
-                 augment: bool, seed: int, drop_remainder: bool = False) -> Any:
-    """Batches of ([0, 1] float32 images, float32 labels) from a decoded uint8 array."""
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: InputConfig,
+    *,
+    shuffle: bool,
+    augment: bool,
+    seed: int,
+    drop_remainder: bool = False,
+) -> Any:
+    """Batches of ([0, 1] float32 images, float32 labels) from a decoded uint8 array.
+
+    Args:
+        images: (N, S, S, 3) uint8 images, e.g. from :func:`load_images`.
+        labels: N labels.
+        cfg: batch size, image size and augmentation settings.
+        shuffle: reshuffle the images every epoch.
+        augment: apply ``cfg.augment`` (training only).
+        seed: the seed of the shuffle and of the augmentation.
+        drop_remainder: drop a last, smaller batch.
+
+    Returns:
+        A ``tf.data.Dataset`` of (images, labels) batches.
+    """
     tf = tensorflow()
     n, size = len(images), cfg.image_size
     labels = np.asarray(labels, np.float32)
@@ -217,24 +211,35 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, cfg: InputConfig, *, sh
     if shuffle:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda i: tf.numpy_function(gather, [i], [tf.uint8, tf.float32], stateful=False),
-                num_parallel_calls=_INPUT_THREADS, deterministic=True)
+    ds = ds.map(
+        lambda i: tf.numpy_function(gather, [i], [tf.uint8, tf.float32], stateful=False),
+        num_parallel_calls=_INPUT_THREADS,
+        deterministic=True,
+    )
     ds = ds.map(lambda x, y: (tf.ensure_shape(x, [None, size, size, 3]), tf.ensure_shape(y, [None])))
     if augment:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda xy, s: (augment_batch(xy[0], s, cfg.augment), xy[1]),
-            num_parallel_calls=_INPUT_THREADS, deterministic=True,
-        )
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=_INPUT_THREADS,
-                deterministic=True)
-    # Input work stays on few threads so it does not compete with the model's kernels for the cores:
-    # with AUTOTUNE parallelism, SmallNet training with augmentation swung between 93 and 156
-    # images/s on 2 cores (measured); a warm epoch needs only a fraction of one core.
-    options = tf.data.Options()
+        ds = _augmented(ds, cfg, seed)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=_INPUT_THREADS, deterministic=True)
+    return _on_few_threads(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def _augmented(ds: Any, cfg: InputConfig, seed: int) -> Any:
+    """uint8 batches augmented by ``cfg.augment``, each with its own pair of seeds (reproducible per ``seed``)."""
+    tf = tensorflow()
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip((ds, seeds)).map(
+        lambda xy, s: (augment_batch(xy[0], s, cfg.augment), xy[1]),
+        num_parallel_calls=_INPUT_THREADS,
+        deterministic=True,
+    )
+
+
+def _on_few_threads(ds: Any) -> Any:
+    """Input work stays on few threads so it does not compete with the model's kernels for the cores.
+
+    With AUTOTUNE parallelism, SmallNet training with augmentation swung between 93 and 156 images/s
+    on 2 cores (measured); a warm epoch needs only a fraction of one core.
+    """
+    options = tensorflow().data.Options()
     options.threading.max_intra_op_parallelism = 1
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
-
-
-def describe(cfg: InputConfig) -> dict[str, Any]:
-    return {**asdict(cfg), "augment": asdict(cfg.augment)}
+    return ds.with_options(options)

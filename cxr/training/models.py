@@ -14,6 +14,7 @@ import numpy as np
 
 from cxr.errors import CxrError
 from cxr.runtime import tensorflow
+from cxr.training.model_options import OPTIONS
 
 tensorflow()  # quiet TensorFlow import before Keras pulls it in
 import keras  # noqa: E402
@@ -23,6 +24,10 @@ REGISTRY: dict[str, Builder] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
+    """Add a builder under ``name``; its options are declared in :mod:`cxr.training.model_options`."""
+    if name not in OPTIONS:
+        raise CxrError(f"model {name!r}: declare its options in cxr/training/model_options.py first")
+
     def add(builder: Builder) -> Builder:
         REGISTRY[name] = builder
         return builder
@@ -143,7 +148,7 @@ def _output(x: Any) -> Any:
 
 @register("smallnet")
 def smallnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
-    """The notebook's SmallNet, layer for layer (spec §3): 3×Conv(32) + Dense(32)."""
+    """The notebook's SmallNet, layer for layer: 3×Conv(32) + Dense(32)."""
     from keras import layers
 
     inputs, x = _image_input(image_size, cfg)
@@ -167,7 +172,7 @@ def _imagenet_error(exc: BaseException) -> CxrError:
 
 @register("vgg16")
 def vgg16(image_size: int, cfg: Mapping[str, Any]) -> Any:
-    """Frozen VGG16 base + the notebook's head (spec §4): Flatten, 4096, 1072, Dropout 0.2."""
+    """Frozen VGG16 base + the notebook's head: Flatten, Dense 4096, Dense 1072, Dropout 0.2."""
     from keras import layers
 
     weights = str(cfg.get("weights", "imagenet") or "none")
