@@ -12,11 +12,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from cxr import __version__
-from cxr.config import load_params, section
+from cxr.config import load_config, load_params
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
+from cxr.workspace import HERE
 
 log = logging.getLogger("cxr")
 
@@ -24,8 +27,8 @@ log = logging.getLogger("cxr")
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from cxr.data.fetch import fetch
 
-    params = load_params(args.params, args.set)
-    record = fetch(section(params, "data"), raw_dir=args.out, record_path=args.record)
+    cfg = load_config(args.params, args.set)
+    record = fetch(cfg.data, raw_dir=args.out, record_path=args.record)
     print(json.dumps({k: record[k] for k in ("source", "files", "tree_sha256")}))
     return 0
 
@@ -33,9 +36,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from cxr.data.prepare import prepare
 
-    params = load_params(args.params, args.set)
-    result = prepare(args.raw, section(params, "split"), params.get("prepare") or {},
-                     prepared_dir=args.out, reports_dir=args.reports)
+    cfg = load_config(args.params, args.set)
+    result = prepare(args.raw, cfg.split, cfg.prepare, prepared_dir=args.out, reports_dir=args.reports)
     print(json.dumps({k: result[k] for k in ("manifest_sha256", "splits_sha256")}))
     return 0
 
@@ -43,12 +45,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from cxr.training.train import train
 
-    params = load_params(args.params, args.set)
-    models = args.model or list((params.get("train") or {}).get("models") or [])
+    cfg = load_config(args.params, args.set)
+    models = args.model or list(cfg.train.models)
     if not models:
         raise CxrError("no model to train: pass --model NAME or list train.models in params.yaml")
     for name in models:
-        card = train(name, params, splits_csv=args.splits, models_dir=args.models, reports_dir=args.reports)
+        card = train(name, cfg, splits_csv=args.splits, models_dir=args.models, reports_dir=args.reports)
         print(json.dumps({"model": name, "model_sha256": card["model_sha256"],
                           "val_auc": card["validation"]["auc"], "health": card["health"]["status"]}))
     return 0
@@ -75,17 +77,17 @@ def _models(params: dict, given: list[str] | None) -> list[str]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr.evaluation.evaluate import ci_text, evaluate_folder, evaluate_models
 
-    params = load_params(args.params, args.set)
-    eval_params = params.get("evaluate") or {}
+    cfg = load_config(args.params, args.set)
+    params, eval_cfg = cfg.as_params(), cfg.evaluate
     if args.data:  # one saved model on any labelled folder
         if not args.model or len(args.model) != 1:
             raise CxrError("--data needs exactly one --model (a .keras file or a model name)")
         from cxr.inference.loading import model_file
 
         model = str(model_file(args.model[0]))
-        fixed = eval_params.get("threshold_source") == "fixed"
-        result = evaluate_folder(model, args.data, float(eval_params.get("threshold", 0.5)) if fixed else None,
-                                 int(eval_params.get("bootstrap", 1000)), int(eval_params.get("seed", 42)))
+        fixed = eval_cfg.threshold_source == "fixed"
+        result = evaluate_folder(model, args.data, eval_cfg.threshold if fixed else None, eval_cfg.bootstrap,
+                                 eval_cfg.seed)
         if args.json:
             print(json.dumps(result))
         else:
@@ -98,7 +100,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             if result["skipped"]:
                 print(f"{len(result['skipped'])} unreadable file(s) skipped", file=sys.stderr)
         return 0
-    summary = evaluate_models(_models(params, args.model), eval_params, params.get("input") or {})
+    summary = evaluate_models(_models(params, args.model), eval_cfg, cfg.input)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -118,8 +120,7 @@ def _num(value: float | None) -> str:
 def _cmd_external(args: argparse.Namespace) -> int:
     from cxr.data.external_sets import external_sets, index_external
 
-    params = load_params(args.params, args.set)
-    sets = external_sets(params.get("evaluate") or {})
+    sets = external_sets(load_config(args.params, args.set).evaluate)
     names = args.name or list(sets)
     unknown = [n for n in names if n not in sets]
     if unknown:
@@ -144,10 +145,9 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from cxr.evaluation.explain import explain_models
 
-    params = load_params(args.params, args.set)
-    trained = list((params.get("train") or {}).get("models") or [])
-    models = _models({"train": {"models": trained}}, args.model)  # Grad-CAM needs one network: no ensemble
-    summary = explain_models(models, params.get("evaluate") or {}, params.get("input") or {})
+    cfg = load_config(args.params, args.set)
+    models = _models({"train": {"models": list(cfg.train.models)}}, args.model)  # Grad-CAM: one network, no ensemble
+    summary = explain_models(models, cfg.evaluate, cfg.input)
     print(json.dumps({m: v["border_to_uniform_ratio"] for m, v in summary["models"].items()}))
     return 0
 
@@ -155,9 +155,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from cxr.reporting.report import build
 
-    params = load_params(args.params, args.set)
-    readers = str((params.get("report") or {}).get("readers") or "")
-    result = build(_models(params, args.model), readers, params.get("evaluate") or {})
+    cfg = load_config(args.params, args.set)
+    result = build(_models(cfg.as_params(), args.model), cfg.report.readers, cfg.evaluate)
     print(json.dumps({"html": result["html"]}))
     return 0
 
@@ -203,8 +202,6 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         return 0 if found else 1
     if not args.model_file:
         raise CxrError("give a MODEL_FILE, or --data HASH")
-    from pathlib import Path
-
     if not Path(args.model_file).is_file():
         raise CxrError(f"{args.model_file}: file not found")
     result = audit_model(args.model_file)
@@ -236,42 +233,78 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if result["verified"] else 1
 
 
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from cxr.stages import STAGES, dvc_yaml, dvc_yaml_drift
+
+    if args.write:
+        Path(args.dvc_yaml).write_text(dvc_yaml())
+        print(f"wrote {args.dvc_yaml} from the stage registry")
+        return 0
+    if args.check:
+        problems = dvc_yaml_drift(args.dvc_yaml)
+        for line in problems:
+            print(f"{args.dvc_yaml}: {line}", file=sys.stderr)
+        if problems:
+            print("run: cxr stages --write", file=sys.stderr)
+        return 1 if problems else 0
+    for st in STAGES:
+        print(json.dumps({"stage": st.name, "entry": st.entry, "params": list(st.params),
+                          "inputs": list(st.inputs), "code": list(st.code())}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_data_steps(sub)
+    _add_model_steps(sub)
+    _add_tools(sub)
+    return parser
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-        p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parameter, e.g. -S data.source=dir (repeatable)")
 
+def common(p: argparse.ArgumentParser) -> None:
+    """The options every pipeline step takes: the parameters file and ``-S`` overrides."""
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter, e.g. -S data.source=dir (repeatable)")
+
+
+def _add_data_steps(sub: Any) -> None:
     p = sub.add_parser("fetch", help="bring the configured data source into data/raw")
     common(p)
-    p.add_argument("--out", default="data/raw")
-    p.add_argument("--record", default="data/fetch.json")
+    p.add_argument("--out", default=str(HERE.raw))
+    p.add_argument("--record", default=str(HERE.fetch_record))
     p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("prepare", help="manifest, quality report and split of data/raw")
     common(p)
-    p.add_argument("--raw", default="data/raw")
-    p.add_argument("--out", default="data/prepared")
-    p.add_argument("--reports", default="reports")
+    p.add_argument("--raw", default=str(HERE.raw))
+    p.add_argument("--out", default=str(HERE.prepared))
+    p.add_argument("--reports", default=str(HERE.reports))
     p.set_defaults(func=_cmd_prepare)
 
+    p = sub.add_parser("external", help="index the external validation sets of evaluate.external")
+    common(p)
+    p.add_argument("--name", action="append", help="set name (repeatable); default: every configured set")
+    p.add_argument("--out", default=str(HERE.external), help="index folder (default: data/external)")
+    p.set_defaults(func=_cmd_external)
+
+
+def _add_model_steps(sub: Any) -> None:
     p = sub.add_parser("train", help="train models of the registry (default: train.models)")
     common(p)
     p.add_argument("--model", action="append", help="model name (repeatable); default: train.models")
-    p.add_argument("--splits", default="data/prepared/splits.csv")
-    p.add_argument("--models", default="models")
-    p.add_argument("--reports", default="reports/train")
+    p.add_argument("--splits", default=str(HERE.splits))
+    p.add_argument("--models", default=str(HERE.models))
+    p.add_argument("--reports", default=str(HERE.reports / "train"))
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("preview", help="plot one augmented training batch (and warm the image cache)")
     common(p)
-    p.add_argument("--splits", default="data/prepared/splits.csv")
-    p.add_argument("--out", default="reports/plots/augmented_batch.png")
+    p.add_argument("--splits", default=str(HERE.splits))
+    p.add_argument("--out", default=str(HERE.preview_plot))
     p.set_defaults(func=_cmd_preview)
 
     p = sub.add_parser("evaluate", help="test-split and external-set metrics of the models, or one model on a folder")
@@ -281,16 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("external", help="index the external validation sets of evaluate.external")
-    common(p)
-    p.add_argument("--name", action="append", help="set name (repeatable); default: every configured set")
-    p.add_argument("--out", default="data/external", help="index folder (default: data/external)")
-    p.set_defaults(func=_cmd_external)
-
     p = sub.add_parser("ensemble", help="average the models of ensemble.members into ensemble/ensemble.keras")
     common(p)
-    p.add_argument("--splits", default="data/prepared/splits.csv")
-    p.add_argument("--models", default="models")
+    p.add_argument("--splits", default=str(HERE.splits))
+    p.add_argument("--models", default=str(HERE.models))
     p.set_defaults(func=_cmd_ensemble)
 
     p = sub.add_parser("explain", help="Grad-CAM galleries and border-heat figures on the test split")
@@ -303,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append")
     p.set_defaults(func=_cmd_report)
 
+
+def _add_tools(sub: Any) -> None:
     p = sub.add_parser("predict", help="label and P(pneumonia) for images, folders or DICOM files")
     p.add_argument("--model", required=True, help="model name (models/NAME.keras) or a .keras file")
     p.add_argument("paths", nargs="+", help="image files or folders (JPEG, PNG, BMP, DICOM)")
@@ -311,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--gradcam", metavar="DIR", help="also write Grad-CAM overlays into DIR")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("stages", help="the stage registry: list each step's code and settings, or write dvc.yaml")
+    p.add_argument("--write", action="store_true", help="regenerate dvc.yaml from the registry")
+    p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml disagrees with the registry")
+    p.add_argument("--dvc-yaml", default=str(HERE.dvc_yaml))
+    p.set_defaults(func=_cmd_stages)
 
     p = sub.add_parser("agreement", help="Cohen's and Fleiss' kappa for a readers CSV")
     p.add_argument("readers", help="CSV: a key column (path/image) and one 0/1 column per reader")
@@ -323,7 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="HASH", help="list the models trained on data with this hash (prefix)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_audit)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

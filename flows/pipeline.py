@@ -20,12 +20,12 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
-from cxr.config import load_params, section
+from cxr.config import load_params
 from cxr.data.external_sets import external_sets
 from cxr.data.fetch import source_digest
 from cxr.errors import CxrError
-from cxr.inference.loading import card_path_for
 from cxr.logs import setup_logging
+from cxr.stages import inputs_of, settings_of
 from cxr.training.ensemble import members_of
 from tasks.caching import outputs_intact
 from tasks.evaluate import ensemble_task, evaluate_task, explain_task, external_task, report_task
@@ -83,24 +83,48 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     ``orchestration.max_parallel_training``; a failed model fails the run only after the others
     finished and kept their results.
     """
-    params = load_params(params_path, overrides or [])
-    data = section(params, "data")
+    params = load_params(params_path, overrides or [])  # strict: a bad setting stops here, before any task
     states: dict[str, str] = {}
+
+    def settings(stage: str, item: str | None = None) -> dict[str, Any]:
+        return settings_of(stage, params, item)
+
+    def inputs(stage: str, item: str | None = None, key: str | None = None) -> list[str]:
+        return inputs_of(stage, params, item, key)
+
     fetch = fetch_task.with_options(refresh_cache=True) if refresh_source else fetch_task
-    states["fetch"], fetched = run_verified(fetch, data=data, source_digest=source_digest(data))
-    states["prepare"], prepared = run_verified(
-        prepare_task, raw_dir=fetched["raw"], split_params=section(params, "split"),
-        prepare_params=params.get("prepare") or {},
-    )
-    train_params = section(params, "train")
-    input_params = params.get("input") or {}
-    common = train_params.get("common") or {}
-    states["preview"], _ = run_verified(preview_task, splits=prepared["splits"], params_path=params_path,
-                                        input_params=input_params, seed=int(common.get("seed", 42)))
+    states["fetch"], fetched = run_verified(fetch, settings=settings("fetch"), inputs=inputs("fetch"),
+                                            source_digest=source_digest(params["data"]))
+    states["prepare"], prepared = run_verified(prepare_task, raw_dir=fetched["raw"], settings=settings("prepare"))
+    states["preview"], _ = run_verified(preview_task, inputs=inputs("preview"), params_path=params_path,
+                                        settings=settings("preview"))
+    models = _train_all(params, params_path, settings, inputs, states)
+    names = list(models)
+    scored_names = list(names)
+    states["ensemble"], _ = run_verified(ensemble_task, inputs=inputs("ensemble"), params_path=params_path,
+                                         settings=settings("ensemble"))
+    if members_of(params):
+        scored_names.append("ensemble")
+    for set_name, folder in external_sets(params["evaluate"]).items():
+        states[f"external@{set_name}"], _ = run_verified(external_task, name=set_name,
+                                                         inputs=inputs("external", folder, set_name))
+    states["evaluate"], _ = run_verified(evaluate_task, models=scored_names, inputs=inputs("evaluate"),
+                                         params_path=params_path, settings=settings("evaluate"))
+    states["explain"], _ = run_verified(explain_task, models=names, inputs=inputs("explain"),
+                                        params_path=params_path, settings=settings("explain"))
+    states["report"], reported = run_verified(report_task, models=scored_names, inputs=inputs("report"),
+                                              settings=settings("report"))
+    states["dvc.lock"] = sync_dvc_lock(overrides)
+    return {"states": states, "fetch": fetched, "prepare": prepared, "models": models, "report": reported}
+
+
+def _train_all(params: dict[str, Any], params_path: str, settings: Any, inputs: Any,
+               states: dict[str, str]) -> dict[str, Any]:
+    """One training task per model, concurrently; a failed model fails the run after the others finish."""
     jobs = {}
-    for model in train_params.get("models") or []:
-        kwargs = {"model": model, "splits": prepared["splits"], "params_path": params_path,
-                  "input_params": input_params, "common": common, "own": train_params.get(model) or {}}
+    for model in params["train"]["models"]:
+        kwargs = {"model": model, "inputs": inputs("train", model), "params_path": params_path,
+                  "settings": settings("train", model)}
         jobs[model] = (kwargs, train_task.submit(**kwargs, return_state=False))
     models: dict[str, Any] = {}
     failures = []
@@ -115,37 +139,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         states[f"train@{model}"], models[model] = _verified(train_task, state, kwargs)
     if failures:
         raise CxrError("training failed for " + "; ".join(failures) + " (other models were kept)")
-    names = list(models)
-    files = [f"models/{m}.keras" for m in names]
-    members = members_of(params)
-    scored_names, scored_files = list(names), list(files)
-    states["ensemble"], ensembled = run_verified(
-        ensemble_task, members=members, model_files=[f"models/{m}.keras" for m in members],
-        splits=prepared["splits"], params_path=params_path, input_params=input_params, common=common,
-        models=list(train_params.get("models") or []))
-    if members:
-        scored_names.append("ensemble")
-        scored_files.append(ensembled["model"])
-    eval_params = params.get("evaluate") or {}
-    indexes = []
-    for set_name, folder in external_sets(eval_params).items():
-        states[f"external@{set_name}"], indexed = run_verified(external_task, name=set_name, folder=folder,
-                                                               splits=prepared["splits"])
-        indexes.append(indexed["index"])
-    states["evaluate"], evaluated = run_verified(
-        evaluate_task, models=scored_names, model_files=scored_files, splits=prepared["splits"],
-        params_path=params_path, eval_params=eval_params, input_params=input_params, external_indexes=indexes)
-    states["explain"], explained = run_verified(
-        explain_task, models=names, model_files=files, splits=prepared["splits"], eval_dir=evaluated["eval_dir"],
-        params_path=params_path, eval_params=eval_params, input_params=input_params)
-    report_inputs = [prepared["quality"], evaluated["metrics"], explained["summary"], *scored_files,
-                     *[str(card_path_for(Path(f))) for f in scored_files]]
-    names = scored_names
-    readers = str((params.get("report") or {}).get("readers") or "")
-    states["report"], reported = run_verified(report_task, models=names, inputs=report_inputs, readers=readers,
-                                              eval_params=eval_params)
-    states["dvc.lock"] = sync_dvc_lock(overrides)
-    return {"states": states, "fetch": fetched, "prepare": prepared, "models": models, "report": reported}
+    return models
 
 
 def pipeline_with_runner(max_parallel: int = 1, dask_address: str | None = None) -> Any:
@@ -170,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         params = load_params(args.params, args.set)
-        parallel = int((params.get("orchestration") or {}).get("max_parallel_training", 1))
+        parallel = params["orchestration"]["max_parallel_training"]
         result = pipeline_with_runner(parallel, args.dask)(params_path=args.params, overrides=args.set)
     except CxrError as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)

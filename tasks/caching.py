@@ -1,10 +1,12 @@
-"""Content-addressed task caching for Prefect 3.
+"""Content-addressed task caching for Prefect 3, composed from the stage registry.
 
-A task's cache key is the hash of (its own source, the source of the ``cxr`` modules it runs, its
-parameters, and the *content* digest of its input files): a rerun with nothing changed is a cache
-hit; a change to any byte of an input, a parameter or the code is a miss. Results are small
-dicts of paths and hashes, persisted so later runs can reuse them. Before a cached result is
-trusted, the files it names are re-hashed: a deleted or edited output forces the task to run.
+A task's cache policy is Prefect's own ``INPUTS`` (minus inputs that do not change the result)
+plus three content policies: the file that defines the task, the content of the code files the
+registry computes for its stage (the same files DVC lists as deps), and the content of the task's
+path inputs (the same data DVC hashes). A rerun with nothing changed is a cache hit; a change to
+any byte of an input, a declared setting or the code is a miss — the changes that make ``dvc
+repro`` rerun the stage. Before a cached result is trusted, the files it names are re-hashed: a
+deleted or edited output forces the task to run.
 """
 
 from __future__ import annotations
@@ -13,18 +15,19 @@ import hashlib
 import inspect
 import logging
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
+from cxr.provenance.code_closure import REPO_ROOT
 from cxr.provenance.hashing import hash_tree, sha256_file
+from cxr.stages import stage
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def digest_path(path: str | Path) -> str:
@@ -37,16 +40,6 @@ def digest_path(path: str | Path) -> str:
     return "missing"
 
 
-def _task_source_digest(fn: Any) -> str:
-    """Digest of the file that defines the task (``inspect.getsource`` fails in flows that a
-    Prefect runner loads from an entrypoint, so the module file is hashed instead)."""
-    module = sys.modules.get(fn.__module__)
-    path = getattr(module, "__file__", None) or inspect.getsourcefile(fn)
-    if path and Path(path).is_file():
-        return sha256_file(path)
-    return hashlib.sha256(fn.__code__.co_code).hexdigest()
-
-
 def _digest_any(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [digest_path(v) for v in value]
@@ -54,22 +47,61 @@ def _digest_any(value: Any) -> Any:
 
 
 @dataclass
-class ContentPolicy(CachePolicy):
-    """Cache key over task source, named code files, inputs, and the content of path inputs."""
-
-    code: tuple[str, ...] = ()
-    path_inputs: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = field(default_factory=tuple)
+class TaskModule(CachePolicy):
+    """Content of the file that defines the task (``inspect.getsource`` fails in flows a Prefect
+    runner loads from an entrypoint, so the module file is hashed, not the function's source)."""
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        key: dict[str, Any] = {
-            "task": _task_source_digest(task_ctx.task.fn),
-            "code": {c: sha256_file(REPO_ROOT / c) for c in self.code},
-            "inputs": {k: v for k, v in sorted(inputs.items()) if k not in self.exclude},
-            "content": {k: _digest_any(inputs[k]) for k in self.path_inputs if inputs.get(k)},
-        }
-        return hash_objects(key, raise_on_failure=True)
+        fn = task_ctx.task.fn
+        module = sys.modules.get(fn.__module__)
+        path = getattr(module, "__file__", None) or inspect.getsourcefile(fn)
+        if path and Path(path).is_file():
+            return sha256_file(path)
+        return hashlib.sha256(fn.__code__.co_code).hexdigest()
+
+
+@dataclass
+class StageCode(CachePolicy):
+    """Content of the code a registered stage runs (its entry module's import closure)."""
+
+    stage: str = ""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        return hash_objects({f: sha256_file(REPO_ROOT / f) for f in stage(self.stage).code()},
+                            raise_on_failure=True)
+
+
+@dataclass
+class PathContent(CachePolicy):
+    """Content of the files and folders named by some task inputs (a path or a list of paths)."""
+
+    names: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        return hash_objects({k: _digest_any(inputs[k]) for k in self.names if inputs.get(k)},
+                            raise_on_failure=True)
+
+
+def stage_policy(name: str, path_inputs: Sequence[str] = (), ignore: Sequence[str] = ("params_path",)
+                 ) -> CachePolicy:
+    """The cache policy of the task that runs registered stage ``name``.
+
+    Args:
+        name: the stage in :mod:`cxr.stages`.
+        path_inputs: task inputs naming files or folders whose *content* keys the cache.
+        ignore: task inputs that do not change the result (the parameters file's path: the values the
+            stage reads arrive as its ``settings`` input).
+
+    Returns:
+        ``TaskModule + StageCode + PathContent + (INPUTS - ignored)``.
+    """
+    inputs: CachePolicy = INPUTS
+    for item in ignore:
+        inputs = inputs - item
+    return TaskModule() + StageCode(stage=name) + PathContent(names=tuple(path_inputs)) + inputs
 
 
 def outputs_intact(result: Any) -> bool:

@@ -1,12 +1,12 @@
-"""Prefect tasks for evaluate, explain and report (wrapping ``cxr.evaluation.evaluate``, ``cxr.evaluation.explain``, ``cxr.reporting.report``).
+"""Prefect tasks for the ensemble, external sets, evaluate, explain and report stages.
 
-Evaluate and explain load TensorFlow models, so they run ``cxr`` in a child process like training;
-the report is plain Python and runs in the flow's process, then publishes Prefect artifacts.
+Ensemble, evaluate and explain load TensorFlow models, so they run ``cxr`` in a child process like
+training (:mod:`tasks.runner`); indexing external sets and the report are plain Python and run in
+the flow's process; the report then publishes Prefect artifacts.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from prefect import task
@@ -15,70 +15,104 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from cxr.data.external_sets import index_external
 from cxr.provenance.hashing import sha256_file
 from cxr.reporting.report import build
-from tasks.caching import ContentPolicy
-from tasks.train import _cxr
-
-EVAL_CODE = ("cxr/evaluation/evaluate.py", "cxr/evaluation/metrics.py", "cxr/inference/loading.py", "cxr/training/input_pipeline.py", "cxr/data/external_sets.py")
-EXTERNAL_CODE = ("cxr/data/external_sets.py", "cxr/data/images.py", "cxr/data/kaggle_layout.py", "cxr/data/manifest.py")
-ENSEMBLE_CODE = ("cxr/training/ensemble.py", "cxr/inference/loading.py", "cxr/training/input_pipeline.py", "cxr/training/health.py")
+from cxr.workspace import HERE
+from tasks.caching import stage_policy
+from tasks.runner import run_cxr
 
 
-@task(name="external", cache_policy=ContentPolicy(code=EXTERNAL_CODE, path_inputs=("folder", "splits")),
-      persist_result=True, task_run_name="external-{name}")
-def external_task(name: str, folder: str, splits: str) -> dict[str, Any]:
-    """Index one external validation set; keyed on the folder's content (and the split file, against
-    whose train and validation images identical files and shared patients are reported)."""
+@task(name="external", cache_policy=stage_policy("external", path_inputs=("inputs",)), persist_result=True,
+      task_run_name="external-{name}")
+def external_task(name: str, inputs: list[str]) -> dict[str, Any]:
+    """Index one external validation set.
+
+    Args:
+        name: the set's name (a key of ``evaluate.external``).
+        inputs: its folder, then the splits file (against whose train and validation images
+            identical files and shared patients are reported).
+
+    Returns:
+        The index path, its hash and the image count.
+    """
+    folder, splits = inputs
     summary = index_external(name, folder, splits_csv=splits)
-    index = f"data/external/{name}.csv"
+    index = HERE.external_index(name).as_posix()
     return {"index": index, "index_sha256": sha256_file(index), "images": summary["images"]}
 
 
-@task(name="ensemble", cache_policy=ContentPolicy(code=ENSEMBLE_CODE, path_inputs=("model_files", "splits")),
-      persist_result=True)
-def ensemble_task(members: list[str], model_files: list[str], splits: str, params_path: str,
-                  input_params: dict[str, Any], common: dict[str, Any], models: list[str]) -> dict[str, Any]:
-    """Average the member models into ``ensemble/ensemble.keras`` (a child process, like training).
+@task(name="ensemble", cache_policy=stage_policy("ensemble", path_inputs=("inputs",)), persist_result=True)
+def ensemble_task(inputs: list[str], params_path: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Average the member models into ``ensemble/ensemble.keras``.
 
     With no members it still runs: it writes ``ensemble/ensemble.json`` saying so, the output the
-    DVC ``ensemble`` stage declares, so ``dvc commit`` after a flow run finds every output."""
-    # the members' health policy and threshold rule (train.common) apply to their average too
-    _cxr(["ensemble", "--splits", splits], params_path,
-         [f"ensemble={json.dumps({'members': members})}", f"input={json.dumps(input_params)}",
-          f"train.common={json.dumps(common)}", f"train.models={json.dumps(models)}"])
-    result = {"record": "ensemble/ensemble.json", "record_sha256": sha256_file("ensemble/ensemble.json")}
-    if members:
-        result.update(model="ensemble/ensemble.keras", model_sha256=sha256_file("ensemble/ensemble.keras"))
+    DVC ``ensemble`` stage declares, so ``dvc commit`` after a flow run finds every output.
+
+    Args:
+        inputs: the splits file and the models folder.
+        params_path: the parameters file.
+        settings: ``ensemble``, ``input``, ``train.models``, ``train.common``.
+
+    Returns:
+        The record (and, with members, the model) with hashes.
+    """
+    run_cxr(["ensemble", "--splits", inputs[0]], params_path, settings)
+    record = HERE.ensemble_record.as_posix()
+    result = {"record": record, "record_sha256": sha256_file(record)}
+    if settings["ensemble"]["members"]:
+        model = HERE.ensemble_model.as_posix()
+        result.update(model=model, model_sha256=sha256_file(model))
     return result
-EXPLAIN_CODE = ("cxr/evaluation/explain.py", "cxr/evaluation/gradcam.py", "cxr/inference/loading.py")
-REPORT_CODE = ("cxr/reporting/report.py", "cxr/evaluation/agreement.py")
 
 
-@task(name="evaluate", cache_policy=ContentPolicy(code=EVAL_CODE, path_inputs=("splits", "model_files",
-                                                                                 "external_indexes")),
-      persist_result=True)
-def evaluate_task(models: list[str], model_files: list[str], splits: str, params_path: str,
-                  eval_params: dict[str, Any], input_params: dict[str, Any],
-                  external_indexes: list[str] | None = None) -> dict[str, Any]:
-    args = ["evaluate"] + [a for m in models for a in ("--model", m)]
-    _cxr(args, params_path, [f"evaluate={json.dumps(eval_params)}", f"input={json.dumps(input_params)}"])
-    return {"metrics": "reports/metrics.json", "metrics_sha256": sha256_file("reports/metrics.json"),
-            "eval_dir": "reports/eval"}
+@task(name="evaluate", cache_policy=stage_policy("evaluate", path_inputs=("inputs",)), persist_result=True)
+def evaluate_task(models: list[str], inputs: list[str], params_path: str, settings: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """Score every model on the test split and the external sets.
+
+    Args:
+        models: model names (the ensemble included when it has members).
+        inputs: splits, external indexes, models and ensemble folders.
+        params_path: the parameters file.
+        settings: the evaluate stage's settings.
+
+    Returns:
+        The metrics file and its hash, and the per-model folder.
+    """
+    run_cxr(["evaluate", *[a for m in models for a in ("--model", m)]], params_path, settings)
+    return {"metrics": HERE.metrics.as_posix(), "metrics_sha256": sha256_file(HERE.metrics),
+            "eval_dir": HERE.eval.as_posix()}
 
 
-@task(name="explain", cache_policy=ContentPolicy(code=EXPLAIN_CODE, path_inputs=("splits", "model_files",
-                                                                                   "eval_dir")),
-      persist_result=True)
-def explain_task(models: list[str], model_files: list[str], splits: str, eval_dir: str, params_path: str,
-                 eval_params: dict[str, Any], input_params: dict[str, Any]) -> dict[str, Any]:
-    args = ["explain"] + [a for m in models for a in ("--model", m)]
-    _cxr(args, params_path, [f"evaluate={json.dumps(eval_params)}", f"input={json.dumps(input_params)}"])
-    return {"summary": "reports/gradcam/summary.json", "summary_sha256": sha256_file("reports/gradcam/summary.json")}
+@task(name="explain", cache_policy=stage_policy("explain", path_inputs=("inputs",)), persist_result=True)
+def explain_task(models: list[str], inputs: list[str], params_path: str, settings: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Grad-CAM galleries on the test split.
+
+    Args:
+        models: the trained models (not the ensemble: Grad-CAM needs one network).
+        inputs: splits, models folder and evaluation folder.
+        params_path: the parameters file.
+        settings: the explain stage's settings.
+
+    Returns:
+        The summary file and its hash.
+    """
+    run_cxr(["explain", *[a for m in models for a in ("--model", m)]], params_path, settings)
+    return {"summary": HERE.gradcam_summary.as_posix(), "summary_sha256": sha256_file(HERE.gradcam_summary)}
 
 
-@task(name="report", cache_policy=ContentPolicy(code=REPORT_CODE, path_inputs=("inputs",)), persist_result=True)
-def report_task(models: list[str], inputs: list[str], readers: str, eval_params: dict[str, Any]) -> dict[str, Any]:
-    """Render the report and publish it as Prefect artifacts (keys stable, so the UI keeps history)."""
-    result = build(models, readers, eval_params)
+@task(name="report", cache_policy=stage_policy("report", path_inputs=("inputs",)), persist_result=True)
+def report_task(models: list[str], inputs: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+    """Render the report and publish it as Prefect artifacts (keys stable, so the UI keeps history).
+
+    Args:
+        models: the scored models.
+        inputs: everything the report reads.
+        settings: the report stage's settings (``report``, ``evaluate``, ...).
+
+    Returns:
+        The HTML path and its hash.
+    """
+    result = build(models, str(settings["report"]["readers"] or ""), settings["evaluate"])
     create_markdown_artifact(key="cxr-report", markdown=result["markdown"],
                              description="Chest X-ray pipeline: data, metrics and warnings")
     create_table_artifact(key="cxr-metrics", table=result["rows"], description="Test metrics per model")

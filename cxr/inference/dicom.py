@@ -1,6 +1,6 @@
 """Read a chest radiograph from DICOM into the 8-bit image the models were trained on.
 
-Order of operations (spec §9, done correctly): stored values → Modality LUT (Rescale Slope /
+Order of operations, as the DICOM standard defines them: stored values → Modality LUT (Rescale Slope /
 Intercept) → VOI LUT or Window Center/Width when the file has one → invert MONOCHROME1 (where
 bright means *less* attenuation) → clip to mean ± 2.5 std → rescale to 0–255 uint8 → gray to
 3 channels. Multi-frame, pixel-less and non-image objects are refused with one clear line; a
@@ -78,7 +78,7 @@ def read_dicom(path: str | Path, clip_std: float = 2.5) -> np.ndarray:
 
 
 def to_uint8(gray: np.ndarray, clip_std: float = 2.5) -> np.ndarray:
-    """Clip to mean ± ``clip_std`` std, rescale to 0–255, stack to 3 channels (spec §9)."""
+    """Clip to mean ± ``clip_std`` std, rescale to 0–255, stack to 3 channels (the notebook's display step)."""
     gray = np.asarray(gray, dtype=np.float64)
     mean, std = float(gray.mean()), float(gray.std())
     low, high = mean - clip_std * std, mean + clip_std * std

@@ -10,6 +10,10 @@ Outputs for model ``<name>``:
 
 A killed run resumes from its last completed epoch (Keras ``BackupAndRestore`` under
 ``models/.backup/<name>/<run key>``, where the key covers data, parameters and code).
+
+``train`` reads as the pipeline: ``_setup_run`` → per learning rate ``_train_once`` (``_load_data``,
+``_build_or_continue``, ``_resume_or_reset``, ``_callbacks``, ``_fit``, ``_assess``, ``_card``,
+``_write_reports``) → ``_ship`` or ``_reject`` (or the next, lower learning rate on ``fallback``).
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import math
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxr.config import InputConfig, Params, TrainConfig
 from cxr.errors import CxrError, DataError
 from cxr.evaluation.metrics import validation_operating_point
 from cxr.files import save_keras, write_json
@@ -37,8 +43,8 @@ from cxr.provenance.hashing import sha256_file
 from cxr.provenance.versions import code_version, library_versions
 from cxr.reporting import plots
 from cxr.runtime import configure, distribution
-from cxr.training.health import HealthConfig, assess
-from cxr.training.input_pipeline import InputConfig, load_images, make_dataset, read_split
+from cxr.training.health import Health, assess
+from cxr.training.input_pipeline import load_images, make_dataset, read_split
 
 log = logging.getLogger(__name__)
 
@@ -50,60 +56,19 @@ class TrainingRejected(CxrError):
     """The run finished but its model failed the health check (collapsed or degenerate)."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 15
-    learning_rate: float = 1e-3
-    seed: int = 42
-    deterministic: bool = True
-    precision: str = "auto"
-    class_weight: str = "balanced"
-    steps_per_epoch: int | None = None
-    validation_steps: int | None = None
-    monitor: str = "val_auc"
-    monitor_mode: str = "max"
-    early_stopping: dict[str, Any] = field(default_factory=lambda: {"enabled": True, "patience": 5,
-                                                                       "min_delta": 0.001})
-    reduce_lr: dict[str, Any] = field(default_factory=lambda: {"monitor": "val_loss", "factor": 0.3,
-                                                                  "patience": 3, "min_lr": 1e-6})
-    tensorboard: bool = True
-    distribute: str = "auto"  # auto (MirroredStrategy on 2+ GPUs) | mirrored | none
-    continue_epochs: int = 0
-    optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
-    weight_decay: float = 0.0  # adamw only
-    label_smoothing: float = 0.0  # binary targets become {s/2, 1 − s/2}: softer, better-calibrated outputs
-    ema: bool = False  # validate, checkpoint and ship an exponential moving average of the weights
-    target_sensitivity: float | None = None  # shipped threshold: None = Youden's J on validation, else this sensitivity
-    health: HealthConfig = field(default_factory=HealthConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # builder options (weights, dropout...)
-
-    @classmethod
-    def from_params(cls, train_params: Mapping[str, Any], name: str) -> TrainConfig:
-        common = dict(train_params.get("common") or {})
-        own = dict(train_params.get(name) or {})
-        merged = {**common, **{k: v for k, v in own.items() if k in cls.__dataclass_fields__}}
-        builder_opts = {k: v for k, v in own.items() if k not in cls.__dataclass_fields__}
-        health = HealthConfig(**(merged.pop("health", None) or {}))
-        merged.pop("model", None)
-        cfg = cls(**merged, health=health, model=builder_opts)
-        if cfg.class_weight not in CLASS_WEIGHTS:
-            raise CxrError(f"train.{name}.class_weight={cfg.class_weight!r}: choose balanced or none")
-        if cfg.optimizer not in OPTIMIZERS:
-            raise CxrError(f"train.{name}.optimizer={cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if not 0 <= cfg.label_smoothing < 0.5:
-            raise CxrError(f"train.{name}.label_smoothing={cfg.label_smoothing}: choose a value in [0, 0.5)")
-        if cfg.target_sensitivity is not None and not 0 < cfg.target_sensitivity < 1:
-            raise CxrError(f"train.{name}.target_sensitivity={cfg.target_sensitivity}: choose null or a fraction "
-                           "in (0, 1)")
-        if cfg.weight_decay < 0:
-            raise CxrError(f"train.{name}.weight_decay={cfg.weight_decay}: must be ≥ 0")
-        if cfg.monitor_mode not in ("min", "max"):
-            raise CxrError(f"train.{name}.monitor_mode={cfg.monitor_mode!r}: choose min or max")
-        return cfg
-
-
 def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
-    """Keras class weights: ``balanced`` = n / (2 · n_class), as sklearn computes them."""
+    """Keras class weights: ``balanced`` = n / (2 · n_class), as sklearn computes them.
+
+    Args:
+        labels: the training labels (0 = NORMAL, 1 = PNEUMONIA), any numeric dtype.
+        mode: ``balanced`` or ``none``.
+
+    Returns:
+        ``{0: w0, 1: w1}`` for ``balanced``; ``None`` (unweighted) for ``none``.
+
+    Raises:
+        DataError: ``balanced`` on labels that lack one of the two classes.
+    """
     if mode == "none":
         return None
     counts = np.bincount(labels.astype(int), minlength=2)
@@ -113,29 +78,51 @@ def class_weights(labels: np.ndarray, mode: str) -> dict[int, float] | None:
 
 
 class EpochLine:
-    """One log line per epoch when no terminal is attached (Keras' own bar otherwise)."""
+    """One log line per epoch when no terminal is attached (Keras' own bar otherwise).
 
-    def __new__(cls, name: str, epochs: int) -> Any:
-        import keras
+    Pass ``_as_keras_callback(EpochLine)(name, epochs)`` to ``fit``. The class is plain so that
+    importing this module does not import TensorFlow (``TrainConfig`` is read by code that never
+    trains, and ``cxr.runtime`` imports TensorFlow quietly, once a run starts): a class statement
+    with a Keras base would import it at module load, so the base is added on first use instead.
+    """
 
-        class _Callback(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.started = time.perf_counter()
+    def __init__(self, name: str, epochs: int) -> None:
+        super().__init__()
+        self.run_name, self.epochs = name, epochs
 
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                logs = logs or {}
-                shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float))
-                log.info("%s epoch %d/%d %.0fs %s", name, epoch + 1, epochs,
-                         time.perf_counter() - self.started, shown)
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.started = time.perf_counter()
 
-        return _Callback()
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        logs = logs or {}
+        shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float))
+        log.info(
+            "%s epoch %d/%d %.0fs %s", self.run_name, epoch + 1, self.epochs, time.perf_counter() - self.started, shown
+        )
+
+
+@cache
+def _as_keras_callback(behaviour: type) -> type:
+    """``behaviour`` on a ``keras.callbacks.Callback`` base (made once per class, on first use)."""
+    import keras
+
+    return type(behaviour.__name__, (behaviour, keras.callbacks.Callback), {"__module__": __name__})
 
 
 def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: str) -> str:
-    payload = json.dumps({"name": name, "cfg": repr(cfg), "input": repr(input_cfg), "splits": splits_sha,
-                          "code": [sha256_file(Path(__file__).with_name(f)) for f in
-                                   ("train.py", "models.py", "input_pipeline.py", "augment.py")]},
-                         sort_keys=True)
+    """Key of a resumable run: data, settings and the code it runs (the import closure the registry uses)."""
+    from cxr.provenance.code_closure import module_digest
+
+    payload = json.dumps(
+        {
+            "name": name,
+            "cfg": repr(cfg),
+            "input": repr(input_cfg),
+            "splits": splits_sha,
+            "code": module_digest(__name__),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -175,8 +162,14 @@ def _trim_history(history_csv: Path, backup_dir: Path) -> None:
         kept.to_csv(history_csv, index=False)
 
 
-def compile_model(model: Any, learning_rate: float, optimizer: str = "adam", weight_decay: float = 0.0,
-                  label_smoothing: float = 0.0, ema: bool = False) -> None:
+def compile_model(
+    model: Any,
+    learning_rate: float,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
+    ema: bool = False,
+) -> None:
     """Compile for binary pneumonia classification with the notebook's metrics.
 
     Args:
@@ -186,6 +179,9 @@ def compile_model(model: Any, learning_rate: float, optimizer: str = "adam", wei
         weight_decay: AdamW's decoupled weight decay.
         label_smoothing: binary cross-entropy label smoothing.
         ema: keep an exponential moving average of the weights (swapped in for validation).
+
+    Returns:
+        None; ``model`` is compiled in place (call it under the strategy scope the model was built in).
     """
     import keras
 
@@ -196,8 +192,12 @@ def compile_model(model: Any, learning_rate: float, optimizer: str = "adam", wei
     model.compile(
         optimizer=opt_cls(**opt_kwargs),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
-        metrics=["accuracy", keras.metrics.Precision(name="precision"),
-                 keras.metrics.Recall(name="recall"), keras.metrics.AUC(name="auc")],
+        metrics=[
+            "accuracy",
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+            keras.metrics.AUC(name="auc"),
+        ],
     )
 
 
@@ -229,222 +229,505 @@ def _history(csv_path: Path) -> dict[str, list[float]]:
     return {c: frame[c].astype(float).tolist() for c in frame.columns}
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One training attempt's fixed inputs: which model, with which settings, and where its files go."""
+
+    name: str
+    cfg: TrainConfig
+    input_cfg: InputConfig
+    splits_csv: Path
+    models_dir: Path
+    reports_dir: Path  # reports/train/<name>
+    logs_dir: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.models_dir / f"{self.name}.keras"
+
+    @property
+    def card_path(self) -> Path:
+        return self.models_dir / f"{self.name}.card.json"
+
+    @property
+    def history_csv(self) -> Path:
+        return self.reports_dir / "history.csv"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.models_dir / ".work" / self.name
+
+
+@dataclass(frozen=True)
+class _Data:
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    train_ds: Any
+    val_ds: Any
+    weights: dict[int, float] | None
+
+
+@dataclass(frozen=True)
+class _Start:
+    """The compiled model to fit and where its epochs start (after a saved model's, when continuing)."""
+
+    model: Any
+    previous: dict[str, Any] | None  # the continued model's card
+    initial_epoch: int
+    epochs: int
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    """This run's key and its files outside the shipped pair (backup, best checkpoint)."""
+
+    run_key: str
+    backup_dir: Path
+    best_path: Path
+    resuming: bool
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    model: Any  # the best checkpoint when one was written, else the fitted model
+    history: dict[str, list[float]]
+    health: Health
+    point: dict[str, Any]
+    epochs_run: int
+    best_epoch: int | None
+
+
 def train(
     name: str,
-    params: Mapping[str, Any],
+    params: Params | Mapping[str, Any],
     splits_csv: str | Path = "data/prepared/splits.csv",
     models_dir: str | Path = "models",
     reports_dir: str | Path = "reports/train",
     logs_dir: str | Path = "logs",
 ) -> dict[str, Any]:
-    """Train model ``name`` with ``params`` (the whole params.yaml mapping); return its card."""
-    started = time.perf_counter()
-    from cxr.training.models import build_model
+    """Train model ``name``; ship it (model and card, together) only when it is healthy enough.
 
-    train_params = params.get("train") or {}
-    cfg = TrainConfig.from_params(train_params, name)
-    input_cfg = InputConfig.from_params(params.get("input") or {})
+    With ``health.on_collapse: fallback``, an unhealthy model is followed by one fresh run at the
+    learning rate × ``fallback_lr_factor`` that fails rather than falls back again.
+
+    Args:
+        name: a model of the registry (``cxr.training.models``), also the key of ``train.<name>``.
+        params: the parsed configuration, or the params.yaml mapping; only this model's
+            ``train`` settings and the ``input`` section are read.
+        splits_csv: the prepare step's ``splits.csv`` (``manifest.csv`` is expected beside it).
+        models_dir: where ``<name>.keras`` and ``<name>.card.json`` are written.
+        reports_dir: the parent of this model's reports folder ``<reports_dir>/<name>/``.
+        logs_dir: the parent of the TensorBoard ``scalars/`` folder.
+
+    Returns:
+        The model card, as written to ``<models_dir>/<name>.card.json``.
+
+    Raises:
+        DataError: ``splits_csv`` is missing, or the train split lacks a class.
+        CxrError: invalid ``train`` parameters, or nothing (or a tampered model) to continue from.
+        TrainingRejected: the model is unhealthy and ``on_collapse`` is ``fail`` (or the fallback run
+            is unhealthy too); it is kept in ``<models_dir>/.rejected/``, the shipped pair is untouched.
+    """
+    if isinstance(params, Params):
+        cfg, input_cfg = params.train.model(name), params.input
+    else:
+        cfg = TrainConfig.from_params(params.get("train") or {}, name)
+        input_cfg = InputConfig.from_params(params.get("input") or {})
+    first = _setup_run(name, cfg, input_cfg, splits_csv, models_dir, reports_dir, logs_dir)
+    fallback: dict[str, Any] | None = None
+    for attempt in _attempts(cfg):
+        started = time.perf_counter()
+        if fallback is not None:
+            log.warning("%s: falling back to a fresh run at learning rate %g", name, attempt.learning_rate)
+        run = replace(first, cfg=attempt)
+        model, card, health = _train_once(run)
+        if health.status != "healthy":
+            message = f"{name}: model is {health.status}: {'; '.join(health.problems)}"
+            log.error("%s", message)
+            if attempt.health.on_collapse == "fail":
+                raise _reject(run, model, card, message)
+            if attempt.health.on_collapse == "fallback":
+                fallback = {"from_learning_rate": attempt.learning_rate, "problems": health.problems}
+                continue
+        return _ship(run, model, card, started, fallback)
+    raise AssertionError("unreachable: the last attempt fails rather than falls back")
+
+
+def _attempts(cfg: TrainConfig) -> list[TrainConfig]:
+    """The settings to train with in turn, one per learning rate: ``cfg``, then its fallback if any."""
+    if cfg.health.on_collapse != "fallback":
+        return [cfg]
+    lower = cfg.learning_rate * cfg.health.fallback_lr_factor
+    return [cfg, replace(cfg, learning_rate=lower, health=replace(cfg.health, on_collapse="fail"))]
+
+
+def _setup_run(
+    name: str,
+    cfg: TrainConfig,
+    input_cfg: InputConfig,
+    splits_csv: str | Path,
+    models_dir: str | Path,
+    reports_dir: str | Path,
+    logs_dir: str | Path,
+) -> _Run:
     models_dir, reports_dir = Path(models_dir), Path(reports_dir) / name
     models_dir.mkdir(parents=True, exist_ok=True)
     reports_dir.mkdir(parents=True, exist_ok=True)
     splits_csv = Path(splits_csv)
     if not splits_csv.is_file():
         raise DataError(f"{splits_csv}: not found; run the prepare step first (dvc repro prepare)")
-    splits_sha = sha256_file(splits_csv)
-    manifest = splits_csv.with_name("manifest.csv")
+    return _Run(name, cfg, input_cfg, splits_csv, models_dir, reports_dir, Path(logs_dir))
 
-    policy = configure(cfg.seed, cfg.deterministic, cfg.precision)
-    import keras
 
-    train_paths, train_labels, train_key = read_split(splits_csv, "train")
-    val_paths, val_labels, val_key = read_split(splits_csv, "val")
+def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
+    """Fit and assess one model at ``run.cfg``; return it with its card (unsaved) and its health."""
+    splits_sha = sha256_file(run.splits_csv)
+    policy = configure(run.cfg.seed, run.cfg.deterministic, run.cfg.precision)
+    data = _load_data(run)
+    strategy = distribution(run.cfg.distribute)
+    if strategy.num_replicas_in_sync > 1:
+        log.info("%s: training on %d replicas (%s)", run.name, strategy.num_replicas_in_sync, type(strategy).__name__)
+    start = _build_or_continue(run, strategy)
+    scratch = _resume_or_reset(run, splits_sha, start.previous)
+    verbose = 1 if interactive() else 0
+    callbacks = _callbacks(run, scratch, start.epochs, verbose)
+    fit_seconds = _fit(run, start, data, callbacks, verbose, policy)
+    outcome = _assess(run, start, data, scratch)
+    card = _card(
+        run, splits_sha, policy, int(strategy.num_replicas_in_sync), data, start, scratch, outcome, fit_seconds
+    )
+    _write_reports(run, outcome.model, outcome.history)
+    return outcome.model, card, outcome.health
+
+
+def _load_data(run: _Run) -> _Data:
+    cfg, input_cfg = run.cfg, run.input_cfg
+    train_paths, train_labels, train_key = read_split(run.splits_csv, "train")
+    val_paths, val_labels, val_key = read_split(run.splits_csv, "val")
     train_images = load_images(train_paths, train_key, input_cfg, "train")
     val_images = load_images(val_paths, val_key, input_cfg, "val")
     train_ds = make_dataset(train_images, train_labels, input_cfg, shuffle=True, augment=True, seed=cfg.seed)
-    val_ds = make_dataset(val_images, val_labels, input_cfg, shuffle=False,
-                          augment=input_cfg.augment_validation, seed=cfg.seed + 1)
+    val_ds = make_dataset(
+        val_images, val_labels, input_cfg, shuffle=False, augment=input_cfg.augment_validation, seed=cfg.seed + 1
+    )
     weights = class_weights(train_labels, cfg.class_weight)
+    return _Data(train_labels, val_images, val_labels, train_ds, val_ds, weights)
 
-    strategy = distribution(cfg.distribute)
-    if strategy.num_replicas_in_sync > 1:
-        log.info("%s: training on %d replicas (%s)", name, strategy.num_replicas_in_sync, type(strategy).__name__)
-    model_path = models_dir / f"{name}.keras"
-    card_path = models_dir / f"{name}.card.json"
+
+def _build_or_continue(run: _Run, strategy: Any) -> _Start:
+    """A fresh model, or (``continue_epochs`` > 0) the saved one, verified against its card; compiled."""
+    import keras
+
+    # imported before either branch: it registers the custom layers that load_model needs
+    from cxr.training.models import build_model
+
+    cfg, name = run.cfg, run.name
     initial_epoch, epochs, previous = 0, cfg.epochs, None
     if cfg.continue_epochs > 0:
-        if not (model_path.is_file() and card_path.is_file()):
-            raise CxrError(f"train.{name}.continue_epochs={cfg.continue_epochs}: no saved {model_path} "
-                           "with its card to continue from; train it first with continue_epochs: 0")
-        previous = json.loads(card_path.read_text())
-        if previous.get("model_sha256") != sha256_file(model_path):
-            raise CxrError(f"{model_path} does not match its card (sha256 differs): refusing to continue")
+        if not (run.model_path.is_file() and run.card_path.is_file()):
+            raise CxrError(
+                f"train.{name}.continue_epochs={cfg.continue_epochs}: no saved {run.model_path} "
+                "with its card to continue from; train it first with continue_epochs: 0"
+            )
+        previous = json.loads(run.card_path.read_text())
+        if previous.get("model_sha256") != sha256_file(run.model_path):
+            raise CxrError(f"{run.model_path} does not match its card (sha256 differs): refusing to continue")
         with strategy.scope():
-            model = keras.saving.load_model(model_path, safe_mode=True)
+            model = keras.saving.load_model(run.model_path, safe_mode=True)
         initial_epoch = int(previous.get("epochs_run", 0))
         epochs = initial_epoch + cfg.continue_epochs
-        log.info("%s: continuing %s from epoch %d for %d more epochs", name, model_path, initial_epoch,
-                 cfg.continue_epochs)
+        log.info(
+            "%s: continuing %s from epoch %d for %d more epochs",
+            name,
+            run.model_path,
+            initial_epoch,
+            cfg.continue_epochs,
+        )
     else:
         with strategy.scope():
-            model = build_model(name, input_cfg.image_size, cfg.model, normalize=input_cfg.normalize,
-                                    center_crop=input_cfg.center_crop)
+            model = build_model(
+                name,
+                run.input_cfg.image_size,
+                cfg.model,
+                normalize=run.input_cfg.normalize,
+                center_crop=run.input_cfg.center_crop,
+            )
     with strategy.scope():
         compile_model(model, cfg.learning_rate, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.ema)
+    return _Start(model, previous, initial_epoch, epochs)
 
-    run_key = _run_key(name, cfg, input_cfg, splits_sha + (previous or {}).get("model_sha256", ""))
-    backup_dir = models_dir / ".backup" / name / run_key
-    work_dir = models_dir / ".work" / name
-    work_dir.mkdir(parents=True, exist_ok=True)
-    best_path = work_dir / f"best-{run_key}.keras"
-    history_csv = reports_dir / "history.csv"
+
+def _resume_or_reset(run: _Run, splits_sha: str, previous: dict[str, Any] | None) -> _Scratch:
+    """Resume an interrupted run of the same key, or clear what a finished one left behind."""
+    run_key = _run_key(run.name, run.cfg, run.input_cfg, splits_sha + (previous or {}).get("model_sha256", ""))
+    backup_dir = run.models_dir / ".backup" / run.name / run_key
+    run.work_dir.mkdir(parents=True, exist_ok=True)
+    best_path = run.work_dir / f"best-{run_key}.keras"
     resuming = _usable_backup(backup_dir)
     if resuming:
-        log.warning("%s: resuming an interrupted run from %s", name, backup_dir)
-        _trim_history(history_csv, backup_dir)
-    elif cfg.continue_epochs == 0:
-        history_csv.unlink(missing_ok=True)
+        log.warning("%s: resuming an interrupted run from %s", run.name, backup_dir)
+        _trim_history(run.history_csv, backup_dir)
+    elif run.cfg.continue_epochs == 0:
+        # a continued run appends to the previous run's history instead
+        run.history_csv.unlink(missing_ok=True)
         best_path.unlink(missing_ok=True)
+    return _Scratch(run_key, backup_dir, best_path, resuming)
 
-    # On resume, the best checkpoint so far must only be replaced by a better epoch.
-    so_far = _history(history_csv).get(cfg.monitor) if resuming else None
-    best_so_far = None
-    if so_far:
-        best_so_far = (max if cfg.monitor_mode == "max" else min)(v for v in so_far if v == v)
+
+def _callbacks(run: _Run, scratch: _Scratch, epochs: int, verbose: int) -> list[Any]:
+    import keras
+
+    cfg = run.cfg
     callbacks: list[Any] = [
         # CSVLogger before BackupAndRestore: an epoch's row is on disk before its backup, so a kill
         # between the two repeats the epoch (its row is then replaced) rather than losing its row.
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
-        keras.callbacks.BackupAndRestore(str(backup_dir), save_freq="epoch", delete_checkpoint=True,
-                                         double_checkpoint=True),  # a kill mid-write leaves the previous one
+        keras.callbacks.CSVLogger(str(run.history_csv), append=True),
+        # double_checkpoint: a kill while the backup is written leaves the previous one
+        keras.callbacks.BackupAndRestore(
+            str(scratch.backup_dir), save_freq="epoch", delete_checkpoint=True, double_checkpoint=True
+        ),
         keras.callbacks.TerminateOnNaN(),
         *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []),
-        keras.callbacks.ModelCheckpoint(str(best_path), monitor=cfg.monitor, mode=cfg.monitor_mode,
-                                        save_best_only=True, initial_value_threshold=best_so_far),
-        keras.callbacks.ReduceLROnPlateau(**{"monitor": "val_loss", **cfg.reduce_lr}),
+        keras.callbacks.ModelCheckpoint(
+            str(scratch.best_path),
+            monitor=cfg.monitor,
+            mode=cfg.monitor_mode,
+            save_best_only=True,
+            initial_value_threshold=_best_so_far(run, scratch),
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=cfg.reduce_lr.monitor,
+            factor=cfg.reduce_lr.factor,
+            patience=cfg.reduce_lr.patience,
+            min_lr=cfg.reduce_lr.min_lr,
+        ),
     ]
-    if cfg.early_stopping.get("enabled", True):
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=cfg.early_stopping.get("monitor", cfg.monitor),
-            mode=cfg.early_stopping.get("mode", cfg.monitor_mode),
-            patience=int(cfg.early_stopping.get("patience", 5)),
-            min_delta=float(cfg.early_stopping.get("min_delta", 0.0)),
-            restore_best_weights=True,
-        ))
+    stopping = cfg.early_stopping
+    if stopping.enabled:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=stopping.monitor or cfg.monitor,
+                mode=stopping.mode or cfg.monitor_mode,
+                patience=stopping.patience,
+                min_delta=stopping.min_delta,
+                restore_best_weights=True,
+            )
+        )
     if cfg.tensorboard:
         stamp = datetime.now().strftime("%m%d%Y-%H%M%S")
-        tb_dir = Path(logs_dir) / "scalars" / f"{name}_{stamp}"
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tb_dir)))
-    verbose = 1 if interactive() else 0
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run.logs_dir / "scalars" / f"{run.name}_{stamp}")))
     if not verbose:
-        callbacks.append(EpochLine(name, epochs))
+        callbacks.append(_as_keras_callback(EpochLine)(run.name, epochs))
+    return callbacks
 
-    log.info("%s: training %d images (%s), validating on %d, precision %s, class weights %s", name,
-             len(train_labels), input_cfg.resize, len(val_labels), policy, weights)
+
+def _best_so_far(run: _Run, scratch: _Scratch) -> float | None:
+    """The monitored value to beat: on resume, the best checkpoint so far must only be replaced by a better epoch."""
+    so_far = _history(run.history_csv).get(run.cfg.monitor) if scratch.resuming else None
+    if not so_far:
+        return None
+    return (max if run.cfg.monitor_mode == "max" else min)(v for v in so_far if v == v)
+
+
+def _fit(run: _Run, start: _Start, data: _Data, callbacks: list[Any], verbose: int, policy: str) -> float:
+    """Fit ``start.model`` in place; return the seconds it took."""
+    cfg = run.cfg
+    log.info(
+        "%s: training %d images (%s), validating on %d, precision %s, class weights %s",
+        run.name,
+        len(data.train_labels),
+        run.input_cfg.resize,
+        len(data.val_labels),
+        policy,
+        data.weights,
+    )
     fit_started = time.perf_counter()
-    fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
-                    class_weight=weights, steps_per_epoch=cfg.steps_per_epoch, shuffle=False,
-                    validation_steps=cfg.validation_steps, callbacks=callbacks, verbose=verbose)
-    fit_seconds = time.perf_counter() - fit_started
-    del fit
-    history = _history(history_csv)
-    if best_path.is_file():
-        model = keras.saving.load_model(best_path, safe_mode=True)
+    start.model.fit(
+        data.train_ds,
+        validation_data=data.val_ds,
+        epochs=start.epochs,
+        initial_epoch=start.initial_epoch,
+        class_weight=data.weights,
+        steps_per_epoch=cfg.steps_per_epoch,
+        shuffle=False,
+        validation_steps=cfg.validation_steps,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    return time.perf_counter() - fit_started
 
-    eval_ds = make_dataset(val_images, val_labels, input_cfg, shuffle=False, augment=False, seed=0)
+
+def _assess(run: _Run, start: _Start, data: _Data, scratch: _Scratch) -> _Outcome:
+    """Judge the best checkpoint (else the fitted model) on the un-augmented validation split."""
+    import keras
+
+    cfg = run.cfg
+    history = _history(run.history_csv)
+    model = start.model
+    if scratch.best_path.is_file():
+        model = keras.saving.load_model(scratch.best_path, safe_mode=True)
+    eval_ds = make_dataset(data.val_images, data.val_labels, run.input_cfg, shuffle=False, augment=False, seed=0)
     probabilities = model.predict(eval_ds, verbose=0).reshape(-1).astype(np.float64)
-    health = assess(val_labels, probabilities, history, cfg.health)
-    point = validation_operating_point(val_labels, probabilities, cfg.target_sensitivity)
-    epochs_run = int(history["epoch"][-1]) if history.get("epoch") else epochs
-    best_epoch = None
-    if history.get(cfg.monitor):
-        pick = np.nanargmax if cfg.monitor_mode == "max" else np.nanargmin
-        values = np.asarray(history[cfg.monitor], dtype=float)
-        best_epoch = int(history["epoch"][int(pick(values))]) if not np.isnan(values).all() else None
-    images_seen = len(train_labels) * max(epochs_run - initial_epoch, 0) if cfg.steps_per_epoch is None else \
-        cfg.steps_per_epoch * input_cfg.batch_size * max(epochs_run - initial_epoch, 0)
+    health = assess(data.val_labels, probabilities, history, cfg.health)
+    point = validation_operating_point(data.val_labels, probabilities, cfg.target_sensitivity)
+    epochs_run = int(history["epoch"][-1]) if history.get("epoch") else start.epochs
+    return _Outcome(model, history, health, point, epochs_run, _best_epoch(history, cfg))
 
-    card: dict[str, Any] = {
-        "model": name,
+
+def _best_epoch(history: Mapping[str, list[float]], cfg: TrainConfig) -> int | None:
+    """The 1-based epoch with the best monitored value; None when it was never (or only NaN) recorded."""
+    if not history.get(cfg.monitor):
+        return None
+    pick = np.nanargmax if cfg.monitor_mode == "max" else np.nanargmin
+    values = np.asarray(history[cfg.monitor], dtype=float)
+    return int(history["epoch"][int(pick(values))]) if not np.isnan(values).all() else None
+
+
+def _card(
+    run: _Run,
+    splits_sha: str,
+    policy: str,
+    replicas: int,
+    data: _Data,
+    start: _Start,
+    scratch: _Scratch,
+    outcome: _Outcome,
+    fit_seconds: float,
+) -> dict[str, Any]:
+    """The model card, less what only shipping knows (``model_sha256``, total time, lineage)."""
+    cfg, input_cfg, model = run.cfg, run.input_cfg, outcome.model
+    return {
+        "model": run.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_file": model_path.as_posix(),
+        "model_file": run.model_path.as_posix(),
         "model_sha256": None,
         "parameters": {
             "total": int(model.count_params()),
             "trainable": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
             "non_trainable": int(sum(np.prod(w.shape) for w in model.non_trainable_weights)),
         },
-        "data": {
-            "splits_file": splits_csv.as_posix(), "splits_sha256": splits_sha,
-            "manifest_file": manifest.as_posix(),
-            "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
-            "train_images": len(train_labels), "val_images": len(val_labels),
-            "train_class_counts": np.bincount(train_labels.astype(int), minlength=2).tolist(),
-        },
+        "data": _data_record(run, splits_sha, data),
         "train_config": {k: v for k, v in vars(cfg).items() if k != "health"} | {"health": vars(cfg.health)},
-        "input": {"preprocessing": input_cfg.preprocessing(), "augment": vars(input_cfg.augment),
-                  "augment_validation": input_cfg.augment_validation, "batch_size": input_cfg.batch_size},
+        "input": {
+            "preprocessing": input_cfg.preprocessing(),
+            "augment": vars(input_cfg.augment),
+            "augment_validation": input_cfg.augment_validation,
+            "batch_size": input_cfg.batch_size,
+        },
         "precision_policy": policy,
-        "replicas": int(strategy.num_replicas_in_sync),
-        "class_weights": weights,
-        "epochs_run": epochs_run,
-        "initial_epoch": initial_epoch,
-        "best_epoch": best_epoch,
+        "replicas": replicas,
+        "class_weights": data.weights,
+        "epochs_run": outcome.epochs_run,
+        "initial_epoch": start.initial_epoch,
+        "best_epoch": outcome.best_epoch,
         "monitor": cfg.monitor,
-        "resumed_interrupted_run": resuming,
-        "continued_from": (previous or {}).get("model_sha256"),
-        "validation": health.metrics,
-        "operating_point": point,
-        "health": {"status": health.status, "problems": health.problems},
-        "timings": {"fit_seconds": round(fit_seconds, 1), "total_seconds": None,
-                    "train_images_per_second": round(images_seen / fit_seconds, 1) if fit_seconds else None},
+        "resumed_interrupted_run": scratch.resuming,
+        "continued_from": (start.previous or {}).get("model_sha256"),
+        "validation": outcome.health.metrics,
+        "operating_point": outcome.point,
+        "health": {"status": outcome.health.status, "problems": outcome.health.problems},
+        "timings": {
+            "fit_seconds": round(fit_seconds, 1),
+            "total_seconds": None,
+            "train_images_per_second": _images_per_second(run, data, start, outcome, fit_seconds),
+        },
         "code": code_version(),
         "libraries": library_versions(),
-        "run_key": run_key,
+        "run_key": scratch.run_key,
     }
-    (reports_dir / "summary.txt").write_text(_summary_text(model))
-    plots.architecture(_layers_table(model), reports_dir / "architecture.png", f"{name} architecture")
+
+
+def _data_record(run: _Run, splits_sha: str, data: _Data) -> dict[str, Any]:
+    manifest = run.splits_csv.with_name("manifest.csv")
+    return {
+        "splits_file": run.splits_csv.as_posix(),
+        "splits_sha256": splits_sha,
+        "manifest_file": manifest.as_posix(),
+        "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+        "train_images": len(data.train_labels),
+        "val_images": len(data.val_labels),
+        "train_class_counts": np.bincount(data.train_labels.astype(int), minlength=2).tolist(),
+    }
+
+
+def _images_per_second(run: _Run, data: _Data, start: _Start, outcome: _Outcome, fit_seconds: float) -> float | None:
+    """Training throughput over the epochs this run trained (not those a continued model already had)."""
+    trained = max(outcome.epochs_run - start.initial_epoch, 0)
+    per_epoch = (
+        len(data.train_labels)
+        if run.cfg.steps_per_epoch is None
+        else run.cfg.steps_per_epoch * run.input_cfg.batch_size
+    )
+    return round(per_epoch * trained / fit_seconds, 1) if fit_seconds else None
+
+
+def _write_reports(run: _Run, model: Any, history: Mapping[str, list[float]]) -> None:
+    (run.reports_dir / "summary.txt").write_text(_summary_text(model))
+    plots.architecture(_layers_table(model), run.reports_dir / "architecture.png", f"{run.name} architecture")
     if history:
-        plots.training_curves(history, reports_dir / "curves.png", f"{name}: training curves")
+        plots.training_curves(history, run.reports_dir / "curves.png", f"{run.name}: training curves")
 
-    if health.status != "healthy":
-        level_msg = f"{name}: model is {health.status}: {'; '.join(health.problems)}"
-        log.error("%s", level_msg)
-        if cfg.health.on_collapse == "fallback":
-            lower = cfg.learning_rate * cfg.health.fallback_lr_factor
-            log.warning("%s: falling back to a fresh run at learning rate %g", name, lower)
-            retry = {**params, "train": {**train_params, name: {
-                **(train_params.get(name) or {}), "learning_rate": lower,
-                "health": {**vars(cfg.health), "on_collapse": "fail"}}}}
-            card = train(name, retry, splits_csv, models_dir, reports_dir.parent, logs_dir)
-            card["fallback"] = {"from_learning_rate": cfg.learning_rate, "problems": health.problems}
-            write_json(card_path, card)
-            return card
-        if cfg.health.on_collapse == "fail":
-            rejected = models_dir / ".rejected"
-            rejected.mkdir(exist_ok=True)
-            save_keras(model, rejected / f"{name}.keras")
-            card.update(model_file=(rejected / f"{name}.keras").as_posix(),
-                        model_sha256=sha256_file(rejected / f"{name}.keras"))
-            write_json(rejected / f"{name}.card.json", card)
-            raise TrainingRejected(
-                f"{level_msg}; not shipped (kept for inspection in {rejected}/). Lower "
-                f"train.{name}.learning_rate, or set train.common.health.on_collapse: warn to keep it"
-            )
 
-    save_keras(model, model_path)
-    card["model_sha256"] = sha256_file(model_path)
+def _reject(run: _Run, model: Any, card: dict[str, Any], message: str) -> TrainingRejected:
+    """Keep an unhealthy model for inspection under ``.rejected/``; return the error to raise."""
+    rejected = run.models_dir / ".rejected"
+    rejected.mkdir(exist_ok=True)
+    save_keras(model, rejected / f"{run.name}.keras")
+    card.update(
+        model_file=(rejected / f"{run.name}.keras").as_posix(), model_sha256=sha256_file(rejected / f"{run.name}.keras")
+    )
+    write_json(rejected / f"{run.name}.card.json", card)
+    return TrainingRejected(
+        f"{message}; not shipped (kept for inspection in {rejected}/). Lower "
+        f"train.{run.name}.learning_rate, or set train.common.health.on_collapse: warn to keep it"
+    )
+
+
+def _ship(
+    run: _Run, model: Any, card: dict[str, Any], started: float, fallback: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Replace the shipped model and its card, write the DVC metrics and a lineage record; return the card."""
+    save_keras(model, run.model_path)
+    card["model_sha256"] = sha256_file(run.model_path)
     card["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
-    metrics = {"val": health.metrics, "epochs_run": epochs_run, "best_epoch": best_epoch,
-               "health": health.status, "train_images_per_second": card["timings"]["train_images_per_second"]}
-    write_json(reports_dir / "metrics.json", metrics)
+    metrics = {
+        "val": card["validation"],
+        "epochs_run": card["epochs_run"],
+        "best_epoch": card["best_epoch"],
+        "health": card["health"]["status"],
+        "train_images_per_second": card["timings"]["train_images_per_second"],
+    }
+    write_json(run.reports_dir / "metrics.json", metrics)
     card["run"] = audit.current_run()
-    card["lineage_data"] = audit.data_lineage(splits_csv)
-    write_json(card_path, card)
-    audit.append({"model": name, "model_file": model_path.as_posix(), "model_sha256": card["model_sha256"],
-                  "data": card["lineage_data"], "params": {"train": card["train_config"], "input": card["input"]},
-                  "code": card["code"], "run": card["run"], "metrics": {"validation": health.metrics},
-                  "epochs_run": epochs_run, "created": card["created"]})
-    shutil.rmtree(work_dir, ignore_errors=True)
-    log.info("%s: saved %s (sha256 %s), best epoch %s, val AUC %.4f, %s", name, model_path,
-             card["model_sha256"][:12], best_epoch, health.metrics.get("auc", math.nan), health.status)
+    card["lineage_data"] = audit.data_lineage(run.splits_csv)
+    if fallback is not None:
+        card["fallback"] = fallback
+    write_json(run.card_path, card)
+    audit.append(_lineage_record(run, card))
+    shutil.rmtree(run.work_dir, ignore_errors=True)
+    log.info(
+        "%s: saved %s (sha256 %s), best epoch %s, val AUC %.4f, %s",
+        run.name,
+        run.model_path,
+        card["model_sha256"][:12],
+        card["best_epoch"],
+        card["validation"].get("auc", math.nan),
+        card["health"]["status"],
+    )
     return card
+
+
+def _lineage_record(run: _Run, card: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "model": run.name,
+        "model_file": run.model_path.as_posix(),
+        "model_sha256": card["model_sha256"],
+        "data": card["lineage_data"],
+        "params": {"train": card["train_config"], "input": card["input"]},
+        "code": card["code"],
+        "run": card["run"],
+        "metrics": {"validation": card["validation"]},
+        "epochs_run": card["epochs_run"],
+        "created": card["created"],
+    }
