@@ -59,8 +59,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_preview(args: argparse.Namespace) -> int:
     from cxr.training.preview import augmented_batch
 
-    params = load_params(args.params, args.set)
-    out = augmented_batch(params, splits_csv=args.splits, out=args.out)
+    cfg = load_config(args.params, args.set)
+    out = augmented_batch(cfg.input, cfg.train.common["seed"], splits_csv=args.splits, out=args.out)
     print(json.dumps({"plot": str(out)}))
     return 0
 

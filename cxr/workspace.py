@@ -46,6 +46,11 @@ class Workspace:
 
     # prepare
     @property
+    def downloads(self) -> Path:
+        """Downloads kept between runs (Kaggle zips, MedMNIST ``.npz``)."""
+        return self._p("data", ".cache")
+
+    @property
     def prepared(self) -> Path:
         return self._p("data", "prepared")
 
@@ -100,8 +105,25 @@ class Workspace:
         return self._p("reports")
 
     @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
     def preview_plot(self) -> Path:
-        return self.reports / "plots" / "augmented_batch.png"
+        return self.plots / "augmented_batch.png"
+
+    @property
+    def class_plot(self) -> Path:
+        return self.plots / "class_distribution.png"
+
+    @property
+    def train_reports_root(self) -> Path:
+        return self.reports / "train"
+
+    @property
+    def logs(self) -> Path:
+        """TensorBoard logs."""
+        return self._p("logs")
 
     def train_reports(self, name: str) -> Path:
         """``reports/train/<name>/`` (history, curves, metrics)."""
@@ -122,6 +144,10 @@ class Workspace:
     @property
     def gradcam_summary(self) -> Path:
         return self.gradcam / "summary.json"
+
+    @property
+    def agreement(self) -> Path:
+        return self.reports / "agreement.json"
 
     @property
     def report_html(self) -> Path:

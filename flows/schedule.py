@@ -12,9 +12,12 @@ used for as long as this process serves.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
+from cxr.config import load_config
+from cxr.errors import CxrError
 from cxr.logs import setup_logging
 from flows.pipeline import pipeline
 
@@ -28,6 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timezone", default="UTC")
     args = parser.parse_args(argv)
     setup_logging()
+    try:  # a bad setting would otherwise fail every scheduled run; refuse it before serving
+        load_config(args.params, args.set)
+    except CxrError as exc:
+        print(f"cxr: error: {exc}", file=sys.stderr)
+        return 1
     pipeline.serve(
         name=args.name,
         cron=args.cron,

@@ -103,3 +103,12 @@ def test_the_flow_refuses_a_bad_flow_parameter_before_any_task(tmp_path):
     assert proc.stderr.strip().endswith("train.smallnet.epochs=-1: must be ≥ 1")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_the_scheduler_refuses_a_bad_setting_before_serving(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "flows.schedule", "--cron", "0 3 * * 1", "-S", "split.seeed=1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("did you mean seed?") and "Traceback" not in proc.stderr

@@ -28,10 +28,11 @@ from cxr.data.manifest import parse_patient
 from cxr.errors import DataError
 from cxr.files import write_json
 from cxr.provenance.hashing import sha256_file, tree_digest
+from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
-EXTERNAL_DIR = Path("data/external")
+EXTERNAL_DIR = HERE.external
 COLUMNS = ("path", "label", "class_name", "patient_id", "sha256")
 
 
@@ -136,7 +137,7 @@ def index_external(
     name: str,
     folder: str | Path,
     out_dir: str | Path = EXTERNAL_DIR,
-    splits_csv: str | Path = "data/prepared/splits.csv",
+    splits_csv: str | Path = HERE.splits,
 ) -> dict[str, Any]:
     """Index one labelled folder: every image decode-checked and hashed; unreadable files listed.
 

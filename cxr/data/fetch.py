@@ -26,6 +26,7 @@ from cxr.data.kaggle_layout import ClassFolder, find_class_folders
 from cxr.errors import CxrError, DataError
 from cxr.files import write_json
 from cxr.provenance.hashing import hash_tree, sha256_file
+from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,9 @@ def _contents(staged: Path, origin: Any) -> dict[str, Any]:
 
 def fetch(
     data: DataConfig | Mapping[str, Any],
-    raw_dir: str | Path = "data/raw",
-    record_path: str | Path = "data/fetch.json",
-    cache_dir: str | Path = "data/.cache",
+    raw_dir: str | Path = HERE.raw,
+    record_path: str | Path = HERE.fetch_record,
+    cache_dir: str | Path = HERE.downloads,
 ) -> dict[str, Any]:
     """Materialise ``data.source`` into ``raw_dir`` and write the fetch record.
 

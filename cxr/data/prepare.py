@@ -23,6 +23,7 @@ from cxr.errors import DataError
 from cxr.files import write_json
 from cxr.provenance.hashing import sha256_file
 from cxr.reporting.plots import class_distribution
+from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,8 @@ def prepare(
     raw_dir: str | Path,
     split_params: SplitConfig | Mapping[str, Any],
     prepare_params: PrepareConfig | Mapping[str, Any] | None = None,
-    prepared_dir: str | Path = "data/prepared",
-    reports_dir: str | Path = "reports",
+    prepared_dir: str | Path = HERE.prepared,
+    reports_dir: str | Path = HERE.reports,
 ) -> dict[str, Any]:
     """Build the manifest, check the data, split it without leakage and plot the class balance.
 

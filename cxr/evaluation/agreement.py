@@ -19,6 +19,7 @@ from sklearn.metrics import cohen_kappa_score
 from cxr.config import EvaluateConfig, as_section
 from cxr.errors import DataError
 from cxr.evaluation.metrics import interval
+from cxr.workspace import HERE
 
 _LABELS = {"0": 0, "1": 1, "normal": 0, "pneumonia": 1, "pn": 1}
 KEY_COLUMNS = ("path", "image", "file", "filename")
@@ -78,7 +79,7 @@ def agreement(readers: pd.DataFrame, model: Mapping[str, Any] | None = None, n_b
 
 
 def agreement_for_report(readers_csv: str | Path, model: str, eval_params: EvaluateConfig | Mapping[str, Any],
-                         out: str | Path, eval_dir: str | Path = "reports/eval") -> dict[str, Any]:
+                         out: str | Path, eval_dir: str | Path = HERE.eval) -> dict[str, Any]:
     """Agreement of ``model`` (its test predictions at ``evaluate.threshold``) with the readers.
 
     Reader rows are matched to predictions by path, or by file name when paths differ.

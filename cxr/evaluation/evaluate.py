@@ -55,6 +55,7 @@ from cxr.inference.loading import (
 )
 from cxr.reporting import plots
 from cxr.training.input_pipeline import load_images, read_split
+from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
@@ -388,10 +389,10 @@ def evaluate_models(
     models: Sequence[str],
     eval_params: EvaluateConfig | Mapping[str, Any],
     input_params: InputConfig | Mapping[str, Any],
-    splits_csv: str | Path = "data/prepared/splits.csv",
-    models_dir: str | Path = "models",
-    out_dir: str | Path = "reports/eval",
-    metrics_path: str | Path = "reports/metrics.json",
+    splits_csv: str | Path = HERE.splits,
+    models_dir: str | Path = HERE.models,
+    out_dir: str | Path = HERE.eval,
+    metrics_path: str | Path = HERE.metrics,
     external_dir: str | Path = EXTERNAL_DIR,
 ) -> dict[str, Any]:
     """Evaluate every model on the test split and on every external set.
@@ -501,7 +502,7 @@ def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[
     return files, np.asarray(labels), groups
 
 
-def _validation_youden(lm: LoadedModel, eval_dir: Path = Path("reports/eval")) -> float | None:
+def _validation_youden(lm: LoadedModel, eval_dir: Path = HERE.eval) -> float | None:
     """The Youden threshold chosen on the validation split for exactly this model file."""
     point = lm.card.get("operating_point") or {}
     if point.get("chosen_on") == "val":

@@ -24,6 +24,7 @@ from cxr.evaluation.gradcam import border_fraction, gradcam, last_conv_layer, ov
 from cxr.files import write_json
 from cxr.inference.loading import load, shipped_threshold
 from cxr.training.input_pipeline import load_images, read_split
+from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path
 
 def explain_models(models: Sequence[str], eval_params: EvaluateConfig | Mapping[str, Any],
                    input_params: InputConfig | Mapping[str, Any],
-                   splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models",
-                   eval_dir: str | Path = "reports/eval", out_dir: str | Path = "reports/gradcam") -> dict[str, Any]:
+                   splits_csv: str | Path = HERE.splits, models_dir: str | Path = HERE.models,
+                   eval_dir: str | Path = HERE.eval, out_dir: str | Path = HERE.gradcam) -> dict[str, Any]:
     eval_params = as_section(EvaluateConfig, eval_params, "evaluate")
     per_outcome, seed = eval_params.gradcam_per_outcome, eval_params.seed
     margin, layer = eval_params.border_margin, eval_params.gradcam_layer or None

@@ -21,6 +21,7 @@ from cxr.inference.dicom import is_dicom, read_dicom
 from cxr.provenance.hashing import sha256_file
 from cxr.runtime import tensorflow
 from cxr.training.input_pipeline import InputConfig, decode_image, resize_image
+from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class LoadedModel:
 ENSEMBLE = "ensemble"
 
 
-def model_file(name: str | Path, models_dir: str | Path = "models") -> Path:
+def model_file(name: str | Path, models_dir: str | Path = HERE.models) -> Path:
     """``models/<name>.keras`` for a model name (``ensemble/ensemble.keras`` for the ensemble); a
     path ending in ``.keras`` as given."""
     if str(name).endswith(".keras"):
@@ -52,7 +53,7 @@ def model_file(name: str | Path, models_dir: str | Path = "models") -> Path:
     return Path(models_dir) / f"{name}.keras"
 
 
-def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = "reports/eval") -> tuple[float, str]:
+def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = HERE.eval) -> tuple[float, str]:
     """The model's decision threshold and where it came from.
 
     In order: the operating point ``evaluate`` recorded for exactly this model file (it follows

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from cxr.provenance.hashing import sha256_file
+from cxr.workspace import HERE
 
-LINEAGE_LOG = Path("lineage/models.jsonl")
+LINEAGE_LOG = HERE.lineage_log
 
 
 def current_run() -> dict[str, Any]:
@@ -32,8 +33,8 @@ def current_run() -> dict[str, Any]:
     return {"driver": "cli"}
 
 
-def data_lineage(splits_csv: Path, fetch_record: Path = Path("data/fetch.json"),
-                 quality: Path = Path("reports/data_quality.json")) -> dict[str, Any]:
+def data_lineage(splits_csv: Path, fetch_record: Path = HERE.fetch_record,
+                 quality: Path = HERE.quality) -> dict[str, Any]:
     record = json.loads(fetch_record.read_text()) if fetch_record.is_file() else {}
     report = json.loads(quality.read_text()) if quality.is_file() else {}
     strategy = report.get("split_strategy")

@@ -27,6 +27,7 @@ import jinja2
 from markupsafe import Markup
 
 from cxr.inference.loading import card_path_for, model_file
+from cxr.workspace import HERE, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def collect(models: Sequence[str], root: Path = Path(".")) -> dict[str, Any]:
+def collect(models: Sequence[str], root: Path = HERE.root) -> dict[str, Any]:
     """Everything the report shows, read from the pipeline's files (a missing file reads as ``{}``).
 
     Args:
@@ -107,16 +108,16 @@ def collect(models: Sequence[str], root: Path = Path(".")) -> dict[str, Any]:
         ``external`` (per external set in the metrics) and ``agreement``.
     """
     return {
-        "fetch": _load(root / "data/fetch.json"),
-        "quality": _load(root / "reports/data_quality.json"),
-        "metrics": _load(root / "reports/metrics.json"),
-        "gradcam": _load(root / "reports/gradcam/summary.json"),
+        "fetch": _load(Workspace(root).fetch_record),
+        "quality": _load(Workspace(root).quality),
+        "metrics": _load(Workspace(root).metrics),
+        "gradcam": _load(Workspace(root).gradcam_summary),
         "cards": {m: _load(root / card_path_for(model_file(m))) for m in models},
         "external": {
-            name: _load(root / "data/external" / f"{name}.json")
-            for name in (_load(root / "reports/metrics.json").get("external") or {})
+            name: _load(Workspace(root).external / f"{name}.json")
+            for name in (_load(Workspace(root).metrics).get("external") or {})
         },
-        "agreement": _load(root / "reports/agreement.json"),
+        "agreement": _load(Workspace(root).agreement),
     }
 
 
@@ -345,8 +346,8 @@ def _data_section(info: Mapping[str, Any], root: Path) -> dict[str, Any] | None:
         "splits": splits,
         "excluded": [[e["path"], e["reason"]] for e in q.get("excluded", [])[:500]],
         "figures": [
-            _figure(root / "reports/plots/class_distribution.png", "class distribution per split"),
-            _figure(root / "reports/plots/augmented_batch.png", "one augmented training batch", 520),
+            _figure(Workspace(root).class_plot, "class distribution per split"),
+            _figure(Workspace(root).preview_plot, "one augmented training batch", 520),
         ],
     }
 
@@ -367,7 +368,7 @@ def _training_section(info: Mapping[str, Any], root: Path) -> list[dict[str, Any
                 "best_epoch": card.get("best_epoch"),
                 "validation_auc": _fmt(card.get("validation", {}).get("auc")),
                 "parameters": card.get("parameters", {}).get("total"),
-                "curves": _figure(root / f"reports/train/{name}/curves.png", f"{name}: training curves"),
+                "curves": _figure(Workspace(root).train_reports(name) / "curves.png", f"{name}: training curves"),
             }
         )
     return models
@@ -400,7 +401,7 @@ def _metrics_section(info: Mapping[str, Any], root: Path) -> dict[str, Any] | No
     plots = [
         {
             "name": name,
-            "figures": [_figure(root / "reports/eval" / name / f"{k}.png", f"{name}: {k}", 300) for k in _EVAL_PLOTS],
+            "figures": [_figure(Workspace(root).eval / name / f"{k}.png", f"{name}: {k}", 300) for k in _EVAL_PLOTS],
         }
         for name in metrics.get("models", {})
     ]
@@ -419,7 +420,7 @@ def _gradcam_section(info: Mapping[str, Any], root: Path) -> dict[str, Any] | No
             [n, m["layer"], _fmt(m["border_fraction_mean"]), _fmt(m["border_to_uniform_ratio"]), m["images"]]
             for n, m in models.items()
         ],
-        "galleries": [_figure(root / "reports/gradcam" / f"{n}.png", f"{n}: Grad-CAM gallery") for n in models],
+        "galleries": [_figure(Workspace(root).gradcam / f"{n}.png", f"{n}: Grad-CAM gallery") for n in models],
     }
 
 
@@ -473,9 +474,9 @@ def _page(info: Mapping[str, Any], root: Path) -> str:
 
 def render(
     models: Sequence[str],
-    root: Path = Path("."),
-    out: Path = Path("reports/report.html"),
-    markdown_out: Path = Path("reports/report.md"),
+    root: Path = HERE.root,
+    out: Path = HERE.report_html,
+    markdown_out: Path = HERE.report_md,
 ) -> dict[str, Any]:
     """Write the HTML report and its Markdown summary.
 
@@ -502,7 +503,7 @@ def build(
     models: Sequence[str],
     readers: str,
     eval_params: Mapping[str, Any],
-    agreement_file: Path = Path("reports/agreement.json"),
+    agreement_file: Path = HERE.agreement,
 ) -> dict[str, Any]:
     """The report step, shared by the CLI and the Prefect task.
 

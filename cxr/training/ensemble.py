@@ -28,6 +28,7 @@ from cxr.inference.loading import ENSEMBLE, LoadedModel, load, model_file
 from cxr.provenance import lineage_log as audit
 from cxr.provenance.hashing import sha256_file
 from cxr.provenance.versions import code_version, library_versions
+from cxr.workspace import HERE
 
 if TYPE_CHECKING:  # for annotations only
     import numpy as np
@@ -212,7 +213,7 @@ def _record(card: Mapping[str, Any], members: Sequence[str], metrics: Mapping[st
 
 
 def build_ensemble(
-    params: Mapping[str, Any], splits_csv: str | Path = "data/prepared/splits.csv", models_dir: str | Path = "models"
+    params: Mapping[str, Any], splits_csv: str | Path = HERE.splits, models_dir: str | Path = HERE.models
 ) -> dict[str, Any] | None:
     """Write ``ensemble/ensemble.keras`` and its card from ``ensemble.members``; None when disabled.
 

@@ -8,14 +8,27 @@ from typing import Any
 
 import numpy as np
 
+from cxr.config import InputConfig, as_section
 from cxr.reporting import plots
-from cxr.training.input_pipeline import InputConfig, load_images, make_dataset, read_split
+from cxr.training.input_pipeline import load_images, make_dataset, read_split
+from cxr.workspace import HERE
 
 
-def augmented_batch(params: Mapping[str, Any], splits_csv: str | Path = "data/prepared/splits.csv",
-                    out: str | Path = "reports/plots/augmented_batch.png", count: int = 16) -> Path:
-    input_cfg = InputConfig.from_params(params.get("input") or {})
-    seed = int(((params.get("train") or {}).get("common") or {}).get("seed", 42))
+def augmented_batch(input_cfg: InputConfig | Mapping[str, Any], seed: int, splits_csv: str | Path = HERE.splits,
+                    out: str | Path = HERE.preview_plot, count: int = 16) -> Path:
+    """Plot ``count`` images of one augmented training batch, as the model sees them.
+
+    Args:
+        input_cfg: the ``input`` section (its dataclass or the mapping).
+        seed: the training seed (``train.common.seed``): the batch the first epoch starts with.
+        splits_csv: the split file.
+        out: the PNG to write.
+        count: images in the grid.
+
+    Returns:
+        The PNG's path.
+    """
+    input_cfg = as_section(InputConfig, input_cfg, "input")
     paths, labels, key = read_split(splits_csv, "train")
     images = load_images(paths, key, input_cfg, "train")
     ds = make_dataset(images, labels, input_cfg, shuffle=True, augment=True, seed=seed)

@@ -45,6 +45,7 @@ from cxr.reporting import plots
 from cxr.runtime import configure, distribution
 from cxr.training.health import Health, assess
 from cxr.training.input_pipeline import load_images, make_dataset, read_split
+from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +302,10 @@ class _Outcome:
 def train(
     name: str,
     params: Params | Mapping[str, Any],
-    splits_csv: str | Path = "data/prepared/splits.csv",
-    models_dir: str | Path = "models",
-    reports_dir: str | Path = "reports/train",
-    logs_dir: str | Path = "logs",
+    splits_csv: str | Path = HERE.splits,
+    models_dir: str | Path = HERE.models,
+    reports_dir: str | Path = HERE.train_reports_root,
+    logs_dir: str | Path = HERE.logs,
 ) -> dict[str, Any]:
     """Train model ``name``; ship it (model and card, together) only when it is healthy enough.
 
