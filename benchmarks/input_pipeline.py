@@ -41,8 +41,9 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images")
     parser.add_argument("--epochs", type=int, default=3, help="warm epochs to time")
     parser.add_argument("--repeats", type=int, default=3, help="notebook passes and cold epochs to time")
-    parser.add_argument("--notebook-images", type=int, default=2048,
-                        help="images to pull through the notebook's generator (it is slow)")
+    parser.add_argument(
+        "--notebook-images", type=int, default=2048, help="images to pull through the notebook's generator (it is slow)"
+    )
     args = parser.parse_args()
     frame = labelled_files(args.data, args.limit)
     labels = (frame["labels"] == "pn").to_numpy("float32")
@@ -85,7 +86,8 @@ def main() -> int:
             n = _epoch(ds)
             rates.append(n / (time.perf_counter() - started))
     result = {
-        "data": str(args.data), "images": len(paths),
+        "data": str(args.data),
+        "images": len(paths),
         "notebook_images_per_s": round(notebook, 1),
         "notebook_runs_images_per_s": [round(r, 1) for r in notebook_rates],
         "cold_runs_images_per_s": [round(r, 1) for r in cold_rates],

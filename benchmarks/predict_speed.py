@@ -41,9 +41,17 @@ def main() -> int:
         failures = predict(loaded, files, as_json=True, out=sink)
         rates.append(len(files) / (time.perf_counter() - started))
         assert failures == 0 and len(sink.getvalue().splitlines()) == len(files)
-    print(json.dumps({"model": args.model, "images": len(files), "model_load_s": round(load_s, 2),
-                      "images_per_s": round(statistics.median(rates[1:]), 1),
-                      "runs_images_per_s": [round(r, 1) for r in rates[1:]]}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "images": len(files),
+                "model_load_s": round(load_s, 2),
+                "images_per_s": round(statistics.median(rates[1:]), 1),
+                "runs_images_per_s": [round(r, 1) for r in rates[1:]],
+            }
+        )
+    )
     return 0
 
 

@@ -59,13 +59,22 @@ def main() -> int:
             n = subset(staged, work / "data/raw", fraction)
             for _ in range(args.repeats):
                 t = time.perf_counter()
-                out = subprocess.run([sys.executable, "-c", CHILD], cwd=work, capture_output=True,
-                                     text=True, check=True).stdout.split()
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD], cwd=work, capture_output=True, text=True, check=True
+                ).stdout.split()
                 process_s = time.perf_counter() - t
                 wall, rss = float(out[0]), float(out[1])
                 runs.setdefault(n, []).append((wall, rss))
-                print(json.dumps({"files": n, "prepare_s": round(wall, 2),
-                                  "process_s": round(process_s, 2), "peak_rss_mb": round(rss)}))
+                print(
+                    json.dumps(
+                        {
+                            "files": n,
+                            "prepare_s": round(wall, 2),
+                            "process_s": round(process_s, 2),
+                            "peak_rss_mb": round(rss),
+                        }
+                    )
+                )
     full = max(runs)
     summary = {
         "files_full": full,

@@ -41,8 +41,11 @@ def _score(model_path: Path, splits_csv: Path, external: Path, cache_dir: str, n
     files, labels, groups = labelled_folder(external)
     images = np.stack([img for _, img, err in iter_images(files, lm.input) if err is None])
     probs = predict_images(lm.model, images)
-    out = {"val_auc": threshold_free(val_labels, val_probs)["auc"], "val_youden": youden,
-           **{f"ext_{k}": v for k, v in threshold_free(labels, probs).items()}}
+    out = {
+        "val_auc": threshold_free(val_labels, val_probs)["auc"],
+        "val_youden": youden,
+        **{f"ext_{k}": v for k, v in threshold_free(labels, probs).items()},
+    }
     for name, thr in (("0.5", 0.5), ("youden", youden)):
         m = at_threshold(labels, probs, thr)
         ci = bootstrap(labels, [probs], groups, thr, n_boot, 42)[0]
@@ -59,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, required=True, help="folder with data/prepared/splits.csv")
     parser.add_argument("--external", type=Path, required=True, help="labelled folder (NORMAL/, PNEUMONIA/)")
-    parser.add_argument("--recipe", action="append", required=True,
-                        help="NAME:key=value,key=value (the model is train.models' first unless model=...)")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        help="NAME:key=value,key=value (the model is train.models' first unless model=...)",
+    )
     parser.add_argument("--out", type=Path, default=Path("recipes.jsonl"))
     parser.add_argument("--bootstrap", type=int, default=500)
     args = parser.parse_args(argv)
@@ -77,8 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         model = next((kv.split("=", 1)[1] for kv in overrides if kv.startswith("model=")), "cxrnet")
         overrides = [kv for kv in overrides if not kv.startswith("model=")]
         models_dir = ws / "recipes" / name / "models"
-        cmd = [sys.executable, "-m", "cxr", "train", "--model", model, "--models", str(models_dir),
-               "--reports", str(ws / "recipes" / name / "reports"), "--params", str(ROOT / "params.yaml")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cxr",
+            "train",
+            "--model",
+            model,
+            "--models",
+            str(models_dir),
+            "--reports",
+            str(ws / "recipes" / name / "reports"),
+            "--params",
+            str(ROOT / "params.yaml"),
+        ]
         for kv in overrides:
             cmd += ["-S", kv]
         started = time.perf_counter()
@@ -88,17 +107,32 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(cmd, cwd=ws, check=True)
         seconds = time.perf_counter() - started
         card = json.loads((models_dir / f"{model}.card.json").read_text())
-        result = _score(models_dir / f"{model}.keras", ws / "data/prepared/splits.csv", args.external.resolve(),
-                        str(ws / "data/cache"), args.bootstrap)
-        row = {"recipe": name, "model": model, "overrides": overrides, "train_seconds": round(seconds),
-               "epochs_run": card["epochs_run"], "best_epoch": card["best_epoch"], **result}
+        result = _score(
+            models_dir / f"{model}.keras",
+            ws / "data/prepared/splits.csv",
+            args.external.resolve(),
+            str(ws / "data/cache"),
+            args.bootstrap,
+        )
+        row = {
+            "recipe": name,
+            "model": model,
+            "overrides": overrides,
+            "train_seconds": round(seconds),
+            "epochs_run": card["epochs_run"],
+            "best_epoch": card["best_epoch"],
+            **result,
+        }
         with open(args.out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         a5, ay = row["ext_at_0.5"], row["ext_at_youden"]
-        print(f"{name}: ext AUC {row['ext_auc']:.3f} Brier {row['ext_brier']:.3f} | @0.5 sens {a5['sensitivity']:.3f} "
-              f"spec {a5['specificity']:.3f} acc {a5['accuracy']:.3f} | @val-Youden {ay['threshold']:.2f} "
-              f"sens {ay['sensitivity']:.3f} spec {ay['specificity']:.3f} acc {ay['accuracy']:.3f} "
-              f"| {seconds:.0f}s", flush=True)
+        print(
+            f"{name}: ext AUC {row['ext_auc']:.3f} Brier {row['ext_brier']:.3f} | @0.5 sens {a5['sensitivity']:.3f} "
+            f"spec {a5['specificity']:.3f} acc {a5['accuracy']:.3f} | @val-Youden {ay['threshold']:.2f} "
+            f"sens {ay['sensitivity']:.3f} spec {ay['specificity']:.3f} acc {ay['accuracy']:.3f} "
+            f"| {seconds:.0f}s",
+            flush=True,
+        )
     return 0
 
 

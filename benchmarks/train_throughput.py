@@ -79,7 +79,10 @@ def main() -> int:
 
     flops = GFLOP_PER_IMAGE_STEP.get(args.model)
     result = {
-        "model": args.model, "images": len(frame), "steps": args.steps, "precision": policy,
+        "model": args.model,
+        "images": len(frame),
+        "steps": args.steps,
+        "precision": policy,
         "notebook_images_per_s": round(notebook, 1),
         "images_per_s": round(ours, 1),
         "notebook_runs_images_per_s": [round(r, 1) for r in notebook_rates],

@@ -51,8 +51,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CxrError("no model to train: pass --model NAME or list train.models in params.yaml")
     for name in models:
         card = train(name, cfg, splits_csv=args.splits, models_dir=args.models, reports_dir=args.reports)
-        print(json.dumps({"model": name, "model_sha256": card["model_sha256"],
-                          "val_auc": card["validation"]["auc"], "health": card["health"]["status"]}))
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "model_sha256": card["model_sha256"],
+                    "val_auc": card["validation"]["auc"],
+                    "health": card["health"]["status"],
+                }
+            )
+        )
     return 0
 
 
@@ -86,17 +94,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         model = str(model_file(args.model[0]))
         fixed = eval_cfg.threshold_source == "fixed"
-        result = evaluate_folder(model, args.data, eval_cfg.threshold if fixed else None, eval_cfg.bootstrap,
-                                 eval_cfg.seed)
+        result = evaluate_folder(
+            model, args.data, eval_cfg.threshold if fixed else None, eval_cfg.bootstrap, eval_cfg.seed
+        )
         if args.json:
             print(json.dumps(result))
         else:
             ci = result["ci95"]["auc"]
-            print(f"{model} on {args.data}: n={result['n']} AUC {result['auc']:.4f} "
-                  f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}) " if ci else f"{model} on {args.data}: AUC {result['auc']} ",
-                  end="")
-            print(" ".join(f"{k}={result[k]:.4f}" for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")
-                           if result[k] is not None))
+            print(
+                f"{model} on {args.data}: n={result['n']} AUC {result['auc']:.4f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) "
+                if ci
+                else f"{model} on {args.data}: AUC {result['auc']} ",
+                end="",
+            )
+            print(
+                " ".join(
+                    f"{k}={result[k]:.4f}"
+                    for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")
+                    if result[k] is not None
+                )
+            )
             if result["skipped"]:
                 print(f"{len(result['skipped'])} unreadable file(s) skipped", file=sys.stderr)
         return 0
@@ -107,9 +124,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     sets = [(f"external {name}", data["models"]) for name, data in summary["external"].items()]
     for label, by_model in [*sets, ("test split", summary["models"])]:
         for name, m in by_model.items():
-            print(f"{name} on {label}: n={m['n']} AUC {_num(m['auc'])} (95% CI {ci_text(m['ci95'].get('auc'))}) "
-                  f"sensitivity {_num(m['sensitivity'])} specificity {_num(m['specificity'])} "
-                  f"accuracy {_num(m['accuracy'])} at threshold {m['threshold']:.3f}")
+            print(
+                f"{name} on {label}: n={m['n']} AUC {_num(m['auc'])} (95% CI {ci_text(m['ci95'].get('auc'))}) "
+                f"sensitivity {_num(m['sensitivity'])} specificity {_num(m['specificity'])} "
+                f"accuracy {_num(m['accuracy'])} at threshold {m['threshold']:.3f}"
+            )
     return 0
 
 
@@ -124,8 +143,9 @@ def _cmd_external(args: argparse.Namespace) -> int:
     names = args.name or list(sets)
     unknown = [n for n in names if n not in sets]
     if unknown:
-        raise CxrError(f"no external set named {', '.join(unknown)} in evaluate.external "
-                       f"(configured: {', '.join(sets) or 'none'})")
+        raise CxrError(
+            f"no external set named {', '.join(unknown)} in evaluate.external (configured: {', '.join(sets) or 'none'})"
+        )
     for name in names:
         summary = index_external(name, sets[name], out_dir=args.out)
         print(json.dumps({k: summary[k] for k in ("name", "images", "class_counts", "content_sha256")}))
@@ -137,8 +157,11 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, args.set)
     card = build_ensemble(params, splits_csv=args.splits, models_dir=args.models)
-    print(json.dumps({"model": "ensemble", "enabled": card is not None,
-                      "model_sha256": card["model_sha256"] if card else None}))
+    print(
+        json.dumps(
+            {"model": "ensemble", "enabled": card is not None, "model_sha256": card["model_sha256"] if card else None}
+        )
+    )
     return 0
 
 
@@ -165,8 +188,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from cxr.inference.loading import model_file
     from cxr.inference.predict import predict
 
-    failures = predict(model_file(args.model), args.paths, threshold=args.threshold, gradcam_dir=args.gradcam,
-                       as_json=args.json)
+    failures = predict(
+        model_file(args.model), args.paths, threshold=args.threshold, gradcam_dir=args.gradcam, as_json=args.json
+    )
     return 1 if failures else 0
 
 
@@ -195,8 +219,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps(found))
         for r in found if not args.json else []:
             d = r.get("data", {})
-            print(f"{r['model']}  {r['model_sha256'][:12]}  manifest {str(d.get('manifest_sha256'))[:12]}  "
-                  f"created {r.get('created')}  run {r.get('run', {}).get('driver')}")
+            print(
+                f"{r['model']}  {r['model_sha256'][:12]}  manifest {str(d.get('manifest_sha256'))[:12]}  "
+                f"created {r.get('created')}  run {r.get('run', {}).get('driver')}"
+            )
         if not found:
             print(f"no model in the lineage log was trained on data {args.data}", file=sys.stderr)
         return 0 if found else 1
@@ -213,23 +239,33 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     r = result["record"]
     if r:
         d = r.get("data", {})
-        print(f"  data     source {d.get('source')} {d.get('origin') or ''}  kaggle version "
-              f"{d.get('kaggle_version') or 'n/a'}  raw {str(d.get('raw_sha256'))[:12]}")
-        print(f"  manifest {str(d.get('manifest_sha256'))[:12]}  splits {str(d.get('splits_sha256'))[:12]}  "
-              f"strategy {d.get('split_strategy')}")
+        print(
+            f"  data     source {d.get('source')} {d.get('origin') or ''}  kaggle version "
+            f"{d.get('kaggle_version') or 'n/a'}  raw {str(d.get('raw_sha256'))[:12]}"
+        )
+        print(
+            f"  manifest {str(d.get('manifest_sha256'))[:12]}  splits {str(d.get('splits_sha256'))[:12]}  "
+            f"strategy {d.get('split_strategy')}"
+        )
         for split, counts in (d.get("counts") or {}).items():
             print(f"  {split:<8} " + "  ".join(f"{c} {n}" for c, n in counts.items()))
         code = r.get("code", {})
         print(f"  code     {code.get('commit')}{' (dirty)' if code.get('dirty') else ''}")
         run = r.get("run", {})
-        print(f"  run      {run.get('driver')} {run.get('flow_run_id') or run.get('stage') or ''}  created "
-              f"{r.get('created')}")
+        print(
+            f"  run      {run.get('driver')} {run.get('flow_run_id') or run.get('stage') or ''}  created "
+            f"{r.get('created')}"
+        )
         val = r.get("metrics", {}).get("validation", {})
-        print(f"  metrics  validation AUC {val.get('auc')}  sensitivity {val.get('sensitivity')}  "
-              f"specificity {val.get('specificity')}")
+        print(
+            f"  metrics  validation AUC {val.get('auc')}  sensitivity {val.get('sensitivity')}  "
+            f"specificity {val.get('specificity')}"
+        )
         t = r.get("params", {}).get("train", {})
-        print(f"  params   epochs {t.get('epochs')} lr {t.get('learning_rate')} class_weight {t.get('class_weight')} "
-              f"seed {t.get('seed')}")
+        print(
+            f"  params   epochs {t.get('epochs')} lr {t.get('learning_rate')} class_weight {t.get('class_weight')} "
+            f"seed {t.get('seed')}"
+        )
     return 0 if result["verified"] else 1
 
 
@@ -248,8 +284,17 @@ def _cmd_stages(args: argparse.Namespace) -> int:
             print("run: cxr stages --write", file=sys.stderr)
         return 1 if problems else 0
     for st in STAGES:
-        print(json.dumps({"stage": st.name, "entry": st.entry, "params": list(st.params),
-                          "inputs": list(st.inputs), "code": list(st.code())}))
+        print(
+            json.dumps(
+                {
+                    "stage": st.name,
+                    "entry": st.entry,
+                    "params": list(st.params),
+                    "inputs": list(st.inputs),
+                    "code": list(st.code()),
+                }
+            )
+        )
     return 0
 
 
@@ -265,10 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def common(p: argparse.ArgumentParser) -> None:
-    """The options every pipeline step takes: the parameters file and ``-S`` overrides."""
+    """Add the options every pipeline step takes: the parameters file and ``-S`` overrides.
+
+    Args:
+        p: a subcommand's parser.
+    """
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a parameter, e.g. -S data.source=dir (repeatable)")
+    p.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. -S data.source=dir (repeatable)",
+    )
 
 
 def _add_data_steps(sub: Any) -> None:
@@ -335,8 +390,12 @@ def _add_tools(sub: Any) -> None:
     p = sub.add_parser("predict", help="label and P(pneumonia) for images, folders or DICOM files")
     p.add_argument("--model", required=True, help="model name (models/NAME.keras) or a .keras file")
     p.add_argument("paths", nargs="+", help="image files or folders (JPEG, PNG, BMP, DICOM)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="decision threshold (default: the model's shipped threshold, from evaluate or its card)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="decision threshold (default: the model's shipped threshold, from evaluate or its card)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--gradcam", metavar="DIR", help="also write Grad-CAM overlays into DIR")
     p.set_defaults(func=_cmd_predict)
@@ -361,6 +420,14 @@ def _add_tools(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``cxr`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 after a one-line error on stderr, 130 when interrupted.
+    """
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
@@ -371,8 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("cxr: interrupted; outputs already in place are complete, partial ones were discarded",
-              file=sys.stderr)
+        print("cxr: interrupted; outputs already in place are complete, partial ones were discarded", file=sys.stderr)
         return 130
 
 

@@ -38,8 +38,15 @@ class ConfigError(CxrError, ValueError):
     """A setting that does not exist, has the wrong type or is out of range."""
 
 
-def _opt(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-         lt: float | None = None, doc: str = "") -> Any:
+def _opt(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    doc: str = "",
+) -> Any:
     """A field with a default and an allowed range (checked by :func:`parse_section`)."""
     meta = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}.items() if v not in (None, "")}
     if isinstance(default, list | dict):
@@ -140,7 +147,7 @@ class InputConfig:
     cache: Literal["disk", "memory", "none"] = "disk"
     cache_dir: str = "data/cache"
     normalize: Literal["none", "standardize", "equalize"] = "equalize"
-    center_crop: float = _opt(0.0, ge=0, lt=0.5)
+    center_crop: float = _opt(0.0, ge=0, lt=0.4)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     augment_validation: bool = False
 
@@ -154,10 +161,16 @@ class InputConfig:
 
     def preprocessing(self) -> dict[str, Any]:
         """What a model trained on this pipeline expects (stored in its model card)."""
-        return {"image_size": self.image_size, "resize": self.resize,
-                "interpolation": self.interpolation, "channels": 3, "scale": "1/255",
-                "dtype": "float32", "normalize": self.normalize,
-                "center_crop": self.center_crop}  # normalize and center_crop run inside the model
+        return {
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "channels": 3,
+            "scale": "1/255",
+            "dtype": "float32",
+            "normalize": self.normalize,
+            "center_crop": self.center_crop,
+        }  # normalize and center_crop run inside the model
 
 
 def parse_input(raw: Mapping[str, Any], where: str = "input") -> InputConfig:
@@ -262,7 +275,18 @@ _MODEL_KEYS = ("architecture",)  # per-model keys that are neither training sett
 
 
 def model_config(train: Mapping[str, Any], name: str) -> TrainConfig:
-    """Strictly parse ``train.common`` + ``train.<name>`` (see :meth:`TrainConfig.from_params`)."""
+    """Strictly parse ``train.common`` overlaid with ``train.<name>``.
+
+    Args:
+        train: the ``train`` mapping of ``params.yaml``.
+        name: the model (its block's key; an ``architecture`` key there names the builder when it differs).
+
+    Returns:
+        The model's :class:`TrainConfig`, with the builder's options (defaults filled in) under ``model``.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, an out-of-range value, or an unregistered architecture.
+    """
     from cxr.training.model_options import options_class
 
     train = _mapping(train, "train")
@@ -299,8 +323,9 @@ class TrainSection:
     """The ``train`` section: which models to train, shared settings, and each model's own block."""
 
     models: tuple[str, ...] = ("smallnet", "cxrnet")
-    common: Mapping[str, Any] = field(default_factory=lambda: {k: _plain(getattr(TrainConfig(), k))
-                                                               for k in _train_keys()})
+    common: Mapping[str, Any] = field(
+        default_factory=lambda: {k: as_plain(getattr(TrainConfig(), k)) for k in _train_keys()}
+    )
     blocks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def model(self, name: str) -> TrainConfig:
@@ -309,8 +334,11 @@ class TrainSection:
 
     def as_params(self) -> dict[str, Any]:
         """The section as the mapping ``params.yaml`` holds."""
-        return {"models": list(self.models), "common": copy.deepcopy(dict(self.common)),
-                **{k: copy.deepcopy(dict(v)) for k, v in self.blocks.items()}}
+        return {
+            "models": list(self.models),
+            "common": copy.deepcopy(dict(self.common)),
+            **{k: copy.deepcopy(dict(v)) for k, v in self.blocks.items()},
+        }
 
 
 def parse_train(raw: Mapping[str, Any]) -> TrainSection:
@@ -333,7 +361,7 @@ def parse_train(raw: Mapping[str, Any]) -> TrainSection:
     defaults = parse_section(TrainConfig, {k: v for k, v in common.items() if k != "model"}, "train.common")
     for name in dict.fromkeys([*models, *blocks]):
         model_config(full, name)  # raises on the first bad key or value
-    filled = {k: _plain(getattr(defaults, k)) for k in _train_keys()}
+    filled = {k: as_plain(getattr(defaults, k)) for k in _train_keys()}
     return TrainSection(models=tuple(models), common=filled, blocks=blocks)
 
 
@@ -373,8 +401,10 @@ class EvaluateConfig:
         if source not in ("validation", "fixed") and kind != "external":
             raise ConfigError(f"evaluate.threshold_source={source!r}: choose one of validation, fixed, external:<name>")
         if kind == "external" and name not in self.external:
-            raise ConfigError(f"evaluate.threshold_source={source}: no external set named {name!r} in "
-                              f"evaluate.external (configured: {', '.join(self.external) or 'none'})")
+            raise ConfigError(
+                f"evaluate.threshold_source={source}: no external set named {name!r} in "
+                f"evaluate.external (configured: {', '.join(self.external) or 'none'})"
+            )
 
 
 _SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -396,8 +426,10 @@ def check_external_sets(value: Any) -> dict[str, str]:
     for name, folder in value.items():
         name = str(name)
         if not _SET_NAME.match(name) or name in RESERVED_SET_NAMES:
-            raise ConfigError(f"evaluate.external: set name {name!r} must start with a letter, use letters, digits, "
-                              f"_ or -, and not be one of {sorted(RESERVED_SET_NAMES)}")
+            raise ConfigError(
+                f"evaluate.external: set name {name!r} must start with a letter, use letters, digits, "
+                f"_ or -, and not be one of {sorted(RESERVED_SET_NAMES)}"
+            )
         if not isinstance(folder, str) or not folder:
             raise ConfigError(f"evaluate.external.{name}: expected a folder path, got {folder!r}")
         sets[name] = folder
@@ -408,6 +440,14 @@ def setting(section: Any, cls: type, name: str) -> Any:
     """One setting from a section given as its dataclass or as a (possibly partial) mapping.
 
     A missing key reads as the dataclass default, so the default is still written in one place.
+
+    Args:
+        section: the section (an instance of ``cls`` or a mapping).
+        cls: the section's dataclass.
+        name: the setting.
+
+    Returns:
+        Its value.
     """
     if isinstance(section, cls):
         return getattr(section, name)
@@ -440,7 +480,7 @@ class Params:
 
     def as_params(self) -> dict[str, Any]:
         """The whole configuration as the nested mapping ``params.yaml`` holds (defaults filled in)."""
-        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "train"}
+        out = {f.name: as_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "train"}
         out["input"]["augment"]["augment_validation"] = out["input"].pop("augment_validation")
         out["train"] = self.train.as_params()
         return out
@@ -477,9 +517,17 @@ def parse_params(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
 
 
 def _section_classes() -> dict[str, type]:
-    return {"data": DataConfig, "prepare": PrepareConfig, "split": SplitConfig, "input": InputConfig,
-            "train": TrainSection, "ensemble": EnsembleConfig, "orchestration": OrchestrationConfig,
-            "evaluate": EvaluateConfig, "report": ReportConfig}
+    return {
+        "data": DataConfig,
+        "prepare": PrepareConfig,
+        "split": SplitConfig,
+        "input": InputConfig,
+        "train": TrainSection,
+        "ensemble": EnsembleConfig,
+        "orchestration": OrchestrationConfig,
+        "evaluate": EvaluateConfig,
+        "report": ReportConfig,
+    }
 
 
 def as_section(cls: type, value: Any, where: str) -> Any:
@@ -502,7 +550,18 @@ def as_section(cls: type, value: Any, where: str) -> Any:
 
 # ---------------------------------------------------------------- loading and overrides
 def read_params(path: str | Path = DEFAULT_PATH, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """The raw mapping of ``params.yaml`` with ``key.sub=value`` overrides applied (not yet validated)."""
+    """The raw mapping of ``params.yaml`` with ``key.sub=value`` overrides applied (not yet validated).
+
+    Args:
+        path: the parameters file.
+        overrides: ``key.sub=value`` strings.
+
+    Returns:
+        The nested mapping.
+
+    Raises:
+        CxrError: the file is missing, is not YAML, or is not a mapping.
+    """
     path = Path(path)
     try:
         params = yaml.safe_load(path.read_text()) or {}
@@ -570,8 +629,10 @@ def apply_overrides(params: Mapping[str, Any], overrides: Iterable[str]) -> dict
                 raise ConfigError(f"override {item!r}: {where} is a value, not a section")
             node = child
         if isinstance(node.get(leaf), dict) and not isinstance(_parse_value(raw), dict):
-            raise ConfigError(f"override {item!r}: {key} is a section; set one of its keys "
-                              f"({', '.join(node[leaf]) or 'none'}), e.g. -S {key}.{next(iter(node[leaf]), 'key')}=…")
+            raise ConfigError(
+                f"override {item!r}: {key} is a section; set one of its keys "
+                f"({', '.join(node[leaf]) or 'none'}), e.g. -S {key}.{next(iter(node[leaf]), 'key')}=…"
+            )
         node[leaf] = _parse_value(raw)
     return result
 
@@ -587,14 +648,6 @@ def _parse_value(raw: str) -> Any:
             return yaml.safe_load(raw)
         except yaml.YAMLError:
             return raw
-
-
-def section(params: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """One section of a params mapping (raises when it is missing)."""
-    value = params.get(name)
-    if not isinstance(value, dict):
-        raise ConfigError(f"params.yaml: missing section {name!r}")
-    return value
 
 
 # ---------------------------------------------------------------- the strict parser
@@ -744,14 +797,21 @@ def _check_values(cls: type, values: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{where}.{f.name}={value!r}: {rule}")
 
 
-def _plain(value: Any) -> Any:
-    """Dataclasses, tuples and mappings → plain dicts and lists (for YAML, JSON and hashing)."""
+def as_plain(value: Any) -> Any:
+    """Dataclasses, tuples and mappings → plain dicts and lists (for YAML, JSON and hashing).
+
+    Args:
+        value: a config object or any nesting of them.
+
+    Returns:
+        The same data as dicts, lists and scalars.
+    """
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: as_plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [as_plain(v) for v in value]
     return value
 
 

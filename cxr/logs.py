@@ -29,14 +29,22 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value: Any) -> None:
         pass
+
+
 _NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "matplotlib", "PIL")
 
 
 def setup_logging(level: str | None = None) -> None:
     """Send our loggers' events to stderr, one line each (level from ``CXR_LOG_LEVEL``).
 
-    Our loggers do not propagate to the root logger, so a host that also logs there (Prefect's
-    console handler) does not print each line twice; chatty libraries are held at WARNING.
+    Our loggers (``cxr``, ``tasks``, ``flows``) do not propagate to the root logger, so a host that
+    also logs there (Prefect's console handler) does not print each line twice; chatty libraries
+    (httpx, urllib3, matplotlib, PIL) are held at WARNING. Calling it again replaces the handler it
+    added before instead of stacking a second one.
+
+    Args:
+        level: a logging level name (``DEBUG``, ``INFO``...; any case); None reads
+            ``CXR_LOG_LEVEL``, default ``INFO``.
     """
     level = (level or os.environ.get("CXR_LOG_LEVEL", "INFO")).upper()
     handler = _StderrHandler()
@@ -53,14 +61,30 @@ def setup_logging(level: str | None = None) -> None:
 
 
 def interactive() -> bool:
-    """True when a person watches a terminal (progress bars), False in CI and pipes."""
+    """True when a person watches a terminal (progress bars), False in CI and pipes.
+
+    Returns:
+        False when ``CI`` or ``CXR_NO_PROGRESS`` is set, else whether stderr is a terminal.
+    """
     if os.environ.get("CI") or os.environ.get("CXR_NO_PROGRESS"):
         return False
     return sys.stderr.isatty()
 
 
 def progress(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
-    """Wrap ``items`` in a progress bar on a terminal; plain iteration otherwise."""
+    """Wrap ``items`` in a progress bar on a terminal; plain iteration otherwise.
+
+    The bar is tqdm's, on stderr, counted in images and cleared when done; without tqdm installed,
+    or when :func:`interactive` is False, the items pass through untouched.
+
+    Args:
+        items: what to iterate over.
+        total: the number of items, for the bar's length (None when unknown).
+        desc: the bar's label.
+
+    Returns:
+        An iterator over ``items``, in order.
+    """
     if not interactive():
         yield from items
         return

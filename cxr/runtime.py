@@ -38,7 +38,14 @@ def _quiet_fd2():
 
 @cache
 def tensorflow() -> ModuleType:
-    """The ``tensorflow`` module, imported without its start-up noise."""
+    """The ``tensorflow`` module, imported without its start-up noise.
+
+    Cached: the first call imports (stderr captured, shown only if the import fails) and sets
+    TensorFlow's Python logger to ERROR; later calls return the same module.
+
+    Returns:
+        The ``tensorflow`` module.
+    """
     with _quiet_fd2():
         import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
@@ -46,7 +53,12 @@ def tensorflow() -> ModuleType:
 
 
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
+    """True on CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX).
+
+    Returns:
+        Whether ``/proc/cpuinfo`` lists ``avx512_bf16`` or ``amx_bf16``; False where it cannot be
+        read (not Linux).
+    """
     try:
         with open("/proc/cpuinfo") as handle:
             flags = handle.read()
@@ -56,7 +68,18 @@ def cpu_has_bf16() -> bool:
 
 
 def configure(seed: int, deterministic: bool, precision: str = "auto") -> str:
-    """Seed every RNG, set op determinism and the mixed-precision policy; return the policy used."""
+    """Seed every RNG, set op determinism and the mixed-precision policy; return the policy used.
+
+    Args:
+        seed: seeds Python's ``random``, NumPy and TensorFlow (``keras.utils.set_random_seed``).
+        deterministic: turn on TensorFlow's op determinism (same data + seed → same weights, at
+            some speed).
+        precision: ``auto`` (``mixed_float16`` with a GPU, ``mixed_bfloat16`` on a CPU with native
+            bfloat16, else ``float32``), ``float32``, ``bfloat16`` or ``float16``.
+
+    Returns:
+        The Keras global dtype policy now set: ``float32``, ``mixed_bfloat16`` or ``mixed_float16``.
+    """
     tf = tensorflow()
     import keras
 
@@ -76,9 +99,16 @@ def configure(seed: int, deterministic: bool, precision: str = "auto") -> str:
 def distribution(kind: str = "auto") -> Any:
     """The tf.distribute strategy to build and train under.
 
-    ``auto``: MirroredStrategy when more than one GPU is visible, else the default (one device);
-    ``mirrored``: MirroredStrategy over every GPU, or every logical CPU when there is no GPU
-    (tests split the CPU into logical devices); ``none``: the default strategy.
+    Args:
+        kind: ``auto``: MirroredStrategy when more than one GPU is visible, else the default (one
+            device); ``mirrored``: MirroredStrategy over every GPU, or every logical CPU when there
+            is no GPU (tests split the CPU into logical devices); ``none``: the default strategy.
+
+    Returns:
+        The ``tf.distribute.Strategy`` whose scope the model is built and trained in.
+
+    Raises:
+        ValueError: ``kind`` is not ``auto``, ``mirrored`` or ``none``.
     """
     tf = tensorflow()
     if kind not in ("auto", "mirrored", "none"):

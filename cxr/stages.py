@@ -87,66 +87,145 @@ def _report_outs(*paths: str) -> tuple[Output, ...]:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("fetch", "cxr.data.fetch:fetch", "cxr fetch", params=("data",),
-          inputs=("${data.dir}",), outputs=(Output("data/raw"), Output("data/fetch.json")),
-          comment="bring the configured source into data/raw (${data.dir} is watched for source=dir)"),
-    Stage("prepare", "cxr.data.prepare:prepare", "cxr prepare", params=("prepare", "split"),
-          inputs=("data/raw",),
-          outputs=(Output("data/prepared/manifest.csv"), Output("data/prepared/splits.csv"),
-                   Output("reports/data_quality.json"), Output("reports/plots/class_distribution.png", "plots"))),
-    Stage("preview", "cxr.training.preview:augmented_batch", "cxr preview", params=("input", "train.common.seed"),
-          inputs=("data/prepared/splits.csv",),
-          outputs=(Output("reports/plots/augmented_batch.png", "plots", cache=False),)),
-    Stage("train", "cxr.training.train:train", "cxr train --model ${item}",
-          params=("input", "train.common", "train.${item}"),
-          inputs=("data/prepared/splits.csv", "data/prepared/manifest.csv"),
-          outputs=(Output("models/${item}.keras", persist=True), Output("models/${item}.card.json", persist=True),
-                   Output("reports/train/${item}/summary.txt", cache=False),
-                   Output("reports/train/${item}/metrics.json", "metrics", cache=False),
-                   Output("reports/train/${item}/history.csv", "plots", cache=False,
-                          plot={"x": "epoch", "y": "val_auc"}),
-                   Output("reports/train/${item}/curves.png", "plots", cache=False),
-                   Output("reports/train/${item}/architecture.png", "plots", cache=False)),
-          foreach="train.models",
-          comment="one stage per model; persist: a run replaces the model only when a healthy one is ready"),
-    Stage("ensemble", "cxr.training.ensemble:build_ensemble", "cxr ensemble",
-          params=("ensemble", "input", "train.models", "train.common"),
-          inputs=("data/prepared/splits.csv", "models"), outputs=(Output("ensemble"),),
-          comment="the members' mean P(pneumonia) as one shippable model (ensemble.members: [] = none)"),
-    Stage("external", "cxr.data.external_sets:index_external", "cxr external --name ${key}",
-          inputs=("${item}", "data/prepared/splits.csv"),
-          outputs=_report_outs("data/external/${key}.csv", "data/external/${key}.json"),
-          foreach="evaluate.external",
-          comment="one stage per external validation set; DVC watches each folder"),
-    Stage("evaluate", "cxr.evaluation.evaluate:evaluate_models", "cxr evaluate",
-          params=("input", "train.models", "ensemble.members", "evaluate.external", "evaluate.threshold_source",
-                  "evaluate.threshold", "evaluate.bootstrap", "evaluate.seed"),
-          inputs=("data/prepared/splits.csv", "data/external", "models", "ensemble"),
-          outputs=(Output("reports/eval", cache=False), Output("reports/metrics.json", "metrics", cache=False))),
-    Stage("explain", "cxr.evaluation.explain:explain_models", "cxr explain",
-          params=("input", "train.models", "evaluate"),
-          inputs=("data/prepared/splits.csv", "models", "reports/eval"),
-          outputs=(Output("reports/gradcam", cache=False),)),
-    Stage("report", "cxr.reporting.report:build", "cxr report",
-          params=("train.models", "ensemble.members", "report", "evaluate"),
-          inputs=("reports/data_quality.json", "reports/metrics.json", "reports/gradcam",
-                  "reports/plots/augmented_batch.png", "models", "ensemble", "data/external"),
-          outputs=_report_outs("reports/report.html", "reports/report.md"),
-          assets=("cxr/reporting/templates/report.html.j2",)),
+    Stage(
+        "fetch",
+        "cxr.data.fetch:fetch",
+        "cxr fetch",
+        params=("data",),
+        inputs=("${data.dir}",),
+        outputs=(Output("data/raw"), Output("data/fetch.json")),
+        comment="bring the configured source into data/raw (${data.dir} is watched for source=dir)",
+    ),
+    Stage(
+        "prepare",
+        "cxr.data.prepare:prepare",
+        "cxr prepare",
+        params=("prepare", "split"),
+        inputs=("data/raw",),
+        outputs=(
+            Output("data/prepared/manifest.csv"),
+            Output("data/prepared/splits.csv"),
+            Output("reports/data_quality.json"),
+            Output("reports/plots/class_distribution.png", "plots"),
+        ),
+    ),
+    Stage(
+        "preview",
+        "cxr.training.preview:augmented_batch",
+        "cxr preview",
+        params=("input", "train.common.seed"),
+        inputs=("data/prepared/splits.csv",),
+        outputs=(Output("reports/plots/augmented_batch.png", "plots", cache=False),),
+    ),
+    Stage(
+        "train",
+        "cxr.training.train:train",
+        "cxr train --model ${item}",
+        params=("input", "train.common", "train.${item}"),
+        inputs=("data/prepared/splits.csv", "data/prepared/manifest.csv"),
+        outputs=(
+            Output("models/${item}.keras", persist=True),
+            Output("models/${item}.card.json", persist=True),
+            Output("reports/train/${item}/summary.txt", cache=False),
+            Output("reports/train/${item}/metrics.json", "metrics", cache=False),
+            Output("reports/train/${item}/history.csv", "plots", cache=False, plot={"x": "epoch", "y": "val_auc"}),
+            Output("reports/train/${item}/curves.png", "plots", cache=False),
+            Output("reports/train/${item}/architecture.png", "plots", cache=False),
+        ),
+        foreach="train.models",
+        comment="one stage per model; persist: a run replaces the model only when a healthy one is ready",
+    ),
+    Stage(
+        "ensemble",
+        "cxr.training.ensemble:build_ensemble",
+        "cxr ensemble",
+        params=("ensemble", "input", "train.models", "train.common"),
+        inputs=("data/prepared/splits.csv", "models"),
+        outputs=(Output("ensemble"),),
+        comment="the members' mean P(pneumonia) as one shippable model (ensemble.members: [] = none)",
+    ),
+    Stage(
+        "external",
+        "cxr.data.external_sets:index_external",
+        "cxr external --name ${key}",
+        inputs=("${item}", "data/prepared/splits.csv"),
+        outputs=_report_outs("data/external/${key}.csv", "data/external/${key}.json"),
+        foreach="evaluate.external",
+        comment="one stage per external validation set; DVC watches each folder",
+    ),
+    Stage(
+        "evaluate",
+        "cxr.evaluation.evaluate:evaluate_models",
+        "cxr evaluate",
+        params=(
+            "input",
+            "train.models",
+            "ensemble.members",
+            "evaluate.external",
+            "evaluate.threshold_source",
+            "evaluate.threshold",
+            "evaluate.bootstrap",
+            "evaluate.seed",
+        ),
+        inputs=("data/prepared/splits.csv", "data/external", "models", "ensemble"),
+        outputs=(Output("reports/eval", cache=False), Output("reports/metrics.json", "metrics", cache=False)),
+    ),
+    Stage(
+        "explain",
+        "cxr.evaluation.explain:explain_models",
+        "cxr explain",
+        params=("input", "train.models", "evaluate"),
+        inputs=("data/prepared/splits.csv", "models", "reports/eval"),
+        outputs=(Output("reports/gradcam", cache=False),),
+    ),
+    Stage(
+        "report",
+        "cxr.reporting.report:build",
+        "cxr report",
+        params=("train.models", "ensemble.members", "report", "evaluate"),
+        inputs=(
+            "reports/data_quality.json",
+            "reports/metrics.json",
+            "reports/gradcam",
+            "reports/plots/augmented_batch.png",
+            "models",
+            "ensemble",
+            "data/external",
+        ),
+        outputs=_report_outs("reports/report.html", "reports/report.md"),
+        assets=("cxr/reporting/templates/report.html.j2",),
+    ),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 
 
 def stage(name: str) -> Stage:
-    """The registered stage ``name``."""
+    """The registered stage ``name``.
+
+    Args:
+        name: a stage name (``fetch``, ``prepare``, ``train``...).
+
+    Returns:
+        Its :class:`Stage`.
+
+    Raises:
+        CxrError: no stage has that name.
+    """
     if name not in BY_NAME:
         raise CxrError(f"no stage {name!r}: choose one of {', '.join(BY_NAME)}")
     return BY_NAME[name]
 
 
 def code_digest(name: str) -> str:
-    """sha256 over the content of every code file of stage ``name``."""
+    """sha256 over the content of every code file of stage ``name``.
+
+    Args:
+        name: the stage.
+
+    Returns:
+        The hex digest (changes when any file of its import closure or its assets changes).
+    """
     return files_digest(stage(name).code())
 
 
@@ -176,7 +255,14 @@ def settings_of(name: str, params: Mapping[str, Any], item: str | None = None) -
 
 
 def as_overrides(settings: Mapping[str, Any]) -> list[str]:
-    """``-S key=<json>`` overrides that hand a task's settings to a ``cxr`` child process unchanged."""
+    """``-S key=<json>`` overrides that hand a task's settings to a ``cxr`` child process unchanged.
+
+    Args:
+        settings: ``{dotted key: value}`` (absent blocks, read as None, are left out).
+
+    Returns:
+        ``key=<json>`` strings.
+    """
     import json
 
     return [f"{k}={json.dumps(v)}" for k, v in settings.items() if v is not None]
@@ -201,7 +287,15 @@ def _dvc_out(out: Output) -> Any:
 
 
 def dvc_stage(st: Stage) -> dict[str, Any]:
-    """The ``dvc.yaml`` entry of one stage."""
+    """The ``dvc.yaml`` entry of one stage.
+
+    Args:
+        st: the stage.
+
+    Returns:
+        Its body (``cmd``, ``deps`` = data inputs + code, ``params``, ``outs``/``metrics``/``plots``),
+        wrapped in ``foreach``/``do`` for a stage that expands over a params key.
+    """
     body: dict[str, Any] = {"cmd": st.cmd, "deps": [*st.inputs, *st.code()]}
     if st.params:
         body["params"] = list(st.params)
@@ -263,6 +357,6 @@ def inputs_of(name: str, params: Mapping[str, Any], item: str | None = None, key
         while "${" in text:
             start = text.index("${")
             end = text.index("}", start)
-            text = text[:start] + str(_lookup(params, text[start + 2:end])) + text[end + 1:]
+            text = text[:start] + str(_lookup(params, text[start + 2 : end])) + text[end + 1 :]
         out.append(text)
     return out

@@ -63,8 +63,7 @@ def sync_dvc_lock(overrides: list[str] | None) -> str:
         return "skipped (overrides)"
     if not (Path("dvc.yaml").is_file() and Path(".dvc").is_dir()):
         return "skipped (no DVC project)"
-    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
     if proc.returncode != 0:
         log.warning("dvc commit failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])
         return "failed"
@@ -72,8 +71,9 @@ def sync_dvc_lock(overrides: list[str] | None) -> str:
 
 
 @flow(name="cxr-pipeline", log_prints=False)
-def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None,
-             refresh_source: bool = False) -> dict[str, Any]:
+def pipeline(
+    params_path: str = "params.yaml", overrides: list[str] | None = None, refresh_source: bool = False
+) -> dict[str, Any]:
     """Run every step; flow parameters (``overrides``) win over ``params.yaml``.
 
     ``refresh_source`` re-fetches even when the fetch task is cached (scheduled runs: a new Kaggle
@@ -93,38 +93,54 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         return inputs_of(stage, params, item, key)
 
     fetch = fetch_task.with_options(refresh_cache=True) if refresh_source else fetch_task
-    states["fetch"], fetched = run_verified(fetch, settings=settings("fetch"), inputs=inputs("fetch"),
-                                            source_digest=source_digest(params["data"]))
+    states["fetch"], fetched = run_verified(
+        fetch, settings=settings("fetch"), inputs=inputs("fetch"), source_digest=source_digest(params["data"])
+    )
     states["prepare"], prepared = run_verified(prepare_task, raw_dir=fetched["raw"], settings=settings("prepare"))
-    states["preview"], _ = run_verified(preview_task, inputs=inputs("preview"), params_path=params_path,
-                                        settings=settings("preview"))
+    states["preview"], _ = run_verified(
+        preview_task, inputs=inputs("preview"), params_path=params_path, settings=settings("preview")
+    )
     models = _train_all(params, params_path, settings, inputs, states)
     names = list(models)
     scored_names = list(names)
-    states["ensemble"], _ = run_verified(ensemble_task, inputs=inputs("ensemble"), params_path=params_path,
-                                         settings=settings("ensemble"))
+    states["ensemble"], _ = run_verified(
+        ensemble_task, inputs=inputs("ensemble"), params_path=params_path, settings=settings("ensemble")
+    )
     if members_of(params):
         scored_names.append("ensemble")
     for set_name, folder in external_sets(params["evaluate"]).items():
-        states[f"external@{set_name}"], _ = run_verified(external_task, name=set_name,
-                                                         inputs=inputs("external", folder, set_name))
-    states["evaluate"], _ = run_verified(evaluate_task, models=scored_names, inputs=inputs("evaluate"),
-                                         params_path=params_path, settings=settings("evaluate"))
-    states["explain"], _ = run_verified(explain_task, models=names, inputs=inputs("explain"),
-                                        params_path=params_path, settings=settings("explain"))
-    states["report"], reported = run_verified(report_task, models=scored_names, inputs=inputs("report"),
-                                              settings=settings("report"))
+        states[f"external@{set_name}"], _ = run_verified(
+            external_task, name=set_name, inputs=inputs("external", folder, set_name)
+        )
+    states["evaluate"], _ = run_verified(
+        evaluate_task,
+        models=scored_names,
+        inputs=inputs("evaluate"),
+        params_path=params_path,
+        settings=settings("evaluate"),
+    )
+    states["explain"], _ = run_verified(
+        explain_task, models=names, inputs=inputs("explain"), params_path=params_path, settings=settings("explain")
+    )
+    states["report"], reported = run_verified(
+        report_task, models=scored_names, inputs=inputs("report"), settings=settings("report")
+    )
     states["dvc.lock"] = sync_dvc_lock(overrides)
     return {"states": states, "fetch": fetched, "prepare": prepared, "models": models, "report": reported}
 
 
-def _train_all(params: dict[str, Any], params_path: str, settings: Any, inputs: Any,
-               states: dict[str, str]) -> dict[str, Any]:
+def _train_all(
+    params: dict[str, Any], params_path: str, settings: Any, inputs: Any, states: dict[str, str]
+) -> dict[str, Any]:
     """One training task per model, concurrently; a failed model fails the run after the others finish."""
     jobs = {}
     for model in params["train"]["models"]:
-        kwargs = {"model": model, "inputs": inputs("train", model), "params_path": params_path,
-                  "settings": settings("train", model)}
+        kwargs = {
+            "model": model,
+            "inputs": inputs("train", model),
+            "params_path": params_path,
+            "settings": settings("train", model),
+        }
         jobs[model] = (kwargs, train_task.submit(**kwargs, return_state=False))
     models: dict[str, Any] = {}
     failures = []

@@ -51,8 +51,9 @@ class TaskModule(CachePolicy):
     """Content of the file that defines the task (``inspect.getsource`` fails in flows a Prefect
     runner loads from an entrypoint, so the module file is hashed, not the function's source)."""
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         fn = task_ctx.task.fn
         module = sys.modules.get(fn.__module__)
         path = getattr(module, "__file__", None) or inspect.getsourcefile(fn)
@@ -67,10 +68,10 @@ class StageCode(CachePolicy):
 
     stage: str = ""
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
-        return hash_objects({f: sha256_file(REPO_ROOT / f) for f in stage(self.stage).code()},
-                            raise_on_failure=True)
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        return hash_objects({f: sha256_file(REPO_ROOT / f) for f in stage(self.stage).code()}, raise_on_failure=True)
 
 
 @dataclass
@@ -79,14 +80,13 @@ class PathContent(CachePolicy):
 
     names: tuple[str, ...] = ()
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
-        return hash_objects({k: _digest_any(inputs[k]) for k in self.names if inputs.get(k)},
-                            raise_on_failure=True)
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        return hash_objects({k: _digest_any(inputs[k]) for k in self.names if inputs.get(k)}, raise_on_failure=True)
 
 
-def stage_policy(name: str, path_inputs: Sequence[str] = (), ignore: Sequence[str] = ("params_path",)
-                 ) -> CachePolicy:
+def stage_policy(name: str, path_inputs: Sequence[str] = (), ignore: Sequence[str] = ("params_path",)) -> CachePolicy:
     """The cache policy of the task that runs registered stage ``name``.
 
     Args:

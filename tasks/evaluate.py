@@ -20,8 +20,12 @@ from tasks.caching import stage_policy
 from tasks.runner import run_cxr
 
 
-@task(name="external", cache_policy=stage_policy("external", path_inputs=("inputs",)), persist_result=True,
-      task_run_name="external-{name}")
+@task(
+    name="external",
+    cache_policy=stage_policy("external", path_inputs=("inputs",)),
+    persist_result=True,
+    task_run_name="external-{name}",
+)
 def external_task(name: str, inputs: list[str]) -> dict[str, Any]:
     """Index one external validation set.
 
@@ -64,8 +68,7 @@ def ensemble_task(inputs: list[str], params_path: str, settings: dict[str, Any])
 
 
 @task(name="evaluate", cache_policy=stage_policy("evaluate", path_inputs=("inputs",)), persist_result=True)
-def evaluate_task(models: list[str], inputs: list[str], params_path: str, settings: dict[str, Any]
-                  ) -> dict[str, Any]:
+def evaluate_task(models: list[str], inputs: list[str], params_path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Score every model on the test split and the external sets.
 
     Args:
@@ -78,13 +81,15 @@ def evaluate_task(models: list[str], inputs: list[str], params_path: str, settin
         The metrics file and its hash, and the per-model folder.
     """
     run_cxr(["evaluate", *[a for m in models for a in ("--model", m)]], params_path, settings)
-    return {"metrics": HERE.metrics.as_posix(), "metrics_sha256": sha256_file(HERE.metrics),
-            "eval_dir": HERE.eval.as_posix()}
+    return {
+        "metrics": HERE.metrics.as_posix(),
+        "metrics_sha256": sha256_file(HERE.metrics),
+        "eval_dir": HERE.eval.as_posix(),
+    }
 
 
 @task(name="explain", cache_policy=stage_policy("explain", path_inputs=("inputs",)), persist_result=True)
-def explain_task(models: list[str], inputs: list[str], params_path: str, settings: dict[str, Any]
-                 ) -> dict[str, Any]:
+def explain_task(models: list[str], inputs: list[str], params_path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Grad-CAM galleries on the test split.
 
     Args:
@@ -113,7 +118,8 @@ def report_task(models: list[str], inputs: list[str], settings: dict[str, Any]) 
         The HTML path and its hash.
     """
     result = build(models, str(settings["report"]["readers"] or ""), settings["evaluate"])
-    create_markdown_artifact(key="cxr-report", markdown=result["markdown"],
-                             description="Chest X-ray pipeline: data, metrics and warnings")
+    create_markdown_artifact(
+        key="cxr-report", markdown=result["markdown"], description="Chest X-ray pipeline: data, metrics and warnings"
+    )
     create_table_artifact(key="cxr-metrics", table=result["rows"], description="Test metrics per model")
     return {"html": result["html"], "html_sha256": sha256_file(result["html"])}

@@ -10,10 +10,20 @@ from cxr.data.fetch import fetch
 from tasks.caching import stage_policy
 
 
-@task(name="fetch", cache_policy=stage_policy("fetch", path_inputs=("inputs",)), persist_result=True,
-      retries=2, retry_delay_seconds=[10, 60])
-def fetch_task(settings: dict[str, Any], inputs: list[str], source_digest: str | None, raw_dir: str = "data/raw",
-               record: str = "data/fetch.json") -> dict[str, Any]:
+@task(
+    name="fetch",
+    cache_policy=stage_policy("fetch", path_inputs=("inputs",)),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[10, 60],
+)
+def fetch_task(
+    settings: dict[str, Any],
+    inputs: list[str],
+    source_digest: str | None,
+    raw_dir: str = "data/raw",
+    record: str = "data/fetch.json",
+) -> dict[str, Any]:
     """Fetch the data source.
 
     Args:
@@ -27,5 +37,10 @@ def fetch_task(settings: dict[str, Any], inputs: list[str], source_digest: str |
         Paths and hashes of what was fetched.
     """
     result = fetch(settings["data"], raw_dir=raw_dir, record_path=record)
-    return {"raw": raw_dir, "raw_sha256": result["tree_sha256"], "record": record,
-            "files": result["files"], "source": result["source"]}
+    return {
+        "raw": raw_dir,
+        "raw_sha256": result["tree_sha256"],
+        "record": record,
+        "files": result["files"],
+        "source": result["source"],
+    }

@@ -11,8 +11,9 @@ from tasks.caching import stage_policy
 
 
 @task(name="prepare", cache_policy=stage_policy("prepare", path_inputs=("raw_dir",)), persist_result=True)
-def prepare_task(raw_dir: str, settings: dict[str, Any], prepared_dir: str = "data/prepared",
-                 reports_dir: str = "reports") -> dict[str, Any]:
+def prepare_task(
+    raw_dir: str, settings: dict[str, Any], prepared_dir: str = "data/prepared", reports_dir: str = "reports"
+) -> dict[str, Any]:
     """Manifest, quality report, split and plot; keyed on the content of ``raw_dir``.
 
     Args:
@@ -24,5 +25,4 @@ def prepare_task(raw_dir: str, settings: dict[str, Any], prepared_dir: str = "da
     Returns:
         Paths and hashes of the manifest, splits and quality report.
     """
-    return prepare(raw_dir, settings["split"], settings["prepare"], prepared_dir=prepared_dir,
-                   reports_dir=reports_dir)
+    return prepare(raw_dir, settings["split"], settings["prepare"], prepared_dir=prepared_dir, reports_dir=reports_dir)

@@ -17,8 +17,12 @@ from cxr.errors import CxrError
 from cxr.stages import as_overrides
 
 
-def run_cxr(args: Sequence[str], params_path: str, settings: Mapping[str, Any] | None = None,
-            extra_overrides: Sequence[str] = ()) -> str:
+def run_cxr(
+    args: Sequence[str],
+    params_path: str,
+    settings: Mapping[str, Any] | None = None,
+    extra_overrides: Sequence[str] = (),
+) -> str:
     """Run ``python -m cxr ARGS --params PATH -S key=value...`` and return its stdout.
 
     Args:

@@ -35,8 +35,12 @@ def preview_task(inputs: list[str], params_path: str, settings: dict[str, Any]) 
     return {"plot": out}
 
 
-@task(name="train", cache_policy=stage_policy("train", path_inputs=("inputs",)), persist_result=True,
-      task_run_name="train-{model}")
+@task(
+    name="train",
+    cache_policy=stage_policy("train", path_inputs=("inputs",)),
+    persist_result=True,
+    task_run_name="train-{model}",
+)
 def train_task(model: str, inputs: list[str], params_path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Train one model; keyed on the content of its inputs and exactly the settings it reads.
 
@@ -52,6 +56,11 @@ def train_task(model: str, inputs: list[str], params_path: str, settings: dict[s
     run_cxr(["train", "--model", model, "--splits", inputs[0]], params_path, settings)
     card_path = HERE.card(model)
     card = json.loads(card_path.read_text())
-    return {"model": HERE.model(model).as_posix(), "model_sha256": card["model_sha256"],
-            "card": card_path.as_posix(), "card_sha256": sha256_file(card_path),
-            "val_auc": card["validation"]["auc"], "health": card["health"]["status"]}
+    return {
+        "model": HERE.model(model).as_posix(),
+        "model_sha256": card["model_sha256"],
+        "card": card_path.as_posix(),
+        "card_sha256": sha256_file(card_path),
+        "val_auc": card["validation"]["auc"],
+        "health": card["health"]["status"],
+    }

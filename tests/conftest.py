@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny synthetic radiograph-like images and a Kaggle-layout folder builder."""
+"""Shared fixtures: a Kaggle-layout folder builder, the in-process CLI and the small trained/evaluated project.
+
+The plain builders behind them live in ``tests/factories.py``; test modules import those from there, never
+from this file.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,13 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.factories import build_evaluated_project, build_trained_project, write_image
+
+# before any test module imports TensorFlow (tests.factories imports no cxr module at import time)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CXR_NO_PROGRESS", "1")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-
-
-def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 32), mode: str = "L",
-                fmt: str | None = None) -> Path:
-    """A small noisy image whose bytes depend on ``seed`` (distinct seeds → distinct hashes)."""
-    rng = np.random.default_rng(seed)
-    channels = {"L": None, "RGB": 3, "RGBA": 4}[mode]
-    shape = (size[1], size[0]) if channels is None else (size[1], size[0], channels)
-    pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode=mode).save(path, format=fmt)
-    return path
 
 
 @pytest.fixture
@@ -47,27 +37,6 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     return build
 
 
-def kermany_layout(n_patients: int = 12, images_per_patient: int = 2, splits: tuple[str, ...] = ("train",)
-                   ) -> dict[str, list[str]]:
-    """File names in the Kermany style: several images per patient, both classes."""
-    layout: dict[str, list[str]] = {}
-    counter = 0
-    for split in splits:
-        prefix = f"{split}/" if split else ""
-        normal, pneumonia = [], []
-        for p in range(n_patients):
-            pid = p + 1000 * splits.index(split)
-            for i in range(images_per_patient):
-                counter += 1
-                normal.append(f"IM-{pid:04d}-{i + 1:04d}.jpeg")
-                kind = "bacteria" if p % 2 else "virus"
-                pneumonia.append(f"person{pid}_{kind}_{counter}.jpeg")
-                pneumonia.append(f"person{pid}_{kind}_{counter + 5000}.jpeg")
-        layout[f"{prefix}NORMAL"] = normal
-        layout[f"{prefix}PNEUMONIA"] = pneumonia
-    return layout
-
-
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[list[str]], tuple[int, str, str]]]:
     """Run ``cxr.cli.main`` in-process → (exit code, stdout, stderr); restore the log handlers after."""
@@ -84,3 +53,20 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[list[str]], tu
     yield run
     for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
         lg.handlers, lg.level, lg.propagate = handlers, level, propagate
+
+
+# ------------------------------------------------------------ the small project, built once per session
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic dark NORMAL / bright PNEUMONIA images → prepare → smallnet (3 epochs, 32 px), with the
+    ``params.yaml`` it used (``factories.small_params()``). Shared by every module: copy it before writing."""
+    return build_trained_project(tmp_path_factory.mktemp("cxr-trained-project"))
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``trained`` plus ``evaluate`` and ``explain`` outputs. Shared by every module: copy it
+    before writing."""
+    return build_evaluated_project(tmp_path_factory.mktemp("cxr-evaluated-project"), trained)

@@ -153,7 +153,9 @@ class KaggleStandIn:
                 ) from exc
             server.standin = self
             thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                daemon=True,
                 name=f"kaggle-standin-{host}",
             )
             thread.start()
@@ -273,7 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
             endpoint, auth = self._pending
             self._pending = None
             self.server.standin._record(
-                Seen(self.command, endpoint, auth, status, self.headers.get("Range"), time.monotonic()))
+                Seen(self.command, endpoint, auth, status, self.headers.get("Range"), time.monotonic())
+            )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -357,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             self._answer(endpoint, lambda _: self._error(400, "request body is not a JSON object"))
             return
-        service_method = path[len(API_PREFIX):] if path.startswith(API_PREFIX) else ""
+        service_method = path[len(API_PREFIX) :] if path.startswith(API_PREFIX) else ""
         handlers = {INTROSPECT: self._introspect, METADATA: self._metadata, DOWNLOAD: self._download}
         handler = handlers.get(service_method)
         if handler is None:
@@ -406,10 +409,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Dataset {owner}/{slug} not found")
             return
         _, dataset = found
-        self._json(200, {"info": {
-            "datasetSlug": slug, "ownerUser": owner, "title": dataset.title,
-            "licenses": [{"name": name} for name in dataset.licenses],
-        }})
+        self._json(
+            200,
+            {
+                "info": {
+                    "datasetSlug": slug,
+                    "ownerUser": owner,
+                    "title": dataset.title,
+                    "licenses": [{"name": name} for name in dataset.licenses],
+                }
+            },
+        )
 
     def _download(self, body: dict[str, Any], fault: Fault | None) -> None:
         if not self._authorised():

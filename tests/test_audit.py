@@ -10,13 +10,13 @@ import pytest
 
 from cxr.provenance.hashing import sha256_file
 from cxr.provenance.lineage_log import append, audit_model, models_for_data, records
-from tests.test_predict_evaluate import chdir, trained_project
+from tests.factories import chdir
 
 
 @pytest.fixture
-def project(tmp_path_factory, tmp_path) -> Path:
+def project(trained, tmp_path) -> Path:
     target = tmp_path / "project"
-    shutil.copytree(trained_project(tmp_path_factory), target)
+    shutil.copytree(trained, target)
     return target
 
 

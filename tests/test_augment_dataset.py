@@ -14,12 +14,24 @@ from cxr.errors import CxrError, DataError
 from cxr.runtime import tensorflow
 from cxr.training.augment import AugmentConfig, affine_params, augment_batch
 from cxr.training.input_pipeline import InputConfig, decode_image, load_images, make_dataset, resize_image
-from tests.conftest import write_image
+from tests.factories import write_image
 
 tf = tensorflow()
 
-NOTEBOOK = AugmentConfig(rotation_deg=5, width_shift=0.1, height_shift=0.1, fill_mode="nearest")
-NO_MOTION = AugmentConfig(rotation_deg=0, width_shift=0, height_shift=0)
+# every range named: the shipped defaults also zoom and change intensity
+ONLY_MOTION = dict(
+    zoom=0,
+    shear_deg=0,
+    horizontal_flip=False,
+    brightness=0,
+    contrast=0,
+    gamma=0,
+    blur_sigma=0,
+    noise_std=0,
+    jpeg_quality=0,
+)
+NOTEBOOK = AugmentConfig(**ONLY_MOTION, rotation_deg=5, width_shift=0.1, height_shift=0.1, fill_mode="nearest")
+NO_MOTION = AugmentConfig(**ONLY_MOTION, rotation_deg=0, width_shift=0, height_shift=0, fill_mode="nearest")
 
 
 def _params(n: int, seed: tuple[int, int], cfg: AugmentConfig = NOTEBOOK) -> tuple[np.ndarray, ...]:
@@ -27,6 +39,7 @@ def _params(n: int, seed: tuple[int, int], cfg: AugmentConfig = NOTEBOOK) -> tup
 
 
 # --- affine_params -----------------------------------------------------------------------------
+
 
 def test_affine_params_stay_in_the_configured_ranges_and_fill_them():
     angle, dx, dy = _params(4000, (1, 2))
@@ -40,7 +53,7 @@ def test_affine_params_stay_in_the_configured_ranges_and_fill_them():
     assert abs(np.corrcoef(dx, dy)[0, 1]) < 0.1
     assert abs(np.corrcoef(angle, dx)[0, 1]) < 0.1
 
-    wide = AugmentConfig(rotation_deg=20, width_shift=0.3, height_shift=0.05)
+    wide = AugmentConfig(**ONLY_MOTION, rotation_deg=20, width_shift=0.3, height_shift=0.05)
     angle, dx, dy = _params(4000, (1, 2), wide)
     assert np.abs(angle).max() <= math.radians(20) + 1e-7 and np.abs(angle).max() > math.radians(19)
     assert np.abs(dx).max() <= 0.3 + 1e-7 and np.abs(dx).max() > 0.29
@@ -63,6 +76,7 @@ def test_zero_ranges_give_zero_transforms():
 
 # --- augment_batch -----------------------------------------------------------------------------
 
+
 def _centroid(image: np.ndarray) -> tuple[float, float]:
     weights = image.astype(np.float64)
     rows, cols = np.indices(weights.shape)
@@ -76,7 +90,7 @@ def test_translation_moves_a_bright_pixel_by_the_sampled_shift(seed):
     images = np.zeros((3, height, width, 1), np.uint8)
     y0, x0 = 24, 32
     images[:, y0, x0, 0] = 255
-    cfg = AugmentConfig(rotation_deg=0, width_shift=0.1, height_shift=0.1, fill_mode="constant")
+    cfg = AugmentConfig(**ONLY_MOTION, rotation_deg=0, width_shift=0.1, height_shift=0.1, fill_mode="constant")
     out = augment_batch(tf.constant(images), tf.constant(seed, tf.int64), cfg).numpy()
     angle, dx, dy = _params(3, seed, cfg)
     assert out.shape == images.shape and out.dtype == np.uint8
@@ -100,7 +114,7 @@ def test_rotation_turns_about_the_centre():
     images = np.zeros((1, size, size, 3), np.uint8)
     centre = (size - 1) / 2
     images[0, int(centre), int(centre) + 24, :] = 255  # 24 px right of the centre
-    cfg = AugmentConfig(rotation_deg=5, width_shift=0, height_shift=0, fill_mode="constant")
+    cfg = AugmentConfig(**ONLY_MOTION, rotation_deg=5, width_shift=0, height_shift=0, fill_mode="constant")
     seed = (2, 3)
     out = augment_batch(tf.constant(images), tf.constant(seed, tf.int64), cfg).numpy()
     (angle,), _, _ = _params(1, seed, cfg)
@@ -125,7 +139,7 @@ def test_nearest_fill_leaves_no_black_border():
     out = augment_batch(tf.constant(images), seed, NOTEBOOK).numpy()
     assert (out == 137).all()
     # the same transforms with constant fill do leave a black border: the check can fail
-    constant = AugmentConfig(rotation_deg=5, width_shift=0.1, height_shift=0.1, fill_mode="constant")
+    constant = AugmentConfig(**ONLY_MOTION, rotation_deg=5, width_shift=0.1, height_shift=0.1, fill_mode="constant")
     assert (augment_batch(tf.constant(images), seed, constant).numpy() == 0).any()
 
 
@@ -138,11 +152,11 @@ def test_augment_batch_is_reproducible_and_rejects_unknown_fill():
     assert not np.array_equal(a, c)
     assert not np.array_equal(a, images)
     with pytest.raises(ValueError, match="fill_mode"):
-        augment_batch(tf.constant(images), tf.constant([1, 2], tf.int64),
-                      AugmentConfig(fill_mode="mirror"))
+        augment_batch(tf.constant(images), tf.constant([1, 2], tf.int64), AugmentConfig(fill_mode="mirror"))
 
 
 # --- decode and resize -------------------------------------------------------------------------
+
 
 def test_grayscale_jpeg_decodes_to_three_identical_channels(tmp_path):
     path = write_image(tmp_path / "gray.jpeg", seed=1, size=(40, 32), mode="L", fmt="JPEG")
@@ -207,8 +221,9 @@ def test_nearest_interpolation_resizes(tmp_path, resize):
 
 
 def test_input_config_rejects_unknown_choices():
-    assert InputConfig.from_params({"image_size": 48, "augment": {"augment_validation": True}}) \
-        .augment_validation is True
+    assert (
+        InputConfig.from_params({"image_size": 48, "augment": {"augment_validation": True}}).augment_validation is True
+    )
     for key, value in (("resize", "crop"), ("interpolation", "lanczos"), ("cache", "redis")):
         with pytest.raises(CxrError, match=f"input.{key}="):
             InputConfig.from_params({key: value})
@@ -216,9 +231,9 @@ def test_input_config_rejects_unknown_choices():
 
 # --- the decoded-image cache -------------------------------------------------------------------
 
+
 def _images(tmp_path: Path, n: int = 6) -> list[str]:
-    return [str(write_image(tmp_path / "img" / f"im{i}.jpeg", seed=i, size=(40, 30), fmt="JPEG"))
-            for i in range(n)]
+    return [str(write_image(tmp_path / "img" / f"im{i}.jpeg", seed=i, size=(40, 30), fmt="JPEG")) for i in range(n)]
 
 
 def _cache_entries(cache: Path) -> list[str]:
@@ -228,13 +243,13 @@ def _cache_entries(cache: Path) -> list[str]:
 def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     paths = _images(tmp_path)
     cache = tmp_path / "cache"
-    cfg = InputConfig(image_size=16, cache="disk", cache_dir=str(cache))
+    cfg = InputConfig(image_size=32, cache="disk", cache_dir=str(cache))
     first = np.array(load_images(paths, "key-a", cfg, "train"))
-    assert first.shape == (6, 16, 16, 3) and first.dtype == np.uint8
+    assert first.shape == (6, 32, 32, 3) and first.dtype == np.uint8
     files = _cache_entries(cache)
-    assert len(files) == 1 and files[0].startswith("train-16px-") and files[0].endswith(".npy")
+    assert len(files) == 1 and files[0].startswith("train-32px-") and files[0].endswith(".npy")
     mtime = (cache / files[0]).stat().st_mtime_ns
-    expected = np.stack([decode_image(tf.constant(p), 16).numpy() for p in paths])
+    expected = np.stack([decode_image(tf.constant(p), 32).numpy() for p in paths])
     np.testing.assert_array_equal(first, expected)
 
     def no_decoding(*args, **kwargs):
@@ -250,14 +265,13 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
 def test_cache_key_follows_content_and_preprocessing(tmp_path):
     paths = _images(tmp_path)
     cache = tmp_path / "cache"
-    cfg = InputConfig(image_size=16, cache="disk", cache_dir=str(cache))
+    cfg = InputConfig(image_size=32, cache="disk", cache_dir=str(cache))
     load_images(paths, "key-a", cfg, "train")
-    load_images(paths, "key-a", InputConfig(image_size=24, cache="disk", cache_dir=str(cache)), "train")
+    load_images(paths, "key-a", InputConfig(image_size=48, cache="disk", cache_dir=str(cache)), "train")
     assert len(_cache_entries(cache)) == 2
     load_images(paths, "key-b", cfg, "train")  # the split's content changed
     assert len(_cache_entries(cache)) == 3
-    load_images(paths, "key-a", InputConfig(image_size=16, resize="pad", cache="disk", cache_dir=str(cache)),
-                "train")
+    load_images(paths, "key-a", InputConfig(image_size=32, resize="pad", cache="disk", cache_dir=str(cache)), "train")
     assert len(_cache_entries(cache)) == 4
     load_images(paths, "key-a", cfg, "val")
     assert len(_cache_entries(cache)) == 5
@@ -282,7 +296,7 @@ def test_cache_key_of_a_real_split_changes_with_its_content(tmp_path):
 def test_an_interrupted_cache_write_leaves_nothing_behind(tmp_path, monkeypatch, interruption):
     paths = _images(tmp_path)
     cache = tmp_path / "cache"
-    cfg = InputConfig(image_size=16, cache="disk", cache_dir=str(cache))
+    cfg = InputConfig(image_size=32, cache="disk", cache_dir=str(cache))
     real = cxr.training.input_pipeline._decode_all
 
     def half_then_fail(paths, cfg, out):
@@ -304,14 +318,14 @@ def test_an_interrupted_cache_write_leaves_nothing_behind(tmp_path, monkeypatch,
 def test_memory_and_no_cache_write_nothing(tmp_path, mode):
     paths = _images(tmp_path, 3)
     cache = tmp_path / "cache"
-    images = load_images(paths, "k", InputConfig(image_size=16, cache=mode, cache_dir=str(cache)), "train")
-    assert images.shape == (3, 16, 16, 3)
+    images = load_images(paths, "k", InputConfig(image_size=32, cache=mode, cache_dir=str(cache)), "train")
+    assert images.shape == (3, 32, 32, 3)
     assert not cache.exists()
 
 
 # --- make_dataset ------------------------------------------------------------------------------
 
-N, S = 20, 24
+N, S = 20, 32
 CFG = InputConfig(image_size=S, batch_size=8, augment=NOTEBOOK)
 
 
@@ -336,8 +350,7 @@ def test_batches_are_unit_range_float32_with_the_right_shapes(arrays):
         assert x.shape == (len(y), S, S, 3)
         assert x.min() >= 0.0 and x.max() <= 1.0
     assert sorted(np.concatenate([y for _, y in batches]).tolist()) == sorted(labels.tolist())
-    dropped = _epoch(make_dataset(images, labels, CFG, shuffle=True, augment=False, seed=1,
-                                  drop_remainder=True))
+    dropped = _epoch(make_dataset(images, labels, CFG, shuffle=True, augment=False, seed=1, drop_remainder=True))
     assert [len(y) for _, y in dropped] == [8, 8]
 
 

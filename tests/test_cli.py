@@ -11,12 +11,11 @@ import pytest
 from cxr.cli import main
 from cxr.config import apply_overrides, load_params
 from cxr.errors import CxrError
-from tests.conftest import REPO_ROOT, kermany_layout
+from tests.factories import REPO_ROOT, kermany_layout
 
 
 def test_overrides_parse_yaml_values_and_nest():
-    params = apply_overrides({"data": {"source": "kaggle"}}, ["data.source=dir", "split.seed=7",
-                                                              "data.npz="])
+    params = apply_overrides({"data": {"source": "kaggle"}}, ["data.source=dir", "split.seed=7", "data.npz="])
     assert params == {"data": {"source": "dir", "npz": ""}, "split": {"seed": 7}}
     with pytest.raises(CxrError):
         apply_overrides({}, ["novalue"])
@@ -42,8 +41,9 @@ def test_fetch_and_prepare_from_the_command_line(make_dataset, tmp_path, monkeyp
 
 def test_errors_are_one_line_without_traceback(tmp_path):
     (tmp_path / "params.yaml").write_text("data:\n  source: dir\n  dir: nowhere\n")
-    proc = subprocess.run([sys.executable, "-m", "cxr", "fetch"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr", "fetch"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["cxr: error: nowhere: not a folder (expected a folder in Kaggle layout)"]

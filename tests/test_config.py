@@ -29,30 +29,36 @@ def test_the_shipped_params_yaml_loads_strictly_and_equals_the_defaults():
     assert defaults()["train"]["common"]["optimizer"] == raw["train"]["common"]["optimizer"]
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("split.seeed=7", r"split\.seeed: unknown key in section split \(known keys: .*\); did you mean seed\?"),
-    ("train.smallnet.epoch=3", r"train\.smallnet\.epoch: unknown key .*did you mean epochs\?"),
-    ("train.cxrnet.widht=[8,8,8,8]", r"train\.cxrnet\.widht: unknown key .*did you mean widths\?"),
-    ("train.common.epoch=3", r"train\.common\.epoch: unknown key .*did you mean epochs\?"),
-    ("input.augment.rotation=5", r"input\.augment\.rotation: unknown key .*did you mean rotation_deg\?"),
-    ("train.common.health.min_auc=0.5", r"train\.common\.health\.min_auc: unknown key .*did you mean min_val_auc\?"),
-    ("input.image_size=abc", r"input\.image_size='abc': expected a whole number"),
-    ("train.smallnet.learning_rate=abc", r"train\.smallnet\.learning_rate='abc': expected a number"),
-    ("split.seed=abc", r"split\.seed='abc': expected a whole number"),
-    ("prepare.workers=abc", r"prepare\.workers='abc': expected a whole number"),
-    ("prepare=5", r"prepare is a section; set one of its keys"),
-    ("data.max_files=abc", r"data\.max_files='abc': expected a whole number"),
-    ("split.test_size=-0.1", r"split\.test_size=-0\.1: must be in \(0, 1\)"),
-    ("train.smallnet.epochs=-1", r"train\.smallnet\.epochs=-1: must be ≥ 1"),
-    ("input.image_size=0", r"input\.image_size=0: must be in \[32, 2048\]"),
-    ("prepare.min_images_per_class=-5", r"prepare\.min_images_per_class=-5: must be ≥ 1"),
-    ("prepare.workers=-3", r"prepare\.workers=-3: must be ≥ 0"),
-    ("data.source=ftp", r"data\.source='ftp': choose one of kaggle, dir, medmnist"),
-    ("train.models=[resnet]", r"unknown model 'resnet'"),
-    ("evaluate.threshold_source=external:x", r"no set of that name in evaluate\.external"),
-    ("train.common.early_stopping.patience=-1", r"train\.common\.early_stopping\.patience=-1: must be ≥ 0"),
-    ("train.common.tensorboard=maybe", r"train\.common\.tensorboard='maybe': expected true or false"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("split.seeed=7", r"split\.seeed: unknown key in section split \(known keys: .*\); did you mean seed\?"),
+        ("train.smallnet.epoch=3", r"train\.smallnet\.epoch: unknown key .*did you mean epochs\?"),
+        ("train.cxrnet.widht=[8,8,8,8]", r"train\.cxrnet\.widht: unknown key .*did you mean widths\?"),
+        ("train.common.epoch=3", r"train\.common\.epoch: unknown key .*did you mean epochs\?"),
+        ("input.augment.rotation=5", r"input\.augment\.rotation: unknown key .*did you mean rotation_deg\?"),
+        (
+            "train.common.health.min_auc=0.5",
+            r"train\.common\.health\.min_auc: unknown key .*did you mean min_val_auc\?",
+        ),
+        ("input.image_size=abc", r"input\.image_size='abc': expected a whole number"),
+        ("train.smallnet.learning_rate=abc", r"train\.smallnet\.learning_rate='abc': expected a number"),
+        ("split.seed=abc", r"split\.seed='abc': expected a whole number"),
+        ("prepare.workers=abc", r"prepare\.workers='abc': expected a whole number"),
+        ("prepare=5", r"prepare is a section; set one of its keys"),
+        ("data.max_files=abc", r"data\.max_files='abc': expected a whole number"),
+        ("split.test_size=-0.1", r"split\.test_size=-0\.1: must be in \(0, 1\)"),
+        ("train.smallnet.epochs=-1", r"train\.smallnet\.epochs=-1: must be ≥ 1"),
+        ("input.image_size=0", r"input\.image_size=0: must be in \[32, 2048\]"),
+        ("prepare.min_images_per_class=-5", r"prepare\.min_images_per_class=-5: must be ≥ 1"),
+        ("prepare.workers=-3", r"prepare\.workers=-3: must be ≥ 0"),
+        ("data.source=ftp", r"data\.source='ftp': choose one of kaggle, dir, medmnist"),
+        ("train.models=[resnet]", r"unknown model 'resnet'"),
+        ("evaluate.threshold_source=external:x", r"no set of that name in evaluate\.external"),
+        ("train.common.early_stopping.patience=-1", r"train\.common\.early_stopping\.patience=-1: must be ≥ 0"),
+        ("train.common.tensorboard=maybe", r"train\.common\.tensorboard='maybe': expected true or false"),
+    ],
+)
 def test_bad_settings_give_one_line_naming_key_and_value(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(REPO / "params.yaml", [override])
@@ -69,36 +75,53 @@ def test_a_bad_key_in_the_file_names_the_file(tmp_path):
 
 
 def test_a_model_block_may_override_common_settings_and_declare_builder_options():
-    cfg = TrainConfig.from_params({"common": {"epochs": 3, "early_stopping": {"patience": 2}},
-                                   "cxrnet": {"epochs": 5, "dropout": 0.1, "early_stopping": {"min_delta": 0.01}}},
-                                  "cxrnet")
+    cfg = TrainConfig.from_params(
+        {
+            "common": {"epochs": 3, "early_stopping": {"patience": 2}},
+            "cxrnet": {"epochs": 5, "dropout": 0.1, "early_stopping": {"min_delta": 0.01}},
+        },
+        "cxrnet",
+    )
     assert cfg.epochs == 5 and cfg.model["dropout"] == 0.1 and cfg.model["widths"] == [32, 64, 128, 128]
     assert (cfg.early_stopping.patience, cfg.early_stopping.min_delta) == (2, 0.01)
     assert set(OPTIONS) == {"smallnet", "cxrnet", "vgg16"}
 
 
 def test_numbers_written_the_yaml_1_1_way_are_read_as_numbers():
-    assert load_config(REPO / "params.yaml", ["train.common.reduce_lr={\"min_lr\": \"1e-6\"}"]) \
-        .train.model("smallnet").reduce_lr.min_lr == pytest.approx(1e-6)
+    assert load_config(REPO / "params.yaml", ['train.common.reduce_lr={"min_lr": "1e-6"}']).train.model(
+        "smallnet"
+    ).reduce_lr.min_lr == pytest.approx(1e-6)
 
 
 @pytest.mark.parametrize("argv", [["fetch"], ["prepare"], ["train", "--model", "smallnet"], ["evaluate"]])
 def test_the_cli_refuses_a_bad_setting_before_any_work(tmp_path, argv):
     shutil_params = tmp_path / "params.yaml"
     shutil_params.write_text((REPO / "params.yaml").read_text())
-    proc = subprocess.run([sys.executable, "-m", "cxr", *argv, "-S", "split.seeed=7"], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, "CXR_NO_PROGRESS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr", *argv, "-S", "split.seeed=7"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CXR_NO_PROGRESS": "1"},
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        proc.stderr.strip()] and "split.seeed: unknown key" in proc.stderr and "did you mean seed?" in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        and "split.seeed: unknown key" in proc.stderr
+        and "did you mean seed?" in proc.stderr
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written, nothing fetched
 
 
 def test_the_flow_refuses_a_bad_flow_parameter_before_any_task(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "-S", "train.smallnet.epochs=-1"],
-                          cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "-S", "train.smallnet.epochs=-1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")},
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("train.smallnet.epochs=-1: must be ≥ 1")
     assert "Traceback" not in proc.stderr
@@ -107,8 +130,13 @@ def test_the_flow_refuses_a_bad_flow_parameter_before_any_task(tmp_path):
 
 def test_the_scheduler_refuses_a_bad_setting_before_serving(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    proc = subprocess.run([sys.executable, "-m", "flows.schedule", "--cron", "0 3 * * 1", "-S", "split.seeed=1"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.schedule", "--cron", "0 3 * * 1", "-S", "split.seeed=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")},
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("did you mean seed?") and "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, kermany_layout
+from tests.factories import REPO_ROOT, kermany_layout
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +26,28 @@ def test_two_models_train_concurrently_on_a_local_dask_cluster(make_dataset, tmp
     work.mkdir()
     shutil.copy(REPO_ROOT / "params.yaml", work / "params.yaml")
     monkeypatch.chdir(work)
-    overrides = ["data.source=dir", f"data.dir={source}", "prepare.min_images_per_class=1",
-                 "train.models=[smallnet, cxrnet]",
-                 "ensemble.members=[]", "train.smallnet.epochs=2", "train.cxrnet.epochs=2",
-                 "train.common.steps_per_epoch=3", "train.common.tensorboard=false",
-                 "train.common.health.on_collapse=warn", "input.image_size=32", "input.batch_size=8",
-                 "evaluate.bootstrap=50", "evaluate.gradcam_per_outcome=1"]
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client, prefect_test_harness(server_startup_timeout=120), \
-            temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "results")}):
+    overrides = [
+        "data.source=dir",
+        f"data.dir={source}",
+        "prepare.min_images_per_class=1",
+        "train.models=[smallnet, cxrnet]",
+        "ensemble.members=[]",
+        "train.smallnet.epochs=2",
+        "train.cxrnet.epochs=2",
+        "train.common.steps_per_epoch=3",
+        "train.common.tensorboard=false",
+        "train.common.health.on_collapse=warn",
+        "input.image_size=32",
+        "input.batch_size=8",
+        "evaluate.bootstrap=50",
+        "evaluate.gradcam_per_outcome=1",
+    ]
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "results")}),
+    ):
         result = pipeline_with_runner(dask_address=cluster.scheduler_address)(overrides=overrides)
         workers = {w["id"] for w in client.scheduler_info()["workers"].values()}
     assert result["states"]["train@smallnet"] == "Completed" and result["states"]["train@cxrnet"] == "Completed"

@@ -15,67 +15,28 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr.errors import DataError
 from cxr.inference.dicom import is_dicom, read_dicom, to_uint8
 from cxr.inference.loading import load_image
 from cxr.runtime import tensorflow
 from cxr.training.input_pipeline import InputConfig, resize_image
+from tests.factories import write_dicom
 
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 
 
-def write_dicom(path: Path, pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2",
-                bits_stored: int | None = None, frames: int = 1, transfer_syntax: str = ExplicitVRLittleEndian,
-                encapsulated: bytes | None = None, sop_class: str = DX_FOR_PRESENTATION, modality: str = "DX",
-                **attributes: Any) -> Path:
-    """A DICOM Part 10 file (preamble, 'DICM', file meta) holding ``pixels`` as stored values.
-
-    ``pixels``: uint8 (8-bit), uint16 (unsigned 16-bit) or int16 (signed, PixelRepresentation 1);
-    (frames, rows, columns) for a multi-frame object; None for an object without pixel data.
-    """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    ds.PatientID = "TEST-0001"
-    if pixels is not None:
-        ds.Rows, ds.Columns = (int(n) for n in pixels.shape[-2:])
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = 8 * pixels.dtype.itemsize
-        ds.BitsStored = bits_stored or ds.BitsAllocated
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        if encapsulated is not None:
-            ds.PixelData = encapsulated
-            ds["PixelData"].VR = "OB"
-            ds["PixelData"].is_undefined_length = True
-        else:
-            ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-            ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
-    for key, value in attributes.items():
-        setattr(ds, key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def reference(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0,
-              window: tuple[float, float] | None = None, monochrome1: bool = False,
-              clip_std: float = 2.5) -> np.ndarray:
+def reference(
+    stored: np.ndarray,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    window: tuple[float, float] | None = None,
+    monochrome1: bool = False,
+    clip_std: float = 2.5,
+) -> np.ndarray:
     """The documented pipeline in numpy (no pydicom): what ``read_dicom`` must return."""
     x = stored.astype(np.float64) * slope + intercept  # modality LUT (rescale)
     if window is not None:  # VOI LINEAR window onto [0, 1]
@@ -120,13 +81,24 @@ def test_16_bit_rescale_is_applied_before_the_window(tmp_path):
     """Slope 2, intercept −1024: the window (in modality units) must see 2·x − 1024, not x."""
     stored = radiograph((32, 36), 100, 1900, seed=2, dtype=np.uint16)
     window = (1000.0, 1200.0)  # covers modality values 400–1600 = stored 712–1312
-    path = write_dicom(tmp_path / "ct.dcm", stored, bits_stored=12, RescaleSlope="2", RescaleIntercept="-1024",
-                       WindowCenter="1000", WindowWidth="1200")
+    path = write_dicom(
+        tmp_path / "ct.dcm",
+        stored,
+        bits_stored=12,
+        RescaleSlope="2",
+        RescaleIntercept="-1024",
+        WindowCenter="1000",
+        WindowWidth="1200",
+    )
     out = read_dicom(path)
     assert_same_pixels(out, reference(stored, 2, -1024, window))
     # the same modality values stored directly (signed, no rescale) read identically ...
-    direct = write_dicom(tmp_path / "direct.dcm", (2 * stored.astype(np.int32) - 1024).astype(np.int16),
-                         WindowCenter="1000", WindowWidth="1200")
+    direct = write_dicom(
+        tmp_path / "direct.dcm",
+        (2 * stored.astype(np.int32) - 1024).astype(np.int16),
+        WindowCenter="1000",
+        WindowWidth="1200",
+    )
     assert_same_pixels(read_dicom(direct), out)
     # ... and skipping the rescale would have given a different image
     assert not np.array_equal(out, reference(stored, 1, 0, window))
@@ -134,8 +106,7 @@ def test_16_bit_rescale_is_applied_before_the_window(tmp_path):
 
 def test_16_bit_rescale_without_window_equals_processing_the_modality_values(tmp_path):
     stored = radiograph((24, 28), 0, 4095, seed=3, dtype=np.uint16)
-    path = write_dicom(tmp_path / "rescaled.dcm", stored, bits_stored=12, RescaleSlope="2",
-                       RescaleIntercept="-1024")
+    path = write_dicom(tmp_path / "rescaled.dcm", stored, bits_stored=12, RescaleSlope="2", RescaleIntercept="-1024")
     modality = stored.astype(np.float64) * 2 - 1024
     assert_same_pixels(read_dicom(path), reference(stored, 2, -1024))
     assert_same_pixels(read_dicom(path), to_uint8(modality))
@@ -174,8 +145,9 @@ def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
 
 def test_monochrome1_with_a_window_inverts_after_windowing(tmp_path):
     stored = radiograph((30, 30), 0, 1000, seed=6, dtype=np.uint16)
-    path = write_dicom(tmp_path / "m1w.dcm", stored, photometric="MONOCHROME1", bits_stored=10,
-                       WindowCenter="500", WindowWidth="401")
+    path = write_dicom(
+        tmp_path / "m1w.dcm", stored, photometric="MONOCHROME1", bits_stored=10, WindowCenter="500", WindowWidth="401"
+    )
     assert_same_pixels(read_dicom(path), reference(stored, window=(500.0, 401.0), monochrome1=True))
 
 
@@ -204,8 +176,7 @@ def test_multi_frame_is_refused(tmp_path):
 
 
 def test_object_without_pixel_data_is_refused(tmp_path):
-    path = write_dicom(tmp_path / "report.dcm", None, sop_class=BASIC_TEXT_SR, modality="SR",
-                       ContentDate="20240101")
+    path = write_dicom(tmp_path / "report.dcm", None, sop_class=BASIC_TEXT_SR, modality="SR", ContentDate="20240101")
     message = _data_error(path)
     assert "without pixel data" in message and "SR" in message
 
@@ -220,8 +191,13 @@ def test_non_dicom_with_dcm_suffix_is_refused(tmp_path):
 def test_compressed_syntax_without_decoder_names_the_plugin(tmp_path, syntax):
     pixels = np.zeros((16, 16), np.uint16)
     fragment = b"\xff\x4f\xff\x51" + bytes(range(60))  # a codestream header, then nothing decodable
-    path = write_dicom(tmp_path / "compressed.dcm", pixels, bits_stored=12, transfer_syntax=syntax,
-                       encapsulated=encapsulate([fragment]))
+    path = write_dicom(
+        tmp_path / "compressed.dcm",
+        pixels,
+        bits_stored=12,
+        transfer_syntax=syntax,
+        encapsulated=encapsulate([fragment]),
+    )
     message = _data_error(path)
     assert "compressed transfer syntax" in message
     assert "pylibjpeg" in message and "gdcm" in message
@@ -248,11 +224,11 @@ def test_is_dicom_by_magic_bytes_or_suffix(tmp_path):
 def test_load_image_reads_a_dicom_like_the_model_input(tmp_path):
     stored = radiograph((40, 30), 0, 4000, seed=9, dtype=np.uint16)
     path = write_dicom(tmp_path / "IM-0001-0001", stored, bits_stored=12)  # no suffix: found by magic bytes
-    cfg = InputConfig(image_size=24, cache="memory")
+    cfg = InputConfig(image_size=32, cache="memory")
     image = load_image(path, cfg)
-    assert image.shape == (24, 24, 3) and image.dtype == np.uint8
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 0] == image[..., 2]).all()
-    expected = resize_image(tensorflow().convert_to_tensor(reference(stored)), 24).numpy()
+    expected = resize_image(tensorflow().convert_to_tensor(reference(stored)), 32).numpy()
     np.testing.assert_array_equal(image, expected)
     assert image.std() > 20  # a real picture, not a blank
 
@@ -261,4 +237,4 @@ def test_load_image_of_a_bad_dicom_is_a_data_error(tmp_path):
     frames = np.zeros((2, 8, 8), np.uint8)
     path = write_dicom(tmp_path / "two.dcm", frames, frames=2)
     with pytest.raises(DataError, match="multi-frame"):
-        load_image(path, InputConfig(image_size=16, cache="memory"))
+        load_image(path, InputConfig(image_size=32, cache="memory"))

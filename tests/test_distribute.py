@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.factories import REPO_ROOT
 
 SCRIPT = r"""
 import json, numpy as np
@@ -43,8 +43,7 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_logical_cpus():
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2 and result["single_replicas"] == 1

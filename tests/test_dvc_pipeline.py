@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, SHARED_DATA
+from tests.factories import REPO_ROOT, SHARED_DATA, kermany_layout
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,8 +30,16 @@ def _run(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture
 def fresh_clone(tmp_path: Path) -> Path:
     """The repository's tracked files (as a clone would have them), in a new git repository."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     clone = tmp_path / "clone"
     for rel in filter(None, files):
         if (REPO_ROOT / rel).is_file() and not rel.startswith(("dvc.lock", "lineage/models.jsonl")):
@@ -76,10 +84,16 @@ def test_repro_builds_the_dataset_then_does_nothing(fresh_clone):
 
 
 def test_repro_trains_each_model_and_retrains_only_the_changed_one(fresh_clone):
-    _set_params(fresh_clone, data__source="dir", data__dir=str(SHARED_DATA / "chest_xray_224"),
-                train__common__steps_per_epoch=4, train__common__tensorboard=False,
-                train__common__health__on_collapse="warn",
-                train__smallnet__epochs=1, train__cxrnet__epochs=1)
+    _set_params(
+        fresh_clone,
+        data__source="dir",
+        data__dir=str(SHARED_DATA / "chest_xray_224"),
+        train__common__steps_per_epoch=4,
+        train__common__tensorboard=False,
+        train__common__health__on_collapse="warn",
+        train__smallnet__epochs=1,
+        train__cxrnet__epochs=1,
+    )
     out = _run(["dvc", "repro"], fresh_clone)
     for stage in ("fetch", "prepare", "preview", "train@smallnet", "train@cxrnet"):
         assert f"Running stage '{stage}'" in out
@@ -101,18 +115,38 @@ def test_repro_trains_each_model_and_retrains_only_the_changed_one(fresh_clone):
 
 def test_a_prefect_run_leaves_dvc_up_to_date_and_a_remote_round_trips(fresh_clone, make_dataset, tmp_path):
     from cxr.provenance.hashing import hash_tree, sha256_file
-    from tests.conftest import kermany_layout
 
     source = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
-    _set_params(fresh_clone, data__source="dir", data__dir=str(source), prepare__min_images_per_class=1,
-                train__models=["smallnet"],
-                ensemble__members=[], train__smallnet__epochs=1, train__common__steps_per_epoch=2,
-                train__common__tensorboard=False, train__common__health__on_collapse="warn",
-                input__image_size=32, input__batch_size=8, evaluate__bootstrap=50, evaluate__gradcam_per_outcome=1)
+    _set_params(
+        fresh_clone,
+        data__source="dir",
+        data__dir=str(source),
+        prepare__min_images_per_class=1,
+        train__models=["smallnet"],
+        ensemble__members=[],
+        train__smallnet__epochs=1,
+        train__common__steps_per_epoch=2,
+        train__common__tensorboard=False,
+        train__common__health__on_collapse="warn",
+        input__image_size=32,
+        input__batch_size=8,
+        evaluate__bootstrap=50,
+        evaluate__gradcam_per_outcome=1,
+    )
     env_home = tmp_path / "prefect-home"
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=fresh_clone, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "PREFECT_HOME": str(env_home), "CXR_NO_PROGRESS": "1",
-                                            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline"],
+        cwd=fresh_clone,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={
+            **os.environ,
+            "PREFECT_HOME": str(env_home),
+            "CXR_NO_PROGRESS": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        },
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     states = json.loads(proc.stdout.strip().splitlines()[-1])
     assert states["dvc.lock"] == "committed"
@@ -124,31 +158,52 @@ def test_a_prefect_run_leaves_dvc_up_to_date_and_a_remote_round_trips(fresh_clon
     remote = tmp_path / "remote"
     _run(["dvc", "remote", "add", "-d", "store", str(remote)], fresh_clone)
     _run(["dvc", "push"], fresh_clone)
-    before = {"raw": hash_tree(fresh_clone / "data/raw"), "model": sha256_file(fresh_clone / "models/smallnet.keras"),
-              "manifest": sha256_file(fresh_clone / "data/prepared/manifest.csv")}
+    before = {
+        "raw": hash_tree(fresh_clone / "data/raw"),
+        "model": sha256_file(fresh_clone / "models/smallnet.keras"),
+        "manifest": sha256_file(fresh_clone / "data/prepared/manifest.csv"),
+    }
     shutil.rmtree(fresh_clone / ".dvc/cache")
     shutil.rmtree(fresh_clone / "data/raw")
     (fresh_clone / "models/smallnet.keras").unlink()
     (fresh_clone / "data/prepared/manifest.csv").unlink()
     _run(["dvc", "pull"], fresh_clone)
-    after = {"raw": hash_tree(fresh_clone / "data/raw"), "model": sha256_file(fresh_clone / "models/smallnet.keras"),
-             "manifest": sha256_file(fresh_clone / "data/prepared/manifest.csv")}
+    after = {
+        "raw": hash_tree(fresh_clone / "data/raw"),
+        "model": sha256_file(fresh_clone / "models/smallnet.keras"),
+        "manifest": sha256_file(fresh_clone / "data/prepared/manifest.csv"),
+    }
     assert after == before
     assert "up to date" in _run(["dvc", "status"], fresh_clone)
 
 
 def test_external_sets_and_the_ensemble_rerun_exactly_what_they_touch(fresh_clone, make_dataset, tmp_path):
-    from tests.conftest import kermany_layout
-
     source = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
-    site = make_dataset({"NORMAL": [f"IM-{900 + i:04d}-0001.jpeg" for i in range(5)],
-                         "PNEUMONIA": [f"person{900 + i}_virus_{i}.jpeg" for i in range(5)]}, root=tmp_path / "site_b")
-    _set_params(fresh_clone, data__source="dir", data__dir=str(source), prepare__min_images_per_class=1,
-                train__models=["smallnet", "cxrnet"], train__smallnet__epochs=1, train__cxrnet__epochs=1,
-                train__common__steps_per_epoch=2, train__common__tensorboard=False,
-                train__common__health__on_collapse="warn", input__image_size=32, input__batch_size=8,
-                evaluate__bootstrap=50, evaluate__gradcam_per_outcome=1, evaluate__external={"site_b": str(site)},
-                ensemble__members=["smallnet", "cxrnet"])
+    site = make_dataset(
+        {
+            "NORMAL": [f"IM-{900 + i:04d}-0001.jpeg" for i in range(5)],
+            "PNEUMONIA": [f"person{900 + i}_virus_{i}.jpeg" for i in range(5)],
+        },
+        root=tmp_path / "site_b",
+    )
+    _set_params(
+        fresh_clone,
+        data__source="dir",
+        data__dir=str(source),
+        prepare__min_images_per_class=1,
+        train__models=["smallnet", "cxrnet"],
+        train__smallnet__epochs=1,
+        train__cxrnet__epochs=1,
+        train__common__steps_per_epoch=2,
+        train__common__tensorboard=False,
+        train__common__health__on_collapse="warn",
+        input__image_size=32,
+        input__batch_size=8,
+        evaluate__bootstrap=50,
+        evaluate__gradcam_per_outcome=1,
+        evaluate__external={"site_b": str(site)},
+        ensemble__members=["smallnet", "cxrnet"],
+    )
     out = _run(["dvc", "repro"], fresh_clone)
     for stage in ("external@site_b", "ensemble", "evaluate", "explain", "report"):
         assert f"Running stage '{stage}'" in out

@@ -1,5 +1,5 @@
 """External validation sets, the shipped-threshold rule, the ensemble and predict's default threshold,
-on the small synthetic project of ``test_predict_evaluate`` (copied before anything is written)."""
+on the small synthetic project (conftest's ``evaluated``, copied before anything is written)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cxr.evaluation.metrics import youden_threshold
 from cxr.inference.loading import load, load_image, model_file, predict_images, shipped_threshold
 from cxr.training.ensemble import build_ensemble, evaluated_models, members_of
 from cxr.training.train import TrainConfig, train
-from tests.test_predict_evaluate import chdir, evaluated_project, small_params, synthetic
+from tests.factories import chdir, small_params, synthetic
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -30,8 +30,10 @@ def write_external(root: Path, n: int = 6, seed: int = 7, corrupt: bool = True, 
     rng = np.random.default_rng(seed)
     base = root / wrapper if wrapper else root
     for i in range(n):
-        for class_name, name, bright in (("NORMAL", f"IM-{900 + i:04d}-0001.jpeg", False),
-                                         ("PNEUMONIA", f"person{900 + i}_virus_{i}.jpeg", True)):
+        for class_name, name, bright in (
+            ("NORMAL", f"IM-{900 + i:04d}-0001.jpeg", False),
+            ("PNEUMONIA", f"person{900 + i}_virus_{i}.jpeg", True),
+        ):
             path = base / class_name / name
             path.parent.mkdir(parents=True, exist_ok=True)
             image = np.clip(synthetic(rng, bright).astype(int) + 15, 0, 255).astype(np.uint8)
@@ -42,9 +44,9 @@ def write_external(root: Path, n: int = 6, seed: int = 7, corrupt: bool = True, 
 
 
 @pytest.fixture
-def project(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+def project(evaluated: Path, tmp_path: Path) -> Path:
     root = tmp_path / "project"
-    shutil.copytree(evaluated_project(tmp_path_factory), root)
+    shutil.copytree(evaluated, root)
     write_external(root / "site_b")
     return root
 
@@ -65,10 +67,14 @@ def test_index_lists_every_readable_image_and_each_unreadable_one_with_its_reaso
     from cxr.provenance.hashing import sha256_file
 
     # only train and validation images count: the test split is scored, not learned from
-    pd.DataFrame({"path": ["x.jpeg", "y.jpeg", "z.jpeg"],
-                  "sha256": [sha256_file(pneumonia[0]), "0" * 64, sha256_file(pneumonia[2])],
-                  "patient_id": ["person999", "person901", "person902"],
-                  "split": ["train", "val", "test"]}).to_csv(splits, index=False)
+    pd.DataFrame(
+        {
+            "path": ["x.jpeg", "y.jpeg", "z.jpeg"],
+            "sha256": [sha256_file(pneumonia[0]), "0" * 64, sha256_file(pneumonia[2])],
+            "patient_id": ["person999", "person901", "person902"],
+            "split": ["train", "val", "test"],
+        }
+    ).to_csv(splits, index=False)
     summary = index_external("site_b", folder, tmp_path / "index", splits)
     assert summary["images"] == 12 and summary["class_counts"] == {"NORMAL": 6, "PNEUMONIA": 6}
     assert summary["prevalence"] == 0.5
@@ -103,10 +109,15 @@ def test_a_set_without_both_classes_is_refused(tmp_path):
         index_external("site_b", folder, tmp_path / "index")
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ({"test": "x"}, "must start with a letter"), ({"1st": "x"}, "must start with a letter"),
-    (["x"], "expected a mapping"), ({"ok": 3}, "expected a folder path"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"test": "x"}, "must start with a letter"),
+        ({"1st": "x"}, "must start with a letter"),
+        (["x"], "expected a mapping"),
+        ({"ok": 3}, "expected a folder path"),
+    ],
+)
 def test_external_set_names_are_checked(value, message):
     with pytest.raises(CxrError, match=message):
         external_sets({"external": value})
@@ -249,8 +260,11 @@ def test_the_ensemble_is_the_mean_of_its_members_and_ships_like_a_model(two_mode
 def test_ensemble_members_are_checked(two_models):
     params = small_params()
     params["train"]["models"] = ["smallnet", "cxrnet"]
-    for members, message in ((["smallnet", "vgg16"], "not in train.models"), (["smallnet"], "at least two"),
-                             (["smallnet", "smallnet"], "twice")):
+    for members, message in (
+        (["smallnet", "vgg16"], "not in train.models"),
+        (["smallnet"], "at least two"),
+        (["smallnet", "smallnet"], "twice"),
+    ):
         params["ensemble"] = {"members": members}
         with pytest.raises(CxrError, match=message):
             members_of(params)
@@ -286,8 +300,9 @@ def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(proje
         val = pd.read_csv("data/prepared/splits.csv", keep_default_na=False).query("split == 'val'")
         lm = load("models/smallnet.keras")
         val_probs = predict_images(lm.model, np.stack([load_image(p, lm.input) for p in val["path"]]))
-        assert point["threshold"] == pytest.approx(sensitivity_threshold(val["label"].to_numpy(), val_probs, 0.9),
-                                                   abs=1e-6)
+        assert point["threshold"] == pytest.approx(
+            sensitivity_threshold(val["label"].to_numpy(), val_probs, 0.9), abs=1e-6
+        )
         summary = evaluate_models(["smallnet"], _params()["evaluate"], small_params()["input"])
         assert summary["models"]["smallnet"]["operating_point"] == point  # evaluate ships the card's
     for bad in (1.5, 0):

@@ -16,21 +16,33 @@ from cxr.provenance.hashing import hash_tree
 
 
 def _fetch(src: Path, tmp_path: Path) -> dict:
-    return fetch({"source": "dir", "dir": str(src)}, raw_dir=tmp_path / "data/raw",
-                 record_path=tmp_path / "data/fetch.json", cache_dir=tmp_path / "data/.cache")
+    return fetch(
+        {"source": "dir", "dir": str(src)},
+        raw_dir=tmp_path / "data/raw",
+        record_path=tmp_path / "data/fetch.json",
+        cache_dir=tmp_path / "data/.cache",
+    )
 
 
 def test_split_layout_is_copied_and_recorded(make_dataset, tmp_path):
-    src = make_dataset({"train/NORMAL": ["a.jpeg", "b.jpeg"], "train/PNEUMONIA": ["c.jpeg"],
-                        "test/NORMAL": ["d.jpeg"], "test/PNEUMONIA": ["e.png"]})
+    src = make_dataset(
+        {
+            "train/NORMAL": ["a.jpeg", "b.jpeg"],
+            "train/PNEUMONIA": ["c.jpeg"],
+            "test/NORMAL": ["d.jpeg"],
+            "test/PNEUMONIA": ["e.png"],
+        }
+    )
     record = _fetch(src, tmp_path)
     raw = tmp_path / "data/raw"
     assert sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()) == [
-        "test/NORMAL/d.jpeg", "test/PNEUMONIA/e.png", "train/NORMAL/a.jpeg", "train/NORMAL/b.jpeg",
+        "test/NORMAL/d.jpeg",
+        "test/PNEUMONIA/e.png",
+        "train/NORMAL/a.jpeg",
+        "train/NORMAL/b.jpeg",
         "train/PNEUMONIA/c.jpeg",
     ]
-    assert record["counts"] == {"test/NORMAL": 1, "test/PNEUMONIA": 1, "train/NORMAL": 2,
-                                "train/PNEUMONIA": 1}
+    assert record["counts"] == {"test/NORMAL": 1, "test/PNEUMONIA": 1, "train/NORMAL": 2, "train/PNEUMONIA": 1}
     assert record["tree_sha256"] == hash_tree(raw)
     assert json.loads((tmp_path / "data/fetch.json").read_text()) == record
     assert "fetched_at" not in record  # no timestamps: the record only changes with the data
@@ -46,10 +58,14 @@ def test_flat_layout_wrapper_and_case_insensitive_names(make_dataset, tmp_path):
 
 
 def test_kaggle_archive_quirks_are_ignored(make_dataset, tmp_path):
-    src = make_dataset({
-        "chest_xray/train/NORMAL": ["a.jpeg"], "chest_xray/train/PNEUMONIA": ["b.jpeg"],
-        "chest_xray/chest_xray/train/NORMAL": ["dup.jpeg"], "chest_xray/__MACOSX/train/NORMAL": ["._a.jpeg"],
-    })
+    src = make_dataset(
+        {
+            "chest_xray/train/NORMAL": ["a.jpeg"],
+            "chest_xray/train/PNEUMONIA": ["b.jpeg"],
+            "chest_xray/chest_xray/train/NORMAL": ["dup.jpeg"],
+            "chest_xray/__MACOSX/train/NORMAL": ["._a.jpeg"],
+        }
+    )
     _fetch(src, tmp_path)
     files = sorted(p.name for p in (tmp_path / "data/raw").rglob("*") if p.is_file())
     assert files == ["a.jpeg", "b.jpeg"]

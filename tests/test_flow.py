@@ -7,14 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, kermany_layout
+from tests.factories import REPO_ROOT, kermany_layout, write_image
 
 pytestmark = pytest.mark.slow
 
-SMALL_TRAINING = ["train.models=[smallnet]",
-                  "ensemble.members=[]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
-                  "train.common.tensorboard=false", "train.common.health.on_collapse=warn", "input.image_size=32",
-                  "input.batch_size=8", "evaluate.bootstrap=50", "evaluate.gradcam_per_outcome=1"]
+SMALL_TRAINING = [
+    "train.models=[smallnet]",
+    "ensemble.members=[]",
+    "train.smallnet.epochs=1",
+    "train.common.steps_per_epoch=2",
+    "train.common.tensorboard=false",
+    "train.common.health.on_collapse=warn",
+    "input.image_size=32",
+    "input.batch_size=8",
+    "evaluate.bootstrap=50",
+    "evaluate.gradcam_per_outcome=1",
+]
 TASKS = ["fetch", "prepare", "preview", "train@smallnet", "ensemble", "evaluate", "explain", "report"]
 
 
@@ -24,13 +32,14 @@ def prefect_env(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     storage = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(server_startup_timeout=120), \
-            temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(storage)}):
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(storage)}),
+    ):
         yield
 
 
-def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(prefect_env, make_dataset, tmp_path,
-                                                                        monkeypatch):
+def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(prefect_env, make_dataset, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
 
     src = make_dataset(kermany_layout(n_patients=15), root=tmp_path / "xrays")
@@ -64,8 +73,6 @@ def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(prefect_env
     assert Path("data/prepared/splits.csv").is_file()
 
     # new data in the source folder: fetch and prepare both rerun
-    from tests.conftest import write_image
-
     write_image(src / "train/NORMAL/IM-0999-0001.jpeg", seed=999)
     fifth = pipeline(overrides=[*args, "split.seed=7"])
     assert fifth["states"]["fetch"] == "Completed" and fifth["states"]["prepare"] == "Completed"
@@ -80,11 +87,19 @@ def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_da
     work.mkdir()
     monkeypatch.chdir(work)
     (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
-    args = ["data.source=dir", f"data.dir={src}", "prepare.min_images_per_class=1",
-            "train.models=[smallnet, nosuchnet]",
-            "ensemble.members=[]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
-            "train.common.tensorboard=false",
-            "train.common.health.on_collapse=warn", "input.image_size=32", "input.batch_size=8"]
+    args = [
+        "data.source=dir",
+        f"data.dir={src}",
+        "prepare.min_images_per_class=1",
+        "train.models=[smallnet, nosuchnet]",
+        "ensemble.members=[]",
+        "train.smallnet.epochs=1",
+        "train.common.steps_per_epoch=2",
+        "train.common.tensorboard=false",
+        "train.common.health.on_collapse=warn",
+        "input.image_size=32",
+        "input.batch_size=8",
+    ]
     with pytest.raises(CxrError, match=r"training failed for nosuchnet: .*unknown model 'nosuchnet'"):
         pipeline(overrides=args)
     card = Path("models/smallnet.card.json")
@@ -95,18 +110,29 @@ def test_external_sets_and_the_ensemble_in_the_flow(prefect_env, make_dataset, t
     import json
 
     from flows.pipeline import pipeline
-    from tests.conftest import write_image
 
     src = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
-    site = make_dataset({"NORMAL": [f"IM-{900 + i:04d}-0001.jpeg" for i in range(5)],
-                         "PNEUMONIA": [f"person{900 + i}_virus_{i}.jpeg" for i in range(5)]}, root=tmp_path / "site")
+    site = make_dataset(
+        {
+            "NORMAL": [f"IM-{900 + i:04d}-0001.jpeg" for i in range(5)],
+            "PNEUMONIA": [f"person{900 + i}_virus_{i}.jpeg" for i in range(5)],
+        },
+        root=tmp_path / "site",
+    )
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     (work / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
-    args = ["data.source=dir", f"data.dir={src}", "prepare.min_images_per_class=1", *SMALL_TRAINING,
-            "train.models=[smallnet, cxrnet]", "train.cxrnet.epochs=1", "ensemble.members=[smallnet, cxrnet]",
-            f"evaluate.external={json.dumps({'site_b': str(site)})}"]
+    args = [
+        "data.source=dir",
+        f"data.dir={src}",
+        "prepare.min_images_per_class=1",
+        *SMALL_TRAINING,
+        "train.models=[smallnet, cxrnet]",
+        "train.cxrnet.epochs=1",
+        "ensemble.members=[smallnet, cxrnet]",
+        f"evaluate.external={json.dumps({'site_b': str(site)})}",
+    ]
     first = pipeline(overrides=args)
     assert first["states"]["external@site_b"] == "Completed" and first["states"]["ensemble"] == "Completed"
     metrics = json.loads(Path("reports/metrics.json").read_text())

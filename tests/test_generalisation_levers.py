@@ -17,7 +17,26 @@ from cxr.training.train import TrainConfig, compile_model
 
 tf = tensorflow()
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-STILL = dict(rotation_deg=0, width_shift=0, height_shift=0, fill_mode="constant")
+# every range named and off (the shipped defaults rotate, zoom and change intensity)
+STILL = dict(
+    rotation_deg=0,
+    width_shift=0,
+    height_shift=0,
+    fill_mode="constant",
+    zoom=0,
+    shear_deg=0,
+    horizontal_flip=False,
+    brightness=0,
+    contrast=0,
+    gamma=0,
+    blur_sigma=0,
+    noise_std=0,
+    jpeg_quality=0,
+)
+
+
+def _still(**changes: object) -> AugmentConfig:
+    return AugmentConfig(**{**STILL, **changes})
 
 
 def _run(images: np.ndarray, cfg: AugmentConfig, seed: tuple[int, int] = (1, 2)) -> np.ndarray:
@@ -46,7 +65,7 @@ def test_affine_matrix_composes_zoom_shear_flip_about_the_centre():
 def test_horizontal_flip_mirrors_about_half_the_images():
     images = np.zeros((64, 16, 16, 1), np.uint8)
     images[:, 8, 2, 0] = 255
-    out = _run(images, AugmentConfig(**STILL, horizontal_flip=True))
+    out = _run(images, _still(horizontal_flip=True))
     mirrored = [int(np.argmax(o[8, :, 0])) == 13 for o in out]
     kept = [int(np.argmax(o[8, :, 0])) == 2 for o in out]
     assert all(a or b for a, b in zip(mirrored, kept, strict=True))
@@ -57,7 +76,7 @@ def test_zoom_moves_content_away_from_or_towards_the_centre_within_range():
     size, offset = 65, 20
     images = np.zeros((32, size, size, 1), np.uint8)
     images[:, 32, 32 + offset, 0] = 255
-    out = _run(images, AugmentConfig(**STILL, zoom=0.2))
+    out = _run(images, _still(zoom=0.2))
     distances = [_centroid(o[:, :, 0])[0] - 32 for o in out if o.any()]
     assert len(distances) >= 30
     assert min(distances) >= offset * 0.8 - 1.0 and max(distances) <= offset * 1.2 + 1.0
@@ -67,24 +86,24 @@ def test_zoom_moves_content_away_from_or_towards_the_centre_within_range():
 def test_intensity_augmentation_changes_pixels_within_bounds_and_is_reproducible():
     rng = np.random.default_rng(0)
     images = rng.integers(40, 200, (8, 32, 32, 3), dtype=np.uint8)
-    cfg = AugmentConfig(**STILL, brightness=0.1, contrast=0.3, gamma=0.3, blur_sigma=1.0, noise_std=0.03,
-                        jpeg_quality=60)
+    cfg = _still(brightness=0.1, contrast=0.3, gamma=0.3, blur_sigma=1.0, noise_std=0.03, jpeg_quality=60)
     a, b, c = _run(images, cfg), _run(images, cfg), _run(images, cfg, (1, 3))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, images)
     assert a.dtype == np.uint8 and a.shape == images.shape
     means = a.reshape(8, -1).mean(axis=1) - images.reshape(8, -1).mean(axis=1)
     assert np.abs(means).max() < 0.45 * 255  # brightness ±10 %, gamma ±30 %: bounded shifts
-    only_brightness = _run(images, AugmentConfig(**STILL, brightness=0.1))
+    only_brightness = _run(images, _still(brightness=0.1))
     shift = only_brightness.astype(int) - images.astype(int)
     for i in range(8):  # one constant shift per image (no clipping in this range)
         assert shift[i].max() - shift[i].min() <= 1 and abs(shift[i].mean()) <= 0.1 * 255 + 1
 
 
-@pytest.mark.parametrize(("field", "value"), [("zoom", 1.0), ("contrast", 1.5), ("gamma", -0.1),
-                                              ("jpeg_quality", 99), ("noise_std", -1)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("zoom", 1.0), ("contrast", 1.5), ("gamma", -0.1), ("jpeg_quality", 99), ("noise_std", -1)]
+)
 def test_out_of_range_augmentation_is_refused_in_one_line(field, value):
-    with pytest.raises(CxrError, match=f"input.augment: .*{field}"):
+    with pytest.raises(CxrError, match=rf"input\.augment\.{field}={float(value):g}(\.0)?: must be"):
         InputConfig.from_params({"augment": {field: value}})
 
 
@@ -130,15 +149,19 @@ def test_a_model_with_normalisation_saves_and_loads_in_safe_mode(tmp_path, mode)
 
 
 def test_optimiser_options_reach_keras():
-    cfg = TrainConfig.from_params({"common": {"optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.1,
-                                              "ema": True}}, "cxrnet")
+    cfg = TrainConfig.from_params(
+        {"common": {"optimizer": "adamw", "weight_decay": 1e-4, "label_smoothing": 0.1, "ema": True}}, "cxrnet"
+    )
     model = build_model("cxrnet", 32, {"widths": [8, 8, 8, 8]})
     compile_model(model, 1e-3, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.ema)
     assert type(model.optimizer).__name__ == "AdamW" and model.optimizer.use_ema
     assert model.optimizer.weight_decay == pytest.approx(1e-4)
     assert model.loss.label_smoothing == pytest.approx(0.1)
-    for bad, message in (({"optimizer": "sgd"}, "optimizer"), ({"label_smoothing": 0.7}, "label_smoothing"),
-                         ({"weight_decay": -1}, "weight_decay")):
+    for bad, message in (
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"label_smoothing": 0.7}, "label_smoothing"),
+        ({"weight_decay": -1}, "weight_decay"),
+    ):
         with pytest.raises(CxrError, match=message):
             TrainConfig.from_params({"common": bad}, "cxrnet")
 
@@ -156,9 +179,10 @@ def test_center_crop_keeps_the_film_border_away_from_the_network():
 
 
 def test_a_second_configuration_of_one_architecture_trains_under_its_own_name():
-    cfg = TrainConfig.from_params({"common": {}, "cxrnet_b": {"architecture": "cxrnet", "seed": 7,
-                                                              "widths": [8, 8, 8, 8]}}, "cxrnet_b")
-    assert cfg.seed == 7 and cfg.model == {"architecture": "cxrnet", "widths": [8, 8, 8, 8]}
+    cfg = TrainConfig.from_params(
+        {"common": {}, "cxrnet_b": {"architecture": "cxrnet", "seed": 7, "widths": [8, 8, 8, 8]}}, "cxrnet_b"
+    )
+    assert cfg.seed == 7 and cfg.model == {"architecture": "cxrnet", "widths": [8, 8, 8, 8], "dropout": 0.3}
     model = build_model("cxrnet_b", 32, cfg.model)
     assert model.name == "cxrnet_b" and model.get_layer("block4_conv2").filters == 8
     with pytest.raises(CxrError, match=r"set train\.resnet\.architecture"):

@@ -10,19 +10,22 @@ from PIL import Image
 
 from cxr.data.images import probe
 from cxr.data.manifest import build_manifest, classify_path, parse_patient
-from tests.conftest import write_image
+from tests.factories import kermany_layout, write_image
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("person1_bacteria_1.jpeg", ("person1", "bacteria")),
-    ("person1261_virus_2147.jpeg", ("person1261", "virus")),
-    ("person142_virus_288_2.jpeg", ("person142", "virus")),
-    ("IM-0115-0001.jpeg", ("IM-0115", "")),
-    ("IM-0439-0001-0002.jpeg", ("IM-0439", "")),
-    ("NORMAL2-IM-0115-0001.jpeg", ("IM-0115", "")),  # the two normal batches are grouped
-    ("pneumoniamnist_train_00001.png", ("", "")),
-    ("scan.jpeg", ("", "")),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("person1_bacteria_1.jpeg", ("person1", "bacteria")),
+        ("person1261_virus_2147.jpeg", ("person1261", "virus")),
+        ("person142_virus_288_2.jpeg", ("person142", "virus")),
+        ("IM-0115-0001.jpeg", ("IM-0115", "")),
+        ("IM-0439-0001-0002.jpeg", ("IM-0439", "")),
+        ("NORMAL2-IM-0115-0001.jpeg", ("IM-0115", "")),  # the two normal batches are grouped
+        ("pneumoniamnist_train_00001.png", ("", "")),
+        ("scan.jpeg", ("", "")),
+    ],
+)
 def test_parse_patient(name, expected):
     assert parse_patient(name) == expected
 
@@ -58,14 +61,17 @@ def test_probe_names_each_kind_of_bad_file(tmp_path):
 
 
 def test_manifest_lists_sorted_usable_images_and_excludes_bad_ones(make_dataset, tmp_path):
-    raw = make_dataset({"train/NORMAL": ["IM-0002-0001.jpeg", "IM-0001-0001.jpeg"],
-                        "train/PNEUMONIA": ["person5_virus_9.jpeg"]}, root=tmp_path / "raw")
+    raw = make_dataset(
+        {"train/NORMAL": ["IM-0002-0001.jpeg", "IM-0001-0001.jpeg"], "train/PNEUMONIA": ["person5_virus_9.jpeg"]},
+        root=tmp_path / "raw",
+    )
     (raw / "train/NORMAL/broken.jpeg").write_bytes(b"\xff\xd8\xff garbage")
     (raw / "train/NORMAL/notes.txt").write_text("radiologist notes")
     write_image(raw / "stray.jpeg", 99)  # outside any class folder
     manifest, excluded = build_manifest(raw, workers=2, path_prefix="data/raw")
     assert manifest["path"].tolist() == [
-        "data/raw/train/NORMAL/IM-0001-0001.jpeg", "data/raw/train/NORMAL/IM-0002-0001.jpeg",
+        "data/raw/train/NORMAL/IM-0001-0001.jpeg",
+        "data/raw/train/NORMAL/IM-0002-0001.jpeg",
         "data/raw/train/PNEUMONIA/person5_virus_9.jpeg",
     ]
     assert manifest["label"].tolist() == [0, 0, 1]
@@ -78,8 +84,6 @@ def test_manifest_lists_sorted_usable_images_and_excludes_bad_ones(make_dataset,
 
 
 def test_parallel_and_serial_manifests_agree(make_dataset, tmp_path):
-    from tests.conftest import kermany_layout
-
     raw = make_dataset(kermany_layout(n_patients=40), root=tmp_path / "raw")
     serial, _ = build_manifest(raw, workers=1)
     parallel, _ = build_manifest(raw, workers=3)

@@ -38,13 +38,11 @@ from cxr import CLASS_NAMES, SPLITS
 from cxr.data.fetch import fetch
 from cxr.errors import FetchError
 from cxr.provenance.hashing import hash_tree
+from tests.factories import SHARED_DATA
 
 DATASET = "paultimothymooney/chest-xray-pneumonia"
 SLUG = "chest-xray-pneumonia"
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data")) / (
-    "chest_xray_full_res_sample/train"
-)
+SAMPLE_DIR = Path(os.environ.get("CXR_SHARED_DATA", SHARED_DATA)) / ("chest_xray_full_res_sample/train")
 PER_SPLIT = 3  # images per class per split
 N_FILES = PER_SPLIT * len(SPLITS) * len(CLASS_NAMES)
 CLIENT_MODULE = "kaggle.api.kaggle_api_extended"
@@ -70,8 +68,7 @@ def _file_info(name: str, mode: int = stat.S_IFREG | 0o644) -> zipfile.ZipInfo:
     return info
 
 
-def make_zip(entries: Iterable[tuple[str | zipfile.ZipInfo, bytes]],
-             compression: int = zipfile.ZIP_STORED) -> bytes:
+def make_zip(entries: Iterable[tuple[str | zipfile.ZipInfo, bytes]], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression) as zf:
         for name, data in entries:
@@ -89,8 +86,11 @@ def kaggle_archive(files: Mapping[str, bytes], extra: Iterable[tuple[str, bytes]
     wrapper), ``.DS_Store`` files outside the class folders and the nested duplicate
     ``chest_xray/chest_xray/train/``: all of which must not reach data/raw.
     """
-    folders = sorted({"chest_xray/"} | {f"chest_xray/{rel.split('/')[0]}/" for rel in files}
-                     | {f"chest_xray/{rel.rsplit('/', 1)[0]}/" for rel in files})
+    folders = sorted(
+        {"chest_xray/"}
+        | {f"chest_xray/{rel.split('/')[0]}/" for rel in files}
+        | {f"chest_xray/{rel.rsplit('/', 1)[0]}/" for rel in files}
+    )
     entries: list[tuple[str | zipfile.ZipInfo, bytes]] = [(name, b"") for name in folders]
     entries += [("chest_xray/.DS_Store", DS_STORE), ("chest_xray/train/.DS_Store", DS_STORE)]
     entries += [(f"chest_xray/{rel}", data) for rel, data in sorted(files.items())]
@@ -110,7 +110,7 @@ def corrupt_member(archive: bytes) -> bytes:
     """Same size, one flipped byte in the middle of the largest member's data: a CRC failure."""
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         info = max(zf.infolist(), key=lambda i: i.compress_size)
-    header = archive[info.header_offset: info.header_offset + 30]
+    header = archive[info.header_offset : info.header_offset + 30]
     name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
     at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
     data = bytearray(archive)
@@ -166,8 +166,11 @@ class Env:
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
     """A fresh HOME, Kaggle config dir and XDG dir; no KAGGLE_* credentials; no proxies."""
     for name in list(os.environ):
-        if (name.startswith("KAGGLE_") or name.lower().endswith("_proxy")
-                or name in ("VERBOSE", "VERBOSE_OUTPUT", "NETRC")):
+        if (
+            name.startswith("KAGGLE_")
+            or name.lower().endswith("_proxy")
+            or name in ("VERBOSE", "VERBOSE_OUTPUT", "NETRC")
+        ):
             monkeypatch.delenv(name)
     paths = Env(tmp_path / "home", tmp_path / "kaggle-config", tmp_path / "xdg", tmp_path / "data")
     paths.home.mkdir()
@@ -292,8 +295,13 @@ def assert_fetched(env: Env, record: dict[str, Any], files: Mapping[str, bytes],
 
 @pytest.mark.parametrize("redirect", [True, False], ids=["storage-redirect", "zip-in-answer"])
 def test_fetch_with_legacy_env_credentials(
-    redirect: bool, standin: KaggleStandIn, legacy_env: str, env: Env, images: dict[str, bytes],
-    kaggle_zip: bytes, capsys: pytest.CaptureFixture[str],
+    redirect: bool,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     standin.redirect = redirect
     standin.add_dataset(DATASET, kaggle_zip)
@@ -310,8 +318,7 @@ def test_fetch_with_legacy_env_credentials(
     storage = ["storage"] if redirect else []
     assert standin.endpoints() == ["GetDatasetMetadata", "DownloadDataset", *storage]
     download_status = 302 if redirect else 200
-    assert [(s.auth, s.status) for s in api_calls(standin.requests)] == [
-        ("Basic", 200), ("Basic", download_status)]
+    assert [(s.auth, s.status) for s in api_calls(standin.requests)] == [("Basic", 200), ("Basic", download_status)]
     assert [s.auth for s in standin.seen("storage")] == ([None] if redirect else [])
     # The archive stays cached, complete, without the client's resume marker.
     assert sha256(env.cache_zip.read_bytes()) == sha256(kaggle_zip)
@@ -323,12 +330,16 @@ def test_fetch_with_legacy_env_credentials(
     # A second fetch reuses the cached archive and gives the same record and tree.
     assert run_fetch(env) == record
     assert tree(env.raw) == expected_tree(images)
-    assert standin.endpoints()[-2:] == (["DownloadDataset", "storage"] if redirect else
-                                        ["GetDatasetMetadata", "DownloadDataset"])
+    assert standin.endpoints()[-2:] == (
+        ["DownloadDataset", "storage"] if redirect else ["GetDatasetMetadata", "DownloadDataset"]
+    )
 
 
 def test_skipped_entries_are_not_extracted_and_do_not_count_against_the_caps(
-    standin: KaggleStandIn, legacy_env: str, env: Env, images: dict[str, bytes],
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    images: dict[str, bytes],
 ) -> None:
     """__MACOSX/ and the nested chest_xray/chest_xray/ are skipped while reading the archive, not
     written and then ignored (the real nested copy is another ~1.2 GB): caps that fit exactly the
@@ -353,8 +364,12 @@ def test_skipped_entries_are_not_extracted_and_do_not_count_against_the_caps(
 
 
 def test_fetch_with_access_token_env(
-    standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, env: Env, images: dict[str, bytes],
-    kaggle_zip: bytes, capsys: pytest.CaptureFixture[str],
+    standin: KaggleStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     token = standin.add_token()
     monkeypatch.setenv("KAGGLE_API_TOKEN", token)
@@ -365,8 +380,7 @@ def test_fetch_with_access_token_env(
     assert_fetched(env, record, images, kaggle_zip)
     # The client introspects the token first (once at import, once in authenticate()), then sends it
     # as a Bearer token.
-    assert collapse(standin.endpoints()) == [
-        "IntrospectToken", "GetDatasetMetadata", "DownloadDataset", "storage"]
+    assert collapse(standin.endpoints()) == ["IntrospectToken", "GetDatasetMetadata", "DownloadDataset", "storage"]
     assert {s.status for s in standin.seen("IntrospectToken")} == {200}
     assert {s.auth for s in api_calls(standin.requests)} == {"Bearer"}
     out, err = capsys.readouterr()
@@ -375,13 +389,17 @@ def test_fetch_with_access_token_env(
 
 
 CREDENTIAL_FILES = [
-    "KAGGLE_CONFIG_DIR/kaggle.json", "~/.kaggle/kaggle.json", "XDG_CONFIG_HOME/kaggle/kaggle.json",
-    "~/.kaggle/access_token", "KAGGLE_API_TOKEN=<file>",
+    "KAGGLE_CONFIG_DIR/kaggle.json",
+    "~/.kaggle/kaggle.json",
+    "XDG_CONFIG_HOME/kaggle/kaggle.json",
+    "~/.kaggle/access_token",
+    "KAGGLE_API_TOKEN=<file>",
 ]
 
 
-def write_credential_file(kind: str, env: Env, standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch,
-                          mode: int) -> Path:
+def write_credential_file(
+    kind: str, env: Env, standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> Path:
     if kind.endswith("kaggle.json"):
         content = json.dumps({"username": standin.username, "key": standin.key})
     else:
@@ -405,7 +423,11 @@ def write_credential_file(kind: str, env: Env, standin: KaggleStandIn, monkeypat
 
 @pytest.mark.parametrize("kind", CREDENTIAL_FILES)
 def test_credential_file_readable_by_others_is_refused(
-    kind: str, standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, env: Env, kaggle_zip: bytes,
+    kind: str,
+    standin: KaggleStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    kaggle_zip: bytes,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = write_credential_file(kind, env, standin, monkeypatch, 0o644)
@@ -425,8 +447,13 @@ def test_credential_file_readable_by_others_is_refused(
 
 @pytest.mark.parametrize("kind", CREDENTIAL_FILES)
 def test_credential_file_with_mode_600_works(
-    kind: str, standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, env: Env, images: dict[str, bytes],
-    kaggle_zip: bytes, capsys: pytest.CaptureFixture[str],
+    kind: str,
+    standin: KaggleStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     write_credential_file(kind, env, standin, monkeypatch, 0o600)
     standin.add_dataset(DATASET, kaggle_zip)
@@ -445,7 +472,10 @@ def test_credential_file_with_mode_600_works(
 
 
 def test_missing_credentials_is_one_clear_error(
-    standin: KaggleStandIn, env: Env, kaggle_zip: bytes, capsys: pytest.CaptureFixture[str],
+    standin: KaggleStandIn,
+    env: Env,
+    kaggle_zip: bytes,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     standin.add_dataset(DATASET, kaggle_zip)
 
@@ -453,8 +483,15 @@ def test_missing_credentials_is_one_clear_error(
         run_fetch(env)
 
     message = str(err.value)
-    for needle in ("KAGGLE_API_TOKEN", "kaggle.json", "chmod 600", "KAGGLE_USERNAME", "KAGGLE_KEY",
-                   "data.source=dir", "data.source=medmnist"):
+    for needle in (
+        "KAGGLE_API_TOKEN",
+        "kaggle.json",
+        "chmod 600",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "data.source=dir",
+        "data.source=medmnist",
+    ):
         assert needle in message
     assert "\n" not in message
     out, _ = capsys.readouterr()
@@ -466,8 +503,12 @@ def test_missing_credentials_is_one_clear_error(
 
 
 def test_wrong_key_is_refused_without_leaking_it(
-    standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, env: Env, kaggle_zip: bytes,
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    standin: KaggleStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    kaggle_zip: bytes,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     wrong = "wrongkey" + secrets.token_hex(16)
     monkeypatch.setenv("KAGGLE_USERNAME", standin.username)
@@ -486,14 +527,17 @@ def test_wrong_key_is_refused_without_leaking_it(
     assert seen == [("GetDatasetMetadata", "Basic", 401)]
     out, errout = capsys.readouterr()
     assert out == ""
-    assert_absent([wrong], message, str(err.value.__cause__), out, errout, caplog.text,
-                  repr(standin.requests))
+    assert_absent([wrong], message, str(err.value.__cause__), out, errout, caplog.text, repr(standin.requests))
     assert not env.raw.exists()
 
 
 def test_inactive_token_fails_quietly(
-    standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, env: Env, kaggle_zip: bytes,
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    standin: KaggleStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    kaggle_zip: bytes,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     token = "KGAT_" + secrets.token_hex(16)  # unknown to the server: introspection says inactive
     monkeypatch.setenv("KAGGLE_API_TOKEN", token)
@@ -514,7 +558,10 @@ def test_inactive_token_fails_quietly(
 
 
 def test_token_answered_with_401_is_refused(
-    standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, env: Env, kaggle_zip: bytes,
+    standin: KaggleStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    kaggle_zip: bytes,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     token = standin.add_token()
@@ -525,8 +572,7 @@ def test_token_answered_with_401_is_refused(
     with pytest.raises(FetchError) as err:
         run_fetch(env, retries=3)
 
-    assert str(err.value).startswith(
-        f"Kaggle refused the credentials from KAGGLE_API_TOKEN (HTTP 401) for {DATASET}: ")
+    assert str(err.value).startswith(f"Kaggle refused the credentials from KAGGLE_API_TOKEN (HTTP 401) for {DATASET}: ")
     assert [s.status for s in standin.requests] == [401, 401]  # not retried
     out, errout = capsys.readouterr()
     assert out == ""
@@ -534,7 +580,10 @@ def test_token_answered_with_401_is_refused(
 
 
 def test_inactive_token_error_says_the_token_was_rejected(
-    standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch, env: Env, kaggle_zip: bytes,
+    standin: KaggleStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    env: Env,
+    kaggle_zip: bytes,
 ) -> None:
     monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_" + secrets.token_hex(16))
     standin.add_dataset(DATASET, kaggle_zip)
@@ -549,7 +598,11 @@ def test_inactive_token_error_says_the_token_was_rejected(
 
 
 def test_transient_503s_are_retried_with_backoff(
-    standin: KaggleStandIn, legacy_env: str, env: Env, images: dict[str, bytes], kaggle_zip: bytes,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     standin.add_dataset(DATASET, kaggle_zip)
@@ -565,8 +618,7 @@ def test_transient_503s_are_retried_with_backoff(
     assert metadata[1].at - metadata[0].at >= backoff  # exponential: backoff, then 2 * backoff
     assert metadata[2].at - metadata[1].at >= 2 * backoff
     assert [s.status for s in standin.seen("DownloadDataset")] == [503, 302]
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name == "cxr.data.kaggle" and r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cxr.data.kaggle" and r.levelno == logging.WARNING]
     assert len(warnings) == 3
     assert "Kaggle metadata failed (HTTPError); retry 1/3" in warnings[0]
     assert "Kaggle metadata failed (HTTPError); retry 2/3" in warnings[1]
@@ -574,7 +626,10 @@ def test_transient_503s_are_retried_with_backoff(
 
 
 def test_persistent_503_gives_up_with_a_clear_error(
-    standin: KaggleStandIn, legacy_env: str, env: Env, kaggle_zip: bytes,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    kaggle_zip: bytes,
 ) -> None:
     standin.add_dataset(DATASET, kaggle_zip)
     standin.inject("GetDatasetMetadata", 503, 503, 503)
@@ -590,7 +645,9 @@ def test_persistent_503_gives_up_with_a_clear_error(
 
 
 def test_unreachable_server_gives_up_with_a_clear_error(
-    standin: KaggleStandIn, legacy_env: str, env: Env,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
 ) -> None:
     standin.stop()  # nothing listens on localhost:80 any more
 
@@ -604,12 +661,20 @@ def test_unreachable_server_gives_up_with_a_clear_error(
 # -- 7. unknown dataset ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("dataset", "calls"), [
-    ("nobody/no-such-dataset", [("GetDatasetMetadata", 404)]),
-    (f"{DATASET}/99", [("GetDatasetMetadata", 200), ("DownloadDataset", 404)]),  # no such version
-], ids=["dataset", "version"])
+@pytest.mark.parametrize(
+    ("dataset", "calls"),
+    [
+        ("nobody/no-such-dataset", [("GetDatasetMetadata", 404)]),
+        (f"{DATASET}/99", [("GetDatasetMetadata", 200), ("DownloadDataset", 404)]),  # no such version
+    ],
+    ids=["dataset", "version"],
+)
 def test_unknown_dataset_is_a_clear_404(
-    dataset: str, calls: list[tuple[str, int]], standin: KaggleStandIn, legacy_env: str, env: Env,
+    dataset: str,
+    calls: list[tuple[str, int]],
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
     kaggle_zip: bytes,
 ) -> None:
     standin.add_dataset(DATASET, kaggle_zip)
@@ -652,29 +717,51 @@ def _truncated(images: Mapping[str, bytes]) -> bytes:
 Builder = Callable[[Mapping[str, bytes]], bytes]
 UNSAFE: dict[str, tuple[Builder, dict[str, Any], str]] = {
     # name: (archive builder, extra data params, expected message pattern)
-    "absolute-path": (lambda im: make_zip([*_good(im), (f"/tmp/{ESCAPE}", b"x")]), {},
-                      r"unsafe archive absolute-path\.zip: entry '/tmp/cxr-escape-.*' has an absolute path"),
+    "absolute-path": (
+        lambda im: make_zip([*_good(im), (f"/tmp/{ESCAPE}", b"x")]),
+        {},
+        r"unsafe archive absolute-path\.zip: entry '/tmp/cxr-escape-.*' has an absolute path",
+    ),
     "drive-letter": (lambda im: make_zip([*_good(im), (f"C:/{ESCAPE}", b"x")]), {}, r"has an absolute path"),
-    "dotdot": (lambda im: make_zip([*_good(im), (f"chest_xray/train/../../../../{ESCAPE}", b"x")]), {},
-               r"unsafe archive dotdot\.zip: entry 'chest_xray/train/\.\./.*' escapes with '\.\.'"),
-    "backslash-dotdot": (lambda im: make_zip([*_good(im), (f"chest_xray\\..\\..\\{ESCAPE}", b"x")]), {},
-                         r"escapes with '\.\.'"),
+    "dotdot": (
+        lambda im: make_zip([*_good(im), (f"chest_xray/train/../../../../{ESCAPE}", b"x")]),
+        {},
+        r"unsafe archive dotdot\.zip: entry 'chest_xray/train/\.\./.*' escapes with '\.\.'",
+    ),
+    "backslash-dotdot": (
+        lambda im: make_zip([*_good(im), (f"chest_xray\\..\\..\\{ESCAPE}", b"x")]),
+        {},
+        r"escapes with '\.\.'",
+    ),
     "symlink": (_symlink, {}, r"entry 'chest_xray/train/NORMAL/link\.jpeg' is a link or special file"),
-    "too-many-files": (_many_files, {"max_files": 100},
-                       r"archive too-many-files\.zip holds 300 files, over the cap of 100 "
-                       r"\(data\.max_files\)"),
-    "too-many-bytes": (_many_bytes, {"max_bytes": "1e6"},  # a YAML 1e6 arrives as a string
-                       r"unpacks to 16777216 bytes, over the cap of 1000000 \(data\.max_bytes\)"),
-    "truncated": (_truncated, {},
-                  r"Kaggle download of evil/truncated is corrupt twice in a row"),
-    "bad-crc": (lambda im: corrupt_member(kaggle_archive(im)), {},
-                r"Kaggle download of evil/bad-crc is corrupt twice in a row"),
+    "too-many-files": (
+        _many_files,
+        {"max_files": 100},
+        r"archive too-many-files\.zip holds 300 files, over the cap of 100 "
+        r"\(data\.max_files\)",
+    ),
+    "too-many-bytes": (
+        _many_bytes,
+        {"max_bytes": "1e6"},  # a YAML 1e6 arrives as a string
+        r"unpacks to 16777216 bytes, over the cap of 1000000 \(data\.max_bytes\)",
+    ),
+    "truncated": (_truncated, {}, r"Kaggle download of evil/truncated is corrupt twice in a row"),
+    "bad-crc": (
+        lambda im: corrupt_member(kaggle_archive(im)),
+        {},
+        r"Kaggle download of evil/bad-crc is corrupt twice in a row",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(UNSAFE))
 def test_unsafe_archive_is_refused_and_data_raw_is_untouched(
-    case: str, standin: KaggleStandIn, legacy_env: str, env: Env, tmp_path: Path, images: dict[str, bytes],
+    case: str,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    tmp_path: Path,
+    images: dict[str, bytes],
     kaggle_zip: bytes,
 ) -> None:
     build, params, pattern = UNSAFE[case]
@@ -700,7 +787,11 @@ def test_unsafe_archive_is_refused_and_data_raw_is_untouched(
 
 
 def test_download_cut_mid_stream_is_resumed(
-    standin: KaggleStandIn, legacy_env: str, env: Env, images: dict[str, bytes], kaggle_zip: bytes,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     standin.add_dataset(DATASET, kaggle_zip)
@@ -721,7 +812,12 @@ def test_download_cut_mid_stream_is_resumed(
 
 @pytest.mark.parametrize("seed", ["first-half", "same-size-corrupt"])
 def test_corrupt_cached_zip_is_never_extracted(
-    seed: str, standin: KaggleStandIn, legacy_env: str, env: Env, images: dict[str, bytes], kaggle_zip: bytes,
+    seed: str,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
 ) -> None:
     standin.add_dataset(DATASET, kaggle_zip)
     env.cache_zip.parent.mkdir(parents=True)
@@ -744,12 +840,21 @@ def test_corrupt_cached_zip_is_never_extracted(
 # -- bugs found by these tests ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("first", "second"), [
-    (DATASET, f"{DATASET}/1"),
-    (f"alice/{SLUG}", f"bob/{SLUG}"),
-], ids=["older-version", "other-owner"])
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (DATASET, f"{DATASET}/1"),
+        (f"alice/{SLUG}", f"bob/{SLUG}"),
+    ],
+    ids=["older-version", "other-owner"],
+)
 def test_cache_never_mixes_datasets_that_share_a_slug(
-    first: str, second: str, standin: KaggleStandIn, legacy_env: str, env: Env, images: dict[str, bytes],
+    first: str,
+    second: str,
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    images: dict[str, bytes],
 ) -> None:
     fewer = {rel: data for rel, data in images.items() if not rel.startswith("test/")}
     standin.add_dataset(first, kaggle_archive(images), last_modified="Sat, 01 Jun 2024 00:00:00 GMT")
@@ -763,7 +868,10 @@ def test_cache_never_mixes_datasets_that_share_a_slug(
 
 
 def test_hidden_files_in_class_folders_do_not_reach_data_raw(
-    standin: KaggleStandIn, legacy_env: str, env: Env, images: dict[str, bytes],
+    standin: KaggleStandIn,
+    legacy_env: str,
+    env: Env,
+    images: dict[str, bytes],
 ) -> None:
     ds_store = [(f"chest_xray/{s}/{c}/.DS_Store", DS_STORE) for s in SPLITS for c in CLASS_NAMES]
     archive = kaggle_archive(images, extra=ds_store)

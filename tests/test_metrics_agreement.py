@@ -142,8 +142,10 @@ def test_bootstrap_intervals_contain_the_estimate_and_are_seeded():
     first = bootstrap(labels, [probs], groups, 0.5, 300, seed=42)[0]
     again = bootstrap(labels, [probs], groups, 0.5, 300, seed=42)[0]
     other = bootstrap(labels, [probs], groups, 0.5, 300, seed=43)[0]
-    point = {"auc": roc_auc_score(labels, probs), **{k: at_threshold(labels, probs, 0.5)[k]
-                                                   for k in ("sensitivity", "specificity", "accuracy")}}
+    point = {
+        "auc": roc_auc_score(labels, probs),
+        **{k: at_threshold(labels, probs, 0.5)[k] for k in ("sensitivity", "specificity", "accuracy")},
+    }
     for key, value in point.items():
         np.testing.assert_array_equal(first[key], again[key])
         assert not np.array_equal(first[key], other[key])
@@ -241,8 +243,12 @@ def test_perfect_agreement_is_one():
 def test_cohen_kappa_equals_sklearn_for_every_pair():
     rng = np.random.default_rng(7)
     truth = rng.integers(0, 2, 60)
-    readers = pd.DataFrame({name: np.where(rng.random(60) < acc, truth, 1 - truth)
-                            for name, acc in (("ann", 0.9), ("bob", 0.8), ("cy", 0.7))})
+    readers = pd.DataFrame(
+        {
+            name: np.where(rng.random(60) < acc, truth, 1 - truth)
+            for name, acc in (("ann", 0.9), ("bob", 0.8), ("cy", 0.7))
+        }
+    )
     model = np.where(rng.random(60) < 0.85, truth, 1 - truth)
     result = agreement(readers, {"name": "smallnet", "labels": model}, n_boot=60, seed=3)
     expected_pairs = [f"smallnet vs {c}" for c in readers] + [f"{a} vs {b}" for a, b in combinations(readers, 2)]
@@ -260,10 +266,7 @@ def test_cohen_kappa_equals_sklearn_for_every_pair():
 
 def test_read_readers_accepts_numbers_and_class_names(tmp_path):
     path = tmp_path / "readers.csv"
-    path.write_text("path,r1,r2,r3\n"
-                    "a.jpeg,0,NORMAL,normal\n"
-                    "b.jpeg,1,PNEUMONIA, Pneumonia \n"
-                    "c.jpeg,1,pn,0\n")
+    path.write_text("path,r1,r2,r3\na.jpeg,0,NORMAL,normal\nb.jpeg,1,PNEUMONIA, Pneumonia \nc.jpeg,1,pn,0\n")
     keys, labels = read_readers(path)
     assert keys.tolist() == ["a.jpeg", "b.jpeg", "c.jpeg"]
     assert labels.to_dict("list") == {"r1": [0, 1, 1], "r2": [0, 1, 1], "r3": [0, 1, 0]}
@@ -293,8 +296,9 @@ def test_read_readers_needs_a_key_and_readers(tmp_path):
 
 def test_agreement_command_prints_one_json_object(tmp_path, cli):
     path = tmp_path / "readers.csv"
-    rows = ["path,r1,r2,r3"] + [f"im{i}.jpeg,{i % 2},{'PNEUMONIA' if i % 3 else 'NORMAL'},{int(i % 4 < 2)}"
-                                for i in range(30)]
+    rows = ["path,r1,r2,r3"] + [
+        f"im{i}.jpeg,{i % 2},{'PNEUMONIA' if i % 3 else 'NORMAL'},{int(i % 4 < 2)}" for i in range(30)
+    ]
     path.write_text("\n".join(rows) + "\n")
     code, out, _ = cli(["agreement", str(path), "--json", "--bootstrap", "30"])
     assert code == 0
@@ -316,5 +320,4 @@ def test_agreement_command_bad_cell_is_one_error_line(tmp_path, cli):
     path.write_text("path,r1,r2\na.jpeg,0,1\nb.jpeg,yes,0\n")
     code, out, err = cli(["agreement", str(path), "--json"])
     assert code == 1 and out == ""
-    assert err.strip().splitlines() == [
-        f"cxr: error: {path}: row 3, column 'r1': 'yes' is not 0/1/NORMAL/PNEUMONIA"]
+    assert err.strip().splitlines() == [f"cxr: error: {path}: row 3, column 'r1': 'yes' is not 0/1/NORMAL/PNEUMONIA"]

@@ -34,12 +34,12 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 # --- smallnet ----------------------------------------------------------------------------------
 
+
 def test_smallnet_is_the_notebook_architecture():
     model = build_model("smallnet", 224, {})
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     kinds = [type(layer).__name__ for layer in layers]
-    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense",
-                     "Dense"]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense", "Dense"]
     for conv in (layer for layer in layers if isinstance(layer, keras.layers.Conv2D)):
         config = conv.get_config()
         assert config["filters"] == 32
@@ -77,6 +77,7 @@ def test_smallnet_reaches_its_last_convolution_for_grad_cam():
 
 # --- cxrnet ------------------------------------------------------------------------------------
 
+
 def test_cxrnet_is_much_smaller_than_smallnet():
     small = build_model("smallnet", 224, {}).count_params()
     compact = build_model("cxrnet", 224, {"widths": [32, 64, 128, 128], "dropout": 0.3})
@@ -89,6 +90,7 @@ def test_cxrnet_is_much_smaller_than_smallnet():
 
 # --- vgg16 -------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_vgg16_without_weights_has_the_spec_counts_and_trains_one_step():
     model = build_model("vgg16", 224, {"weights": "none", "dropout": 0.2, "imagenet_preprocessing": True})
@@ -96,19 +98,28 @@ def test_vgg16_without_weights_has_the_spec_counts_and_trains_one_step():
     assert n_params(model.trainable_weights) == 107_157_601
     assert n_params(model.non_trainable_weights) == 14_714_688
     assert [layer.name for layer in model.layers] == [
-        "image", "to_0_255", "imagenet_preprocess", "vgg16", "flatten", "fc1", "fc2", "dropout", "pneumonia"]
+        "image",
+        "to_0_255",
+        "imagenet_preprocess",
+        "vgg16",
+        "flatten",
+        "fc1",
+        "fc2",
+        "dropout",
+        "pneumonia",
+    ]
     assert not model.get_layer("vgg16").trainable
 
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     frozen_before = [w.numpy().copy() for w in model.non_trainable_weights]
     head_before = [w.numpy().copy() for w in model.trainable_weights]
-    history = model.fit(random_images(2, 224), np.array([0.0, 1.0], np.float32), batch_size=2, epochs=1,
-                        verbose=0)
+    history = model.fit(random_images(2, 224), np.array([0.0, 1.0], np.float32), batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     for before, w in zip(frozen_before, model.non_trainable_weights, strict=True):
         np.testing.assert_array_equal(before, w.numpy())  # the convolutional base stays frozen
-    changed = [not np.array_equal(before, w.numpy())
-               for before, w in zip(head_before, model.trainable_weights, strict=True)]
+    changed = [
+        not np.array_equal(before, w.numpy()) for before, w in zip(head_before, model.trainable_weights, strict=True)
+    ]
     assert all(changed)  # every head weight got an update
 
 
@@ -175,17 +186,21 @@ def test_vgg16_loads_a_local_weights_file(tmp_path):
 
 # --- registry and saving -----------------------------------------------------------------------
 
+
 def test_unknown_model_lists_the_registry():
     with pytest.raises(CxrError, match=r"unknown model 'resnet': choose one of cxrnet, smallnet, vgg16"):
         build_model("resnet", 64, {})
     assert {"smallnet", "cxrnet", "vgg16"} <= set(REGISTRY)
 
 
-@pytest.mark.parametrize(("name", "size", "cfg"), [
-    ("smallnet", 32, {}),
-    ("cxrnet", 32, {"widths": [8, 16, 16, 16], "dropout": 0.3}),
-    ("vgg16", 64, {"weights": "none", "imagenet_preprocessing": True, "dropout": 0.2}),
-])
+@pytest.mark.parametrize(
+    ("name", "size", "cfg"),
+    [
+        ("smallnet", 32, {}),
+        ("cxrnet", 32, {"widths": [8, 16, 16, 16], "dropout": 0.3}),
+        ("vgg16", 64, {"weights": "none", "imagenet_preprocessing": True, "dropout": 0.2}),
+    ],
+)
 def test_saved_models_reload_safely_with_identical_predictions(tmp_path, name, size, cfg):
     model = build_model(name, size, cfg)
     x = random_images(4, size, seed=3)

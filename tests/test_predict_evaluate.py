@@ -2,8 +2,8 @@
 (test metrics, DVC metrics, per-model files, Youden threshold from validation) and Grad-CAM ``explain``.
 
 The project (synthetic dark NORMAL / bright PNEUMONIA images → prepare → train smallnet → evaluate →
-explain) is built once per session under pytest's base temp folder and shared with ``test_report``;
-tests that write into it work on a copy.
+explain) is the session-wide ``trained`` / ``evaluated`` fixture of ``conftest.py``, shared with
+``test_audit``, ``test_report`` and ``test_external_ensemble``; tests that write into it work on a copy.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,119 +26,17 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import cxr.inference.predict
-from cxr.data.prepare import prepare
 from cxr.errors import CxrError
 from cxr.evaluation.evaluate import evaluate_models
-from cxr.evaluation.explain import OUTCOMES, explain_models, outcome, select
+from cxr.evaluation.explain import OUTCOMES, outcome, select
 from cxr.evaluation.gradcam import border_fraction
 from cxr.evaluation.metrics import youden_threshold
 from cxr.inference.loading import card_path_for, load, load_image, predict_images
-from cxr.training.train import train
-from tests.conftest import REPO_ROOT
-from tests.test_dicom import write_dicom
+from tests.factories import IMAGE_SIZE, chdir, small_params, synthetic, write_dicom
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-IMAGE_SIZE = 32
-SPLIT = {"strategy": "patient", "seed": 42, "test_size": 0.2, "val_size": 0.2}
-# A data file whose name is markup: prepare excludes it (not an image) and the report lists it.
-HOSTILE_NAME = "<img src=x onerror=alert(1)>.jpeg"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def synthetic(rng: np.random.Generator, bright: bool, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A dark (NORMAL-like) or bright (PNEUMONIA-like) noisy 8-bit image."""
-    return np.clip((210 if bright else 40) + rng.normal(0, 25, (size, size)), 0, 255).astype(np.uint8)
-
-
-def write_raw(raw: Path, n_patients: int = 16, images_per_patient: int = 2, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for p in range(n_patients):
-        kind = "bacteria" if p % 2 else "virus"
-        for i in range(images_per_patient):
-            for class_name, name, bright in (("NORMAL", f"IM-{p:04d}-{i + 1:04d}.jpeg", False),
-                                             ("PNEUMONIA", f"person{p}_{kind}_{p * 10 + i}.jpeg", True)):
-                path = raw / class_name / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(synthetic(rng, bright), mode="L").save(path, format="JPEG")
-    (raw / "NORMAL" / HOSTILE_NAME).write_text("not an image\n")
-
-
-def small_params() -> dict[str, Any]:
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    # the synthetic classes differ only in brightness, which histogram equalisation removes by design
-    params["input"].update(image_size=IMAGE_SIZE, batch_size=8, cache="disk", cache_dir="data/cache", normalize="none")
-    params["train"]["models"] = ["smallnet"]
-    params["ensemble"]["members"] = []
-    params["train"]["common"].update(
-        tensorboard=False, precision="float32", monitor="val_loss", monitor_mode="min", ema=False,
-        label_smoothing=0.0,  # three epochs of a few steps: an average of the weights would still be the init
-        health={"on_collapse": "warn", "min_val_auc": 0.6, "min_prediction_std": 0.01})
-    params["train"]["smallnet"].update(epochs=3, learning_rate=0.001, continue_epochs=0)
-    params["evaluate"].update(bootstrap=200, seed=42, gradcam_per_outcome=2, threshold=0.5, border_margin=0.125)
-    return params
-
-
-@contextlib.contextmanager
-def chdir(path: Path) -> Iterator[Path]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield path
-    finally:
-        os.chdir(old)
-
-
-def _cached(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
-    """A folder under the session's base temp, built once per session by ``build(folder)``."""
-    root = factory.getbasetemp() / name
-    if (root / ".built").is_file():
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    with chdir(root):
-        build(root)
-    (root / ".built").touch()
-    return root
-
-
-def trained_project(factory: pytest.TempPathFactory) -> Path:
-    """data/raw → prepare → train smallnet (3 epochs, 32 px), with the params.yaml it used."""
-
-    def build(root: Path) -> None:
-        params = small_params()
-        (root / "params.yaml").write_text(yaml.safe_dump(params))
-        write_raw(root / "data/raw")
-        prepare("data/raw", SPLIT, {"min_images_per_class": 5, "workers": 1})
-        train("smallnet", params)
-
-    return _cached(factory, "cxr-trained-project", build)
-
-
-def evaluated_project(factory: pytest.TempPathFactory) -> Path:
-    """``trained_project`` plus ``evaluate`` and ``explain`` outputs."""
-    source = trained_project(factory)
-
-    def build(root: Path) -> None:
-        shutil.copytree(source, root, dirs_exist_ok=True)
-        (root / ".built").unlink()
-        params = small_params()
-        evaluate_models(["smallnet"], params["evaluate"], params["input"])
-        explain_models(["smallnet"], params["evaluate"], params["input"])
-
-    return _cached(factory, "cxr-evaluated-project", build)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_project(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return evaluated_project(tmp_path_factory)
-
-
 
 
 def png(path: Path, pixels: np.ndarray) -> Path:
@@ -205,8 +101,11 @@ def test_predict_bad_files_get_one_error_line_each(trained, images, tmp_path, cl
     assert [r["path"] for r in json_lines(out)] == [str(images["dark"]), str(images["bright"])]
     lines = err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("cxr: error: ") for line in lines)
-    for bad, reason in ((text, "not a readable JPEG/PNG/BMP image"), (missing, "file not found"),
-                        (cine, "multi-frame")):
+    for bad, reason in (
+        (text, "not a readable JPEG/PNG/BMP image"),
+        (missing, "file not found"),
+        (cine, "multi-frame"),
+    ):
         naming = [line for line in lines if str(bad) in line]
         assert len(naming) == 1 and reason in naming[0]
 
@@ -215,8 +114,13 @@ def test_predict_exit_status_of_the_command(trained, tmp_path):
     """The process's exit status (not just main's return value)."""
     bad = tmp_path / "bad.png"
     bad.write_text("no")
-    proc = subprocess.run([sys.executable, "-m", "cxr", "predict", "--model", str(trained / "models/smallnet.keras"),
-                           str(bad)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr", "predict", "--model", str(trained / "models/smallnet.keras"), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     naming = [line for line in proc.stderr.splitlines() if str(bad) in line]
     assert len(naming) == 1 and naming[0].startswith(f"cxr: error: {bad}: not a readable JPEG/PNG/BMP image")
@@ -226,8 +130,11 @@ def test_predict_exit_status_of_the_command(trained, tmp_path):
 def test_predict_expands_folders(trained, tmp_path, cli):
     rng = np.random.default_rng(12)
     folder = tmp_path / "folder"
-    expected = [png(folder / "a.png", synthetic(rng, False)), folder / "sub" / "b.jpeg",
-                write_dicom(folder / "sub" / "c.dcm", synthetic(rng, True))]
+    expected = [
+        png(folder / "a.png", synthetic(rng, False)),
+        folder / "sub" / "b.jpeg",
+        write_dicom(folder / "sub" / "c.dcm", synthetic(rng, True)),
+    ]
     Image.fromarray(synthetic(rng, True)).save(expected[1], format="JPEG")
     png(folder / ".hidden" / "d.png", synthetic(rng, False))
     (folder / "notes.txt").write_text("not an image")
@@ -271,8 +178,17 @@ def test_png_and_equivalent_dicom_predict_alike(trained, tmp_path):
 
 def test_predict_gradcam_writes_an_overlay_per_image(trained, images, tmp_path, cli):
     out_dir = tmp_path / "cams"
-    code, out, _ = cli(["predict", "--model", str(trained / "models/smallnet.keras"), *map(str, images.values()),
-                        "--json", "--gradcam", str(out_dir)])
+    code, out, _ = cli(
+        [
+            "predict",
+            "--model",
+            str(trained / "models/smallnet.keras"),
+            *map(str, images.values()),
+            "--json",
+            "--gradcam",
+            str(out_dir),
+        ]
+    )
     assert code == 0
     records = json_lines(out)
     assert len(records) == 3
@@ -289,8 +205,18 @@ def test_predict_gradcam_overlays_of_same_named_images_do_not_collide(trained, t
     rng = np.random.default_rng(14)
     first = png(tmp_path / "x" / "scan.png", synthetic(rng, False))
     second = write_dicom(tmp_path / "y" / "scan.dcm", synthetic(rng, True))
-    code, out, _ = cli(["predict", "--model", str(trained / "models/smallnet.keras"), str(first), str(second),
-                        "--json", "--gradcam", str(tmp_path / "cams")])
+    code, out, _ = cli(
+        [
+            "predict",
+            "--model",
+            str(trained / "models/smallnet.keras"),
+            str(first),
+            str(second),
+            "--json",
+            "--gradcam",
+            str(tmp_path / "cams"),
+        ]
+    )
     assert code == 0
     overlays = {r["gradcam"] for r in json_lines(out)}
     assert len(overlays) == 2 and len(list((tmp_path / "cams").iterdir())) == 2
@@ -400,8 +326,9 @@ def test_evaluate_writes_dvc_metrics_and_per_model_files(evaluated):
     m = metrics["models"]["smallnet"]
     test = _split(evaluated, "test")
     assert m["n"] == len(test)
-    predictions = pd.read_csv(evaluated / "reports/eval/smallnet/predictions.csv", keep_default_na=False,
-                              dtype={"patient_id": str})
+    predictions = pd.read_csv(
+        evaluated / "reports/eval/smallnet/predictions.csv", keep_default_na=False, dtype={"patient_id": str}
+    )
     assert list(predictions.columns) == ["path", "label", "patient_id", "probability"]
     assert predictions["path"].tolist() == test["path"].tolist()
     assert predictions["patient_id"].tolist() == test["patient_id"].tolist()
@@ -421,8 +348,9 @@ def test_evaluate_writes_dvc_metrics_and_per_model_files(evaluated):
     calibration = pd.read_csv(folder / "calibration.csv")
     assert calibration["count"].sum() == len(test)
     detail = json.loads((folder / "metrics.json").read_text())
-    assert detail["verified"] is True and detail["at_threshold"]["confusion"]["tp"] + \
-        detail["at_threshold"]["confusion"]["fn"] == int(test["label"].sum())
+    assert detail["verified"] is True and detail["at_threshold"]["confusion"]["tp"] + detail["at_threshold"][
+        "confusion"
+    ]["fn"] == int(test["label"].sum())
 
 
 def test_youden_threshold_comes_from_the_validation_split(evaluated):
@@ -469,8 +397,9 @@ def test_explain_writes_gallery_and_border_summary(evaluated):
     assert_png(evaluated / "reports/gradcam/smallnet.png", min_side=200)
     assert m["gallery"] == "reports/gradcam/smallnet.png"
     predictions = pd.read_csv(evaluated / "reports/eval/smallnet/predictions.csv")
-    by_path = dict(zip(predictions["path"], zip(predictions["label"], predictions["probability"], strict=True),
-                       strict=True))
+    by_path = dict(
+        zip(predictions["path"], zip(predictions["label"], predictions["probability"], strict=True), strict=True)
+    )
     counts: dict[str, int] = {}
     for example in m["examples"]:
         label, probability = by_path[example["path"]]
@@ -504,8 +433,12 @@ def test_select_picks_up_to_n_of_each_outcome_deterministically():
 
 
 def test_outcome_names():
-    assert [outcome(1, 0.7, 0.5), outcome(0, 0.5, 0.5), outcome(0, 0.2, 0.5), outcome(1, 0.49, 0.5)] == \
-        ["TP", "FP", "TN", "FN"]
+    assert [outcome(1, 0.7, 0.5), outcome(0, 0.5, 0.5), outcome(0, 0.2, 0.5), outcome(1, 0.49, 0.5)] == [
+        "TP",
+        "FP",
+        "TN",
+        "FN",
+    ]
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])
@@ -513,7 +446,7 @@ def test_border_fraction(size):
     margin = 0.125
     band = round(size * margin)
     border = np.ones((size, size))
-    border[band:size - band, band:size - band] = 0
+    border[band : size - band, band : size - band] = 0
     assert border_fraction(border, margin) == 1.0
     uniform = np.full((size, size), 0.3)
     assert border_fraction(uniform, margin) == pytest.approx(1 - (1 - 2 * margin) ** 2)

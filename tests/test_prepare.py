@@ -10,7 +10,7 @@ import pytest
 from cxr.data.prepare import prepare
 from cxr.errors import DataError
 from cxr.provenance.hashing import sha256_file
-from tests.conftest import kermany_layout, write_image
+from tests.factories import kermany_layout, write_image
 
 SPLIT = {"strategy": "patient", "seed": 42, "test_size": 0.2, "val_size": 0.2}
 
@@ -30,8 +30,7 @@ def test_prepare_writes_manifest_splits_quality_and_plot(make_dataset, tmp_path,
     assert (splits.loc[splits["path"].str.contains("/test/"), "split"] == "test").all()
     assert all((tmp_path / p).is_file() for p in splits["path"])  # readable from the repo root
     quality = json.loads((tmp_path / "reports/data_quality.json").read_text())
-    assert quality["excluded"] == [{"path": "data/raw/train/NORMAL/zero.jpeg",
-                                    "reason": "empty file (0 bytes)"}]
+    assert quality["excluded"] == [{"path": "data/raw/train/NORMAL/zero.jpeg", "reason": "empty file (0 bytes)"}]
     assert quality["duplicates"]["duplicate_groups"] == 1
     assert quality["splits"]["patient"]["leakage"]["clean"] is True
     assert set(quality["splits"]) == {"seed", "patient"}

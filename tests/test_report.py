@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cxr.reporting.report import render
-from tests.test_predict_evaluate import HOSTILE_NAME, chdir, evaluated_project
+from tests.factories import HOSTILE_NAME, chdir
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -59,10 +59,10 @@ def parse(page: str) -> _Page:
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reported(evaluated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the evaluated project with hostile data strings, rendered once."""
     root = tmp_path_factory.mktemp("report") / "project"
-    shutil.copytree(evaluated_project(tmp_path_factory), root)
+    shutil.copytree(evaluated, root)
     (root / "data/fetch.json").write_text(json.dumps({"source": "dir", "origin": HOSTILE_ORIGIN}))
     card_file = root / "models/smallnet.card.json"
     card = json.loads(card_file.read_text())
@@ -136,8 +136,10 @@ def test_report_command_with_readers(reported, tmp_path, cli, monkeypatch):
     root = tmp_path / "project"
     shutil.copytree(reported, root)
     predictions = (root / "reports/eval/smallnet/predictions.csv").read_text().splitlines()[1:]
-    rows = ["image,r1,r2"] + [f"{Path(line.split(',')[0]).name},{line.split(',')[1]},"
-                              f"{'PNEUMONIA' if i % 4 else 'NORMAL'}" for i, line in enumerate(predictions)]
+    rows = ["image,r1,r2"] + [
+        f"{Path(line.split(',')[0]).name},{line.split(',')[1]},{'PNEUMONIA' if i % 4 else 'NORMAL'}"
+        for i, line in enumerate(predictions)
+    ]
     (root / "readers.csv").write_text("\n".join(rows) + "\n")
     monkeypatch.chdir(root)
     code, out, _ = cli(["report", "-S", "report.readers=readers.csv", "-S", "evaluate.bootstrap=30"])
@@ -158,8 +160,12 @@ def test_report_command_with_readers(reported, tmp_path, cli, monkeypatch):
 
 def find_chromium() -> str:
     """The Chromium binary; skip without one, but fail where CI is set (the browser checks must run there)."""
-    candidates = [os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
-                  "/usr/bin/chromium"]
+    candidates = [
+        os.environ.get("CHROMIUM"),
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        "/usr/bin/chromium",
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
@@ -174,9 +180,21 @@ def chromium() -> str:
 
 
 def run_chromium(binary: str, page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    args = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra, page.resolve().as_uri()]
+    args = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *extra,
+        page.resolve().as_uri(),
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -225,8 +243,14 @@ def test_a_broken_figure_is_reported_by_the_page(chromium, page, tmp_path):
 
 def test_screenshot_of_the_report(chromium, reported, tmp_path):
     shot = tmp_path / "report.png"
-    run_chromium(chromium, reported / "reports/report.html", tmp_path / "profile", f"--screenshot={shot}",
-                 "--window-size=1200,2000", "--hide-scrollbars")
+    run_chromium(
+        chromium,
+        reported / "reports/report.html",
+        tmp_path / "profile",
+        f"--screenshot={shot}",
+        "--window-size=1200,2000",
+        "--hide-scrollbars",
+    )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     with Image.open(shot) as image:
         assert image.size == (1200, 2000)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, kermany_layout
+from tests.factories import REPO_ROOT, kermany_layout
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,16 @@ def _free_port() -> int:
 
 
 def _copy_repo(target: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO_ROOT / rel
         if src.is_file() and not rel.startswith(("dvc.lock", "lineage/models.jsonl")):
@@ -56,11 +64,22 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = 
 @pytest.fixture
 def prefect_server(tmp_path):
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+    }
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def healthy() -> bool:
         try:
@@ -85,17 +104,34 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
     project = tmp_path / "project"
     _copy_repo(project)
     source = make_dataset(kermany_layout(n_patients=12), root=tmp_path / "xrays")
-    overrides = ["data.source=dir", f"data.dir={source}", "prepare.min_images_per_class=1",
-                 "train.models=[smallnet]",
-                 "ensemble.members=[]", "train.smallnet.epochs=1", "train.common.steps_per_epoch=2",
-                 "train.common.tensorboard=false", "train.common.health.on_collapse=warn", "input.image_size=32",
-                 "input.batch_size=8", "evaluate.bootstrap=50", "evaluate.gradcam_per_outcome=1"]
+    overrides = [
+        "data.source=dir",
+        f"data.dir={source}",
+        "prepare.min_images_per_class=1",
+        "train.models=[smallnet]",
+        "ensemble.members=[]",
+        "train.smallnet.epochs=1",
+        "train.common.steps_per_epoch=2",
+        "train.common.tensorboard=false",
+        "train.common.health.on_collapse=warn",
+        "input.image_size=32",
+        "input.batch_size=8",
+        "evaluate.bootstrap=50",
+        "evaluate.gradcam_per_outcome=1",
+    ]
     serve_cmd = [sys.executable, "-m", "flows.schedule", "--cron", "0 0 1 1 *", "--name", "test"]
     for item in overrides:
         serve_cmd += ["-S", item]
-    serve = subprocess.Popen(serve_cmd, cwd=project, env={**env, "CXR_NO_PROGRESS": "1"},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    serve = subprocess.Popen(
+        serve_cmd,
+        cwd=project,
+        env={**env, "CXR_NO_PROGRESS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def deployment():
             r = httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {"any_": ["test"]}}})
             return r.json() if r.status_code == 200 and r.json() else None
@@ -119,8 +155,9 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
         records = [json.loads(line) for line in lineage.read_text().splitlines()]
         assert len(records) == 1 and records[0]["run"]["driver"] == "prefect"
         assert records[0]["run"]["flow_run_id"] == first["id"]
-        artifacts = httpx.post(f"{api}/artifacts/filter",
-                               json={"artifacts": {"key": {"any_": ["cxr-report", "cxr-metrics"]}}}).json()
+        artifacts = httpx.post(
+            f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["cxr-report", "cxr-metrics"]}}}
+        ).json()
         assert {a["key"] for a in artifacts} == {"cxr-report", "cxr-metrics"}
         table = next(a for a in artifacts if a["key"] == "cxr-metrics")
         assert "smallnet" in json.dumps(table["data"])

@@ -18,10 +18,16 @@ def synthetic_manifest(n_patients: int = 300, seed: int = 0, official_test: int 
     for p in range(n_patients):
         label = int(rng.random() < 0.74)
         for i in range(int(rng.integers(1, 5))):
-            rows.append({"path": f"data/raw/p{p}_{i}.jpeg", "label": label,
-                         "class_name": ["NORMAL", "PNEUMONIA"][label],
-                         "source_split": "test" if p < official_test else "train",
-                         "patient_id": f"person{p}", "sha256": f"h{p}_{i}"})
+            rows.append(
+                {
+                    "path": f"data/raw/p{p}_{i}.jpeg",
+                    "label": label,
+                    "class_name": ["NORMAL", "PNEUMONIA"][label],
+                    "source_split": "test" if p < official_test else "train",
+                    "patient_id": f"person{p}",
+                    "sha256": f"h{p}_{i}",
+                }
+            )
     frame = pd.DataFrame(rows)
     # identical bytes across two different patients of the same class: must be grouped too
     frame.loc[5, "sha256"] = frame.loc[40, "sha256"] = "shared-bytes"
@@ -29,8 +35,7 @@ def synthetic_manifest(n_patients: int = 300, seed: int = 0, official_test: int 
 
 
 def test_group_ids_join_patients_and_identical_bytes():
-    frame = pd.DataFrame({"patient_id": ["a", "a", "b", "c", "", ""],
-                          "sha256": ["1", "2", "2", "3", "4", "4"]})
+    frame = pd.DataFrame({"patient_id": ["a", "a", "b", "c", "", ""], "sha256": ["1", "2", "2", "3", "4", "4"]})
     groups = group_ids(frame)
     assert groups[0] == groups[1] == groups[2]  # a–a by patient, a–b by bytes
     assert groups[3] != groups[0]

@@ -88,20 +88,40 @@ _KEYS_SCRIPT = textwrap.dedent("""
 
 def _placeholders(root: Path) -> None:
     """Every dependency and output of the stages, as tiny files, so `dvc commit` can write a lock."""
-    for folder in ("inbox", "data/raw/NORMAL", "models", "ensemble", "data/external", "reports/eval",
-                   "reports/gradcam", "reports/plots"):
+    for folder in (
+        "inbox",
+        "data/raw/NORMAL",
+        "models",
+        "ensemble",
+        "data/external",
+        "reports/eval",
+        "reports/gradcam",
+        "reports/plots",
+    ):
         (root / folder).mkdir(parents=True, exist_ok=True)
         (root / folder / "placeholder.txt").write_text(folder)
-    for name in ("data/fetch.json", "data/prepared/manifest.csv", "data/prepared/splits.csv",
-                 "reports/data_quality.json", "reports/plots/class_distribution.png",
-                 "reports/plots/augmented_batch.png", "models/smallnet.keras", "models/smallnet.card.json",
-                 "reports/train/smallnet/summary.txt", "reports/train/smallnet/metrics.json",
-                 "reports/train/smallnet/history.csv", "reports/train/smallnet/curves.png",
-                 "reports/train/smallnet/architecture.png", "reports/metrics.json", "reports/report.html",
-                 "reports/report.md"):
+    for name in (
+        "data/fetch.json",
+        "data/prepared/manifest.csv",
+        "data/prepared/splits.csv",
+        "reports/data_quality.json",
+        "reports/plots/class_distribution.png",
+        "reports/plots/augmented_batch.png",
+        "models/smallnet.keras",
+        "models/smallnet.card.json",
+        "reports/train/smallnet/summary.txt",
+        "reports/train/smallnet/metrics.json",
+        "reports/train/smallnet/history.csv",
+        "reports/train/smallnet/curves.png",
+        "reports/train/smallnet/architecture.png",
+        "reports/metrics.json",
+        "reports/report.html",
+        "reports/report.md",
+    ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text("{}" if name.endswith(".json") else "epoch,val_auc\n1,0.5\n" if
-                                 name.endswith(".csv") else name)
+        (root / name).write_text(
+            "{}" if name.endswith(".json") else "epoch,val_auc\n1,0.5\n" if name.endswith(".csv") else name
+        )
 
 
 @pytest.fixture
@@ -109,8 +129,11 @@ def locked_project(tmp_path):
     root = tmp_path / "project"
     for item in ("cxr", "tasks", "flows", "dvc.yaml", "params.yaml"):
         src = REPO / item
-        (shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else (root.mkdir(exist_ok=True), shutil.copy(src, root / item)))
+        (
+            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+            if src.is_dir()
+            else (root.mkdir(exist_ok=True), shutil.copy(src, root / item))
+        )
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(source="dir", dir="inbox")
     params["train"]["models"] = ["smallnet"]
@@ -119,16 +142,20 @@ def locked_project(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _placeholders(root)
     env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_HOME": str(tmp_path / "prefect")}
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                    [sys.executable, "-m", "dvc", "commit", "-f", "-q"]):
+    for command in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "commit", "-f", "-q"],
+    ):
         proc = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr
     return root, env
 
 
 def _decisions(root: Path, env: dict[str, str]) -> tuple[set[str], dict[str, str]]:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     dvc = {name for name in json.loads(proc.stdout or "{}")}
     proc = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT], cwd=root, capture_output=True, text=True, env=env)
@@ -147,8 +174,9 @@ def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(lock
     prefect = {name for name in before if before[name] != after[name]}
     assert dvc == prefect == {"preview", "train@smallnet", "ensemble", "evaluate", "explain", "report"}
 
-    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "-f", "-q"], cwd=root, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "commit", "-f", "-q"], cwd=root, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     dvc3, base = _decisions(root, env)
     assert dvc3 == set()

@@ -19,36 +19,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
-from cxr.data.prepare import prepare
 from cxr.errors import CxrError, DataError
 from cxr.provenance.hashing import sha256_file
 from cxr.training.health import HealthConfig, assess
 from cxr.training.train import TrainingRejected, class_weights, train
-from tests.conftest import REPO_ROOT
+from tests.factories import IMAGE_SIZE, REPO_ROOT, prepared_project, train_smallnet
 
-SPLIT = {"strategy": "patient", "seed": 42, "test_size": 0.2, "val_size": 0.2}
-IMAGE_SIZE = 32
 EPOCHS = 4
 COLLAPSING_LR = 10.0  # verified: smallnet collapses to a constant output at this rate for any seed
-
-
-def write_synthetic_raw(raw: Path, n_patients: int = 20, images_per_patient: int = 2, seed: int = 0) -> None:
-    """``raw/{NORMAL,PNEUMONIA}`` with Kermany names: dark NORMAL, bright PNEUMONIA images, plus noise."""
-    rng = np.random.default_rng(seed)
-    for p in range(n_patients):
-        kind = "bacteria" if p % 2 else "virus"
-        for i in range(images_per_patient):
-            for class_name, name, mean in (
-                ("NORMAL", f"IM-{p:04d}-{i + 1:04d}.jpeg", 40),
-                ("PNEUMONIA", f"person{p}_{kind}_{p * 10 + i}.jpeg", 210),
-            ):
-                pixels = np.clip(mean + rng.normal(0, 25, (IMAGE_SIZE, IMAGE_SIZE)), 0, 255).astype(np.uint8)
-                path = raw / class_name / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels, mode="L").save(path, format="JPEG")
 
 
 def make_params(**train_common: Any) -> dict[str, Any]:
@@ -60,11 +40,20 @@ def make_params(**train_common: Any) -> dict[str, Any]:
     # On this trivially separable set val AUC reaches 1.0 in the first epoch, and a val_auc monitor
     # keeps the *first* epoch of the tie (an uncalibrated model that predicts one class at 0.5), so
     # the runs select on val_loss, which keeps improving.
-    common.update(tensorboard=False, precision="float32", monitor="val_loss", monitor_mode="min",
-                  steps_per_epoch=None, validation_steps=None,
-                  # four short epochs: plain Adam as the collapse checks were verified with, and no
-                  # weight average (it would still sit near the initial weights)
-                  optimizer="adam", weight_decay=0.0, label_smoothing=0.0, ema=False)
+    common.update(
+        tensorboard=False,
+        precision="float32",
+        monitor="val_loss",
+        monitor_mode="min",
+        steps_per_epoch=None,
+        validation_steps=None,
+        # four short epochs: plain Adam as the collapse checks were verified with, and no
+        # weight average (it would still sit near the initial weights)
+        optimizer="adam",
+        weight_decay=0.0,
+        label_smoothing=0.0,
+        ema=False,
+    )
     common.update(copy.deepcopy(train_common))
     params["train"]["smallnet"].update(epochs=EPOCHS, learning_rate=0.001, continue_epochs=0)
     return params
@@ -76,26 +65,11 @@ def set_model(params: dict[str, Any], **smallnet: Any) -> dict[str, Any]:
     return params
 
 
-class _Chdir:
-    def __init__(self, path: Path) -> None:
-        self.path, self.old = path, Path.cwd()
-
-    def __enter__(self) -> None:
-        os.chdir(self.path)
-
-    def __exit__(self, *exc: object) -> None:
-        os.chdir(self.old)
-
-
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project folder with ``data/raw`` and a real ``data/prepared/splits.csv`` (no model yet)."""
-    root = tmp_path_factory.mktemp("base_project")
-    with _Chdir(root):
-        write_synthetic_raw(root / "data/raw")
-        prepare("data/raw", SPLIT, {"min_images_per_class": 5, "workers": 1})
-    (root / "params.yaml").write_text(yaml.safe_dump(make_params()))
-    return root
+    """A project folder with ``data/raw`` (dark NORMAL, bright PNEUMONIA images) and a real
+    ``data/prepared/splits.csv`` (no model yet)."""
+    return prepared_project(tmp_path_factory.mktemp("base_project"), make_params(), n_patients=20, hostile=False)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +77,7 @@ def trained_project(base_project: Path, tmp_path_factory: pytest.TempPathFactory
     """``base_project`` plus one healthy smallnet run with ``make_params()``."""
     root = tmp_path_factory.mktemp("trained_project") / "p"
     shutil.copytree(base_project, root)
-    with _Chdir(root):
-        card = train("smallnet", make_params())
-    return root, card
+    return root, train_smallnet(root, make_params())
 
 
 @pytest.fixture
@@ -128,6 +100,7 @@ def weights_of(path: Path) -> list[np.ndarray]:
 
 
 # --- class weights -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("counts", [(30, 70), (50, 50), (7, 93)])
 def test_balanced_class_weights_match_sklearn(counts):
@@ -205,6 +178,7 @@ def test_health_config_rejects_unknown_action():
 
 
 # --- end to end --------------------------------------------------------------------------------
+
 
 def test_train_writes_model_card_and_reports(trained_project):
     import keras
@@ -361,6 +335,7 @@ def test_collapse_with_warn_keeps_the_flagged_model(base_project, project):
 
 # --- resume after a kill -----------------------------------------------------------------------
 
+
 def _cli(overrides: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "cxr", "train", "--model", "smallnet"]
     for item in overrides:
@@ -380,14 +355,17 @@ def _history_rows(path: Path) -> int:
 def test_resume_after_a_kill(base_project, project):
     root = project(base_project)
     epochs = 12
-    overrides = [f"train.smallnet.epochs={epochs}", "train.common.early_stopping.enabled=false",
-                 "input.cache_dir=data/cache", "train.common.tensorboard=false"]
+    overrides = [
+        f"train.smallnet.epochs={epochs}",
+        "train.common.early_stopping.enabled=false",
+        "input.cache_dir=data/cache",
+        "train.common.tensorboard=false",
+    ]
     env = {**os.environ, "CXR_NO_PROGRESS": "1", "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     history = root / "reports/train/smallnet/history.csv"
     backup = root / "models/.backup/smallnet"
 
-    proc = subprocess.Popen(_cli(overrides), cwd=root, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cli(overrides), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while _history_rows(history) < 2:
@@ -408,8 +386,7 @@ def test_resume_after_a_kill(base_project, project):
     assert list(backup.rglob("latest.weights.h5")), "no backup left by the killed run"
     assert not (root / "models/smallnet.keras").exists()
 
-    done = subprocess.run(_cli(overrides), cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(_cli(overrides), cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming an interrupted run" in done.stderr
     # the rerun trains only the epochs the killed run had not finished (EpochLine logs them 1-based)

@@ -61,7 +61,26 @@ def _skip(parts: tuple[str, ...]) -> bool:
 
 
 def safe_extract(archive: str | Path, dest: str | Path, limits: ExtractLimits | None = None) -> ExtractResult:
-    """Extract ``archive`` into the (empty or new) folder ``dest``; raise FetchError if unsafe."""
+    """Extract ``archive`` into the (empty or new) folder ``dest``; raise FetchError if unsafe.
+
+    Every entry is checked before anything is written. Directory entries, ``__MACOSX/``, hidden
+    entries and the nested duplicate (``a/a/...``) are skipped; the rest keep their paths below
+    ``dest``.
+
+    Args:
+        archive: the zip file.
+        dest: the folder to extract into; created if missing.
+        limits: the caps on file count and on uncompressed bytes (default :class:`ExtractLimits`:
+            100,000 files, 20 GiB).
+
+    Returns:
+        The files extracted, the bytes written and the entries skipped.
+
+    Raises:
+        FetchError: the file is not a readable zip; an entry has an absolute path, a ``..``
+            component or is a link or special file; the file count or the declared or actual
+            uncompressed size is over its cap; or the archive is corrupt.
+    """
     archive, dest = Path(archive), Path(dest)
     limits = limits or ExtractLimits()
     dest.mkdir(parents=True, exist_ok=True)
@@ -76,9 +95,7 @@ def safe_extract(archive: str | Path, dest: str | Path, limits: ExtractLimits | 
         for info in infos:  # validate everything before writing anything
             parts = _safe_parts(info.filename, archive)
             if _is_link_or_special(info):
-                raise FetchError(
-                    f"unsafe archive {archive.name}: entry {info.filename!r} is a link or special file"
-                )
+                raise FetchError(f"unsafe archive {archive.name}: entry {info.filename!r} is a link or special file")
             if _skip(parts):
                 skipped += 1
                 continue
@@ -86,8 +103,7 @@ def safe_extract(archive: str | Path, dest: str | Path, limits: ExtractLimits | 
                 plan.append((info, parts))
         if len(plan) > limits.max_files:
             raise FetchError(
-                f"archive {archive.name} holds {len(plan)} files, over the cap of {limits.max_files} "
-                "(data.max_files)"
+                f"archive {archive.name} holds {len(plan)} files, over the cap of {limits.max_files} (data.max_files)"
             )
         declared = sum(info.file_size for info, _ in plan)
         if declared > limits.max_bytes:
@@ -111,6 +127,5 @@ def safe_extract(archive: str | Path, dest: str | Path, limits: ExtractLimits | 
                         out.write(chunk)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
                 raise FetchError(f"archive {archive.name} is corrupt at {info.filename!r}: {exc}") from exc
-    log.info("extracted %d files (%d bytes) from %s, skipped %d entries", len(plan), written,
-             archive.name, skipped)
+    log.info("extracted %d files (%d bytes) from %s, skipped %d entries", len(plan), written, archive.name, skipped)
     return ExtractResult(files=len(plan), bytes=written, skipped=skipped)

@@ -24,6 +24,15 @@ def probe(path: str | Path) -> dict[str, Any]:
     """Return ``{sha256, bytes, width, height, channels, format}`` or ``{error: reason}``.
 
     Never raises for bad files: the reason is a short phrase for the data-quality report.
+
+    Args:
+        path: the image file; read whole and decoded whole.
+
+    Returns:
+        The file's sha256 and size in bytes, its width and height in pixels, its channel count (1
+        for grayscale, 3 for RGB and palette images, 2/4 with alpha) and its format as the input
+        pipeline names it (``jpeg``, ``png`` or ``bmp``). For a bad file: ``error``, plus the
+        sha256 and size when the bytes could be read.
     """
     path = Path(path)
     try:

@@ -27,9 +27,7 @@ class ClassFolder:
 
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in IGNORED_DIRS
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name.lower() not in IGNORED_DIRS
     )
 
 
@@ -41,7 +39,19 @@ def _class_folders(folder: Path) -> dict[str, Path]:
 def find_class_folders(root: str | Path) -> list[ClassFolder]:
     """Return the class folders of a dataset rooted at (or wrapped below) ``root``.
 
-    Raises DataError with one line naming what was expected and what was found.
+    Class folders directly under ``root`` win over split folders; otherwise a folder holding a
+    single visible sub-folder is treated as a wrapper and descended, up to 3 levels.
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        One :class:`ClassFolder` per class folder found: per split in train, val, test order, then
+        by class name; ``split`` is None when the classes are not under split folders.
+
+    Raises:
+        DataError: ``root`` is not a folder, or no class folders were found; the one-line message
+            names what was expected and what was found.
     """
     root = Path(root)
     if not root.is_dir():
@@ -66,6 +76,5 @@ def find_class_folders(root: str | Path) -> list[ClassFolder]:
         folder = children[0]  # a wrapper such as chest_xray/
     seen = ", ".join(p.name + "/" for p in _visible_dirs(folder)[:8]) or "no sub-folders"
     raise DataError(
-        f"{root}: expected class folders NORMAL/ and PNEUMONIA/ (optionally under train/, val/, "
-        f"test/); found {seen}"
+        f"{root}: expected class folders NORMAL/ and PNEUMONIA/ (optionally under train/, val/, test/); found {seen}"
     )

@@ -34,8 +34,18 @@ from cxr.logs import progress
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
-    "path", "label", "class_name", "source_split", "patient_id", "subtype",
-    "sha256", "bytes", "width", "height", "channels", "format",
+    "path",
+    "label",
+    "class_name",
+    "source_split",
+    "patient_id",
+    "subtype",
+    "sha256",
+    "bytes",
+    "width",
+    "height",
+    "channels",
+    "format",
 ]
 
 _PNEUMONIA = re.compile(r"^(person\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
@@ -43,7 +53,15 @@ _NORMAL = re.compile(r"^(?:NORMAL\d*-)?(IM-\d+)-\d+", re.IGNORECASE)
 
 
 def parse_patient(file_name: str) -> tuple[str, str]:
-    """``(patient_id, subtype)`` from a Kermany file name; empty strings when unknown."""
+    """``(patient_id, subtype)`` from a Kermany file name; empty strings when unknown.
+
+    Args:
+        file_name: the file's name (not its path), e.g. ``person1_bacteria_1.jpeg``.
+
+    Returns:
+        ``("person1", "bacteria")`` for a pneumonia name (lowercase), ``("IM-0115", "")`` for a
+        normal one (uppercase; ``NORMAL2-IM-…`` maps to the same id), ``("", "")`` otherwise.
+    """
     if match := _PNEUMONIA.match(file_name):
         return match.group(1).lower(), match.group(2).lower()
     if match := _NORMAL.match(file_name):
@@ -52,7 +70,16 @@ def parse_patient(file_name: str) -> tuple[str, str]:
 
 
 def classify_path(rel: Path) -> tuple[str, str] | None:
-    """``(source_split, CLASS)`` from a path relative to the raw root, or None if outside a class."""
+    """``(source_split, CLASS)`` from a path relative to the raw root, or None if outside a class.
+
+    Args:
+        rel: the file's path relative to ``data/raw``: ``[<split>/]<CLASS>/.../<file>``.
+
+    Returns:
+        The split folder (``train``/``val``/``test``, or "" when there is none) and the canonical
+        class name; None when the file is not inside a ``NORMAL``/``PNEUMONIA`` folder (names
+        matched in any case).
+    """
     parts = rel.parts
     split = ""
     if parts and parts[0].lower() in SPLITS:
@@ -64,13 +91,21 @@ def classify_path(rel: Path) -> tuple[str, str] | None:
 
 
 def list_files(raw_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(images by extension, other visible files), both sorted."""
+    """(images by extension, other visible files), both sorted.
+
+    Args:
+        raw_dir: the folder to list, recursively.
+
+    Returns:
+        The files ``imutils`` counts as images (by extension, as the notebook listed them), and every
+        other file with no hidden (dot) folder or name in its path below ``raw_dir``.
+    """
     images = sorted(Path(p) for p in imutils_paths.list_images(str(raw_dir)))
     image_set = set(images)
     others = sorted(
-        p for p in raw_dir.rglob("*")
-        if p.is_file() and p not in image_set
-        and not any(part.startswith(".") for part in p.relative_to(raw_dir).parts)
+        p
+        for p in raw_dir.rglob("*")
+        if p.is_file() and p not in image_set and not any(part.startswith(".") for part in p.relative_to(raw_dir).parts)
     )
     return images, others
 
@@ -94,19 +129,29 @@ def _probe_many(files: list[Path], workers: int) -> Iterator[dict[str, Any]]:
             yield window.popleft().result()
 
 
-def build_manifest(raw_dir: str | Path, workers: int = 0, path_prefix: str | None = None
-                   ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+def build_manifest(
+    raw_dir: str | Path, workers: int = 0, path_prefix: str | None = None
+) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Probe every file under ``raw_dir``; return (manifest of usable images, excluded files).
 
-    ``path`` in the manifest is ``path_prefix`` + the path relative to ``raw_dir`` (default: the
-    path as given, e.g. ``data/raw/...``, readable from the repository root).
+    Every image is fully decoded and hashed (:func:`cxr.data.images.probe`); a file is excluded
+    when its name is not an image's, it lies outside a class folder, or it does not decode.
+
+    Args:
+        raw_dir: the images in Kaggle layout.
+        workers: threads probing files at once; 0 uses one per CPU.
+        path_prefix: what ``path`` in the manifest starts with, in place of ``raw_dir`` (default:
+            the path as given, e.g. ``data/raw/...``, readable from the repository root).
+
+    Returns:
+        The manifest (``MANIFEST_COLUMNS``, one row per usable image, in sorted path order) and the
+        excluded files as ``{path, reason}``.
     """
     raw_dir = Path(raw_dir)
     prefix = Path(path_prefix) if path_prefix is not None else raw_dir
     images, others = list_files(raw_dir)
     excluded = [
-        {"path": (prefix / p.relative_to(raw_dir)).as_posix(), "reason": "not an image file name"}
-        for p in others
+        {"path": (prefix / p.relative_to(raw_dir)).as_posix(), "reason": "not an image file name"} for p in others
     ]
     workers = workers or os.cpu_count() or 1
     rows: list[dict[str, Any]] = []
@@ -123,17 +168,29 @@ def build_manifest(raw_dir: str | Path, workers: int = 0, path_prefix: str | Non
             continue
         split, class_name = where
         patient, subtype = parse_patient(file.name)
-        rows.append({
-            "path": shown, "label": CLASS_NAMES.index(class_name), "class_name": class_name,
-            "source_split": split, "patient_id": patient, "subtype": subtype,
-            **{k: info[k] for k in ("sha256", "bytes", "width", "height", "channels", "format")},
-        })
+        rows.append(
+            {
+                "path": shown,
+                "label": CLASS_NAMES.index(class_name),
+                "class_name": class_name,
+                "source_split": split,
+                "patient_id": patient,
+                "subtype": subtype,
+                **{k: info[k] for k in ("sha256", "bytes", "width", "height", "channels", "format")},
+            }
+        )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     log.info("manifest: %d usable images, %d excluded", len(manifest), len(excluded))
     return manifest, excluded
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Load a manifest written by ``prepare`` with stable dtypes (ids stay strings)."""
-    return pd.read_csv(path, dtype={"patient_id": str, "subtype": str, "source_split": str},
-                       keep_default_na=False)
+    """Load a manifest written by ``prepare`` with stable dtypes (ids stay strings).
+
+    Args:
+        path: ``manifest.csv`` (or ``splits.csv``, which shares its id columns).
+
+    Returns:
+        The frame; empty ``patient_id``, ``subtype`` and ``source_split`` stay "" rather than NaN.
+    """
+    return pd.read_csv(path, dtype={"patient_id": str, "subtype": str, "source_split": str}, keep_default_na=False)

@@ -17,7 +17,18 @@ SIZES = (28, 64, 128, 224)
 
 
 def download_npz(size: int, cache_dir: Path) -> Path:
-    """Fetch PneumoniaMNIST at ``size`` px through the ``medmnist`` package (needs internet)."""
+    """Fetch PneumoniaMNIST at ``size`` px through the ``medmnist`` package (needs internet).
+
+    Args:
+        size: the image side in pixels: 28, 64, 128 or 224.
+        cache_dir: where ``medmnist`` downloads to; an ``.npz`` already there is reused by it.
+
+    Returns:
+        The ``.npz`` file: ``pneumoniamnist.npz`` for 28 px, ``pneumoniamnist_<size>.npz`` otherwise.
+
+    Raises:
+        FetchError: an unsupported size, the ``medmnist`` package missing, or the download failing.
+    """
     if size not in SIZES:
         raise FetchError(f"data.medmnist_size={size}: PneumoniaMNIST comes in sizes {SIZES}")
     try:
@@ -48,9 +59,7 @@ def _split_arrays(npz: np.lib.npyio.NpzFile, split: str, path: Path) -> tuple[np
         raise DataError(f"{path}: has only one of {key_x}/{key_y}; not a MedMNIST file")
     images, labels = npz[key_x], npz[key_y].reshape(-1)
     if images.ndim not in (3, 4) or len(images) != len(labels):
-        raise DataError(
-            f"{path}: {key_x} has shape {images.shape} for {len(labels)} labels; expected (N,H,W[,C])"
-        )
+        raise DataError(f"{path}: {key_x} has shape {images.shape} for {len(labels)} labels; expected (N,H,W[,C])")
     if not np.isin(labels, (0, 1)).all():
         raise DataError(f"{path}: {key_y} holds labels other than 0 (normal) and 1 (pneumonia)")
     return images, labels
@@ -59,7 +68,22 @@ def _split_arrays(npz: np.lib.npyio.NpzFile, split: str, path: Path) -> tuple[np
 def materialise_npz(path: str | Path, dest: str | Path) -> dict[str, int]:
     """Write every image of a MedMNIST ``.npz`` as ``dest/<split>/<CLASS>/pneumoniamnist_<split>_<i>.png``.
 
-    The test split is optional (the shared file has only train and val). Returns counts per split.
+    ``<i>`` is the image's index in its split, zero-padded to 5 digits. Non-uint8 pixels are clipped
+    to 0–255 and cast, so the file is expected to hold 0–255 values as MedMNIST ships them.
+
+    Args:
+        path: the ``.npz`` with ``<split>_images`` ((N, H, W) or (N, H, W, C)) and ``<split>_labels``
+            (0 normal, 1 pneumonia) for ``train`` and, optionally, ``val`` and ``test`` (the shared
+            file has only train and val).
+        dest: the Kaggle-layout folder to write into.
+
+    Returns:
+        The number of images written per split present.
+
+    Raises:
+        FetchError: ``path`` is not a file.
+        DataError: not a readable ``.npz``, no train split, a split with only images or only
+            labels, mismatched shapes or counts, or labels other than 0 and 1.
     """
     path, dest = Path(path), Path(dest)
     if not path.is_file():

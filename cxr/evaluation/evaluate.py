@@ -69,7 +69,23 @@ def score(
     seed: int,
     youden: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """All metrics of one model on one labelled set; also the bootstrap samples (for comparisons)."""
+    """All metrics of one model on one labelled set; also the bootstrap samples (for comparisons).
+
+    Args:
+        labels: (N,) truth, 0 normal or 1 pneumonia.
+        probabilities: (N,) P(pneumonia).
+        groups: (N,) patient ids ("" when unknown), the bootstrap's clusters.
+        threshold: the operating threshold the headline figures are taken at.
+        n_boot: bootstrap resamples of patients.
+        seed: the bootstrap seed.
+        youden: the validation Youden threshold, to report figures at it too; None to skip.
+
+    Returns:
+        The metrics (:func:`cxr.evaluation.metrics.threshold_free`, ``at_threshold`` and its
+        figures copied to the top level, ``ci95`` per bootstrap metric, ``ci_method``, the
+        classification report, and ``youden_threshold`` / ``at_youden`` when given), and the
+        bootstrap samples of AUC, sensitivity, specificity and accuracy.
+    """
     labels = np.asarray(labels).astype(int)
     result: dict[str, Any] = {
         **threshold_free(labels, probabilities),
@@ -190,7 +206,18 @@ def threshold_rule(
     eval_params: EvaluateConfig | Mapping[str, Any], external_names: Sequence[str]
 ) -> tuple[str, str | None]:
     """``evaluate.threshold_source`` checked: ``("validation", None)``, ``("fixed", None)`` or
-    ``("external", name)``."""
+    ``("external", name)``.
+
+    Args:
+        eval_params: the ``evaluate`` section.
+        external_names: the configured external sets.
+
+    Returns:
+        The rule's kind and, for ``external:<name>``, the set's name.
+
+    Raises:
+        CxrError: an unknown rule, or ``external:<name>`` naming no configured set.
+    """
     source = str(setting(eval_params, EvaluateConfig, "threshold_source"))
     if source in ("validation", "fixed"):
         return source, None
@@ -207,7 +234,16 @@ def threshold_rule(
 
 def validation_point(lm: LoadedModel, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """The validation rule's threshold: the model card's operating point (chosen at training time by
-    ``train.<model>.target_sensitivity``), or Youden's J on validation for a card without one."""
+    ``train.<model>.target_sensitivity``), or Youden's J on validation for a card without one.
+
+    Args:
+        lm: the loaded model and its card.
+        labels: (N,) validation truth, for the Youden fallback.
+        probs: (N,) the model's validation P(pneumonia).
+
+    Returns:
+        ``{threshold, rule, chosen_on: "val"}``.
+    """
     point = lm.card.get("operating_point") or {}
     if point.get("chosen_on") == "val" and isinstance(point.get("threshold"), int | float):
         return {"threshold": float(point["threshold"]), "rule": str(point.get("rule")), "chosen_on": "val"}
@@ -224,7 +260,18 @@ def operating_point(
     val_point: Mapping[str, Any],
     external_probs: Mapping[str, tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, Any]:
-    """The shipped threshold of one model, with the rule and the data set it was chosen on."""
+    """The shipped threshold of one model, with the rule and the data set it was chosen on.
+
+    Args:
+        rule: the checked ``evaluate.threshold_source`` (:func:`threshold_rule`).
+        eval_params: the ``evaluate`` section (``threshold`` for the ``fixed`` rule).
+        val_point: the model's validation operating point (:func:`validation_point`).
+        external_probs: ``{set name: (labels, the model's probabilities)}``, for ``external:<name>``.
+
+    Returns:
+        ``{threshold, rule, chosen_on}``: ``chosen_on`` is ``"val"``, the external set's name, or
+        None for a fixed threshold.
+    """
     kind, name = rule
     if kind == "fixed":
         value = eval_params.threshold
@@ -410,6 +457,10 @@ def evaluate_models(
     Returns:
         The summary written to ``metrics.json``: per model the test figures at its shipped
         threshold, per external set the same figures, and paired AUC comparisons.
+
+    Raises:
+        CxrError: a model or its card is missing or cannot be loaded, or
+            ``evaluate.threshold_source`` names no configured external set.
     """
     eval_params = as_section(EvaluateConfig, eval_params, "evaluate")
     n_boot, seed = eval_params.bootstrap, eval_params.seed
@@ -476,7 +527,14 @@ def _score_external(
 
 
 def ci_text(pair: Sequence[float] | None) -> str:
-    """A 95 % CI for logs and terminal lines: "0.946 to 0.988" ("n/a" when undefined)."""
+    """A 95 % CI for logs and terminal lines: "0.946 to 0.988" ("n/a" when undefined).
+
+    Args:
+        pair: ``[low, high]``, or None.
+
+    Returns:
+        The interval with three decimals, or ``n/a``.
+    """
     return f"{pair[0]:.3f} to {pair[1]:.3f}" if pair else "n/a"
 
 
@@ -488,6 +546,9 @@ def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[
 
     Returns:
         The image files, their labels (0 normal, 1 pneumonia) and patient ids ("" when unknown).
+
+    Raises:
+        DataError: no class folders, or no images in them.
     """
     from imutils import paths as imutils_paths
 
@@ -533,6 +594,10 @@ def evaluate_folder(
     Returns:
         The metrics of :func:`score`, plus the model, the folder, whether the model file matches its
         card, the skipped files with their reasons, and where the threshold came from.
+
+    Raises:
+        CxrError: the model or its card is missing or cannot be loaded.
+        DataError: the folder has no class folders, no images, or none that could be read.
     """
     lm = load(model_path)
     if threshold is None:

@@ -32,14 +32,37 @@ OUTCOMES = ("TP", "FP", "TN", "FN")
 
 
 def outcome(label: int, probability: float, threshold: float) -> str:
+    """The confusion-matrix cell of one prediction.
+
+    Args:
+        label: the truth, 0 normal or 1 pneumonia.
+        probability: P(pneumonia).
+        threshold: the probability at or above which the prediction is PNEUMONIA.
+
+    Returns:
+        ``TP``, ``FP``, ``TN`` or ``FN``.
+    """
     positive = probability >= threshold
     return ("T" if positive == bool(label) else "F") + ("P" if positive else "N")
 
 
 def select(predictions: pd.DataFrame, threshold: float, per_outcome: int, seed: int) -> pd.DataFrame:
-    """A seeded sample of up to ``per_outcome`` rows of each outcome, in TP, FP, TN, FN order."""
-    frame = predictions.assign(outcome=[outcome(y, p, threshold) for y, p in
-                                        zip(predictions["label"], predictions["probability"], strict=True)])
+    """A seeded sample of up to ``per_outcome`` rows of each outcome, in TP, FP, TN, FN order.
+
+    Args:
+        predictions: ``predictions.csv`` of ``evaluate``: ``path``, ``label``, ``probability``.
+        threshold: the decision threshold that defines the outcomes.
+        per_outcome: the most rows taken per outcome (fewer when fewer exist).
+        seed: the sampling seed.
+
+    Returns:
+        The chosen rows with an ``outcome`` column; within an outcome, rows keep their file order.
+    """
+    frame = predictions.assign(
+        outcome=[
+            outcome(y, p, threshold) for y, p in zip(predictions["label"], predictions["probability"], strict=True)
+        ]
+    )
     rng = np.random.default_rng(seed)
     parts = []
     for kind in OUTCOMES:
@@ -61,8 +84,11 @@ def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path
     for ax, image, cam, (_, row) in zip(axes.flat, images, cams, rows.iterrows(), strict=False):
         ax.imshow(overlay(image.astype(np.float32) / 255.0, cam))
         predicted = CLASS_NAMES[int(row["probability"] >= row["threshold"])]
-        ax.set_title(f"{row['outcome']}: pred {predicted}\nP(pneumonia) {row['probability']:.3f} · "
-                     f"true {CLASS_NAMES[int(row['label'])]}", fontsize=7.5)
+        ax.set_title(
+            f"{row['outcome']}: pred {predicted}\nP(pneumonia) {row['probability']:.3f} · "
+            f"true {CLASS_NAMES[int(row['label'])]}",
+            fontsize=7.5,
+        )
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,16 +97,48 @@ def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path
     return out
 
 
-def explain_models(models: Sequence[str], eval_params: EvaluateConfig | Mapping[str, Any],
-                   input_params: InputConfig | Mapping[str, Any],
-                   splits_csv: str | Path = HERE.splits, models_dir: str | Path = HERE.models,
-                   eval_dir: str | Path = HERE.eval, out_dir: str | Path = HERE.gradcam) -> dict[str, Any]:
+def explain_models(
+    models: Sequence[str],
+    eval_params: EvaluateConfig | Mapping[str, Any],
+    input_params: InputConfig | Mapping[str, Any],
+    splits_csv: str | Path = HERE.splits,
+    models_dir: str | Path = HERE.models,
+    eval_dir: str | Path = HERE.eval,
+    out_dir: str | Path = HERE.gradcam,
+) -> dict[str, Any]:
+    """Grad-CAM gallery and border-heat figure of every model on the test split.
+
+    Needs ``evaluate`` to have run: the gallery's images are chosen from its test predictions, at
+    the model's shipped threshold (:func:`cxr.inference.loading.shipped_threshold`).
+
+    Args:
+        models: model names (``<models_dir>/<name>.keras``).
+        eval_params: the ``evaluate`` section: ``gradcam_per_outcome``, ``seed``, ``border_margin``,
+            ``gradcam_layer`` (empty: the last convolution).
+        input_params: the ``input`` section (the decoded-image cache folder).
+        splits_csv: the split file whose test split is explained.
+        models_dir: where the models are.
+        eval_dir: where ``evaluate`` wrote ``<name>/predictions.csv`` and operating points.
+        out_dir: where ``<name>.png`` galleries and ``summary.json`` are written.
+
+    Returns:
+        The summary written to ``summary.json``: the border margin, the uniform map's border share,
+        and per model the layer, gallery file, threshold, mean border share over every test image,
+        its ratio to uniform, the image count and the examples shown.
+
+    Raises:
+        CxrError: a model or its card is missing or cannot be loaded, or ``evaluate.gradcam_layer``
+            is not a layer on the model's main path.
+    """
     eval_params = as_section(EvaluateConfig, eval_params, "evaluate")
     per_outcome, seed = eval_params.gradcam_per_outcome, eval_params.seed
     margin, layer = eval_params.border_margin, eval_params.gradcam_layer or None
     out_dir = Path(out_dir)
-    summary: dict[str, Any] = {"border_margin": margin,
-                               "uniform_border_fraction": 1 - (1 - 2 * margin) ** 2, "models": {}}
+    summary: dict[str, Any] = {
+        "border_margin": margin,
+        "uniform_border_fraction": 1 - (1 - 2 * margin) ** 2,
+        "models": {},
+    }
     for name in models:
         lm = load(Path(models_dir) / f"{name}.keras")
         threshold, _ = shipped_threshold(lm, eval_dir)  # TP/FP/TN/FN as the model ships
@@ -89,23 +147,33 @@ def explain_models(models: Sequence[str], eval_params: EvaluateConfig | Mapping[
         images = load_images(paths, key, cfg, "test")
         fractions = []
         for start in range(0, len(images), 32):
-            cams, _ = gradcam(lm.model, images[start:start + 32].astype(np.float32) / 255.0, layer)
+            cams, _ = gradcam(lm.model, images[start : start + 32].astype(np.float32) / 255.0, layer)
             fractions += [border_fraction(c, margin) for c in cams]
         predictions = pd.read_csv(Path(eval_dir) / name / "predictions.csv", keep_default_na=False)
         chosen = select(predictions, threshold, per_outcome, seed).assign(threshold=threshold)
         index = {p: i for i, p in enumerate(paths)}
         picked = images[[index[p] for p in chosen["path"]]]
         cams, _ = gradcam(lm.model, picked.astype(np.float32) / 255.0, layer)
-        gallery = _gallery(picked, cams, chosen, out_dir / f"{name}.png",
-                           f"{name}: Grad-CAM of {layer or last_conv_layer(lm.model)}")
+        gallery = _gallery(
+            picked, cams, chosen, out_dir / f"{name}.png", f"{name}: Grad-CAM of {layer or last_conv_layer(lm.model)}"
+        )
         value = float(np.nanmean(fractions))
         summary["models"][name] = {
-            "layer": layer or last_conv_layer(lm.model), "gallery": gallery.as_posix(), "threshold": threshold,
+            "layer": layer or last_conv_layer(lm.model),
+            "gallery": gallery.as_posix(),
+            "threshold": threshold,
             "border_fraction_mean": round(value, 4),
             "border_to_uniform_ratio": round(value / summary["uniform_border_fraction"], 3),
             "images": len(fractions),
-            "examples": [{"path": r["path"], "outcome": r["outcome"], "probability": float(r["probability"]),
-                          "label": CLASS_NAMES[int(r["label"])]} for _, r in chosen.iterrows()],
+            "examples": [
+                {
+                    "path": r["path"],
+                    "outcome": r["outcome"],
+                    "probability": float(r["probability"]),
+                    "label": CLASS_NAMES[int(r["label"])],
+                }
+                for _, r in chosen.iterrows()
+            ],
         }
         log.info("%s: Grad-CAM border heat %.3f (uniform %.3f)", name, value, summary["uniform_border_fraction"])
     write_json(out_dir / "summary.json", summary)

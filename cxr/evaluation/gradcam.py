@@ -37,7 +37,17 @@ def _walk(model: Any) -> list[tuple[Any, Any]]:
 
 
 def last_conv_layer(model: Any) -> str:
-    """Name of the last convolution, searching nested models too."""
+    """Name of the last convolution, searching nested models too.
+
+    Args:
+        model: a Keras model; nested models (a VGG16 base) are searched one level deep.
+
+    Returns:
+        The name of the last Conv2D, SeparableConv2D or DepthwiseConv2D layer in execution order.
+
+    Raises:
+        CxrError: the model has no convolution.
+    """
     convs = [inner.name for _, inner in _walk(model) if _is_conv(inner)]
     if not convs:
         raise CxrError(f"model {model.name} has no convolution layer for Grad-CAM")
@@ -61,7 +71,25 @@ def _run_chain(layers: list[Any], x: Any, target: str, tape: Any) -> tuple[Any, 
 
 
 def gradcam(model: Any, images: np.ndarray, layer_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Heat maps in [0, 1] at the images' size, and P(pneumonia), for a batch of [0, 1] images."""
+    """Heat maps in [0, 1] at the images' size, and P(pneumonia), for a batch of [0, 1] images.
+
+    Grad-CAM of the sigmoid output: the chosen layer's channels are weighted by the spatial mean of
+    the gradient of P(pneumonia), summed, passed through ReLU, resized (bilinear) to the images'
+    size and divided by each map's maximum; a map with no positive evidence stays all zero.
+
+    Args:
+        model: one of our chain-shaped Keras models (functional or Sequential, nested bases
+            included).
+        images: (N, H, W, 3) float32 in [0, 1], at the model's input size.
+        layer_name: the convolution to explain; None takes :func:`last_conv_layer`.
+
+    Returns:
+        (N, H, W) heat maps in [0, 1], and (N,) float32 P(pneumonia).
+
+    Raises:
+        CxrError: the model has no such layer (or no convolution at all), or the layer is not on
+            the model's main path.
+    """
     tf = tensorflow()
     target = layer_name or last_conv_layer(model)
     if target not in {inner.name for _, inner in _walk(model)}:
@@ -87,18 +115,34 @@ def border_fraction(cam: np.ndarray, margin: float = 0.125) -> float:
 
     Uniform heat gives 1 − (1 − 2·margin)² (0.4375 for 12.5 %); more than that means the model
     looks at the border more than at the central field where the lungs are.
+
+    Args:
+        cam: (H, W) non-negative heat map.
+        margin: the band's width on each side, as a fraction of the height / width.
+
+    Returns:
+        The band's share of the total heat, in [0, 1]; NaN for a map with no heat.
     """
     h, w = cam.shape
     dy, dx = round(h * margin), round(w * margin)
     total = float(cam.sum())
     if total <= 0:
         return float("nan")
-    inner = float(cam[dy:h - dy, dx:w - dx].sum())
+    inner = float(cam[dy : h - dy, dx : w - dx].sum())
     return (total - inner) / total
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a jet-coloured heat map over an image (both [0, 1]); interpolant 0.5 as the notebook."""
+    """Blend a jet-coloured heat map over an image (both [0, 1]); interpolant 0.5 as the notebook.
+
+    Args:
+        image: (H, W, 3) or (H, W) image in [0, 1].
+        cam: (H, W) heat map in [0, 1].
+        alpha: the heat map's weight; the image gets 1 − alpha.
+
+    Returns:
+        (H, W, 3) RGB float image in [0, 1].
+    """
     import matplotlib
 
     colours = matplotlib.colormaps["jet"](cam)[..., :3]

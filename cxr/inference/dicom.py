@@ -22,7 +22,15 @@ _PLUGIN_HINT = (
 
 
 def is_dicom(path: str | Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' at byte 128; also accept the .dcm suffix."""
+    """DICOM Part 10 files carry 'DICM' at byte 128; also accept the .dcm suffix.
+
+    Args:
+        path: the file.
+
+    Returns:
+        True for a ``.dcm`` name (any case) or a file with the ``DICM`` marker; False otherwise,
+        including for a file that cannot be opened.
+    """
     path = Path(path)
     if path.suffix.lower() == ".dcm":
         return True
@@ -35,7 +43,25 @@ def is_dicom(path: str | Path) -> bool:
 
 
 def read_dicom(path: str | Path, clip_std: float = 2.5) -> np.ndarray:
-    """(H, W, 3) uint8 image from a single-frame grayscale DICOM."""
+    """(H, W, 3) uint8 image from a single-frame grayscale DICOM.
+
+    Grayscale pixels go through the Modality LUT, then the VOI LUT or window when the file has one,
+    and MONOCHROME1 is inverted; RGB/YBR secondary captures are reduced to luminance instead. The
+    result is stretched by :func:`to_uint8`.
+
+    Args:
+        path: the DICOM file.
+        clip_std: intensities beyond mean ± this many standard deviations are clipped before
+            rescaling.
+
+    Returns:
+        (H, W, 3) uint8, the gray image repeated in three channels.
+
+    Raises:
+        DataError: not a readable DICOM file, no pixel data, several frames, an unsupported
+            photometric interpretation or pixel shape, or pixel data that cannot be decoded (naming
+            the decoder plugin to install for a compressed transfer syntax).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -61,8 +87,7 @@ def read_dicom(path: str | Path, clip_std: float = 2.5) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         if syntax is not None and getattr(syntax, "is_compressed", False):
-            raise DataError(f"{path}: cannot decode compressed transfer syntax {name}; "
-                            f"{_PLUGIN_HINT}") from exc
+            raise DataError(f"{path}: cannot decode compressed transfer syntax {name}; {_PLUGIN_HINT}") from exc
         raise DataError(f"{path}: unreadable pixel data ({type(exc).__name__}: {exc})") from exc
     if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour secondary capture: use luminance
         gray = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
@@ -78,7 +103,17 @@ def read_dicom(path: str | Path, clip_std: float = 2.5) -> np.ndarray:
 
 
 def to_uint8(gray: np.ndarray, clip_std: float = 2.5) -> np.ndarray:
-    """Clip to mean ± ``clip_std`` std, rescale to 0–255, stack to 3 channels (the notebook's display step)."""
+    """Clip to mean ± ``clip_std`` std, rescale to 0–255, stack to 3 channels (the notebook's display step).
+
+    The clip range never reaches beyond the image's own minimum and maximum.
+
+    Args:
+        gray: (H, W) intensities in any unit.
+        clip_std: how many standard deviations around the mean are kept.
+
+    Returns:
+        (H, W, 3) uint8; all zeros for a blank (constant) image.
+    """
     gray = np.asarray(gray, dtype=np.float64)
     mean, std = float(gray.mean()), float(gray.std())
     low, high = mean - clip_std * std, mean + clip_std * std

@@ -34,9 +34,15 @@ class LoadedModel:
     path: Path
     verified: bool  # the file's sha256 matches its card
 
-
     def cached_input(self, cache_dir: str) -> InputConfig:
-        """The model's own preprocessing, reading and filling the pipeline's decoded-image cache."""
+        """The model's own preprocessing, reading and filling the pipeline's decoded-image cache.
+
+        Args:
+            cache_dir: the decoded-image cache folder (``input.cache_dir``).
+
+        Returns:
+            A copy of the model's input settings with ``cache="disk"`` in ``cache_dir``.
+        """
         return replace(self.input, cache="disk", cache_dir=cache_dir)
 
 
@@ -45,7 +51,15 @@ ENSEMBLE = "ensemble"
 
 def model_file(name: str | Path, models_dir: str | Path = HERE.models) -> Path:
     """``models/<name>.keras`` for a model name (``ensemble/ensemble.keras`` for the ensemble); a
-    path ending in ``.keras`` as given."""
+    path ending in ``.keras`` as given.
+
+    Args:
+        name: a model name, or a path ending in ``.keras``.
+        models_dir: the models folder; the ensemble's folder is its sibling.
+
+    Returns:
+        The model file's path (not checked to exist).
+    """
     if str(name).endswith(".keras"):
         return Path(name)
     if str(name) == ENSEMBLE:
@@ -57,8 +71,17 @@ def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = HERE.eval) -> tupl
     """The model's decision threshold and where it came from.
 
     In order: the operating point ``evaluate`` recorded for exactly this model file (it follows
-    ``evaluate.threshold_source``), the card's operating point (Youden's J on the validation split,
-    chosen at training time), else 0.5.
+    ``evaluate.threshold_source``), the card's operating point (chosen on the validation split at
+    training time: the highest threshold keeping ``train.<model>.target_sensitivity``, or Youden's
+    J without one), else 0.5.
+
+    Args:
+        lm: the loaded model; its card's ``model_sha256`` must match the recorded operating point's.
+        eval_dir: where ``evaluate`` wrote ``<name>/operating_point.json``.
+
+    Returns:
+        The threshold on P(pneumonia), and a phrase naming its rule and source file (for output
+        and logs).
     """
     record = Path(eval_dir) / lm.path.name.removesuffix(".keras") / "operating_point.json"
     if record.is_file():
@@ -75,11 +98,34 @@ def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = HERE.eval) -> tupl
 
 
 def card_path_for(model_path: Path) -> Path:
+    """The model card beside a model file.
+
+    Args:
+        model_path: ``<dir>/<name>.keras``.
+
+    Returns:
+        ``<dir>/<name>.card.json``.
+    """
     return model_path.with_name(model_path.name.removesuffix(".keras") + ".card.json")
 
 
 def load(model_path: str | Path) -> LoadedModel:
-    """Load ``<name>.keras`` (safe mode) and its ``<name>.card.json``."""
+    """Load ``<name>.keras`` (safe mode) and its ``<name>.card.json``.
+
+    The preprocessing (image size, resize mode, interpolation) comes from the card, never from
+    ``params.yaml``, so the model sees images as it did in training. A file whose sha256 differs
+    from the card's is still loaded, with a warning, and marked unverified.
+
+    Args:
+        model_path: the ``.keras`` file; its card must sit beside it.
+
+    Returns:
+        The model, its card, its input settings (``cache="memory"``), its path and whether its
+        bytes match the card.
+
+    Raises:
+        CxrError: the model file or its card is missing, or Keras cannot load the model.
+    """
     model_path = Path(model_path)
     if not model_path.is_file():
         raise CxrError(f"{model_path}: model file not found")
@@ -100,13 +146,32 @@ def load(model_path: str | Path) -> LoadedModel:
     except Exception as exc:
         raise CxrError(f"{model_path}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     pre = card.get("input", {}).get("preprocessing", {})
-    cfg = InputConfig(image_size=int(pre.get("image_size", 224)), resize=pre.get("resize", "squash"),
-                      interpolation=pre.get("interpolation", "bilinear"), cache="memory")
+    cfg = InputConfig(
+        image_size=int(pre.get("image_size", 224)),
+        resize=pre.get("resize", "squash"),
+        interpolation=pre.get("interpolation", "bilinear"),
+        cache="memory",
+    )
     return LoadedModel(model, card, cfg, model_path, verified)
 
 
 def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
-    """One file → (S, S, 3) uint8 as the model saw its training images; DataError if unreadable."""
+    """One file → (S, S, 3) uint8 as the model saw its training images; DataError if unreadable.
+
+    JPEG, PNG and BMP files are decoded by the training pipeline's own function; DICOM files
+    (by marker or ``.dcm`` suffix) through :func:`cxr.inference.dicom.read_dicom`, then the same
+    resize.
+
+    Args:
+        path: the image file.
+        cfg: the model's preprocessing (``image_size`` S, ``resize``, ``interpolation``).
+
+    Returns:
+        (S, S, 3) uint8 array.
+
+    Raises:
+        DataError: the file is missing, or is neither a readable DICOM nor a JPEG/PNG/BMP image.
+    """
     tf = tensorflow()
     path = Path(path)
     if not path.is_file():
@@ -121,7 +186,17 @@ def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
 
 
 def iter_images(paths: Sequence[str | Path], cfg: InputConfig) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
-    """(path, image or None, error or None) per file, in order."""
+    """(path, image or None, error or None) per file, in order.
+
+    A file that cannot be read yields its error message instead of stopping the iteration.
+
+    Args:
+        paths: the image files.
+        cfg: the model's preprocessing.
+
+    Returns:
+        An iterator of ``(path, (S, S, 3) uint8 image, None)`` or ``(path, None, one-line error)``.
+    """
     for path in paths:
         try:
             yield Path(path), load_image(path, cfg), None
@@ -130,9 +205,21 @@ def iter_images(paths: Sequence[str | Path], cfg: InputConfig) -> Iterator[tuple
 
 
 def predict_images(model: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """P(pneumonia) for (N, S, S, 3) uint8 images."""
+    """P(pneumonia) for (N, S, S, 3) uint8 images.
+
+    Images are scaled to [0, 1] float32 one batch at a time, so memory stays at one batch of
+    floats however many images there are.
+
+    Args:
+        model: the Keras model (called directly, ``training=False``).
+        images: (N, S, S, 3) uint8.
+        batch_size: images per model call.
+
+    Returns:
+        (N,) float64 probabilities; empty for no images.
+    """
     out = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].astype(np.float32) / 255.0
+        batch = images[start : start + batch_size].astype(np.float32) / 255.0
         out.append(np.asarray(model(batch, training=False), dtype=np.float64).reshape(-1))
     return np.concatenate(out) if out else np.zeros(0)

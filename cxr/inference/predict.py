@@ -23,23 +23,64 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
 
 
 def expand(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given; folders expanded (recursively, sorted) to their image and DICOM files."""
+    """Files as given; folders expanded (recursively, sorted) to their image and DICOM files.
+
+    Args:
+        paths: files and folders. A file is passed on whatever its suffix (and even if missing, so
+            the error names it); in a folder only ``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.dcm``
+            and ``.dicom`` files (any case) outside hidden folders are taken.
+
+    Returns:
+        An iterator of file paths, in the order given.
+    """
     for item in paths:
         path = Path(item)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                              and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            yield from sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         else:
             yield path
 
 
-def predict(model_path: str | Path | LoadedModel, paths: Sequence[str | Path], threshold: float | None = None,
-            gradcam_dir: str | Path | None = None, as_json: bool = False,
-            out: TextIO | None = None, err: TextIO | None = None, batch_size: int = 32) -> int:
+def predict(
+    model_path: str | Path | LoadedModel,
+    paths: Sequence[str | Path],
+    threshold: float | None = None,
+    gradcam_dir: str | Path | None = None,
+    as_json: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    batch_size: int = 32,
+) -> int:
     """Predict every file; return the number of files that could not be predicted.
 
     Images are decoded one by one (a bad file is reported and skipped) and scored in batches, so
     many images cost little more than one model call per ``batch_size``. Output keeps input order.
+
+    Args:
+        model_path: a ``.keras`` file with its card, or a model already loaded.
+        paths: image and DICOM files, or folders of them (see :func:`expand`).
+        threshold: the P(pneumonia) at or above which an image is called PNEUMONIA; None uses the
+            model's shipped threshold (:func:`cxr.inference.loading.shipped_threshold`).
+        gradcam_dir: when set, a Grad-CAM overlay PNG per image is written there
+            (``<stem>-<8 hex of the path's hash>.gradcam.png``).
+        as_json: one JSON object per image (path, label, probability, threshold and its source,
+            model sha256, whether the model is verified, Grad-CAM file) instead of the notebook's
+            ``<path>: prediction: <LABEL>  P(Pneumonia): <p>`` line.
+        out: where predictions go (default: ``sys.stdout`` at call time).
+        err: where ``cxr: error: ...`` lines for bad files go (default: ``sys.stderr``).
+        batch_size: images per model call.
+
+    Returns:
+        The number of files that could not be read (0 when every file was predicted).
+
+    Raises:
+        CxrError: the model file or its card is missing or cannot be loaded.
     """
     out = out or sys.stdout  # looked up per call: callers may have redirected the streams
     err = err or sys.stderr
@@ -57,10 +98,15 @@ def predict(model_path: str | Path | LoadedModel, paths: Sequence[str | Path], t
         probabilities = predict_images(lm.model, np.stack([image for _, image in pending]), batch_size)
         for (path, image), probability in zip(pending, probabilities, strict=True):
             label = CLASS_NAMES[int(probability >= cut)]
-            record: dict[str, Any] = {"path": str(path), "label": label, "probability": round(float(probability), 6),
-                                      "threshold": cut, "threshold_source": cut_source,
-                                      "model_sha256": lm.card.get("model_sha256"),
-                                      "verified_model": lm.verified}
+            record: dict[str, Any] = {
+                "path": str(path),
+                "label": label,
+                "probability": round(float(probability), 6),
+                "threshold": cut,
+                "threshold_source": cut_source,
+                "model_sha256": lm.card.get("model_sha256"),
+                "verified_model": lm.verified,
+            }
             if gradcam_dir is not None:
                 record["gradcam"] = _write_overlay(lm, image, path, Path(gradcam_dir), label, float(probability))
             if as_json:

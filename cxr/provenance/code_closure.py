@@ -93,5 +93,12 @@ def files_digest(files: Iterable[str]) -> str:
 
 
 def module_digest(module: str) -> str:
-    """sha256 over the import closure of ``module`` (what running it executes)."""
+    """sha256 over the import closure of ``module`` (what running it executes).
+
+    Args:
+        module: a dotted ``cxr`` module name.
+
+    Returns:
+        The hex digest.
+    """
     return files_digest(import_closure(module))

@@ -17,12 +17,21 @@ _COLOURS = {"NORMAL": "#4c72b0", "PNEUMONIA": "#dd8452"}
 
 
 def class_distribution(counts: Mapping[str, Mapping[str, int]], out: str | Path, title: str) -> Path:
-    """One bar chart per split (the notebook's side-by-side charts), counts written on the bars."""
+    """One bar chart per split (the notebook's side-by-side charts), counts written on the bars.
+
+    Args:
+        counts: images per split and class, ``{split: {class name: count}}``; splits with no
+            images get no chart.
+        out: the PNG to write (100 dpi); its folder is created.
+        title: the figure's title.
+
+    Returns:
+        ``out`` as a Path.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     splits = [s for s, c in counts.items() if sum(c.values())]
-    fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(4 * max(len(splits), 1), 3.6),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(4 * max(len(splits), 1), 3.6), squeeze=False, sharey=True)
     for ax, split in zip(axes[0], splits, strict=False):
         values = [counts[split].get(c, 0) for c in CLASS_NAMES]
         bars = ax.bar(CLASS_NAMES, values, color=[_COLOURS[c] for c in CLASS_NAMES])
@@ -37,7 +46,18 @@ def class_distribution(counts: Mapping[str, Mapping[str, int]], out: str | Path,
 
 
 def training_curves(history: Mapping[str, list[float]], out: str | Path, title: str) -> Path:
-    """Loss, accuracy and AUC per epoch, train vs validation (the notebook's curves, plus AUC)."""
+    """Loss, accuracy and AUC per epoch, train vs validation (the notebook's curves, plus AUC).
+
+    Args:
+        history: Keras' history: ``loss``/``accuracy``/``auc`` and their ``val_`` twins, one value
+            per epoch, and optionally ``epoch`` (the x axis; default 1, 2, ...). A metric without
+            its train series is not drawn; at least one of the three must be there.
+        out: the PNG to write (100 dpi); its folder is created.
+        title: the figure's title.
+
+    Returns:
+        ``out`` as a Path.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics = [m for m in ("loss", "accuracy", "auc") if m in history]
@@ -59,7 +79,18 @@ def training_curves(history: Mapping[str, list[float]], out: str | Path, title: 
 
 
 def image_grid(images: Any, labels: Any, out: str | Path, title: str, columns: int = 4) -> Path:
-    """A grid of images (uint8 or [0, 1] floats) titled NORMAL / PNEUMONIA, like the notebook's."""
+    """A grid of images (uint8 or [0, 1] floats) titled NORMAL / PNEUMONIA, like the notebook's.
+
+    Args:
+        images: (N, H, W) grey or (N, H, W, 3) RGB images, uint8 in 0–255 or floats in [0, 1].
+        labels: N labels (0 normal, 1 pneumonia), one title each.
+        out: the PNG to write (90 dpi); its folder is created.
+        title: the figure's title.
+        columns: images per row.
+
+    Returns:
+        ``out`` as a Path.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = (len(images) + columns - 1) // columns
@@ -80,6 +111,14 @@ def architecture(layers: list[tuple[str, str, str, int]], out: str | Path, title
     """A layer-by-layer diagram: (name, type, output shape, params) boxes top to bottom.
 
     Drawn with matplotlib so it needs no Graphviz binary (keras.utils.plot_model does).
+
+    Args:
+        layers: one ``(name, layer type, output shape, parameter count)`` per layer, input first.
+        out: the PNG to write (90 dpi); its folder is created.
+        title: the figure's title.
+
+    Returns:
+        ``out`` as a Path.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,14 +150,30 @@ def _save(fig: Any, out: Path) -> Path:
 
 
 def confusion(matrix: Mapping[str, int], out: str | Path, title: str) -> Path:
-    """2×2 confusion matrix (rows: truth, columns: prediction) with counts."""
+    """2×2 confusion matrix (rows: truth, columns: prediction) with counts.
+
+    Args:
+        matrix: the counts ``tn``, ``fp``, ``fn``, ``tp`` (pneumonia is the positive class).
+        out: the PNG to write (90 dpi); its folder is created.
+        title: the figure's title.
+
+    Returns:
+        ``out`` as a Path.
+    """
     grid = [[matrix["tn"], matrix["fp"]], [matrix["fn"], matrix["tp"]]]
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
     ax.imshow(grid, cmap="Blues")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(grid[i][j]), ha="center", va="center", fontsize=12,
-                    color="white" if grid[i][j] > max(map(max, grid)) / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(grid[i][j]),
+                ha="center",
+                va="center",
+                fontsize=12,
+                color="white" if grid[i][j] > max(map(max, grid)) / 2 else "black",
+            )
     ax.set_xticks([0, 1], CLASS_NAMES)
     ax.set_yticks([0, 1], CLASS_NAMES)
     ax.set_xlabel("predicted")
@@ -127,9 +182,32 @@ def confusion(matrix: Mapping[str, int], out: str | Path, title: str) -> Path:
     return _save(fig, Path(out))
 
 
-def curve(x: Any, y: Any, out: str | Path, title: str, xlabel: str, ylabel: str,
-          diagonal: bool = False, label: str | None = None) -> Path:
-    """A single ROC / precision-recall / reliability curve."""
+def curve(
+    x: Any,
+    y: Any,
+    out: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    diagonal: bool = False,
+    label: str | None = None,
+) -> Path:
+    """A single ROC / precision-recall / reliability curve.
+
+    Both axes span [0, 1]; fewer than 20 points are drawn with markers.
+
+    Args:
+        x, y: the curve's points.
+        out: the PNG to write (90 dpi); its folder is created.
+        title: the figure's title.
+        xlabel, ylabel: the axis labels.
+        diagonal: also draw the dashed y = x line (chance for ROC, perfect calibration for a
+            reliability curve).
+        label: the legend entry (e.g. ``AUC 0.973``); None draws no legend.
+
+    Returns:
+        ``out`` as a Path.
+    """
     fig, ax = plt.subplots(figsize=(3.8, 3.4))
     ax.plot(x, y, "-o" if len(x) < 20 else "-", ms=3, label=label)
     if diagonal:

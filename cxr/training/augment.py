@@ -27,7 +27,17 @@ _EXTRA_DRAWS = 9  # uniforms per image beyond (angle, dx, dy): see _augment_nump
 
 
 def affine_params(batch: Any, seed: Any, cfg: AugmentConfig) -> tuple[Any, Any, Any]:
-    """Per-image (angle in radians, x shift fraction, y shift fraction), uniform in the ranges."""
+    """Per-image (angle in radians, x shift fraction, y shift fraction), uniform in the ranges.
+
+    Args:
+        batch: the number of images (an int or a scalar tensor).
+        seed: the batch's stateless seed, a pair of integers; the three draws use derived seeds.
+        cfg: the ranges: ``rotation_deg`` (±degrees), ``width_shift`` and ``height_shift`` (± that
+            fraction of the width / height).
+
+    Returns:
+        Three (batch,) float32 tensors: angle, x shift and y shift.
+    """
     tf = tensorflow()
     seed = tf.cast(seed, tf.int64)
     r = math.radians(cfg.rotation_deg)
@@ -41,12 +51,25 @@ def affine_params(batch: Any, seed: Any, cfg: AugmentConfig) -> tuple[Any, Any, 
 _BORDERS = {"nearest": 1, "constant": 0, "reflect": 4, "wrap": 3}  # cv2.BORDER_* values
 
 
-def affine_matrix(angle: float, dx: float, dy: float, zoom: float, shear: float, flip: bool,
-                  height: int, width: int) -> np.ndarray:
+def affine_matrix(
+    angle: float, dx: float, dy: float, zoom: float, shear: float, flip: bool, height: int, width: int
+) -> np.ndarray:
     """2×3 matrix mapping an output pixel to the input pixel it samples (ImageDataGenerator's way).
 
     ``p_in = R(angle) · Shear(shear) · (p_out − c) / zoom + c − (dx·W, dy·H)``, mirrored in x when
     ``flip``; c is the image centre.
+
+    Args:
+        angle: rotation in radians.
+        dx, dy: shift as a fraction of the width / height (positive moves the content right / down).
+        zoom: scale factor; above 1 magnifies.
+        shear: shear angle in radians.
+        flip: mirror left–right.
+        height, width: the image size in pixels.
+
+    Returns:
+        (2, 3) float64 matrix for OpenCV's ``warpAffine`` with ``WARP_INVERSE_MAP``, in (x, y)
+        pixel coordinates.
     """
     cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
     cos, sin = math.cos(angle), math.sin(angle)
@@ -89,8 +112,9 @@ def _intensity(image: np.ndarray, u: np.ndarray, cfg: AugmentConfig) -> np.ndarr
     return out
 
 
-def _augment_numpy(images: np.ndarray, angle: np.ndarray, dx: np.ndarray, dy: np.ndarray, u: np.ndarray,
-                   cfg: AugmentConfig) -> np.ndarray:
+def _augment_numpy(
+    images: np.ndarray, angle: np.ndarray, dx: np.ndarray, dy: np.ndarray, u: np.ndarray, cfg: AugmentConfig
+) -> np.ndarray:
     """Warp then change intensities; ``u`` holds the per-image uniforms in [0, 1):
     0 zoom, 1 shear, 2 flip, 3 gamma, 4 contrast, 5 brightness, 6 blur, 7 noise, 8 JPEG."""
     import cv2
@@ -104,8 +128,16 @@ def _augment_numpy(images: np.ndarray, angle: np.ndarray, dx: np.ndarray, dy: np
     intensity = any((cfg.brightness, cfg.contrast, cfg.gamma, cfg.blur_sigma, cfg.noise_std, cfg.jpeg_quality))
     shear = math.radians(cfg.shear_deg)
     for i in range(len(images)):
-        mat = affine_matrix(float(angle[i]), float(dx[i]), float(dy[i]), 1.0 + cfg.zoom * (2 * u[i, 0] - 1),
-                            shear * (2 * u[i, 1] - 1), bool(cfg.horizontal_flip and u[i, 2] < 0.5), height, width)
+        mat = affine_matrix(
+            float(angle[i]),
+            float(dx[i]),
+            float(dy[i]),
+            1.0 + cfg.zoom * (2 * u[i, 0] - 1),
+            shear * (2 * u[i, 1] - 1),
+            bool(cfg.horizontal_flip and u[i, 2] < 0.5),
+            height,
+            width,
+        )
         warped = cv2.warpAffine(images[i], mat, (width, height), flags=flags, borderMode=_BORDERS[cfg.fill_mode])
         warped = warped.reshape(out[i].shape)  # cv2 drops a trailing axis of size 1
         out[i] = _intensity(warped, u[i], cfg) if intensity else warped
@@ -118,13 +150,28 @@ def augment_batch(images: Any, seed: Any, cfg: AugmentConfig) -> Any:
     The random parameters come from TensorFlow's stateless RNG; the resampling is OpenCV's
     ``warpAffine`` (SIMD, releases the GIL), several times faster on CPU than TensorFlow's
     ImageProjectiveTransformV3 for uint8 images.
+
+    Args:
+        images: (B, H, W, C) uint8 tensor, as the input pipeline decodes it.
+        seed: the batch's stateless seed, a pair of integers (a tensor inside ``tf.data``).
+        cfg: the augmentation ranges (``input.augment``); all zero returns ``images`` as given.
+
+    Returns:
+        (B, H, W, C) uint8 tensor of the same static shape: each image warped once (rotation, zoom,
+        shear, shift, optional flip; pixels from outside filled by ``cfg.fill_mode``), then
+        changed in intensity when any intensity range is set.
     """
     tf = tensorflow()
     if cfg.is_identity:
         return images
     angle, dx, dy = affine_params(tf.shape(images)[0], seed, cfg)
-    u = tf.random.stateless_uniform([tf.shape(images)[0], _EXTRA_DRAWS],
-                                    seed=tf.cast(seed, tf.int64) + tf.constant([0, 3], tf.int64))
-    out = tf.numpy_function(lambda x, a, b, c, v: _augment_numpy(x, a, b, c, v, cfg), [images, angle, dx, dy, u],
-                            images.dtype, stateful=False)
+    u = tf.random.stateless_uniform(
+        [tf.shape(images)[0], _EXTRA_DRAWS], seed=tf.cast(seed, tf.int64) + tf.constant([0, 3], tf.int64)
+    )
+    out = tf.numpy_function(
+        lambda x, a, b, c, v: _augment_numpy(x, a, b, c, v, cfg),
+        [images, angle, dx, dy, u],
+        images.dtype,
+        stateful=False,
+    )
     return tf.ensure_shape(out, images.shape)

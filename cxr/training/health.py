@@ -26,6 +26,20 @@ class Health:
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+    """The figures the health check reads, on one labelled set at one threshold.
+
+    Args:
+        labels: (N,) truth, 0 normal or 1 pneumonia.
+        probabilities: (N,) P(pneumonia); a NaN counts as a NORMAL prediction.
+        threshold: the probability at or above which an image is called PNEUMONIA.
+
+    Returns:
+        ``n``, ``threshold``, ``auc`` (None unless both classes are present and every probability
+        is finite), ``accuracy``, ``sensitivity``, ``specificity``, ``precision``,
+        ``predicted_positive_fraction`` (ratios rounded to 4 digits, None when undefined),
+        ``prediction_std`` (NaNs ignored; None when no probability is finite) and ``confusion``
+        (``tn``, ``fp``, ``fn``, ``tp``).
+    """
     labels = np.asarray(labels).astype(int)
     finite = np.isfinite(probabilities)
     predicted = (probabilities >= threshold).astype(int)
@@ -41,18 +55,38 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     if finite.all() and len(set(labels.tolist())) == 2:
         auc = round(float(roc_auc_score(labels, probabilities)), 4)
     return {
-        "n": len(labels), "threshold": threshold, "auc": auc,
-        "accuracy": ratio(tp + tn, len(labels)), "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp), "precision": ratio(tp, tp + fp),
+        "n": len(labels),
+        "threshold": threshold,
+        "auc": auc,
+        "accuracy": ratio(tp + tn, len(labels)),
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "precision": ratio(tp, tp + fp),
         "predicted_positive_fraction": ratio(tp + fp, len(labels)),
         "prediction_std": round(float(np.nanstd(probabilities)), 5) if finite.any() else None,
         "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
     }
 
 
-def assess(labels: np.ndarray, probabilities: np.ndarray, history: Mapping[str, list[float]],
-           cfg: HealthConfig) -> Health:
-    """Classify a trained model as healthy, collapsed (NaN / constant output) or degenerate."""
+def assess(
+    labels: np.ndarray, probabilities: np.ndarray, history: Mapping[str, list[float]], cfg: HealthConfig
+) -> Health:
+    """Classify a trained model as healthy, collapsed (NaN / constant output) or degenerate.
+
+    Collapsed: a NaN or infinite loss in the history or a non-finite prediction, or a prediction
+    spread below ``min_prediction_std``. Degenerate: one class predicted for every image (at 0.5),
+    or an AUC below ``min_val_auc``.
+
+    Args:
+        labels: (N,) validation truth, 0 normal or 1 pneumonia.
+        probabilities: (N,) the model's validation P(pneumonia).
+        history: Keras' training history; every series whose name ends in ``loss`` is checked.
+        cfg: ``train.common.health``: ``min_prediction_std`` and ``min_val_auc``.
+
+    Returns:
+        The :class:`Health`: ``status`` (``collapsed`` wins over ``degenerate``), every problem found
+        as one phrase, and the :func:`binary_metrics` at 0.5.
+    """
     metrics = binary_metrics(labels, probabilities)
     collapsed, degenerate = [], []
     losses = [v for k, vs in history.items() if k.endswith("loss") for v in vs]

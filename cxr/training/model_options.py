@@ -64,6 +64,8 @@ def options_class(architecture: str, where: str = "train") -> type:
         CxrError: the architecture is not registered.
     """
     if architecture not in OPTIONS:
-        raise CxrError(f"{where}: unknown model {architecture!r}: choose one of {', '.join(sorted(OPTIONS))} "
-                       f"(or set {where}.architecture to one of them)")
+        raise CxrError(
+            f"{where}: unknown model {architecture!r}: choose one of {', '.join(sorted(OPTIONS))} "
+            f"(or set {where}.architecture to one of them)"
+        )
     return OPTIONS[architecture]

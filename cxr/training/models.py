@@ -24,7 +24,20 @@ REGISTRY: dict[str, Builder] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
-    """Add a builder under ``name``; its options are declared in :mod:`cxr.training.model_options`."""
+    """Add a builder under ``name``; its options are declared in :mod:`cxr.training.model_options`.
+
+    Used as a decorator: ``@register("cxrnet")`` above ``def cxrnet(image_size, cfg)``.
+
+    Args:
+        name: the registry name, as ``train.models`` and ``train.<model>.architecture`` spell it.
+
+    Returns:
+        The decorator, which stores the builder in ``REGISTRY`` and returns it unchanged.
+
+    Raises:
+        CxrError: ``name`` has no options class in ``model_options.OPTIONS`` (checked when the
+            decorator is applied, at import).
+    """
     if name not in OPTIONS:
         raise CxrError(f"model {name!r}: declare its options in cxr/training/model_options.py first")
 
@@ -38,8 +51,9 @@ def register(name: str) -> Callable[[Builder], Builder]:
 NORMALIZATIONS = ("none", "standardize", "equalize")
 
 
-def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: str = "none",
-                center_crop: float = 0.0) -> Any:
+def build_model(
+    name: str, image_size: int, cfg: Mapping[str, Any], normalize: str = "none", center_crop: float = 0.0
+) -> Any:
     """An uncompiled model of the registry.
 
     Args:
@@ -53,12 +67,18 @@ def build_model(name: str, image_size: int, cfg: Mapping[str, Any], normalize: s
             film's outer band (collimation, background, markers) never reaches the network.
 
     Returns:
-        A functional Keras model: (S, S, 3) float32 in [0, 1] → P(pneumonia).
+        A functional Keras model: (S, S, 3) float32 in [0, 1] → P(pneumonia), named ``name``.
+
+    Raises:
+        CxrError: an unknown architecture, an unknown ``normalize``, or ``center_crop`` outside
+            [0, 0.4).
     """
     architecture = str(cfg.get("architecture") or name)
     if architecture not in REGISTRY:
-        raise CxrError(f"unknown model {architecture!r}: choose one of {', '.join(sorted(REGISTRY))} "
-                       f"(or set train.{name}.architecture to one of them)")
+        raise CxrError(
+            f"unknown model {architecture!r}: choose one of {', '.join(sorted(REGISTRY))} "
+            f"(or set train.{name}.architecture to one of them)"
+        )
     if normalize not in NORMALIZATIONS:
         raise CxrError(f"input.normalize={normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
     if not 0.0 <= center_crop < 0.4:
@@ -97,8 +117,9 @@ class IntensityNormalization(keras.layers.Layer):
         batch = tf.shape(grey)[0]
         levels = tf.cast(tf.clip_by_value(tf.round(grey * 255.0), 0, 255), tf.int32)
         offsets = tf.range(batch)[:, None, None] * 256
-        hist = tf.math.bincount(tf.reshape(levels + offsets, [-1]), minlength=256 * batch,
-                                maxlength=256 * batch, dtype=tf.float32)
+        hist = tf.math.bincount(
+            tf.reshape(levels + offsets, [-1]), minlength=256 * batch, maxlength=256 * batch, dtype=tf.float32
+        )
         cdf = tf.cumsum(tf.reshape(hist, [batch, 256]), axis=1)
         cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, tf.fill(tf.shape(cdf), np.inf)), axis=1, keepdims=True)
         total = cdf[:, -1:]
@@ -148,7 +169,18 @@ def _output(x: Any) -> Any:
 
 @register("smallnet")
 def smallnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
-    """The notebook's SmallNet, layer for layer: 3×Conv(32) + Dense(32)."""
+    """The notebook's SmallNet, layer for layer: 3×Conv(32) + Dense(32).
+
+    Three 3×3 ReLU convolutions (the first two followed by 2×2 max pooling), Flatten, Dense(32):
+    2.79 M parameters at 224 px, 2.77 M of them in that last Dense.
+
+    Args:
+        image_size: side of the square input images.
+        cfg: ``normalize`` and ``center_crop`` (from :func:`build_model`); SmallNet has no options.
+
+    Returns:
+        The uncompiled functional model ``smallnet``.
+    """
     from keras import layers
 
     inputs, x = _image_input(image_size, cfg)
@@ -172,14 +204,29 @@ def _imagenet_error(exc: BaseException) -> CxrError:
 
 @register("vgg16")
 def vgg16(image_size: int, cfg: Mapping[str, Any]) -> Any:
-    """Frozen VGG16 base + the notebook's head: Flatten, Dense 4096, Dense 1072, Dropout 0.2."""
+    """Frozen VGG16 base + the notebook's head: Flatten, Dense 4096, Dense 1072, Dropout 0.2.
+
+    Args:
+        image_size: side of the square input images; also the base's input size.
+        cfg: ``weights`` (``imagenet``, downloaded by Keras; ``none``, random; or a local weights
+            file), ``imagenet_preprocessing`` (scale to [0, 255], RGB→BGR, subtract the ImageNet
+            means, as the ImageNet weights expect; skipped when ``normalize`` is not ``none``),
+            ``dropout``, and ``normalize`` / ``center_crop`` from :func:`build_model`.
+
+    Returns:
+        The uncompiled functional model ``vgg16`` (base frozen, head trainable).
+
+    Raises:
+        CxrError: the ImageNet weights cannot be downloaded, or a weights file is not found.
+    """
     from keras import layers
 
     weights = str(cfg.get("weights", "imagenet") or "none")
     base_weights = "imagenet" if weights == "imagenet" else None
     try:
-        base = keras.applications.VGG16(include_top=False, weights=base_weights,
-                                        input_shape=(image_size, image_size, 3))
+        base = keras.applications.VGG16(
+            include_top=False, weights=base_weights, input_shape=(image_size, image_size, 3)
+        )
     except Exception as exc:  # urllib/HTTP/SSL errors surface as several types
         if base_weights == "imagenet":
             raise _imagenet_error(exc) from exc
@@ -216,12 +263,21 @@ def _conv_block(x: Any, filters: int, name: str) -> Any:
 
 @register("cxrnet")
 def cxrnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
-    """A compact radiograph classifier: BN conv blocks, global pooling, ~0.3 M parameters.
+    """A compact radiograph classifier: BN conv blocks, global pooling, ~0.59 M parameters.
 
     A strided stem brings 224 px to 56 px cheaply; four double-conv blocks (32–64–128–128
     filters, batch-normalised) see the whole chest; global average pooling replaces the huge
-    Flatten→Dense of SmallNet (2.8 M of its 2.8 M weights), which is where it memorises
+    Flatten→Dense of SmallNet (2.77 M of its 2.79 M weights), which is where it memorises
     burned-in markers and image borders.
+
+    Args:
+        image_size: side of the square input images.
+        cfg: ``widths`` (the filters of the four blocks; the stem has half the first),
+            ``dropout`` before the output, and ``normalize`` / ``center_crop`` from
+            :func:`build_model`.
+
+    Returns:
+        The uncompiled functional model ``cxrnet``.
     """
     from keras import layers
 

@@ -14,8 +14,13 @@ from cxr.training.input_pipeline import load_images, make_dataset, read_split
 from cxr.workspace import HERE
 
 
-def augmented_batch(input_cfg: InputConfig | Mapping[str, Any], seed: int, splits_csv: str | Path = HERE.splits,
-                    out: str | Path = HERE.preview_plot, count: int = 16) -> Path:
+def augmented_batch(
+    input_cfg: InputConfig | Mapping[str, Any],
+    seed: int,
+    splits_csv: str | Path = HERE.splits,
+    out: str | Path = HERE.preview_plot,
+    count: int = 16,
+) -> Path:
     """Plot ``count`` images of one augmented training batch, as the model sees them.
 
     Args:
@@ -38,5 +43,6 @@ def augmented_batch(input_cfg: InputConfig | Mapping[str, Any], seed: int, split
         batch_y.extend(y.numpy())
         if len(batch_x) >= count:
             break
-    return plots.image_grid(np.asarray(batch_x[:count]), np.asarray(batch_y[:count]), out,
-                            "One augmented training batch")
+    return plots.image_grid(
+        np.asarray(batch_x[:count]), np.asarray(batch_y[:count]), out, "One augmented training batch"
+    )

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.config import InputConfig, Params, TrainConfig
+from cxr.config import InputConfig, Params, TrainConfig, as_plain
 from cxr.errors import CxrError, DataError
 from cxr.evaluation.metrics import validation_operating_point
 from cxr.files import save_keras, write_json
@@ -609,7 +609,7 @@ def _card(
             "non_trainable": int(sum(np.prod(w.shape) for w in model.non_trainable_weights)),
         },
         "data": _data_record(run, splits_sha, data),
-        "train_config": {k: v for k, v in vars(cfg).items() if k != "health"} | {"health": vars(cfg.health)},
+        "train_config": as_plain(cfg),
         "input": {
             "preprocessing": input_cfg.preprocessing(),
             "augment": vars(input_cfg.augment),
