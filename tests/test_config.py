@@ -54,7 +54,7 @@ def test_the_shipped_params_yaml_loads_strictly_and_equals_the_defaults():
         ("prepare.workers=-3", r"prepare\.workers=-3: must be ≥ 0"),
         ("data.source=ftp", r"data\.source='ftp': choose one of kaggle, dir, medmnist"),
         ("train.models=[resnet]", r"unknown model 'resnet'"),
-        ("evaluate.threshold_source=external:x", r"no set of that name in evaluate\.external"),
+        ("evaluate.threshold_source=external:x", r"no external set named 'x' in evaluate\.external"),
         ("train.common.early_stopping.patience=-1", r"train\.common\.early_stopping\.patience=-1: must be ≥ 0"),
         ("train.common.tensorboard=maybe", r"train\.common\.tensorboard='maybe': expected true or false"),
     ],

@@ -91,7 +91,10 @@ def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_da
         "data.source=dir",
         f"data.dir={src}",
         "prepare.min_images_per_class=1",
-        "train.models=[smallnet, nosuchnet]",
+        # a valid configuration whose training fails at run time: nothing saved to continue from
+        "train.models=[smallnet, orphan]",
+        "train.orphan.architecture=smallnet",
+        "train.orphan.continue_epochs=1",
         "ensemble.members=[]",
         "train.smallnet.epochs=1",
         "train.common.steps_per_epoch=2",
@@ -100,10 +103,21 @@ def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_da
         "input.image_size=32",
         "input.batch_size=8",
     ]
-    with pytest.raises(CxrError, match=r"training failed for nosuchnet: .*unknown model 'nosuchnet'"):
+    with pytest.raises(CxrError, match=r"training failed for orphan: .*no saved models/orphan\.keras"):
         pipeline(overrides=args)
     card = Path("models/smallnet.card.json")
     assert card.is_file() and Path("models/smallnet.keras").is_file()  # the healthy model was kept
+
+
+def test_a_flow_parameter_naming_an_unknown_model_fails_before_any_task(prefect_env, tmp_path, monkeypatch):
+    from cxr.config import ConfigError
+    from flows.pipeline import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"train\.nosuchnet: unknown model 'nosuchnet'"):
+        pipeline(overrides=["train.models=[smallnet, nosuchnet]"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing fetched, nothing written
 
 
 def test_external_sets_and_the_ensemble_in_the_flow(prefect_env, make_dataset, tmp_path, monkeypatch):

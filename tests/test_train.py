@@ -310,10 +310,12 @@ def test_collapse_with_fail_and_no_previous_model(base_project, project):
     assert Path("models/.rejected/smallnet.keras").is_file()
 
 
-def test_unreachable_auc_threshold_rejects_a_good_model(base_project, project):
+def test_an_unreachable_health_threshold_rejects_a_good_model(base_project, project):
     project(base_project)
-    params = make_params(health={"on_collapse": "fail", "min_val_auc": 1.01})
-    with pytest.raises(TrainingRejected, match="degenerate: validation AUC"):
+    # a probability's std cannot reach 0.5 (half exactly 0, half exactly 1), so every model fails this check;
+    # min_val_auc cannot be set above 1 any more (the strict config refuses it), and a good model reaches 1.0 here
+    params = make_params(health={"on_collapse": "fail", "min_prediction_std": 0.5})
+    with pytest.raises(TrainingRejected, match=r"collapsed: constant predictions \(std [0-9.]+ < 0\.5\)"):
         train("smallnet", params)
     assert not Path("models/smallnet.keras").exists()
 
