@@ -373,32 +373,6 @@ class EnsembleConfig:
     members: tuple[str, ...] = ("smallnet", "cxrnet")
 
 
-def check_members(members: Iterable[str], trained: Iterable[str]) -> list[str]:
-    """``ensemble.members`` checked against ``train.models``.
-
-    Args:
-        members: the ensemble's members.
-        trained: the models the pipeline trains.
-
-    Returns:
-        The members (empty: no ensemble).
-
-    Raises:
-        ConfigError: a member is not trained, is listed twice, or is alone.
-    """
-    members, trained = list(members), list(trained)
-    unknown = [m for m in members if m not in trained]
-    if unknown:
-        raise ConfigError(
-            f"ensemble.members: {', '.join(map(str, unknown))} not in train.models ({', '.join(trained)})"
-        )
-    if len(set(members)) != len(members):
-        raise ConfigError(f"ensemble.members lists a model twice: {members}")
-    if len(members) == 1:
-        raise ConfigError("ensemble.members: an ensemble needs at least two models (or [] for none)")
-    return members
-
-
 @dataclass(frozen=True)
 class OrchestrationConfig:
     """How the Prefect flow schedules work."""
@@ -503,9 +477,6 @@ class Params:
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-
-    def __post_init__(self) -> None:
-        check_members(self.ensemble.members, self.train.models)  # across sections: refused before any work
 
     def as_params(self) -> dict[str, Any]:
         """The whole configuration as the nested mapping ``params.yaml`` holds (defaults filled in)."""

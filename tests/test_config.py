@@ -57,8 +57,6 @@ def test_the_shipped_params_yaml_loads_strictly_and_equals_the_defaults():
         ("evaluate.threshold_source=external:x", r"no external set named 'x' in evaluate\.external"),
         ("train.common.early_stopping.patience=-1", r"train\.common\.early_stopping\.patience=-1: must be ≥ 0"),
         ("train.common.tensorboard=maybe", r"train\.common\.tensorboard='maybe': expected true or false"),
-        ("ensemble.members=[smallnet]", r"ensemble\.members: an ensemble needs at least two models"),
-        ("ensemble.members=[smallnet, vgg16]", r"ensemble\.members: vgg16 not in train\.models"),
     ],
 )
 def test_bad_settings_give_one_line_naming_key_and_value(override, message):

@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cxr.config import InputConfig, as_section, check_members
 from cxr.errors import CxrError
 from cxr.files import save_keras, write_json
 from cxr.inference.loading import ENSEMBLE, LoadedModel, load, model_file
@@ -50,8 +49,16 @@ def members_of(params: Mapping[str, Any]) -> list[str]:
     Returns:
         The member names (empty: no ensemble); never a single member.
     """
-    members = (params.get("ensemble") or {}).get("members") or []
-    return check_members(members, (params.get("train") or {}).get("models") or [])
+    members = list((params.get("ensemble") or {}).get("members") or [])
+    trained = list((params.get("train") or {}).get("models") or [])
+    unknown = [m for m in members if m not in trained]
+    if unknown:
+        raise CxrError(f"ensemble.members: {', '.join(map(str, unknown))} not in train.models ({', '.join(trained)})")
+    if len(set(members)) != len(members):
+        raise CxrError(f"ensemble.members lists a model twice: {members}")
+    if len(members) == 1:
+        raise CxrError("ensemble.members: an ensemble needs at least two models (or [] for none)")
+    return members
 
 
 def evaluated_models(params: Mapping[str, Any]) -> list[str]:
@@ -122,7 +129,7 @@ def _validate(
     from cxr.training.input_pipeline import load_images, read_split
     from cxr.training.train import TrainConfig
 
-    cache_dir = as_section(InputConfig, params.get("input"), "input").cache_dir
+    cache_dir = str((params.get("input") or {}).get("cache_dir", "data/cache"))
     paths, labels, key = read_split(splits_csv, "val")
     probabilities = predict_images(model, load_images(paths, key, loaded[0].cached_input(cache_dir), "val"))
     member_cfg = TrainConfig.from_params(params.get("train") or {}, members[0])
