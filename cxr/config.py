@@ -323,9 +323,7 @@ class TrainSection:
     """The ``train`` section: which models to train, shared settings, and each model's own block."""
 
     models: tuple[str, ...] = ("smallnet", "cxrnet")
-    common: Mapping[str, Any] = field(
-        default_factory=lambda: {k: as_plain(getattr(TrainConfig(), k)) for k in _train_keys()}
-    )
+    common: Mapping[str, Any] = field(default_factory=lambda: _filled_common(TrainConfig()))
     blocks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def model(self, name: str) -> TrainConfig:
@@ -358,11 +356,15 @@ def parse_train(raw: Mapping[str, Any]) -> TrainSection:
     _known_keys(common, _train_keys(), "train.common")
     blocks = {k: dict(_mapping(v, f"train.{k}")) for k, v in raw.items()}
     full = {"common": common, **blocks}
-    defaults = parse_section(TrainConfig, {k: v for k, v in common.items() if k != "model"}, "train.common")
+    filled = _filled_common(parse_section(TrainConfig, common, "train.common"))
     for name in dict.fromkeys([*models, *blocks]):
         model_config(full, name)  # raises on the first bad key or value
-    filled = {k: as_plain(getattr(defaults, k)) for k in _train_keys()}
     return TrainSection(models=tuple(models), common=filled, blocks=blocks)
+
+
+def _filled_common(cfg: TrainConfig) -> dict[str, Any]:
+    """``train.common`` with every default filled in (builder options are per model, not common)."""
+    return {k: as_plain(getattr(cfg, k)) for k in _train_keys()}
 
 
 # ---------------------------------------------------------------- ensemble, evaluation, report
@@ -486,7 +488,7 @@ class Params:
         return out
 
 
-SECTIONS: dict[str, Any] = {f.name: f.type for f in dataclasses.fields(Params)}
+SECTIONS: dict[str, type] = typing.get_type_hints(Params)  # section name → its dataclass, in file order
 
 
 def parse_params(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
@@ -505,29 +507,14 @@ def parse_params(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
     try:
         raw = _mapping(raw, "the top level")
         _known_keys(raw, tuple(SECTIONS), "the top level")
-        parsers = {"input": parse_input, "train": parse_train}
+        special = {"input": parse_input, "train": parse_train}
         values = {}
-        for name in SECTIONS:
-            section_cls = _section_classes()[name]
-            parse = parsers.get(name) or (lambda r, cls=section_cls, n=name: parse_section(cls, r, n))
-            values[name] = parse(raw.get(name) or {})
+        for name, cls in SECTIONS.items():
+            section = raw.get(name) or {}
+            values[name] = special[name](section) if name in special else parse_section(cls, section, name)
         return Params(**values)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def _section_classes() -> dict[str, type]:
-    return {
-        "data": DataConfig,
-        "prepare": PrepareConfig,
-        "split": SplitConfig,
-        "input": InputConfig,
-        "train": TrainSection,
-        "ensemble": EnsembleConfig,
-        "orchestration": OrchestrationConfig,
-        "evaluate": EvaluateConfig,
-        "report": ReportConfig,
-    }
 
 
 def as_section(cls: type, value: Any, where: str) -> Any:

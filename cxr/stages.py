@@ -8,7 +8,8 @@ Everything that decides whether a step reruns is derived from here:
   exactly the keys below;
 - the Prefect tasks' cache policies hash the same code files and receive exactly the same keys
   (:func:`settings_of`), so both drivers rerun on the same changes;
-- the training run key (resume after a crash) digests the same code (:func:`code_digest`).
+- the training run key (resume after a crash) digests the same import closure
+  (:func:`cxr.provenance.code_closure.module_digest`).
 
 A step's code is the import closure of its entry module inside the ``cxr`` package, found by
 reading ``import`` statements (imports inside functions too: they run when the step does). The
@@ -17,6 +18,7 @@ reading ``import`` statements (imports inside functions too: they run when the s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any
 import yaml
 
 from cxr.errors import CxrError
-from cxr.provenance.code_closure import files_digest, import_closure
+from cxr.provenance.code_closure import import_closure
 
 
 @dataclass(frozen=True)
@@ -217,18 +219,6 @@ def stage(name: str) -> Stage:
     return BY_NAME[name]
 
 
-def code_digest(name: str) -> str:
-    """sha256 over the content of every code file of stage ``name``.
-
-    Args:
-        name: the stage.
-
-    Returns:
-        The hex digest (changes when any file of its import closure or its assets changes).
-    """
-    return files_digest(stage(name).code())
-
-
 # ---------------------------------------------------------------- settings: the params a step reads
 def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
     node: Any = params
@@ -263,8 +253,6 @@ def as_overrides(settings: Mapping[str, Any]) -> list[str]:
     Returns:
         ``key=<json>`` strings.
     """
-    import json
-
     return [f"{k}={json.dumps(v)}" for k, v in settings.items() if v is not None]
 
 
