@@ -19,6 +19,7 @@ from cxr import __version__
 from cxr.config import load_config, load_params
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
+from cxr.safe_text import printable
 from cxr.workspace import HERE
 
 log = logging.getLogger("cxr")
@@ -437,9 +438,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # a read-only folder, a full disk, a vanished file: the system's own words, on one line
+        if os.environ.get("CXR_DEBUG"):
+            raise
+        print(f"cxr: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cxr: interrupted; outputs already in place are complete, partial ones were discarded", file=sys.stderr)
         return 130
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error: the file it concerns, what went wrong and the fix.
+
+    Args:
+        exc: the error (``PermissionError``, ``ENOSPC``, ``FileNotFoundError``...).
+
+    Returns:
+        ``"PATH: reason (fix)"``, the path with control characters escaped.
+    """
+    import errno
+
+    where = printable(exc.filename) if exc.filename is not None else "file system"
+    reason = exc.strerror or exc.__class__.__name__
+    fixes = {
+        errno.ENOSPC: "free disk space and rerun; completed outputs were kept",
+        errno.EDQUOT: "free disk space and rerun; completed outputs were kept",
+        errno.EACCES: "make it writable (or readable) for this user and rerun",
+        errno.EPERM: "make it writable (or readable) for this user and rerun",
+        errno.EROFS: "the file system is read-only; write the outputs elsewhere",
+        errno.ENOENT: "check the path",
+    }
+    fix = fixes.get(exc.errno or 0)
+    return f"{where}: {reason}" + (f" ({fix})" if fix else "")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""Drive the real ``cxr`` command in a subprocess on a hostile input, and check how it ended.
+
+Every case of the hostile corpus (``tests/hostile/test_*.py``) runs ``python -m cxr ...`` in its own
+process, so the exit status, stderr, peak memory and the files left on disk are what a user would see.
+The helpers here are plain functions; test modules import them from ``tests.hostile.harness``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# Names a step may give its scratch files; none may survive a run, failed or not.
+TEMP_MARKERS = (".tmp-", ".tmp.", ".partial", ".incomplete", ".lock-stale")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one ``cxr`` run ended."""
+
+    args: tuple[str, ...]
+    rc: int
+    out: str
+    err: str
+    peak_rss_mb: float
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.startswith("cxr: error:")]
+
+    def describe(self) -> str:
+        return f"cxr {' '.join(self.args)} → rc {self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
+
+
+def run_cxr(
+    args: Iterable[str | os.PathLike[str]],
+    cwd: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    stdin: bytes | None = None,
+) -> Outcome:
+    """Run ``python -m cxr ARGS`` in ``cwd`` and measure its peak resident memory.
+
+    The environment is this process's, without the TensorFlow log-level setting the test session
+    sets, so stderr is what a user's shell would show; ``env`` adds or replaces variables.
+    """
+    args = tuple(str(a) for a in args)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CXR_DEBUG")}
+    full_env.update({"CXR_NO_PROGRESS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    full_env.update(env or {})
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cxr", *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        )
+        if stdin is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        try:
+            _, status, usage = _wait4(proc, timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Outcome(
+            args=args,
+            rc=proc.returncode,
+            out=out.read().decode(errors="replace"),
+            err=err.read().decode(errors="replace"),
+            peak_rss_mb=usage.ru_maxrss / 1024,
+        )
+
+
+def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int, os.struct_rusage]:  # type: ignore[name-defined]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.05)
+
+
+def assert_refused(outcome: Outcome, *names: str, rc: int = 1) -> str:
+    """The run failed with ``rc``, no traceback, and exactly one ``cxr: error:`` line naming ``names``.
+
+    Returns:
+        The error line.
+    """
+    text = outcome.describe()
+    assert outcome.rc == rc, text
+    assert "Traceback" not in outcome.err + outcome.out, text
+    lines = outcome.error_lines
+    assert len(lines) == 1, text
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in the error line\n{text}"
+    return lines[0]
+
+
+def assert_no_traceback(outcome: Outcome) -> None:
+    assert "Traceback" not in outcome.err + outcome.out, outcome.describe()
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` → its sha256 (links → their target), to compare before and after a run."""
+    found: dict[str, str] = {}
+    if not root.exists():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = Path(dirpath, name)
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                found[rel] = "link:" + os.readlink(path)
+            else:
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def leftovers(root: Path) -> list[str]:
+    """Scratch files and folders a run left under ``root`` (names carrying a ``TEMP_MARKERS`` marker)."""
+    left = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in (".venv", ".git", ".dvc")]
+        for name in dirnames + filenames:
+            if any(marker in name for marker in TEMP_MARKERS):
+                left.append(str(Path(dirpath, name).relative_to(root)))
+    return sorted(left)
