@@ -38,7 +38,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from cxr.data.prepare import prepare
 
     cfg = load_config(args.params, args.set)
-    result = prepare(args.raw, cfg.split, cfg.prepare, prepared_dir=args.out, reports_dir=args.reports)
+    result = prepare(
+        args.raw, cfg.split, cfg.prepare, prepared_dir=args.out, reports_dir=args.reports, input_params=cfg.input
+    )
     print(json.dumps({k: result[k] for k in ("manifest_sha256", "splits_sha256")}))
     return 0
 
@@ -84,7 +86,8 @@ def _models(params: dict, given: list[str] | None) -> list[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cxr.evaluation.evaluate import ci_text, evaluate_folder, evaluate_models
+    from cxr.evaluation.evaluate import evaluate_folder, evaluate_models
+    from cxr.files import dumps_json
 
     cfg = load_config(args.params, args.set)
     params, eval_cfg = cfg.as_params(), cfg.evaluate
@@ -98,43 +101,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate_folder(
             model, args.data, eval_cfg.threshold if fixed else None, eval_cfg.bootstrap, eval_cfg.seed
         )
+        if fixed:
+            result["threshold_source"] = "fixed (evaluate.threshold)"
         if args.json:
-            print(json.dumps(result))
+            print(dumps_json(result))
         else:
-            ci = result["ci95"]["auc"]
-            print(
-                f"{model} on {args.data}: n={result['n']} AUC {result['auc']:.4f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) "
-                if ci
-                else f"{model} on {args.data}: AUC {result['auc']} ",
-                end="",
-            )
-            print(
-                " ".join(
-                    f"{k}={result[k]:.4f}"
-                    for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")
-                    if result[k] is not None
-                )
-            )
+            print(_evaluate_line(f"{printable(model)} on {printable(args.data)}", result, result["threshold_source"]))
             if result["skipped"]:
                 print(f"{len(result['skipped'])} unreadable file(s) skipped", file=sys.stderr)
         return 0
     summary = evaluate_models(_models(params, args.model), eval_cfg, cfg.input)
     if args.json:
-        print(json.dumps(summary))
+        print(dumps_json(summary))
         return 0
     sets = [(f"external {name}", data["models"]) for name, data in summary["external"].items()]
     for label, by_model in [*sets, ("test split", summary["models"])]:
         for name, m in by_model.items():
-            print(
-                f"{name} on {label}: n={m['n']} AUC {_num(m['auc'])} (95% CI {ci_text(m['ci95'].get('auc'))}) "
-                f"sensitivity {_num(m['sensitivity'])} specificity {_num(m['specificity'])} "
-                f"accuracy {_num(m['accuracy'])} at threshold {m['threshold']:.3f}"
-            )
+            print(_evaluate_line(f"{name} on {label}", m, (m.get("operating_point") or {}).get("rule")))
     return 0
 
 
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _evaluate_line(what: str, m: dict[str, Any], rule: str | None) -> str:
+    """One model on one data set, on one line: AUC with its CI, then the figures at the shipped threshold."""
+    from cxr.evaluation.evaluate import ci_text
+    from cxr.formatting import num
+
+    threshold = m.get("threshold", (m.get("at_threshold") or {}).get("threshold"))
+    return (
+        f"{what}: n={m['n']} AUC {num(m['auc'])} (95% CI {ci_text((m.get('ci95') or {}).get('auc'))}) "
+        f"sensitivity {num(m['sensitivity'])} specificity {num(m['specificity'])} accuracy {num(m['accuracy'])} "
+        f"at threshold {num(threshold)}" + (f" ({rule})" if rule else "")
+    )
 
 
 def _cmd_external(args: argparse.Namespace) -> int:
@@ -172,7 +169,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.set)
     models = _models({"train": {"models": list(cfg.train.models)}}, args.model)  # Grad-CAM: one network, no ensemble
     summary = explain_models(models, cfg.evaluate, cfg.input)
-    print(json.dumps({m: v["border_to_uniform_ratio"] for m, v in summary["models"].items()}))
+    from cxr.files import dumps_json
+
+    print(dumps_json({m: v["border_to_uniform_ratio"] for m, v in summary["models"].items()}))
     return 0
 
 
@@ -186,86 +185,154 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cxr.data.images import ImageLimits
     from cxr.inference.loading import model_file
     from cxr.inference.predict import predict
 
+    # the decode caps of input.max_image_*: from --params, else ./params.yaml when there is one, else the defaults
+    params = args.params or ("params.yaml" if Path("params.yaml").is_file() else None)
+    limits = ImageLimits.of(load_config(params).input) if params else ImageLimits.of()
     failures = predict(
-        model_file(args.model), args.paths, threshold=args.threshold, gradcam_dir=args.gradcam, as_json=args.json
+        model_file(args.model),
+        args.paths,
+        threshold=args.threshold,
+        gradcam_dir=args.gradcam,
+        as_json=args.json,
+        allow_unverified=args.allow_unverified,
+        limits=limits,
     )
     return 1 if failures else 0
 
 
-def _cmd_agreement(args: argparse.Namespace) -> int:
-    from cxr.evaluation.agreement import agreement, read_readers
+def probability(text: str) -> float:
+    """An argparse type: a finite number from 0 to 1 (``nan``, ``5`` and ``-1`` are refused).
 
-    _, readers = read_readers(args.readers)
+    Args:
+        text: the option's value.
+
+    Returns:
+        The number.
+    """
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{printable(text)} is not a number; give a probability from 0 to 1") from None
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{printable(text)} is not a probability; give a number from 0 to 1")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cxr.serving import require_serve_extra
+
+    require_serve_extra()
+    from cxr.data.images import ImageLimits
+    from cxr.serving.app import serve
+
+    # the decode caps, as cxr predict reads them: --params, else ./params.yaml when there is one, else the defaults
+    params = args.params or ("params.yaml" if Path("params.yaml").is_file() else None)
+    limits = ImageLimits.of(load_config(params).input) if params else ImageLimits.of()
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_upload_mb=args.max_upload_mb,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        limits=limits,
+    )
+    return 0
+
+
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    from cxr.evaluation.agreement import UNDEFINED, agreement, read_readers
+    from cxr.files import dumps_json
+    from cxr.formatting import interval, num
+
+    if args.bootstrap < 0:
+        raise CxrError(f"--bootstrap {args.bootstrap}: give a number of resamples ≥ 0 (e.g. 1000)")
+    _, readers = read_readers(args.readers, min_readers=2)
     result = agreement(readers, n_boot=args.bootstrap)
     if args.json:
-        print(json.dumps(result))
-    else:
-        for c in result["cohen"]:
-            ci = c["ci95"]
-            print(f"Cohen's kappa {c['pair']}: {c['kappa']:.3f}" + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
-        if result["fleiss"]:
-            print(f"Fleiss' kappa ({len(result['readers'])} readers): {result['fleiss']['kappa']:.3f}")
+        print(dumps_json(result))
+        return 0
+
+    def kappa_text(entry: dict[str, Any]) -> str:
+        if entry["kappa"] is None:
+            return UNDEFINED
+        ci = entry["ci95"]
+        return num(entry["kappa"]) + (f" (95% CI {interval(*ci)})" if ci else "")
+
+    for c in result["cohen"]:
+        print(f"Cohen's kappa {printable(c['pair'])}: {kappa_text(c)}")
+    if result["fleiss"]:
+        print(f"Fleiss' kappa ({len(result['readers'])} readers): {kappa_text(result['fleiss'])}")
     return 0
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from cxr.files import dumps_json
     from cxr.provenance.lineage_log import audit_model, models_for_data
+
+    def show(value: Any, width: int | None = None) -> str:  # a record's text, escaped for one terminal line
+        return printable(str(value)[:width] if width else value)
 
     if args.data:
         found = models_for_data(args.data)
-        if args.json:
-            print(json.dumps(found))
-        for r in found if not args.json else []:
-            d = r.get("data", {})
-            print(
-                f"{r['model']}  {r['model_sha256'][:12]}  manifest {str(d.get('manifest_sha256'))[:12]}  "
-                f"created {r.get('created')}  run {r.get('run', {}).get('driver')}"
-            )
         if not found:
-            print(f"no model in the lineage log was trained on data {args.data}", file=sys.stderr)
-        return 0 if found else 1
+            raise CxrError(
+                f"no model in the lineage log was trained on data {show(args.data)}; "
+                "check the hash (cxr audit MODEL_FILE prints a model's data hashes)"
+            )
+        if args.json:
+            print(dumps_json(found))
+            return 0
+        for r in found:
+            d = r.get("data") or {}
+            print(
+                f"{show(r['model'])}  {show(r['model_sha256'], 12)}  manifest {show(d.get('manifest_sha256'), 12)}  "
+                f"created {show(r.get('created'))}  run {show((r.get('run') or {}).get('driver'))}"
+            )
+        return 0
     if not args.model_file:
         raise CxrError("give a MODEL_FILE, or --data HASH")
-    if not Path(args.model_file).is_file():
-        raise CxrError(f"{args.model_file}: file not found")
     result = audit_model(args.model_file)
     if args.json:
-        print(json.dumps(result))
+        print(dumps_json(result))
         return 0 if result["verified"] else 1
     status = "verified" if result["verified"] else "unverified: " + "; ".join(result["problems"])
-    print(f"{result['model_file']}  sha256 {result['sha256'][:12]}  {status}")
+    print(f"{show(result['model_file'])}  sha256 {result['sha256'][:12]}  {status}")
     r = result["record"]
     if r:
-        d = r.get("data", {})
+        d = r.get("data") or {}
         print(
-            f"  data     source {d.get('source')} {d.get('origin') or ''}  kaggle version "
-            f"{d.get('kaggle_version') or 'n/a'}  raw {str(d.get('raw_sha256'))[:12]}"
+            f"  data     source {show(d.get('source'))} {show(d.get('origin') or '')}  kaggle version "
+            f"{show(d.get('kaggle_version') or 'n/a')}  raw {show(d.get('raw_sha256'), 12)}"
         )
         print(
-            f"  manifest {str(d.get('manifest_sha256'))[:12]}  splits {str(d.get('splits_sha256'))[:12]}  "
-            f"strategy {d.get('split_strategy')}"
+            f"  manifest {show(d.get('manifest_sha256'), 12)}  splits {show(d.get('splits_sha256'), 12)}  "
+            f"strategy {show(d.get('split_strategy'))}"
         )
         for split, counts in (d.get("counts") or {}).items():
-            print(f"  {split:<8} " + "  ".join(f"{c} {n}" for c, n in counts.items()))
-        code = r.get("code", {})
-        print(f"  code     {code.get('commit')}{' (dirty)' if code.get('dirty') else ''}")
-        run = r.get("run", {})
+            print(f"  {show(split):<8} " + "  ".join(f"{show(c)} {show(n)}" for c, n in counts.items()))
+        code = r.get("code") or {}
+        print(f"  code     {show(code.get('commit'))}{' (dirty)' if code.get('dirty') else ''}")
+        run = r.get("run") or {}
         print(
-            f"  run      {run.get('driver')} {run.get('flow_run_id') or run.get('stage') or ''}  created "
-            f"{r.get('created')}"
+            f"  run      {show(run.get('driver'))} {show(run.get('flow_run_id') or run.get('stage') or '')}  created "
+            f"{show(r.get('created'))}"
         )
-        val = r.get("metrics", {}).get("validation", {})
+        val = (r.get("metrics") or {}).get("validation") or {}
         print(
-            f"  metrics  validation AUC {val.get('auc')}  sensitivity {val.get('sensitivity')}  "
-            f"specificity {val.get('specificity')}"
+            f"  metrics  validation AUC {show(val.get('auc'))}  sensitivity {show(val.get('sensitivity'))}  "
+            f"specificity {show(val.get('specificity'))}"
         )
-        t = r.get("params", {}).get("train", {})
+        t = (r.get("params") or {}).get("train") or {}
         print(
-            f"  params   epochs {t.get('epochs')} lr {t.get('learning_rate')} class_weight {t.get('class_weight')} "
-            f"seed {t.get('seed')}"
+            f"  params   epochs {show(t.get('epochs'))} lr {show(t.get('learning_rate'))} "
+            f"class_weight {show(t.get('class_weight'))} seed {show(t.get('seed'))}"
         )
     return 0 if result["verified"] else 1
 
@@ -299,14 +366,91 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help (unless the help already says it), and keeps the
+    line breaks of the usage examples."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default not in (None, False, [], argparse.SUPPRESS)
+            and "default" not in text.lower()
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+DESCRIPTION = """\
+cxr: every step of the chest X-ray pneumonia pipeline (fetch, prepare, train, evaluate, explain,
+report) and the tools around it (predict, serve, audit), callable by DVC, Prefect tasks or a person."""
+EPILOG = """\
+'cxr COMMAND --help' shows a command's options, their defaults and an example.
+An error ends with one line on stderr (cxr: error: ...) and exit status 1; CXR_DEBUG=1 shows the traceback.
+
+example:
+  cxr fetch && cxr prepare && cxr train --model smallnet && cxr evaluate --model smallnet"""
+
+# one or more usage examples per subcommand (tests/test_cli.py checks that each has one)
+EXAMPLES = {
+    "fetch": [
+        "cxr fetch                 # params.yaml's source (auto: Kaggle with credentials, else the demo sample)",
+        "cxr fetch -S data.source=dir -S data.dir=../shared/data/chest_xray_224",
+    ],
+    "prepare": ["cxr prepare", "cxr prepare -S split.strategy=seed -S split.seed=7"],
+    "external": [
+        "cxr external -S 'evaluate.external={guangzhou_test: ../shared/data/chest_xray_224_external_val}'",
+    ],
+    "train": ["cxr train --model smallnet -S train.smallnet.epochs=3"],
+    "preview": ["cxr preview --out reports/augmented_batch.png"],
+    "evaluate": [
+        "cxr evaluate                # every model of train.models: test split and external sets",
+        "cxr evaluate --model smallnet --data /path/to/labelled/folder --json",
+    ],
+    "ensemble": ["cxr ensemble -S 'ensemble.members=[smallnet, cxrnet]'"],
+    "explain": ["cxr explain --model cxrnet"],
+    "report": ["cxr report", "cxr report --model smallnet --model cxrnet"],
+    "predict": [
+        "cxr predict --model cxrnet chest1.jpeg scans/ study.dcm",
+        "cxr predict --model models/smallnet.keras scans/ --json --gradcam overlays/",
+    ],
+    "serve": [
+        "cxr serve --model cxrnet",
+        "curl -F file=@chest1.jpeg http://127.0.0.1:8000/predict",
+    ],
+    "stages": ["cxr stages --check", "cxr stages --write"],
+    "agreement": ["cxr agreement readers.csv --bootstrap 2000 --json"],
+    "audit": ["cxr audit models/cxrnet.keras", "cxr audit --data 3f2a9c"],
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr", description=__doc__.splitlines()[0])
+    """The ``cxr`` argument parser: every subcommand, with help, defaults and usage examples.
+
+    Returns:
+        The parser.
+    """
+    parser = argparse.ArgumentParser(prog="cxr", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"cxr {__version__}")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=None,
+        help="how much to log, any case (default: $CXR_LOG_LEVEL, else INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_data_steps(sub)
     _add_model_steps(sub)
     _add_tools(sub)
+    summaries = {action.dest: action.help for action in getattr(sub, "_choices_actions", [])}
+    for name, p in sub.choices.items():
+        p.formatter_class = HelpFormatter
+        p.description = p.description or summaries.get(name)
+        p.epilog = "example:\n" + "\n".join(f"  {line}" for line in EXAMPLES.get(name, []))
     return parser
 
 
@@ -323,28 +467,28 @@ def common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a parameter, e.g. -S data.source=dir (repeatable)",
+        help="override a parameter of the file, e.g. -S data.source=dir (repeatable; default: none)",
     )
 
 
 def _add_data_steps(sub: Any) -> None:
     p = sub.add_parser("fetch", help="bring the configured data source into data/raw")
     common(p)
-    p.add_argument("--out", default=str(HERE.raw))
-    p.add_argument("--record", default=str(HERE.fetch_record))
+    p.add_argument("--out", default=str(HERE.raw), help="folder to fill with the images")
+    p.add_argument("--record", default=str(HERE.fetch_record), help="JSON record of what was fetched, and from where")
     p.set_defaults(func=_cmd_fetch)
 
     p = sub.add_parser("prepare", help="manifest, quality report and split of data/raw")
     common(p)
-    p.add_argument("--raw", default=str(HERE.raw))
-    p.add_argument("--out", default=str(HERE.prepared))
-    p.add_argument("--reports", default=str(HERE.reports))
+    p.add_argument("--raw", default=str(HERE.raw), help="the fetched images (Kaggle layout)")
+    p.add_argument("--out", default=str(HERE.prepared), help="folder for manifest.csv and splits.csv")
+    p.add_argument("--reports", default=str(HERE.reports), help="folder for the data-quality report")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("external", help="index the external validation sets of evaluate.external")
     common(p)
     p.add_argument("--name", action="append", help="set name (repeatable); default: every configured set")
-    p.add_argument("--out", default=str(HERE.external), help="index folder (default: data/external)")
+    p.add_argument("--out", default=str(HERE.external), help="folder for one index CSV per set")
     p.set_defaults(func=_cmd_external)
 
 
@@ -352,38 +496,43 @@ def _add_model_steps(sub: Any) -> None:
     p = sub.add_parser("train", help="train models of the registry (default: train.models)")
     common(p)
     p.add_argument("--model", action="append", help="model name (repeatable); default: train.models")
-    p.add_argument("--splits", default=str(HERE.splits))
-    p.add_argument("--models", default=str(HERE.models))
-    p.add_argument("--reports", default=str(HERE.reports / "train"))
+    p.add_argument("--splits", default=str(HERE.splits), help="the split table written by prepare")
+    p.add_argument("--models", default=str(HERE.models), help="folder for NAME.keras and NAME.card.json")
+    p.add_argument("--reports", default=str(HERE.reports / "train"), help="folder for training histories and plots")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("preview", help="plot one augmented training batch (and warm the image cache)")
     common(p)
-    p.add_argument("--splits", default=str(HERE.splits))
-    p.add_argument("--out", default=str(HERE.preview_plot))
+    p.add_argument("--splits", default=str(HERE.splits), help="the split table written by prepare")
+    p.add_argument("--out", default=str(HERE.preview_plot), help="the plot to write (PNG)")
     p.set_defaults(func=_cmd_preview)
 
     p = sub.add_parser("evaluate", help="test-split and external-set metrics of the models, or one model on a folder")
     common(p)
-    p.add_argument("--model", action="append", help="model name or .keras file (repeatable)")
-    p.add_argument("--data", help="a labelled folder in Kaggle layout to score --model on")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--model", action="append", help="model name or .keras file (repeatable); default: the models of train.models"
+    )
+    p.add_argument(
+        "--data",
+        help="score one --model on this labelled folder (Kaggle layout); default: the test split and external sets",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line per model")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("ensemble", help="average the models of ensemble.members into ensemble/ensemble.keras")
     common(p)
-    p.add_argument("--splits", default=str(HERE.splits))
-    p.add_argument("--models", default=str(HERE.models))
+    p.add_argument("--splits", default=str(HERE.splits), help="the split table written by prepare")
+    p.add_argument("--models", default=str(HERE.models), help="folder holding the member models")
     p.set_defaults(func=_cmd_ensemble)
 
     p = sub.add_parser("explain", help="Grad-CAM galleries and border-heat figures on the test split")
     common(p)
-    p.add_argument("--model", action="append")
+    p.add_argument("--model", action="append", help="model name (repeatable); default: train.models")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("report", help="write reports/report.html and reports/report.md")
     common(p)
-    p.add_argument("--model", action="append")
+    p.add_argument("--model", action="append", help="model name (repeatable); default: train.models and the ensemble")
     p.set_defaults(func=_cmd_report)
 
 
@@ -393,30 +542,65 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("paths", nargs="+", help="image files or folders (JPEG, PNG, BMP, DICOM)")
     p.add_argument(
         "--threshold",
-        type=float,
+        type=probability,
         default=None,
-        help="decision threshold (default: the model's shipped threshold, from evaluate or its card)",
+        help="decision threshold from 0 to 1 (default: the model's shipped threshold, from evaluate or its card)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--gradcam", metavar="DIR", help="also write Grad-CAM overlays into DIR")
+    p.add_argument("--gradcam", metavar="DIR", help="also write Grad-CAM overlays into DIR (default: none)")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="use a model file whose sha256 is not the one its card names (refused by default)",
+    )
+    p.add_argument(
+        "--params",
+        default=None,
+        help="parameters file whose input.max_image_pixels / max_image_bytes cap the images read "
+        "(default: ./params.yaml when present, else the built-in caps)",
+    )
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="serve a verified model over HTTP: POST /predict, GET /health, GET /model")
+    p.add_argument("--model", required=True, help="model name (models/NAME.keras) or a .keras file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    p.add_argument(
+        "--threshold",
+        type=probability,
+        default=None,
+        help="decision threshold from 0 to 1 (default: the model's shipped threshold, from evaluate or its card)",
+    )
+    p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload accepted, in MB (413 above)")
+    p.add_argument("--batch-size", type=int, default=16, help="most images scored in one model call")
+    p.add_argument(
+        "--params",
+        default=None,
+        help="parameters file whose input.max_image_pixels / max_image_bytes cap the images decoded "
+        "(default: ./params.yaml when present, else the built-in caps)",
+    )
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("stages", help="the stage registry: list each step's code and settings, or write dvc.yaml")
     p.add_argument("--write", action="store_true", help="regenerate dvc.yaml from the registry")
     p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml disagrees with the registry")
-    p.add_argument("--dvc-yaml", default=str(HERE.dvc_yaml))
+    p.add_argument("--dvc-yaml", default=str(HERE.dvc_yaml), help="the DVC pipeline file to write or check")
     p.set_defaults(func=_cmd_stages)
 
     p = sub.add_parser("agreement", help="Cohen's and Fleiss' kappa for a readers CSV")
     p.add_argument("readers", help="CSV: a key column (path/image) and one 0/1 column per reader")
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (under 10: no CI)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line per pair")
     p.set_defaults(func=_cmd_agreement)
 
     p = sub.add_parser("audit", help="which data, params, code and run produced a model file")
     p.add_argument("model_file", nargs="?", help="a .keras file")
-    p.add_argument("--data", metavar="HASH", help="list the models trained on data with this hash (prefix)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--data",
+        metavar="HASH",
+        help="list the models trained on data with this hash (prefix); default: audit MODEL_FILE",
+    )
+    p.add_argument("--json", action="store_true", help="print the audit (or the models found) as JSON")
     p.set_defaults(func=_cmd_audit)
 
 
@@ -429,8 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 1 after a one-line error on stderr, 130 when interrupted.
     """
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        setup_logging(args.log_level)
+    except ValueError:  # a bad CXR_LOG_LEVEL (--log-level is checked by argparse)
+        level = printable(os.environ.get("CXR_LOG_LEVEL", ""))
+        parser.error(f"CXR_LOG_LEVEL={level}: choose from {', '.join(LOG_LEVELS)}")
     try:
         return int(args.func(args))
     except CxrError as exc:

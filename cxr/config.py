@@ -59,7 +59,8 @@ def _opt(
 class DataConfig:
     """Where the images come from (``cxr fetch``)."""
 
-    source: Literal["kaggle", "dir", "medmnist"] = "kaggle"
+    # auto: kaggle when credentials are configured, else the embedded demo sample (cxr.data.fetch.resolve_source)
+    source: Literal["kaggle", "dir", "medmnist", "sample", "auto"] = "auto"
     kaggle_dataset: str = "paultimothymooney/chest-xray-pneumonia"
     dir: str = "data/inbox"
     npz: str = ""
@@ -68,6 +69,7 @@ class DataConfig:
     retry_backoff_s: float = _opt(2.0, ge=0)
     max_files: int = _opt(100_000, ge=1)
     max_bytes: int = _opt(20_000_000_000, ge=1)
+    max_ratio: float = _opt(200.0, gt=1, doc="zip-bomb guard: uncompressed/compressed, per entry over 1 MiB")
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,9 @@ class InputConfig:
     batch_size: int = _opt(32, ge=1)
     cache: Literal["disk", "memory", "none"] = "disk"
     cache_dir: str = "data/cache"
+    # decode caps (cxr.data.images.ImageLimits): a larger file is excluded by prepare, refused by training and predict
+    max_image_pixels: int = _opt(50_000_000, ge=1, doc="width × height × frames; the largest chest film is ~18.5 M")
+    max_image_bytes: int = _opt(200_000_000, ge=1, doc="file size, checked before a byte is read")
     normalize: Literal["none", "standardize", "equalize"] = "equalize"
     center_crop: float = _opt(0.0, ge=0, lt=0.4)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -239,6 +244,7 @@ class TrainConfig:
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     class_weight: Literal["balanced", "none"] = "balanced"
     steps_per_epoch: int | None = _opt(None, ge=1)
+    min_steps_per_epoch: int = _opt(30, ge=1)
     validation_steps: int | None = _opt(None, ge=1)
     monitor: str = "val_auc"
     monitor_mode: Literal["min", "max"] = "max"

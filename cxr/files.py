@@ -3,25 +3,73 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite number replaced by None, ready for strict JSON.
+
+    JSON has no NaN: ``json.dumps`` writes a bare ``NaN`` that other readers refuse. Mappings,
+    lists and tuples are walked; NumPy scalars become plain ``int`` / ``float``; anything else is
+    returned unchanged.
+
+    Args:
+        obj: a JSON-like value (dicts, lists, numbers, strings, None).
+
+    Returns:
+        The same structure with non-finite numbers as None.
+    """
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(value) for value in obj]
+    if isinstance(obj, bool | str) or obj is None:
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def dumps_json(payload: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(payload)`` with ``allow_nan=False``: never a bare NaN.
+
+    Args:
+        payload: a JSON-like value.
+        **kwargs: passed to ``json.dumps`` (``indent``, ``sort_keys``...).
+
+    Returns:
+        The JSON text.
+    """
+    return json.dumps(json_safe(payload), allow_nan=False, **kwargs)
+
+
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename), sorted keys, trailing newline.
+    """Write JSON atomically (temp file + rename), sorted keys, trailing newline, never NaN.
 
     The temporary file ``.<name>.tmp-<pid>`` sits beside ``path``, so the rename stays on one file
-    system and a reader sees either the old file or the new one, never half of one.
+    system and a reader sees either the old file or the new one, never half of one; it is removed
+    when the write fails (a full disk, say). Non-finite numbers are written as ``null``.
 
     Args:
         path: the file to write; its parent folders are created.
         payload: anything ``json.dumps`` accepts; written with 2-space indentation.
     """
+    text = dumps_json(payload, indent=2, sort_keys=True) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_keras(model: Any, path: Path) -> None:

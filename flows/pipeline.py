@@ -3,6 +3,8 @@
 
 Run it with ``python -m flows.pipeline [-S key=value ...]``. With no ``PREFECT_API_URL`` Prefect
 starts a temporary local server for the run; with one, the run is recorded on that server.
+:func:`runner_flow` gives the flow with the task runner its settings ask for (threads up to
+``orchestration.max_parallel_training``, or a Dask cluster); ``flows.schedule`` serves that same flow.
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
-from cxr.config import load_params
+from cxr.config import DataConfig, load_config
 from cxr.data.external_sets import external_sets
-from cxr.data.fetch import source_digest
+from cxr.data.fetch import resolve_source, source_digest
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
 from cxr.stages import inputs_of, settings_of
@@ -31,9 +33,33 @@ from tasks.caching import outputs_intact
 from tasks.evaluate import ensemble_task, evaluate_task, explain_task, external_task, report_task
 from tasks.fetch import fetch_task
 from tasks.prepare import prepare_task
+from tasks.runner import one_line
 from tasks.train import preview_task, train_task
 
 log = logging.getLogger("flows.pipeline")
+
+SAMPLE_REFUSED = (
+    "scheduled retraining needs real data: configure Kaggle credentials or `data.source: dir`"
+    " (data.source={source} resolves to the embedded demo sample)"
+)
+
+
+def require_real_data(data: DataConfig) -> str:
+    """Refuse the embedded demo sample for scheduled retraining; return the concrete source otherwise.
+
+    Args:
+        data: the ``data`` section.
+
+    Returns:
+        What ``data.source`` resolves to (``kaggle``, ``dir``, ``medmnist``).
+
+    Raises:
+        CxrError: it resolves to the sample (``data.source: auto`` with no Kaggle credentials).
+    """
+    resolved = resolve_source(data)
+    if resolved == "sample":
+        raise CxrError(SAMPLE_REFUSED.format(source=data.source))
+    return resolved
 
 
 def _verified(task_obj: Any, state: Any, kwargs: dict[str, Any]) -> tuple[str, Any]:
@@ -72,18 +98,27 @@ def sync_dvc_lock(overrides: list[str] | None) -> str:
 
 @flow(name="cxr-pipeline", log_prints=False)
 def pipeline(
-    params_path: str = "params.yaml", overrides: list[str] | None = None, refresh_source: bool = False
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    refresh_source: bool = False,
+    scheduled: bool = False,
 ) -> dict[str, Any]:
     """Run every step; flow parameters (``overrides``) win over ``params.yaml``.
 
     ``refresh_source`` re-fetches even when the fetch task is cached (scheduled runs: a new Kaggle
     version or new files then flow through; unchanged data leaves every later task cached).
+    ``scheduled`` (set by ``flows.schedule``'s deployment) refuses a data source that resolves to the
+    embedded demo sample, before any task.
 
     Models train as separate tasks (each in its own process) and concurrently up to
     ``orchestration.max_parallel_training``; a failed model fails the run only after the others
     finished and kept their results.
     """
-    params = load_params(params_path, overrides or [])  # strict: a bad setting stops here, before any task
+    config = load_config(params_path, overrides or [])  # strict: a bad setting stops here, before any task
+    if scheduled:
+        require_real_data(config.data)
+    params = config.as_params()
+    get_run_logger().info("task runner: %s", describe_runner())
     states: dict[str, str] = {}
 
     def settings(stage: str, item: str | None = None) -> dict[str, Any]:
@@ -148,9 +183,11 @@ def _train_all(
         future.wait()
         state = future.state
         if state.is_failed():
-            failures.append(f"{model}: {state.message}")
+            error = state.result(raise_on_failure=False)
+            reason = one_line(error) if isinstance(error, BaseException) else str(state.message)
+            failures.append(f"{model}: {reason}")
             states[f"train@{model}"] = "Failed"
-            log.error("train@%s failed: %s", model, state.message)
+            log.error("train@%s failed: %s", model, reason)
             continue
         states[f"train@{model}"], models[model] = _verified(train_task, state, kwargs)
     if failures:
@@ -171,6 +208,36 @@ def pipeline_with_runner(max_parallel: int = 1, dask_address: str | None = None)
     return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, max_parallel)))
 
 
+def runner_flow(params: Mapping[str, Any], dask_address: str | None = None) -> Any:
+    """The flow as ``params`` asks to run it: what ``flows.pipeline`` runs and ``flows.schedule`` serves.
+
+    Args:
+        params: the parameters (``load_params``); ``orchestration.max_parallel_training`` bounds the
+            models trained at once on local threads.
+        dask_address: a Dask scheduler to run the tasks on instead.
+
+    Returns:
+        The flow, configured with its task runner.
+    """
+    return pipeline_with_runner(params["orchestration"]["max_parallel_training"], dask_address)
+
+
+def describe_runner(runner: Any = None) -> str:
+    """The task runner in words (the current flow run's when ``runner`` is None), for the run's log."""
+    if runner is None:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        runner = ctx.task_runner if ctx else None
+    address = getattr(runner, "address", None)
+    if address:
+        return f"Dask cluster at {address}"
+    workers = getattr(runner, "_max_workers", None)
+    if isinstance(runner, ThreadPoolTaskRunner) and isinstance(workers, int):
+        return f"threads, at most {workers} task(s) at once" if workers < sys.maxsize else "threads, unbounded"
+    return type(runner).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -179,11 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        params = load_params(args.params, args.set)
-        parallel = params["orchestration"]["max_parallel_training"]
-        result = pipeline_with_runner(parallel, args.dask)(params_path=args.params, overrides=args.set)
+        params = load_config(args.params, args.set).as_params()
+        result = runner_flow(params, args.dask)(params_path=args.params, overrides=args.set)
     except CxrError as exc:
-        print(f"cxr: error: {exc}", file=sys.stderr)
+        print(f"cxr: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(json.dumps(result["states"]))
     return 0

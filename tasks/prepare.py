@@ -18,11 +18,19 @@ def prepare_task(
 
     Args:
         raw_dir: the fetched images.
-        settings: the stage's settings (``prepare`` and ``split`` sections).
+        settings: the stage's settings (``prepare`` and ``split`` sections, ``input.max_image_*`` caps).
         prepared_dir: where ``manifest.csv`` and ``splits.csv`` go.
         reports_dir: where the data-quality report goes.
 
     Returns:
         Paths and hashes of the manifest, splits and quality report.
     """
-    return prepare(raw_dir, settings["split"], settings["prepare"], prepared_dir=prepared_dir, reports_dir=reports_dir)
+    caps = {key.removeprefix("input."): value for key, value in settings.items() if key.startswith("input.")}
+    return prepare(
+        raw_dir,
+        settings["split"],
+        settings["prepare"],
+        prepared_dir=prepared_dir,
+        reports_dir=reports_dir,
+        input_params=caps,
+    )

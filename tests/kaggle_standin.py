@@ -3,9 +3,15 @@
 With ``KAGGLE_API_ENVIRONMENT=LOCALHOST`` (read when ``kaggle.api.kaggle_api_extended`` is imported),
 ``KaggleApi`` adds ``--local`` to its args and kagglesdk sends every call to ``http://localhost``
 (port 80, no TLS) as ``POST /api/v1/{service}/{method}`` with a JSON body. This server answers the
-three calls our fetch path makes, the way the real service does:
+calls our fetch path and ``kaggle auth login`` make, the way the real service does:
 
 * ``security.OAuthService/IntrospectToken`` (``KAGGLE_API_TOKEN`` auth) → ``{"active", "username"}``;
+* ``security.OAuthService/ExchangeOAuthToken`` (``kaggle auth login``: the code the user pastes) →
+  ``{"accessToken", "refreshToken", "expiresIn", "username"}``, which the client saves in
+  ``~/.kaggle/credentials.json``;
+* ``users.AccountService/GenerateAccessToken`` (the client refreshing an expired access token of
+  ``credentials.json`` with its refresh token) → ``{"token", "expiresIn", "userName"}``, 401 for an
+  unknown refresh token;
 * ``datasets.DatasetApiService/GetDatasetMetadata`` → ``{"info": {..., "licenses": [{"name"}]}}``;
 * ``datasets.DatasetApiService/DownloadDataset`` → by default a 302 to a signed storage URL on
   ``127.0.0.1`` (another host name, so ``requests`` drops the Authorization header on the way, as
@@ -48,6 +54,9 @@ PORT = 80  # kagglesdk: KaggleEnv.LOCAL -> "http://localhost", no port
 STORAGE_HOST = "127.0.0.1"  # a different host name than "localhost": requests strips auth on redirect
 API_PREFIX = "/api/v1/"
 INTROSPECT = "security.OAuthService/IntrospectToken"
+EXCHANGE = "security.OAuthService/ExchangeOAuthToken"
+REFRESH = "users.AccountService/GenerateAccessToken"
+ACCESS_TOKEN_S = 12 * 3600  # kagglesdk's default access-token lifetime
 METADATA = "datasets.DatasetApiService/GetDatasetMetadata"
 DOWNLOAD = "datasets.DatasetApiService/DownloadDataset"
 STORAGE = "storage"
@@ -94,6 +103,8 @@ class KaggleStandIn:
     username: str = "standin-user"
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     tokens: dict[str, str] = field(default_factory=dict)  # access token -> username
+    refresh_tokens: dict[str, str] = field(default_factory=dict)  # OAuth refresh token -> username
+    login_codes: dict[str, str] = field(default_factory=dict)  # one-time `kaggle auth login` code -> username
     redirect: bool = True
     ranges: bool = True
     datasets: dict[str, Dataset] = field(default_factory=dict)  # "owner/slug" or "owner/slug/version"
@@ -125,10 +136,24 @@ class KaggleStandIn:
             self.tokens[token] = username or self.username
         return token
 
+    def add_login_code(self, username: str | None = None) -> str:
+        """A one-time code, as Kaggle's sign-in page shows it for ``kaggle auth login --no-launch-browser``."""
+        code = "code-" + secrets.token_hex(12)
+        with self._lock:
+            self.login_codes[code] = username or self.username
+        return code
+
+    def add_refresh_token(self, username: str | None = None) -> str:
+        token = "refresh-" + secrets.token_hex(16)
+        with self._lock:
+            self.refresh_tokens[token] = username or self.username
+        return token
+
     @property
     def credential_values(self) -> list[str]:
-        """Every credential value this server accepts (tests check none of them leaks)."""
-        return [self.key, *self.tokens]
+        """Every credential value this server accepts or issued (tests check none of them leaks)."""
+        with self._lock:
+            return [self.key, *self.tokens, *self.refresh_tokens, *self.login_codes]
 
     def endpoints(self) -> list[str]:
         with self._lock:
@@ -361,7 +386,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(endpoint, lambda _: self._error(400, "request body is not a JSON object"))
             return
         service_method = path[len(API_PREFIX) :] if path.startswith(API_PREFIX) else ""
-        handlers = {INTROSPECT: self._introspect, METADATA: self._metadata, DOWNLOAD: self._download}
+        handlers = {
+            INTROSPECT: self._introspect,
+            EXCHANGE: self._exchange,
+            REFRESH: self._refresh,
+            METADATA: self._metadata,
+            DOWNLOAD: self._download,
+        }
         handler = handlers.get(service_method)
         if handler is None:
             self._answer(endpoint, lambda _: self._error(404, f"no such method {path}"))
@@ -393,6 +424,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"active": False})
         else:
             self._json(200, {"active": True, "username": username, "scope": "resources.read"})
+
+    def _exchange(self, body: dict[str, Any], fault: Fault | None) -> None:
+        standin = self.server.standin
+        with standin._lock:
+            username = standin.login_codes.pop(str(body.get("code") or ""), None)  # one use only
+        if username is None or body.get("grantType") != "authorization_code" or not body.get("codeVerifier"):
+            self._error(400, "invalid_grant")
+            return
+        access, refresh = standin.add_token(username), standin.add_refresh_token(username)
+        payload = {"accessToken": access, "refreshToken": refresh, "tokenType": "Bearer"}
+        self._json(200, {**payload, "expiresIn": ACCESS_TOKEN_S, "username": username})
+
+    def _refresh(self, body: dict[str, Any], fault: Fault | None) -> None:
+        standin = self.server.standin
+        with standin._lock:
+            username = standin.refresh_tokens.get(str(body.get("refreshToken") or ""))
+        if username is None:
+            self._error(401, "Unauthenticated")
+            return
+        self._json(200, {"token": standin.add_token(username), "expiresIn": ACCESS_TOKEN_S, "userName": username})
 
     def _authorised(self) -> bool:
         _, ok = self.server.standin._check_auth(self.headers.get("Authorization"))

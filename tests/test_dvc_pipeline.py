@@ -212,6 +212,11 @@ def test_external_sets_and_the_ensemble_rerun_exactly_what_they_touch(fresh_clon
     assert metrics["external"]["site_b"]["n"] == 10
     shown = _run(["dvc", "metrics", "show", "--json"], fresh_clone)
     assert '"site_b"' in shown and '"ensemble"' in shown  # dvc metrics / exp show list the external figures
+    # the evaluation's DVC plots: every kind, per model, on the test split and the external set
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], fresh_clone))["data"]
+    for kind in ("roc", "pr", "calibration", "confusion"):
+        for where in ("test", "external-site_b"):
+            assert f"reports/eval/curves/{kind}/{where}/ensemble.csv" in plots
     assert "Running stage" not in _run(["dvc", "repro"], fresh_clone)
 
     # a new image in the external folder: its index and everything scored on it, no training

@@ -46,6 +46,7 @@ def test_split_layout_is_copied_and_recorded(make_dataset, tmp_path):
     assert record["tree_sha256"] == hash_tree(raw)
     assert json.loads((tmp_path / "data/fetch.json").read_text()) == record
     assert "fetched_at" not in record  # no timestamps: the record only changes with the data
+    assert record["skipped"] == []  # nothing left out (links out of the tree, bad names: tests/hostile)
 
 
 def test_flat_layout_wrapper_and_case_insensitive_names(make_dataset, tmp_path):
@@ -109,6 +110,7 @@ def test_refetch_replaces_atomically_and_failure_keeps_previous(make_dataset, tm
         _fetch(bad, tmp_path)
     assert hash_tree(tmp_path / "data/raw") == before
     assert not list((tmp_path / "data").glob(".fetch-*"))
+    assert not (tmp_path / "data/.fetch.lock").exists()  # the lock file goes with the run
     newer = make_dataset({"NORMAL": ["c.jpeg"], "PNEUMONIA": ["d.jpeg"]}, root=tmp_path / "newer")
     _fetch(newer, tmp_path)
     assert sorted(p.name for p in (tmp_path / "data/raw").rglob("*.jpeg")) == ["c.jpeg", "d.jpeg"]

@@ -1,15 +1,16 @@
-"""The Prefect flow, on the real Prefect engine: content-keyed caching of fetch and prepare."""
+"""The Prefect flow, on the real Prefect engine: content-keyed caching of fetch and prepare; how a task
+runs a `cxr` step (its log lines passed on at their level, a failure summarised in one line)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
+import flows  # noqa: F401  (the flows' Prefect defaults, e.g. no telemetry, before Prefect reads its settings)
 from tests.factories import REPO_ROOT, kermany_layout, write_image
-
-pytestmark = pytest.mark.slow
 
 SMALL_TRAINING = [
     "train.models=[smallnet]",
@@ -39,6 +40,7 @@ def prefect_env(tmp_path_factory):
         yield
 
 
+@pytest.mark.slow
 def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(prefect_env, make_dataset, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
 
@@ -78,6 +80,7 @@ def test_second_run_is_cached_and_changes_rerun_only_what_they_touch(prefect_env
     assert fifth["states"]["fetch"] == "Completed" and fifth["states"]["prepare"] == "Completed"
 
 
+@pytest.mark.slow
 def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_dataset, tmp_path, monkeypatch):
     from cxr.errors import CxrError
     from flows.pipeline import pipeline
@@ -109,6 +112,7 @@ def test_a_failing_model_fails_the_run_but_keeps_the_others(prefect_env, make_da
     assert card.is_file() and Path("models/smallnet.keras").is_file()  # the healthy model was kept
 
 
+@pytest.mark.slow
 def test_a_flow_parameter_naming_an_unknown_model_fails_before_any_task(prefect_env, tmp_path, monkeypatch):
     from cxr.config import ConfigError
     from flows.pipeline import pipeline
@@ -120,6 +124,7 @@ def test_a_flow_parameter_naming_an_unknown_model_fails_before_any_task(prefect_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing fetched, nothing written
 
 
+@pytest.mark.slow
 def test_external_sets_and_the_ensemble_in_the_flow(prefect_env, make_dataset, tmp_path, monkeypatch):
     import json
 
@@ -162,3 +167,71 @@ def test_external_sets_and_the_ensemble_in_the_flow(prefect_env, make_dataset, t
     assert {"external@site_b", "evaluate", "report"} <= ran
     assert not ran & {"fetch", "prepare", "train@smallnet", "train@cxrnet", "ensemble"}
     assert json.loads(Path("reports/metrics.json").read_text())["external"]["site_b"]["n"] == 11
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_step_s_log_lines_keep_their_level_and_a_failure_is_summarised_in_one_line(tmp_path, monkeypatch):
+    from tasks.runner import StepFailed, forward, one_line, run_cxr
+
+    sink = logging.getLogger("test.forward")
+    sink.propagate, sink.level = False, logging.DEBUG
+    collected = _Collect()
+    sink.addHandler(collected)
+    for line in [
+        "12:03:44 INFO    cxr.training.train: smallnet epoch 1/3 4s loss=0.6931",
+        "12:03:45 WARNING cxr.training.health: smallnet: predictions collapsed",
+        "cxr: error: data.dir=/x: not found",
+        "Traceback (most recent call last):",
+        "E0000 00:00:1795936100.488661   15247 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+    ]:
+        forward(sink, line)
+    assert [(r.levelname, r.getMessage()) for r in collected.records] == [
+        ("INFO", "cxr.training.train: smallnet epoch 1/3 4s loss=0.6931"),
+        ("WARNING", "cxr.training.health: smallnet: predictions collapsed"),
+        ("ERROR", "cxr: error: data.dir=/x: not found"),
+        ("WARNING", "Traceback (most recent call last):"),
+        (
+            "DEBUG",
+            "E0000 00:00:1795936100.488661   15247 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+        ),
+    ]
+
+    # a real child that fails: outside a Prefect run its lines go to the tasks.runner logger
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    runner_log = logging.getLogger("tasks.runner")
+    seen = _Collect()
+    runner_log.addHandler(seen)
+    try:
+        with pytest.raises(StepFailed) as failed:
+            run_cxr(["fetch"], "params.yaml", extra_overrides=["data.source=dir", f"data.dir={tmp_path / 'nowhere'}"])
+    finally:
+        runner_log.removeHandler(seen)
+    summary = one_line(failed.value)
+    assert summary.startswith("cxr fetch failed (exit 1): ") and "nowhere" in summary and "\n" not in summary
+    assert str(failed.value).splitlines()[0] == summary and failed.value.tail
+    assert any(r.levelname == "ERROR" and "nowhere" in r.getMessage() for r in seen.records), seen.records
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_refuses_the_embedded_demo_sample_before_any_task(prefect_env, tmp_path, monkeypatch):
+    from cxr.errors import CxrError
+    from flows.pipeline import pipeline
+
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_API_V1_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    with pytest.raises(CxrError, match=r"^scheduled retraining needs real data: configure Kaggle credentials"):
+        pipeline(overrides=["data.source=auto"], refresh_source=True, scheduled=True)
+    assert not (tmp_path / "data").exists()  # nothing fetched

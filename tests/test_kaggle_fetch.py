@@ -17,6 +17,7 @@ test's own environment, exactly as in a fresh ``cxr fetch`` process, whatever ra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,10 +25,12 @@ import logging
 import os
 import secrets
 import stat
+import subprocess
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ import pytest
 from kaggle_standin import KaggleStandIn, Seen, StandInUnavailable
 
 from cxr import CLASS_NAMES, SPLITS
-from cxr.data.fetch import fetch
+from cxr.data.fetch import fetch, resolve_source
+from cxr.data.kaggle import NoCredentialsError, find_credentials
 from cxr.errors import FetchError
 from cxr.provenance.hashing import hash_tree
 from tests.factories import SHARED_DATA
@@ -393,8 +397,24 @@ CREDENTIAL_FILES = [
     "~/.kaggle/kaggle.json",
     "XDG_CONFIG_HOME/kaggle/kaggle.json",
     "~/.kaggle/access_token",
+    "~/.kaggle/access_token.txt",
     "KAGGLE_API_TOKEN=<file>",
+    "~/.kaggle/credentials.json",
 ]
+
+
+def oauth_sign_in(standin: KaggleStandIn, expires_in: timedelta = timedelta(hours=12)) -> str:
+    """``~/.kaggle/credentials.json`` as kagglesdk's ``KaggleCredentials.save`` writes it (``kaggle auth login``)."""
+    return json.dumps(
+        {
+            "refresh_token": standin.add_refresh_token(),
+            "access_token": standin.add_token(),
+            "access_token_expiration": (datetime.now(timezone.utc) + expires_in).isoformat(),
+            "username": standin.username,
+            "scopes": ["resources.admin:*"],
+        },
+        indent=2,
+    )
 
 
 def write_credential_file(
@@ -402,16 +422,20 @@ def write_credential_file(
 ) -> Path:
     if kind.endswith("kaggle.json"):
         content = json.dumps({"username": standin.username, "key": standin.key})
+    elif kind.endswith("credentials.json"):
+        content = oauth_sign_in(standin)
     else:
         content = standin.add_token() + "\n"
     if kind.startswith(("~", "XDG")):
-        monkeypatch.delenv("KAGGLE_CONFIG_DIR")
+        monkeypatch.delenv("KAGGLE_CONFIG_DIR", raising=False)
     path = {
         "KAGGLE_CONFIG_DIR/kaggle.json": env.config_dir / "kaggle.json",
         "~/.kaggle/kaggle.json": env.home / ".kaggle" / "kaggle.json",
         "XDG_CONFIG_HOME/kaggle/kaggle.json": env.xdg / "kaggle" / "kaggle.json",
         "~/.kaggle/access_token": env.home / ".kaggle" / "access_token",
+        "~/.kaggle/access_token.txt": env.home / ".kaggle" / "access_token.txt",
         "KAGGLE_API_TOKEN=<file>": env.home / "secrets" / "kaggle-token",
+        "~/.kaggle/credentials.json": env.home / ".kaggle" / "credentials.json",
     }[kind]
     if kind == "KAGGLE_API_TOKEN=<file>":
         monkeypatch.setenv("KAGGLE_API_TOKEN", str(path))
@@ -468,6 +492,206 @@ def test_credential_file_with_mode_600_works(
     assert_absent(standin.credential_values, out, err)
 
 
+# -- 3b. `kaggle auth login` and the client's own order -------------------------------------------
+
+
+def _kaggle_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The real ``kaggle`` command in a child process, under this test's environment (HOME, LOCALHOST).
+
+    The installed console script, not ``python -m kaggle``: while ``-m`` imports the package, ``sys.argv[0]``
+    is ``-m``, so the import-time login check does not see the CLI, calls ``exit(1)`` (which closes stdin) and
+    ``auth login --no-launch-browser`` can no longer read the pasted code.
+    """
+    script = Path(sys.executable).with_name("kaggle")
+    if not script.is_file():
+        pytest.skip(f"the kaggle console script is not installed beside {sys.executable}")
+    return subprocess.run(
+        [str(script), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
+
+
+def test_kaggle_auth_login_credentials_fetch_through_the_standin(
+    standin: KaggleStandIn,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``kaggle auth login --no-launch-browser`` (the user pastes the code the sign-in page shows) saves
+    ``~/.kaggle/credentials.json``; ``data.source: auto`` then resolves to Kaggle and fetches with it."""
+    standin.add_dataset(DATASET, kaggle_zip)
+    code = standin.add_login_code()
+    assert resolve_source({"source": "auto"}) == "sample"  # nothing configured yet
+
+    login = _kaggle_cli("auth", "login", "--no-launch-browser", stdin=code + "\n")
+
+    assert login.returncode == 0, login.stdout + login.stderr
+    assert f"logged in as [{standin.username}]" in login.stdout
+    saved = env.home / ".kaggle" / "credentials.json"
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert {"refresh_token", "access_token", "access_token_expiration"} <= set(json.loads(saved.read_text()))
+    assert find_credentials().method == "OAUTH"
+    assert resolve_source({"source": "auto"}) == "kaggle"
+    login_calls = standin.endpoints()
+
+    record = run_fetch(env, source="auto")
+
+    assert record["source"] == "kaggle" and record["requested"] == "auto" and "demo_sample" not in record
+    assert tree(env.raw) == expected_tree(images)
+    assert login_calls == ["ExchangeOAuthToken", "IntrospectToken"]
+    assert standin.endpoints()[len(login_calls) :] == ["GetDatasetMetadata", "DownloadDataset", "storage"]
+    assert {s.auth for s in api_calls(standin.requests[len(login_calls) :])} == {"Bearer"}
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert_absent(standin.credential_values, out, err, login.stdout, login.stderr, env.record.read_text())
+
+
+def test_expired_sign_in_is_refreshed_by_the_client(
+    standin: KaggleStandIn,
+    env: Env,
+    images: dict[str, bytes],
+    kaggle_zip: bytes,
+) -> None:
+    """The access token of ``credentials.json`` lasts 12 h; after that the client asks for a new one with the
+    refresh token (and saves it), so an old sign-in keeps working."""
+    standin.add_dataset(DATASET, kaggle_zip)
+    saved = env.home / ".kaggle" / "credentials.json"
+    saved.parent.mkdir()
+    saved.write_text(oauth_sign_in(standin, expires_in=-timedelta(days=2)))
+    saved.chmod(0o600)
+    old = json.loads(saved.read_text())
+
+    record = run_fetch(env)
+
+    assert tree(env.raw) == expected_tree(images) and record["source"] == "kaggle"
+    assert standin.endpoints()[:3] == ["GenerateAccessToken", "GetDatasetMetadata", "DownloadDataset"]
+    new = json.loads(saved.read_text())
+    assert new["refresh_token"] == old["refresh_token"] and new["access_token"] != old["access_token"]
+
+
+def test_revoked_sign_in_is_one_clear_error(standin: KaggleStandIn, env: Env, kaggle_zip: bytes) -> None:
+    standin.add_dataset(DATASET, kaggle_zip)
+    saved = env.home / ".kaggle" / "credentials.json"
+    saved.parent.mkdir()
+    signed_in = json.loads(oauth_sign_in(standin, expires_in=-timedelta(days=2)))
+    saved.write_text(json.dumps({**signed_in, "refresh_token": "refresh-revoked"}))
+    saved.chmod(0o600)
+
+    with pytest.raises(FetchError) as err:
+        run_fetch(env)
+
+    assert str(err.value).endswith("run 'kaggle auth login' again") and "\n" not in str(err.value)
+    assert set(standin.endpoints()) == {"GenerateAccessToken"}
+    assert not env.raw.exists()
+
+
+# Credential forms, alone and together: (name, {path relative to tmp_path or "env:NAME": content}).
+# "<token>", "<key>", "<oauth>" are replaced with a credential the stand-in accepts.
+_LEGACY = json.dumps({"username": "<user>", "key": "<key>"})
+CLIENT_ORDER: dict[str, dict[str, str]] = {
+    "KAGGLE_API_TOKEN": {"env:KAGGLE_API_TOKEN": "<token>"},
+    "KAGGLE_API_TOKEN=<file>": {"secrets/token": "<token>", "env:KAGGLE_API_TOKEN": "<tmp>/secrets/token"},
+    "~/.kaggle/access_token": {"home/.kaggle/access_token": "<token>\n"},
+    "~/.kaggle/access_token.txt": {"home/.kaggle/access_token.txt": "<token>"},
+    "KAGGLE_USERNAME/KAGGLE_KEY": {"env:KAGGLE_USERNAME": "<user>", "env:KAGGLE_KEY": "<key>"},
+    "KAGGLE_CONFIG_DIR/kaggle.json": {"kaggle-config/kaggle.json": _LEGACY},
+    "~/.kaggle/kaggle.json": {"home/.kaggle/kaggle.json": _LEGACY, "env:KAGGLE_CONFIG_DIR": ""},
+    "XDG/kaggle/kaggle.json": {"xdg/kaggle/kaggle.json": _LEGACY, "env:KAGGLE_CONFIG_DIR": ""},
+    "credentials.json": {"home/.kaggle/credentials.json": "<oauth>"},
+    # together: the first kind in the client's order wins
+    "access_token + kaggle.json + credentials.json": {
+        "home/.kaggle/access_token": "<token>",
+        "kaggle-config/kaggle.json": _LEGACY,
+        "home/.kaggle/credentials.json": "<oauth>",
+    },
+    "kaggle.json + credentials.json": {
+        "kaggle-config/kaggle.json": _LEGACY,
+        "home/.kaggle/credentials.json": "<oauth>",
+    },
+    "KAGGLE_USERNAME/KAGGLE_KEY + credentials.json": {
+        "env:KAGGLE_USERNAME": "<user>",
+        "env:KAGGLE_KEY": "<key>",
+        "home/.kaggle/credentials.json": "<oauth>",
+    },
+    "kaggle.json username + KAGGLE_KEY": {
+        "kaggle-config/kaggle.json": json.dumps({"username": "<user>"}),
+        "env:KAGGLE_KEY": "<key>",
+    },
+    # ~/.kaggle exists (it holds credentials.json), so the client never looks in $XDG_CONFIG_HOME
+    "XDG kaggle.json + credentials.json": {
+        "xdg/kaggle/kaggle.json": _LEGACY,
+        "home/.kaggle/credentials.json": "<oauth>",
+        "env:KAGGLE_CONFIG_DIR": "",
+    },
+    "broken kaggle.json + credentials.json": {
+        "kaggle-config/kaggle.json": "{not json",
+        "home/.kaggle/credentials.json": "<oauth>",
+    },
+    # KAGGLE_API_TOKEN names an empty file: the client reads no token and skips ~/.kaggle/access_token
+    "empty KAGGLE_API_TOKEN file + access_token": {
+        "secrets/empty": "",
+        "env:KAGGLE_API_TOKEN": "<tmp>/secrets/empty",
+        "home/.kaggle/access_token": "<token>",
+    },
+    "credentials.json without refresh token": {"home/.kaggle/credentials.json": json.dumps({"access_token": "x"})},
+    "nothing": {},
+}
+
+
+def _client_auth_method() -> str | None:
+    """How the installed client authenticates here (``KaggleApi.authenticate``), or None when it gives up."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        try:
+            api.authenticate()
+        except SystemExit:
+            return None
+    return str(api.config_values.get("auth_method"))
+
+
+@pytest.mark.parametrize("case", list(CLIENT_ORDER))
+def test_credential_precheck_agrees_with_the_client(
+    case: str, standin: KaggleStandIn, env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``find_credentials`` is a second copy of the client's order: for every form, alone and together, it
+    must name the method the installed kaggle client itself authenticates with."""
+    values = {
+        "<token>": standin.add_token(),
+        "<user>": standin.username,
+        "<key>": standin.key,
+        "<oauth>": oauth_sign_in(standin),
+        "<tmp>": str(tmp_path),
+    }
+    for where, content in CLIENT_ORDER[case].items():
+        for placeholder, value in values.items():
+            content = content.replace(placeholder, value)
+        if where.startswith("env:"):
+            if content:
+                monkeypatch.setenv(where[4:], content)
+            else:
+                monkeypatch.delenv(where[4:], raising=False)
+            continue
+        path = tmp_path / where
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        path.chmod(0o600)
+    try:
+        ours: str | None = find_credentials().method
+    except NoCredentialsError:
+        ours = None
+    expected_source = "sample" if ours is None else "kaggle"
+
+    assert ours == _client_auth_method()
+    assert resolve_source({"source": "auto"}) == expected_source
+
+
 # -- 4. and 5. missing or wrong credentials --------------------------------------------------------
 
 
@@ -484,6 +708,7 @@ def test_missing_credentials_is_one_clear_error(
 
     message = str(err.value)
     for needle in (
+        "kaggle auth login",
         "KAGGLE_API_TOKEN",
         "kaggle.json",
         "chmod 600",

@@ -233,7 +233,8 @@ def test_fleiss_kappa_for_two_readers_is_scotts_pi():
 def test_perfect_agreement_is_one():
     column = np.array([0, 1, 1, 0, 1, 0, 0, 1])
     assert fleiss_kappa(np.stack([column] * 4, axis=1)) == pytest.approx(1.0)
-    assert fleiss_kappa(np.ones((5, 3), int)) == 1.0  # one class only: agreement is trivially perfect
+    # one class only: chance agreement is already 1, so kappa is 0/0: undefined (None), never NaN or 1.0
+    assert fleiss_kappa(np.ones((5, 3), int)) is None
     readers = pd.DataFrame({"r1": column, "r2": column})
     result = agreement(readers, {"name": "model", "labels": column}, n_boot=50)
     assert [c["kappa"] for c in result["cohen"]] == pytest.approx([1.0, 1.0, 1.0])

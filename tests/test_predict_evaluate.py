@@ -85,6 +85,7 @@ def test_predict_json_one_object_per_image(trained, images, cli):
         assert record["threshold"] == shipped and "model card" in record["threshold_source"]
         assert record["label"] == ("PNEUMONIA" if record["probability"] >= shipped else "NORMAL")
         assert record["model_sha256"] == card["model_sha256"] and record["verified_model"] is True
+        assert record["card_model_sha256"] == card["model_sha256"]
     at_half = {Path(r["path"]).name: "PNEUMONIA" if r["probability"] >= 0.5 else "NORMAL" for r in records}
     assert at_half == {"dark.png": "NORMAL", "bright.png": "PNEUMONIA", "bright_scan.dcm": "PNEUMONIA"}
 
@@ -252,25 +253,36 @@ def test_load_takes_the_preprocessing_from_the_card(trained, tmp_path):
     # a wide image (64 × 32): squashed it fills the square, letter-boxed it gets black bands
     wide = png(tmp_path / "wide.png", np.full((32, 64), 200, np.uint8))
     assert load_image(wide, original.input).min() == 200
-    card["input"]["preprocessing"].update(image_size=40, resize="pad", interpolation="area")
+    card["input"]["preprocessing"].update(resize="pad", interpolation="area")
     card_path_for(model).write_text(json.dumps(card))
     lm = load(model)
-    assert (lm.input.image_size, lm.input.resize, lm.input.interpolation) == (40, "pad", "area")
+    assert (lm.input.image_size, lm.input.resize, lm.input.interpolation) == (IMAGE_SIZE, "pad", "area")
     assert lm.verified  # the card is not part of the model's bytes
     image = load_image(wide, lm.input)
-    assert image.shape == (40, 40, 3)
-    assert (image[:10] == 0).all() and (image[30:] == 0).all() and (image[11:29] == 200).all()
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)  # 64 × 32 letter-boxed into 32 × 32: bands of 8 rows
+    assert (image[:7] == 0).all() and (image[25:] == 0).all() and (image[9:23] == 200).all()
+    # a card whose image size is not the model's input size describes another model
+    card["input"]["preprocessing"].update(image_size=40)
+    card_path_for(model).write_text(json.dumps(card))
+    with pytest.raises(CxrError, match=r"image_size=40 but m\.keras takes 32×32×3 images"):
+        load(model)
 
 
-def test_a_model_that_does_not_match_its_card_is_unverified(trained, tmp_path, images, cli):
+def test_a_model_that_does_not_match_its_card_is_refused_unless_allowed(trained, tmp_path, images, cli):
     model = _copy_model(trained, tmp_path / "copy")
     with open(model, "ab") as handle:
         handle.write(b"\0")  # still a loadable zip, but not the bytes the card describes
-    lm = load(model)
-    assert lm.verified is False
+    with pytest.raises(CxrError, match="unverified model"):
+        load(model)
+    lm = load(model, allow_unverified=True)
+    assert lm.verified is False and lm.sha256 != lm.card["model_sha256"]
     code, out, err = cli(["predict", "--model", str(model), str(images["dark"]), "--json"])
-    assert code == 0 and json_lines(out)[0]["verified_model"] is False
-    assert "does not match the sha256 in its card" in err
+    assert code == 1 and out == "" and err.count("cxr: error:") == 1 and "--allow-unverified" in err
+    code, out, err = cli(["predict", "--model", str(model), str(images["dark"]), "--json", "--allow-unverified"])
+    record = json_lines(out)[0]
+    assert code == 0 and record["verified_model"] is False
+    assert record["model_sha256"] == lm.sha256 and record["card_model_sha256"] == lm.card["model_sha256"]
+    assert "unverified model used as asked" in err and len(err.strip().splitlines()) == 1
 
 
 def test_load_without_model_or_card_names_the_problem(trained, tmp_path):

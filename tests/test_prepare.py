@@ -38,6 +38,9 @@ def test_prepare_writes_manifest_splits_quality_and_plot(make_dataset, tmp_path,
     original_row = splits[splits["path"] == dup.relative_to(tmp_path).as_posix()]
     assert copy_row["split"].item() == original_row["split"].item()
     assert result["manifest_sha256"] == sha256_file("data/prepared/manifest.csv")
+    # splits.csv names the manifest it was cut from (readers refuse a mismatched pair)
+    assert splits["manifest_sha256"].unique().tolist() == [result["manifest_sha256"]]
+    assert sorted(p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")) == []
     assert (tmp_path / "reports/plots/class_distribution.png").stat().st_size > 1000
 
 

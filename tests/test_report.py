@@ -8,6 +8,7 @@ they are skipped, unless ``CI`` is set: there a missing browser fails.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import os
@@ -100,8 +101,91 @@ def test_markdown_summary(reported):
     low, high = metrics["ci95"]["auc"]
     assert md.startswith("# Chest X-ray pneumonia pipeline — report\n")
     assert "leakage clean: **True**" in md
-    assert f"| smallnet | {metrics['auc']:.3f} ({low:.3f}–{high:.3f}) |" in md
+    assert f"| smallnet | {metrics['auc']:.3f} ({low:.3f} to {high:.3f}) |" in md
     assert "**Warning: smallnet is degenerate:" in md
+
+
+def test_the_top_of_the_page_summary_youden_provenance_and_limitations(reported, page):
+    from cxr.reporting.intended_use import INTENDED_USE, LIMITATIONS
+
+    parsed = parse(page)
+    assert parsed.h2[:4] == ["Summary", "Provenance", "Intended use and limitations", "Data"]
+    m = json.loads((reported / "reports/metrics.json").read_text())["models"]["smallnet"]
+    n, ci = m["n"], m["ci95"]
+    # per model and data set: n, prevalence, AUC / sensitivity / specificity with 95 % CIs ("a to b")
+    row = (
+        f"<td>test split</td><td>smallnet</td><td>{n}</td><td>0.500</td>"
+        f"<td>{m['auc']:.3f} ({ci['auc'][0]:.3f} to {ci['auc'][1]:.3f})</td>"
+        f"<td>{m['sensitivity']:.3f} ({ci['sensitivity'][0]:.3f} to {ci['sensitivity'][1]:.3f})</td>"
+        f"<td>{m['specificity']:.3f} ({ci['specificity'][0]:.3f} to {ci['specificity'][1]:.3f})</td>"
+    )
+    assert row in page
+    # the figures at Youden's threshold, computed by evaluate, are shown too
+    youden = m["at_youden"]
+    assert (
+        f"<td>test split</td><td>smallnet</td><td>{m['youden_threshold']:.3f}</td><td>{youden['sensitivity']:.3f}</td>"
+        f"<td>{youden['specificity']:.3f}</td><td>{youden['accuracy']:.3f}</td>"
+    ) in page
+    # provenance: outside git the commit is "unknown"; the package version is cxr's
+    import cxr
+
+    assert "<td>code commit</td><td>unknown (not a git checkout)</td>" in page
+    assert f"<td>package</td><td>cxr {cxr.__version__}</td>" in page
+    assert re.search(r"<td>generated</td><td>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00</td>", page)
+    # intended use and limitations: the same text as the model card's
+    card = json.loads((reported / "models/smallnet.card.json").read_text())
+    assert card["intended_use"]["limitations"] == list(LIMITATIONS)
+    assert card["intended_use"]["medical_device"] is False
+    assert html.escape(INTENDED_USE) in page
+    for line in LIMITATIONS:
+        assert f"<li>{html.escape(line)}</li>" in page
+    assert "Not a medical device" in page and "Guangzhou" in page and "adults" in page
+    assert "id='demo-sample'" not in page  # trained on a folder, not the demo sample
+    md = (reported / "reports/report.md").read_text()
+    assert "## Provenance" in md and "## Intended use and limitations" in md and "Demo sample" not in md
+    assert f"| test split | smallnet | {m['youden_threshold']:.3f} |" in md
+
+
+@pytest.fixture(scope="module")
+def demo_report(reported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reported project as if trained on the embedded demo sample, in git, with a negative AUC difference."""
+    root = tmp_path_factory.mktemp("demo") / "project"
+    shutil.copytree(reported, root)
+    (root / "data/fetch.json").write_text(json.dumps({"source": "sample", "requested": "auto", "demo_sample": True}))
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    metrics["comparison"] = [
+        {
+            "a": "smallnet",
+            "b": "cxrnet",
+            "auc_difference": -0.0241,
+            "ci95": [-0.03812, -0.0104],
+            "p_value": 0.002,
+            "method": "paired bootstrap",
+        }
+    ]
+    (root / "reports/metrics.json").write_text(json.dumps(metrics))
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "reports/metrics.json"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "metrics"], cwd=root, check=True)
+    (root / "reports/metrics.json").write_text(json.dumps(metrics, indent=1))  # a tracked file changed: dirty
+    with chdir(root):
+        render(["smallnet"])
+    return root
+
+
+def test_demo_sample_banner_commit_and_negative_intervals(demo_report):
+    page = (demo_report / "reports/report.html").read_text()
+    md = (demo_report / "reports/report.md").read_text()
+    assert "<p class='banner' id='demo-sample'>Demo sample: these models were trained on the small sample" in page
+    assert md.split("\n")[2].startswith("> **Demo sample:")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=demo_report, capture_output=True, text=True).stdout
+    assert f"<td>code commit</td><td>{commit[:12]} (dirty: uncommitted changes)</td>" in page
+    # a negative CI reads "−0.038 to −0.010" (real minus signs), never "-0.038–-0.010"
+    assert "<td>smallnet − cxrnet</td><td>−0.024</td><td>−0.038 to −0.010</td>" in page
+    assert "AUC smallnet − cxrnet: −0.024 (95 % CI −0.038 to −0.010," in md
+    for text in (page, md):
+        assert "-0.038" not in text and "–-" not in text
 
 
 def test_images_are_embedded_data_uris(page):
@@ -231,6 +315,37 @@ def test_every_figure_loads_in_chromium(chromium, reported, tmp_path):
     proc = run_chromium(chromium, reported / "reports/report.html", tmp_path / "profile", "--dump-dom")
     assert 'data-images="ok"' in body_tag(proc.stdout)
     assert "<h2>Lineage</h2>" in proc.stdout
+
+
+_VISIBILITY_PROBE = """<script>
+window.addEventListener('load', function () {
+  var out = {}, order = [];
+  ['demo-sample', 'summary', 'youden', 'provenance', 'limitations'].forEach(function (id) {
+    var el = document.getElementById(id);
+    if (!el) { out[id] = null; return; }
+    var r = el.getBoundingClientRect(), st = getComputedStyle(el);
+    out[id] = {visible: r.width > 0 && r.height > 0 && st.display !== 'none' && st.visibility !== 'hidden'
+               && parseFloat(st.opacity) > 0, top: r.top + window.scrollY, text: el.innerText};
+  });
+  document.body.setAttribute('data-probe', JSON.stringify(out));
+});
+</script></body>"""
+
+
+def test_summary_provenance_and_limitations_render_in_chromium(chromium, demo_report, tmp_path):
+    probed = tmp_path / "probed.html"
+    probed.write_text((demo_report / "reports/report.html").read_text().replace("</body>", _VISIBILITY_PROBE))
+    proc = run_chromium(chromium, probed, tmp_path / "profile", "--window-size=1200,2000", "--dump-dom")
+    match = re.search(r'data-probe="([^"]*)"', body_tag(proc.stdout))
+    assert match, body_tag(proc.stdout)
+    probe = json.loads(html.unescape(match.group(1)))
+    assert all(probe[k] and probe[k]["visible"] for k in probe), probe
+    tops = [probe[k]["top"] for k in ("demo-sample", "summary", "youden", "provenance", "limitations")]
+    assert tops == sorted(tops)  # laid out in reading order, at the top of the page
+    assert "Demo sample" in probe["demo-sample"]["text"]
+    assert "test split" in probe["summary"]["text"] and " to " in probe["summary"]["text"]
+    assert "code commit" in probe["provenance"]["text"] and "cxr " in probe["provenance"]["text"]
+    assert "Not a medical device" in probe["limitations"]["text"] and "adults" in probe["limitations"]["text"]
 
 
 def test_a_broken_figure_is_reported_by_the_page(chromium, page, tmp_path):

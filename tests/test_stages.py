@@ -50,7 +50,7 @@ def test_every_declared_setting_exists_in_the_shipped_params():
         for item in items:
             for key, value in settings_of(st.name, params, item).items():
                 assert value is not None or key.startswith("train."), f"{st.name}: {key} is not in params.yaml"
-    assert inputs_of("fetch", params) == [params["data"]["dir"]]
+    assert inputs_of("fetch", params) == [params["data"]["dir"], "cxr/data/sample_data"]  # + the demo sample
 
 
 # --- DVC and Prefect agree on what a change touches -------------------------------------------------

@@ -189,6 +189,17 @@ def test_train_writes_model_card_and_reports(trained_project):
     assert model_path.is_file() and card_path.is_file()
     saved = json.loads(card_path.read_text())
     assert saved == json.loads(json.dumps(card))  # the returned card is the one written
+    # the card, written last, names the bytes of every report shipped with the model
+    assert saved["reports"]["sha256"] == {
+        name: sha256_file(root / "reports/train/smallnet" / name) for name in saved["reports"]["sha256"]
+    }
+    assert set(saved["reports"]["sha256"]) == {
+        "history.csv",
+        "summary.txt",
+        "architecture.png",
+        "curves.png",
+        "metrics.json",
+    }
     assert saved["model"] == "smallnet"
     assert saved["model_sha256"] == sha256_file(model_path)
     assert saved["data"]["splits_sha256"] == sha256_file(root / "data/prepared/splits.csv")
@@ -282,17 +293,28 @@ def test_continue_epochs_without_a_saved_model(base_project, project):
         train("smallnet", set_model(make_params(), continue_epochs=2))
 
 
+def _reports(root: Path = Path(".")) -> dict[str, bytes]:
+    folder = root / "reports/train/smallnet"
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def test_collapse_with_fail_keeps_the_previous_model(trained_project, project):
     root, _ = trained_project
     project(root)
     model_before = Path("models/smallnet.keras").read_bytes()
     card_before = Path("models/smallnet.card.json").read_bytes()
+    reports_before = _reports()
     params = set_model(make_params(health={"on_collapse": "fail"}), learning_rate=COLLAPSING_LR)
     with pytest.raises(TrainingRejected, match=r"smallnet: model is (collapsed|degenerate)") as info:
         train("smallnet", params)
     assert "models/.rejected" in str(info.value)
     assert Path("models/smallnet.keras").read_bytes() == model_before
     assert Path("models/smallnet.card.json").read_bytes() == card_before
+    # the shipped model's history, curves, metrics and summary are its own, not the rejected run's
+    assert _reports() == reports_before
+    rejected_history = pd.read_csv("models/.rejected/smallnet.reports/history.csv")
+    assert rejected_history["epoch"].tolist() == list(range(EPOCHS))
+    assert not list(Path("reports/train").glob(".smallnet.tmp-*"))  # no staging folder left behind
     rejected_card = json.loads(Path("models/.rejected/smallnet.card.json").read_text())
     assert rejected_card["health"]["status"] in {"collapsed", "degenerate"}
     assert rejected_card["health"]["problems"]
@@ -364,13 +386,17 @@ def test_resume_after_a_kill(base_project, project):
         "train.common.tensorboard=false",
     ]
     env = {**os.environ, "CXR_NO_PROGRESS": "1", "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    history = root / "reports/train/smallnet/history.csv"
+    history = root / "reports/train/smallnet/history.csv"  # the shipped model's, written when it ships
     backup = root / "models/.backup/smallnet"
+
+    def run_history() -> Path:  # the running run's own history, kept beside its backup for a resume
+        found = sorted((root / "models/.work/smallnet").glob("history-*.csv"))
+        return found[0] if found else root / "models/.work/smallnet/history-none.csv"
 
     proc = subprocess.Popen(_cli(overrides), cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while _history_rows(history) < 2:
+        while _history_rows(run_history()) < 2:
             assert proc.poll() is None, f"training ended early: {proc.stderr.read().decode()[-2000:]}"
             assert time.monotonic() < deadline, "no epoch finished within 120 s"
             time.sleep(0.02)
@@ -382,11 +408,12 @@ def test_resume_after_a_kill(base_project, project):
             proc.wait()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    rows_at_kill = _history_rows(history)
-    history_at_kill = history.read_text()
+    rows_at_kill = _history_rows(run_history())
+    history_at_kill = run_history().read_text()
     assert 2 <= rows_at_kill < epochs
     assert list(backup.rglob("latest.weights.h5")), "no backup left by the killed run"
     assert not (root / "models/smallnet.keras").exists()
+    assert not history.exists()  # nothing shipped yet: no history of a model that does not exist
 
     done = subprocess.run(_cli(overrides), cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,15 +2,16 @@
 
 Every source ends as ``data/raw/[<split>/]<CLASS>/<file>`` plus a small record
 (``data/fetch.json``) naming the source and the content digest of what was fetched. The new tree
-is built in a temporary folder beside ``data/raw`` and renamed into place only when complete, so
-an interrupted fetch never leaves a half dataset that a later step would trust.
+is built in a temporary folder beside ``data/raw``, its record written beside it, and both are put
+in place only when complete (:mod:`cxr.data.staging`), under a lock that keeps a second run from
+writing the same files (:mod:`cxr.locks`): an interrupted or concurrent fetch never leaves a half
+dataset, or a record describing other data, that a later step would trust.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -21,10 +22,13 @@ from typing import Any
 from cxr.config import DataConfig, as_section
 from cxr.data import kaggle as kaggle_source
 from cxr.data import medmnist as medmnist_source
+from cxr.data import sample as sample_source
 from cxr.data.archive import ExtractLimits, safe_extract
+from cxr.data.dir_copy import copy_dataset_folder
 from cxr.data.kaggle_layout import ClassFolder, find_class_folders
+from cxr.data.staging import SCRATCH_PREFIX, install, recover, remove_tree
 from cxr.errors import CxrError, DataError
-from cxr.files import write_json
+from cxr.locks import lock_path, step_lock
 from cxr.provenance.hashing import hash_tree, sha256_file
 from cxr.workspace import HERE
 
@@ -35,17 +39,9 @@ def _dest(raw: Path, folder: ClassFolder) -> Path:
     return raw / folder.split / folder.class_name if folder.split else raw / folder.class_name
 
 
-def _copy_dir_source(src: Path, raw: Path) -> None:
-    for folder in find_class_folders(src):
-        target_root = _dest(raw, folder)
-        target_root.mkdir(parents=True, exist_ok=True)
-        for path in sorted(folder.path.rglob("*")):
-            rel = path.relative_to(folder.path)
-            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-                continue
-            target = target_root / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)  # content only: the source may be read-only
+def _copy_dir_source(src: Path, raw: Path) -> list[dict[str, str]]:
+    """Copy a local folder in Kaggle layout; the entries left out, with reasons (:mod:`cxr.data.dir_copy`)."""
+    return copy_dataset_folder(src, raw)
 
 
 def _move_class_folders(extracted: Path, raw: Path) -> None:
@@ -61,16 +57,6 @@ def _counts(raw: Path) -> dict[str, int]:
         if path.is_file():
             counts["/".join(path.relative_to(raw).parts[:-1])] += 1
     return dict(sorted(counts.items()))
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -90,8 +76,10 @@ def _fetch_dir(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
         raise CxrError("data.source=dir needs data.dir: the folder in Kaggle layout to read")
     if src.resolve() == ws.raw_dir.resolve() or ws.raw_dir.resolve() in src.resolve().parents:
         raise CxrError(f"data.dir={src} is inside {ws.raw_dir}: point it at the original folder")
-    _copy_dir_source(src, ws.staged)
-    return {"origin": str(src)}
+    skipped = _copy_dir_source(src, ws.staged)
+    if skipped:
+        log.warning("%d file(s) of %s were not copied (listed under 'skipped' in the fetch record)", len(skipped), src)
+    return {"origin": str(src), "skipped": skipped}
 
 
 def _fetch_medmnist(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
@@ -104,7 +92,7 @@ def _fetch_medmnist(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
 
 
 def _extract_limits(data: DataConfig) -> ExtractLimits:
-    return ExtractLimits(max_files=data.max_files, max_bytes=data.max_bytes)
+    return ExtractLimits(max_files=data.max_files, max_bytes=data.max_bytes, max_ratio=data.max_ratio)
 
 
 def _fetch_kaggle(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
@@ -124,13 +112,60 @@ def _fetch_kaggle(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
     return {"origin": dataset, "kaggle_version": version, "origin_sha256": sha256_file(archive)}
 
 
+def _fetch_sample(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
+    """Copy the embedded demo sample (``cxr/data/sample_data``); the record flags it as a demonstration."""
+    src = sample_source.sample_dir()
+    _copy_dir_source(src, ws.staged)
+    return {
+        "origin": sample_source.SAMPLE_INPUT,
+        "origin_sha256": hash_tree(src),
+        "demo_sample": True,
+        "licence": sample_source.LICENCE,
+        "citation": sample_source.CITATION,
+    }
+
+
 # Every source: (data section, workspace) -> its fields of the fetch record ("origin", digests).
 _FETCHERS: dict[str, Callable[[DataConfig, _Workspace], dict[str, Any]]] = {
     "kaggle": _fetch_kaggle,
     "dir": _fetch_dir,
     "medmnist": _fetch_medmnist,
+    "sample": _fetch_sample,
 }
-SOURCES = tuple(_FETCHERS)
+SOURCES = (*_FETCHERS, "auto")
+
+
+def resolve_source(data: DataConfig | Mapping[str, Any]) -> str:
+    """The concrete source a fetch of ``data`` uses: ``kaggle``, ``sample``, ``dir`` or ``medmnist``.
+
+    ``data.source: auto`` (the default) resolves to ``kaggle`` when Kaggle credentials are configured
+    (any kind the kaggle client accepts, looked up in its own order: :func:`cxr.data.kaggle.find_credentials`)
+    and to ``sample`` (the embedded demo sample) when none are; any other source resolves to itself.
+    Nothing is downloaded, logged or imported from the client; callers that must never run on the demo
+    sample (scheduled runs) refuse when this returns ``"sample"``.
+
+    Args:
+        data: the ``data`` section (its dataclass, or the mapping).
+
+    Returns:
+        The source name.
+
+    Raises:
+        CxrError: an unknown source.
+        FetchError: ``auto`` with credentials that are configured but unusable (a credential file
+            readable by other users, a broken ``kaggle.json``): the user meant Kaggle, so it is not
+            silently replaced by the sample.
+    """
+    data = as_section(DataConfig, data, "data")
+    if data.source not in SOURCES:
+        raise CxrError(f"data.source={data.source!r}: choose one of {', '.join(SOURCES)}")
+    if data.source != "auto":
+        return data.source
+    try:
+        kaggle_source.find_credentials()
+    except kaggle_source.NoCredentialsError:
+        return "sample"
+    return "kaggle"
 
 
 def _contents(staged: Path, origin: Any) -> dict[str, Any]:
@@ -150,8 +185,8 @@ def fetch(
     """Materialise ``data.source`` into ``raw_dir`` and write the fetch record.
 
     Args:
-        data: the ``data`` section (its dataclass, or the mapping): ``source`` (one of ``SOURCES``) and that
-            source's settings
+        data: the ``data`` section (its dataclass, or the mapping): ``source`` (one of ``SOURCES``; ``auto``
+            is resolved by :func:`resolve_source`) and that source's settings
             (``dir``; ``npz``, ``medmnist_size``; ``kaggle_dataset``, ``retries``, ``retry_backoff_s``,
             ``max_files``, ``max_bytes``).
         raw_dir: the folder that receives the images in Kaggle layout (replaced as a whole).
@@ -159,26 +194,33 @@ def fetch(
         cache_dir: downloads kept between runs (Kaggle zips, MedMNIST ``.npz`` files).
 
     Returns:
-        The fetch record: the source, its origin (and digest where known), the file counts per
+        The fetch record: the source (resolved), ``requested`` (``auto``) when that differs, its origin
+        (and digest where known), ``demo_sample: true`` for the embedded sample, the file counts per
         folder and the content digest of ``raw_dir``.
     """
     data = as_section(DataConfig, data, "data")
-    source = data.source
-    if source not in SOURCES:
-        raise CxrError(f"data.source={source!r}: choose one of {', '.join(SOURCES)}")
+    source = resolve_source(data)
+    if data.source == "auto" and source == "sample":
+        log.warning(sample_source.FALLBACK_WARNING)
     raw_dir, record_path, cache_dir = Path(raw_dir), Path(record_path), Path(cache_dir)
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"source": source}
-    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=raw_dir.parent))
-    try:
-        staged = work / "raw"
-        staged.mkdir()
-        record.update(_FETCHERS[source](data, _Workspace(staged, work, raw_dir, cache_dir)))
-        record.update(_contents(staged, record.get("origin")))
-        _replace_dir(staged, raw_dir)
-        write_json(record_path, record)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if data.source != source:
+        record["requested"] = data.source  # "auto"
+    with step_lock(lock_path(raw_dir.parent, "fetch"), "fetch", raw_dir):
+        recover(raw_dir, record_path)
+        try:
+            work = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=raw_dir.parent))
+        except OSError as exc:  # name the folder to make writable, not our scratch folder's random name
+            raise OSError(exc.errno, exc.strerror, str(raw_dir.parent)) from exc
+        try:
+            staged = work / "raw"
+            staged.mkdir()
+            record.update(_FETCHERS[source](data, _Workspace(staged, work, raw_dir, cache_dir)))
+            record.update(_contents(staged, record.get("origin")))
+            install(work, staged, record, raw_dir, record_path)
+        finally:
+            remove_tree(work)
     log.info(
         "fetched %d files from %s source %s into %s (tree %s)",
         record["files"],
@@ -197,10 +239,14 @@ def source_digest(data: DataConfig | Mapping[str, Any]) -> str | None:
         data: the ``data`` section.
 
     Returns:
-        The digest of ``data.dir`` (``dir``) or ``data.npz`` (``medmnist``); None for Kaggle (its
-        content is only known after downloading) and for a local source that is not there.
+        The digest of ``data.dir`` (``dir``) or ``data.npz`` (``medmnist``); ``sample:<digest>`` of the
+        embedded sample when the source resolves to it (so ``auto`` keys differently once credentials
+        appear); None for Kaggle (its content is only known after downloading) and for a local source
+        that is not there.
     """
     data = as_section(DataConfig, data, "data")
+    if data.source in ("sample", "auto") and resolve_source(data) == "sample":
+        return "sample:" + hash_tree(sample_source.sample_dir())
     if data.source == "dir" and data.dir:
         src = Path(data.dir)
         return hash_tree(src) if src.is_dir() else None

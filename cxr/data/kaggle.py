@@ -1,9 +1,9 @@
 """Download a Kaggle dataset with the real ``kaggle`` client, safely.
 
-Credentials are looked up in the client's own order (``KAGGLE_API_TOKEN`` → ``~/.kaggle/access_token``
-→ ``KAGGLE_USERNAME``/``KAGGLE_KEY`` → ``kaggle.json``) *before* the client is imported: importing
-``kaggle`` authenticates at import time and prints a help page when nothing is configured. Secrets
-are never logged; only the *kind* of credential is.
+Credentials are looked up in the client's own order (:func:`find_credentials`, checked against the
+client by ``tests/test_kaggle_fetch.py``) *before* the client is imported: importing ``kaggle``
+authenticates at import time and prints a help page when nothing is configured. Secrets are never
+logged; only the *kind* of credential is.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import stat
+import sys
 import time
 import zipfile
 from collections.abc import Callable, Mapping
@@ -26,23 +27,33 @@ from cxr.errors import FetchError
 log = logging.getLogger(__name__)
 
 NO_CREDENTIALS = (
-    "no Kaggle credentials found: set KAGGLE_API_TOKEN (a token from kaggle.com/settings), "
-    "or save ~/.kaggle/kaggle.json (then chmod 600 it), or set KAGGLE_USERNAME and KAGGLE_KEY "
-    "- or use data.source=dir (a local folder) or data.source=medmnist (no account needed)"
+    "no Kaggle credentials found: run 'kaggle auth login', or set KAGGLE_API_TOKEN (a token from "
+    "kaggle.com/settings), or save ~/.kaggle/kaggle.json (then chmod 600 it), or set KAGGLE_USERNAME and "
+    "KAGGLE_KEY - or use data.source=sample (a small demo), data.source=dir (a local folder) or "
+    "data.source=medmnist (no account needed)"
 )
+
+# The client's AuthMethod names (kaggle.api.kaggle_api_extended.AuthMethod), in the order it tries them.
+ACCESS_TOKEN, LEGACY_API_KEY, OAUTH = "ACCESS_TOKEN", "LEGACY_API_KEY", "OAUTH"
+
+
+class NoCredentialsError(FetchError):
+    """No Kaggle credential of any kind is configured (``data.source: auto`` then uses the sample)."""
 
 
 @dataclass(frozen=True)
 class Credentials:
     kind: str  # a description safe to log: never the secret itself
     path: Path | None = None
+    method: str = ""  # ACCESS_TOKEN, LEGACY_API_KEY or OAUTH: what the client will authenticate with
 
 
 def _config_dir(env: Mapping[str, str], home: Path) -> Path:
+    """Where the client looks for ``kaggle.json`` (``KaggleApi.config_dir``, computed at its import)."""
     if env.get("KAGGLE_CONFIG_DIR"):
         return Path(env["KAGGLE_CONFIG_DIR"])
     legacy = home / ".kaggle"
-    if legacy.exists():
+    if legacy.exists() or not sys.platform.startswith("linux"):
         return legacy
     return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"
 
@@ -55,45 +66,129 @@ def _refuse_if_shared(path: Path) -> None:
         )
 
 
+def _token_in(path: Path) -> bool:
+    """True when the file holds a token (kagglesdk ``_get_access_token_from_file``: stripped, non-empty)."""
+    try:
+        return bool(path.read_text().strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FetchError(f"{path}: cannot read the Kaggle token ({type(exc).__name__}); fix or remove it") from exc
+
+
+def _access_token(env: Mapping[str, str], home: Path) -> Credentials | None:
+    """kagglesdk ``get_access_token_from_env``: notebook token file, KAGGLE_API_TOKEN, ~/.kaggle/access_token[.txt]."""
+    notebook_file = env.get("KAGGLE_API_V1_TOKEN")
+    if env.get("KAGGLE_KERNEL_RUN_TYPE") is not None and env.get("KAGGLE_DATA_PROXY_URL") is not None and notebook_file:
+        path = Path(notebook_file)
+        if path.exists() and _token_in(path):
+            return Credentials("Kaggle notebook token (KAGGLE_API_V1_TOKEN)", path, ACCESS_TOKEN)
+    token = env.get("KAGGLE_API_TOKEN", "")
+    if token:
+        if not Path(token).exists():
+            return Credentials("KAGGLE_API_TOKEN", None, ACCESS_TOKEN)
+        path = Path(token)
+        if not _token_in(path):
+            return None  # the client reads no token from it and goes on to the API key, not to access_token
+        _refuse_if_shared(path)
+        return Credentials("KAGGLE_API_TOKEN (file)", path, ACCESS_TOKEN)
+    for name in ("access_token", "access_token.txt"):
+        path = home / ".kaggle" / name
+        if path.exists() and _token_in(path):
+            _refuse_if_shared(path)
+            return Credentials("access token file", path, ACCESS_TOKEN)
+    return None
+
+
+def _legacy_key(env: Mapping[str, str], home: Path) -> tuple[Credentials | None, FetchError | None]:
+    """``KaggleApi._load_config``: ``kaggle.json`` in the config dir, overridden by KAGGLE_USERNAME / KAGGLE_KEY.
+
+    Returns the credential, or the problem of a ``kaggle.json`` the client would ignore (raised only
+    when no later kind of credential is found either).
+    """
+    from_env = {k: env.get(f"KAGGLE_{k.upper()}", "") for k in ("username", "key")}
+    if all(from_env.values()):
+        return Credentials("KAGGLE_USERNAME/KAGGLE_KEY", None, LEGACY_API_KEY), None
+    config = _config_dir(env, home) / "kaggle.json"
+    if not config.is_file():
+        return None, None
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        return None, FetchError(f"{config}: not valid JSON ({type(exc).__name__}); re-download it")
+    values = values if isinstance(values, dict) else {}
+    merged = {k: from_env[k] or values.get(k) for k in from_env}
+    if not all(merged.values()):
+        return None, FetchError(f"{config}: needs both 'username' and 'key'; re-download it from Kaggle")
+    _refuse_if_shared(config)
+    kind = "kaggle.json" if not any(from_env.values()) else "kaggle.json with KAGGLE_USERNAME/KAGGLE_KEY"
+    return Credentials(kind, config, LEGACY_API_KEY), None
+
+
+def oauth_credentials_file(home: Path) -> Path:
+    """Where ``kaggle auth login`` saves its sign-in (kagglesdk ``KaggleCredentials.DEFAULT_CREDENTIALS_FILE``).
+
+    Always under the home folder: ``KAGGLE_CONFIG_DIR`` does not move it.
+    """
+    return home / ".kaggle" / "credentials.json"
+
+
+def _oauth(home: Path) -> Credentials | None:
+    """kagglesdk ``KaggleCredentials.load``: ``~/.kaggle/credentials.json`` with a refresh token."""
+    path = oauth_credentials_file(home)
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except ValueError:
+        return None  # the client ignores an unreadable file too
+    except OSError as exc:
+        raise FetchError(f"{path}: cannot read it ({type(exc).__name__}); run 'kaggle auth login --force'") from exc
+    if not isinstance(values, dict):
+        raise FetchError(f"{path}: not a Kaggle sign-in (expected a JSON object); run 'kaggle auth login --force'")
+    if not values.get("refresh_token"):
+        return None
+    _refuse_if_shared(path)
+    return Credentials("credentials.json (kaggle auth login)", path, OAUTH)
+
+
 def find_credentials(env: Mapping[str, str] | None = None, home: Path | None = None) -> Credentials:
-    """Say which credential the client will use, checking file permissions; never read secrets out.
+    """Say which credential the client will use, checking file permissions; never log or return secrets.
+
+    The order is kaggle 2.x's ``KaggleApi.authenticate``: (1) an access token (kagglesdk
+    ``get_access_token_from_env``: in a Kaggle notebook the file named by ``KAGGLE_API_V1_TOKEN``, then
+    ``KAGGLE_API_TOKEN`` — a file path if one exists, else the token itself — then
+    ``~/.kaggle/access_token`` or ``access_token.txt``); (2) the legacy API key (``kaggle.json`` in
+    ``KAGGLE_CONFIG_DIR``, else ``~/.kaggle`` if it exists, else ``$XDG_CONFIG_HOME/kaggle``, each value
+    overridden by ``KAGGLE_USERNAME`` / ``KAGGLE_KEY``); (3) the OAuth sign-in ``kaggle auth login`` saves
+    in ``~/.kaggle/credentials.json``. (The client's fourth way, anonymous access, is for its own CLI
+    only.) A test checks this order against the installed client.
 
     Args:
         env: the environment (default ``os.environ``).
-        home: the home folder (default ``Path.home()``).
+        home: the home folder (default ``$HOME`` of ``env``, else ``Path.home()``).
 
     Returns:
-        The kind of credential (safe to log) and its file, if it is one.
+        The kind of credential (safe to log), its file if it is one, and the client's name for the
+        method (``ACCESS_TOKEN``, ``LEGACY_API_KEY``, ``OAUTH``).
 
     Raises:
-        FetchError: no credentials, a credential file readable by other users, or a broken ``kaggle.json``.
+        NoCredentialsError: no credential of any kind.
+        FetchError: a credential file readable by other users, or a broken ``kaggle.json`` /
+            ``credentials.json`` with nothing else to fall back on.
     """
     env = os.environ if env is None else env
-    home = Path.home() if home is None else home
-    token = env.get("KAGGLE_API_TOKEN", "")
-    if token:
-        if Path(token).is_file():
-            _refuse_if_shared(Path(token))
-            return Credentials("KAGGLE_API_TOKEN (file)", Path(token))
-        return Credentials("KAGGLE_API_TOKEN")
-    for name in ("access_token", "access_token.txt"):
-        path = home / ".kaggle" / name
-        if path.is_file() and path.stat().st_size:
-            _refuse_if_shared(path)
-            return Credentials("access token file", path)
-    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
-        return Credentials("KAGGLE_USERNAME/KAGGLE_KEY")
-    config = _config_dir(env, home) / "kaggle.json"
-    if config.is_file():
-        _refuse_if_shared(config)
-        try:
-            values = json.loads(config.read_text())
-        except (OSError, ValueError) as exc:
-            raise FetchError(f"{config}: not valid JSON ({type(exc).__name__}); re-download it") from exc
-        if not (isinstance(values, dict) and values.get("username") and values.get("key")):
-            raise FetchError(f"{config}: needs both 'username' and 'key'; re-download it from Kaggle")
-        return Credentials("kaggle.json", config)
-    raise FetchError(NO_CREDENTIALS)
+    home = (Path(env["HOME"]) if env.get("HOME") else Path.home()) if home is None else home
+    creds = _access_token(env, home)
+    if creds is not None:
+        return creds
+    creds, problem = _legacy_key(env, home)
+    if creds is not None:
+        return creds
+    creds = _oauth(home)
+    if creds is not None:
+        return creds
+    if problem is not None:
+        raise problem
+    raise NoCredentialsError(NO_CREDENTIALS)
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -222,6 +317,11 @@ def _download_complete_zip(api: Any, dataset: str, target: Path, retries: int, b
 
 def _refused_login(creds: Credentials) -> FetchError:
     """The error for the client's exit(1) when authentication fails."""
+    if creds.method == OAUTH:  # the client deletes a credentials.json whose refresh token Kaggle refuses
+        return FetchError(
+            f"Kaggle did not accept the sign-in saved in {creds.path} (expired or revoked): "
+            "run 'kaggle auth login' again"
+        )
     if "token" in creds.kind.lower():
         return FetchError(
             f"Kaggle did not accept the token from {creds.kind} (inactive or expired): create a "

@@ -21,6 +21,7 @@ import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import pandas as pd
 from imutils import paths as imutils_paths
 
 from cxr import CLASS_NAMES, SPLITS
-from cxr.data.images import probe
+from cxr.data.images import ImageLimits, probe
 from cxr.logs import progress
 
 log = logging.getLogger(__name__)
@@ -110,19 +111,21 @@ def list_files(raw_dir: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-def _probe_many(files: list[Path], workers: int) -> Iterator[dict[str, Any]]:
+def _probe_many(files: list[Path], workers: int, limits: ImageLimits) -> Iterator[dict[str, Any]]:
     """Probe files in order with a bounded window of threads (flat memory for any file count).
 
     Threads, not processes: Pillow's decoders and hashlib release the GIL, and a process pool
-    would re-import the caller (Prefect, TensorFlow) in every worker.
+    would re-import the caller (Prefect, TensorFlow) in every worker. Each probe decodes at most
+    ``limits`` worth of pixels, so the window's memory is bounded too.
     """
+    check = partial(probe, limits=limits)
     if workers <= 1:
-        yield from map(probe, files)
+        yield from map(check, files)
         return
     window: deque[Future[dict[str, Any]]] = deque()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for file in files:
-            window.append(pool.submit(probe, file))
+            window.append(pool.submit(check, file))
             if len(window) >= workers * 16:
                 yield window.popleft().result()
         while window:
@@ -130,18 +133,21 @@ def _probe_many(files: list[Path], workers: int) -> Iterator[dict[str, Any]]:
 
 
 def build_manifest(
-    raw_dir: str | Path, workers: int = 0, path_prefix: str | None = None
+    raw_dir: str | Path, workers: int = 0, path_prefix: str | None = None, limits: ImageLimits | None = None
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Probe every file under ``raw_dir``; return (manifest of usable images, excluded files).
 
     Every image is fully decoded and hashed (:func:`cxr.data.images.probe`); a file is excluded
-    when its name is not an image's, it lies outside a class folder, or it does not decode.
+    when its name is not an image's, it lies outside a class folder, it is over a decode cap
+    (checked from its size and header before it is decoded), or it does not decode.
 
     Args:
         raw_dir: the images in Kaggle layout.
         workers: threads probing files at once; 0 uses one per CPU.
         path_prefix: what ``path`` in the manifest starts with, in place of ``raw_dir`` (default:
             the path as given, e.g. ``data/raw/...``, readable from the repository root).
+        limits: the decode caps (``input.max_image_pixels`` / ``max_image_bytes``; default: their
+            defaults).
 
     Returns:
         The manifest (``MANIFEST_COLUMNS``, one row per usable image, in sorted path order) and the
@@ -155,7 +161,7 @@ def build_manifest(
     ]
     workers = workers or os.cpu_count() or 1
     rows: list[dict[str, Any]] = []
-    probes = _probe_many(images, workers)
+    probes = _probe_many(images, workers, limits or ImageLimits.of())
     for file, info in zip(images, progress(probes, len(images), "probe"), strict=True):
         rel = file.relative_to(raw_dir)
         shown = (prefix / rel).as_posix()

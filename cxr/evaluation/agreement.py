@@ -3,47 +3,100 @@
 Input: a CSV with one row per image, a key column (``path`` or ``image``) and one column per
 reader holding 0/1 or NORMAL/PNEUMONIA. Cohen's kappa for the model against each reader and for
 every reader pair, Fleiss' kappa across readers; 95 % intervals by bootstrap over images.
+
+A kappa is undefined when chance agreement is already 1 (every label in the comparison is the same
+class): it is then None (``null`` in JSON, "undefined" in text), never NaN.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import cohen_kappa_score
 
 from cxr.config import EvaluateConfig, as_section
 from cxr.errors import DataError
 from cxr.evaluation.metrics import interval
+from cxr.safe_text import printable
 from cxr.workspace import HERE
 
 _LABELS = {"0": 0, "1": 1, "normal": 0, "pneumonia": 1, "pn": 1}
 KEY_COLUMNS = ("path", "image", "file", "filename")
+UNDEFINED = "undefined (every label is the same class, so chance agreement is already 1)"
 
 
-def fleiss_kappa(ratings: np.ndarray) -> float:
+def cohen_kappa(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Cohen's kappa of two raters' 0/1 labels; None when undefined.
+
+    Args:
+        a, b: (N,) 0/1 labels of the same images.
+
+    Returns:
+        (p_o − p_e) / (1 − p_e), as scikit-learn computes it; None when chance agreement p_e is 1
+        (both raters gave every image the same class), where the ratio is 0/0.
+    """
+    a, b = np.asarray(a).astype(int), np.asarray(b).astype(int)
+    if len(a) == 0:
+        return None
+    p_o = float((a == b).mean())
+    pa, pb = float(a.mean()), float(b.mean())
+    p_e = pa * pb + (1 - pa) * (1 - pb)
+    if p_e >= 1 - 1e-12:
+        return None
+    return (p_o - p_e) / (1 - p_e)
+
+
+def fleiss_kappa(ratings: np.ndarray) -> float | None:
     """Fleiss' kappa for an (images × readers) matrix of 0/1 labels.
 
     Args:
         ratings: (N images, R readers) 0/1 labels, R ≥ 2.
 
     Returns:
-        Fleiss' kappa; 1.0 when every label is the same class (chance agreement is then 1).
+        Fleiss' kappa; None when undefined: every label is the same class (chance agreement is then
+        1 and the ratio 0/0), like :func:`cohen_kappa`.
     """
     n_items, n_raters = ratings.shape
+    if n_items == 0 or n_raters < 2:
+        return None
     counts = np.stack([(ratings == c).sum(axis=1) for c in (0, 1)], axis=1).astype(float)
     p_item = ((counts * (counts - 1)).sum(axis=1)) / (n_raters * (n_raters - 1))
     p_bar = p_item.mean()
     p_class = counts.sum(axis=0) / (n_items * n_raters)
     p_e = float((p_class**2).sum())
-    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 else 1.0
+    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 - 1e-12 else None
 
 
-def read_readers(path: str | Path) -> tuple[pd.Series, pd.DataFrame]:
+def _nan_if_none(value: float | None) -> float:
+    return np.nan if value is None else value
+
+
+def _read_text(path: str | Path) -> str:
+    """The readers file as text; DataError naming it when it is missing, a folder, unreadable or binary."""
+    shown = printable(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{shown}: no such readers file; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{shown}: is a folder; give a readers CSV file") from None
+    except OSError as exc:
+        raise DataError(f"{shown}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if b"\0" in data:
+        raise DataError(f"{shown}: binary content, not a CSV text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{shown}: not UTF-8 text; save the readers CSV as UTF-8") from None
+
+
+def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.DataFrame]:
     """(image keys, readers' 0/1 labels) from a readers CSV; DataError on anything ambiguous.
 
     The key column is the first named ``path``, ``image``, ``file`` or ``filename`` (any case);
@@ -52,28 +105,48 @@ def read_readers(path: str | Path) -> tuple[pd.Series, pd.DataFrame]:
 
     Args:
         path: the readers CSV, one row per image.
+        min_readers: the fewest reader columns accepted (2 for agreement among readers alone).
 
     Returns:
         The key column, and one int 0/1 column per reader (same row order).
 
     Raises:
-        DataError: no key column, no reader column, or a cell that is not a known label (its row
-            and column are named).
+        DataError: the file is missing, a folder, binary, not UTF-8, empty, not parsable as CSV
+            (an unclosed quote, say) or has no rows; no key column, too few reader columns, or a
+            cell that is not a known label (its row and column are named). Always one line naming
+            the file.
     """
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    key = next((c for c in frame.columns if c.lower() in KEY_COLUMNS), None)
+    shown = printable(path)
+    text = _read_text(path)
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"{shown}: empty file; needs a header row (path,reader1,reader2,...) and one row per image"
+        ) from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{shown}: not a readable CSV ({printable(reason)})") from None
+    key = next((c for c in frame.columns if str(c).lower() in KEY_COLUMNS), None)
     if key is None:
-        raise DataError(f"{path}: needs a key column named one of {', '.join(KEY_COLUMNS)}")
+        raise DataError(f"{shown}: needs a key column named one of {', '.join(KEY_COLUMNS)}")
     readers = [c for c in frame.columns if c != key]
     if not readers:
-        raise DataError(f"{path}: no reader columns besides {key!r}")
+        raise DataError(f"{shown}: no reader columns besides {printable(key)!r}")
+    if len(readers) < min_readers:
+        raise DataError(
+            f"{shown}: {len(readers)} reader column ({printable(readers[0])!r}); kappa needs at least "
+            f"{min_readers} readers: add a column per reader"
+        )
+    if frame.empty:
+        raise DataError(f"{shown}: no rows below the header; add one row per image")
     labels = frame[readers].apply(lambda col: col.str.strip().str.lower().map(_LABELS))
     bad = labels.isna()
     if bad.any().any():
         row, column = np.argwhere(bad.to_numpy())[0]
         raise DataError(
-            f"{path}: row {row + 2}, column {readers[column]!r}: "
-            f"{frame[readers[column]].iloc[row]!r} is not 0/1/NORMAL/PNEUMONIA"
+            f"{shown}: row {row + 2}, column {printable(readers[column])!r}: "
+            f"{printable(repr(frame[readers[column]].iloc[row]))} is not 0/1/NORMAL/PNEUMONIA"
         )
     return frame[key], labels.astype(int)
 
@@ -95,8 +168,9 @@ def agreement(
 
     Returns:
         ``images``, ``readers``, ``cohen`` (per pair: ``pair``, ``kappa``, ``ci95``) and ``fleiss``
-        (``kappa``, ``ci95``; None with fewer than two readers). ``ci95`` is None when fewer than
-        10 resamples are usable.
+        (``kappa``, ``ci95``; None with fewer than two readers). A ``kappa`` is None when undefined
+        (every label of the comparison is one class); ``ci95`` is None when fewer than 10 resamples
+        are usable (resamples where it is undefined are left out).
     """
     rng = np.random.default_rng(seed)
     matrix = readers.to_numpy()
@@ -110,12 +184,10 @@ def agreement(
     boots = [rng.integers(0, len(matrix), len(matrix)) for _ in range(n_boot)]
     result: dict[str, Any] = {"images": len(matrix), "readers": columns, "cohen": [], "fleiss": None}
     for name, a, b in pairs:
-        samples = np.array(
-            [cohen_kappa_score(a[idx], b[idx]) if len(set(a[idx]) | set(b[idx])) > 1 else np.nan for idx in boots]
-        )
-        result["cohen"].append({"pair": name, "kappa": float(cohen_kappa_score(a, b)), "ci95": interval(samples)})
+        samples = np.array([_nan_if_none(cohen_kappa(a[idx], b[idx])) for idx in boots], dtype=float)
+        result["cohen"].append({"pair": name, "kappa": cohen_kappa(a, b), "ci95": interval(samples)})
     if len(columns) >= 2:
-        samples = np.array([fleiss_kappa(matrix[idx]) for idx in boots])
+        samples = np.array([_nan_if_none(fleiss_kappa(matrix[idx])) for idx in boots], dtype=float)
         result["fleiss"] = {"kappa": fleiss_kappa(matrix), "ci95": interval(samples)}
     return result
 
@@ -127,32 +199,38 @@ def agreement_for_report(
     out: str | Path,
     eval_dir: str | Path = HERE.eval,
 ) -> dict[str, Any]:
-    """Agreement of ``model`` (its test predictions at ``evaluate.threshold``) with the readers.
+    """Agreement of ``model`` (its test predictions at its shipped threshold) with the readers.
 
     Reader rows are matched to predictions by path, or by file name when paths differ. The model's
-    labels use the fixed ``evaluate.threshold``, not its shipped operating point.
+    labels use the operating point ``evaluate`` recorded beside those predictions
+    (``<eval_dir>/<model>/operating_point.json``: the shipped threshold, by
+    ``evaluate.threshold_source``), as ``cxr predict`` would label the images.
 
     Args:
         readers_csv: the readers CSV (see :func:`read_readers`).
         model: the model name; its test predictions are read from
             ``<eval_dir>/<model>/predictions.csv`` (written by ``evaluate``).
-        eval_params: the ``evaluate`` section: ``threshold``, ``bootstrap``, ``seed``.
+        eval_params: the ``evaluate`` section: ``bootstrap``, ``seed``.
         out: the JSON file the result is written to.
         eval_dir: the evaluation reports folder.
 
     Returns:
-        The :func:`agreement` result, as written to ``out``.
+        The :func:`agreement` result with the model's ``threshold`` (value, rule), as written to ``out``.
 
     Raises:
-        DataError: the readers CSV is malformed, or some of its images are not in the model's test
-            predictions.
+        DataError: the readers CSV is malformed, ``evaluate`` has not written the model's
+            predictions and operating point, or some of the readers' images are not in them.
     """
     from cxr.files import write_json
 
     keys, readers = read_readers(readers_csv)
-    predictions = pd.read_csv(Path(eval_dir) / model / "predictions.csv", keep_default_na=False)
+    predictions_csv = Path(eval_dir) / model / "predictions.csv"
+    if not predictions_csv.is_file():
+        raise DataError(f"{predictions_csv}: not found; run the evaluate step first (dvc repro evaluate)")
+    predictions = pd.read_csv(predictions_csv, keep_default_na=False)
     evaluate = as_section(EvaluateConfig, eval_params, "evaluate")
-    threshold = evaluate.threshold
+    point = _shipped_point(Path(eval_dir) / model / "operating_point.json")
+    threshold = point["threshold"]
     by_path = dict(zip(predictions["path"], predictions["probability"], strict=True))
     by_name = {Path(p).name: q for p, q in by_path.items()}
     probs = [by_path.get(k, by_name.get(Path(k).name)) for k in keys]
@@ -163,5 +241,20 @@ def agreement_for_report(
         )
     labels = (np.asarray(probs, dtype=float) >= threshold).astype(int)
     result = agreement(readers, {"name": model, "labels": labels}, evaluate.bootstrap, evaluate.seed)
+    result["threshold"] = {"value": threshold, "rule": point.get("rule")}
     write_json(Path(out), result)
     return result
+
+
+def _shipped_point(record: Path) -> dict[str, Any]:
+    """The operating point ``evaluate`` wrote beside the predictions it made (the shipped threshold)."""
+    try:
+        point = json.loads(record.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{record}: not found; run the evaluate step first (dvc repro evaluate)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{record}: unreadable ({printable(exc)}); rerun the evaluate step") from None
+    value = point.get("threshold") if isinstance(point, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise DataError(f"{record}: no threshold in [0, 1]; rerun the evaluate step")
+    return {"threshold": float(value), "rule": point.get("rule")}

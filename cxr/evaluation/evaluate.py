@@ -44,6 +44,8 @@ from cxr.evaluation.metrics import (
     youden_threshold,
 )
 from cxr.files import write_json
+from cxr.formatting import interval as interval_text
+from cxr.formatting import num
 from cxr.inference.loading import (
     LoadedModel,
     iter_images,
@@ -408,13 +410,13 @@ def _score_test(
         out_dir / name / "operating_point.json", {**point, "model": name, "model_sha256": lm.card.get("model_sha256")}
     )
     log.info(
-        "%s: test AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f (%s)",
+        "%s: test AUC %s (95%% CI %s), sensitivity %s, specificity %s at %s (%s)",
         name,
-        result["auc"],
+        num(result["auc"], 4),
         ci_text(result["ci95"]["auc"]),
-        result["sensitivity"],
-        result["specificity"],
-        threshold,
+        num(result["sensitivity"]),
+        num(result["specificity"]),
+        num(threshold),
         point["rule"],
     )
     return {**_compact(result), "operating_point": point}, samples
@@ -483,6 +485,9 @@ def evaluate_models(
             compact, samples[ext.name][name] = _score_external(name, ext, scored, point, n_boot, seed, out_dir)
             summary["external"][ext.name]["models"][name] = compact
     _add_comparisons(summary, samples, models)
+    from cxr.evaluation.curves import write_plot_data  # DVC plot data: ROC, PR, reliability, confusion
+
+    write_plot_data(out_dir, summary)
     write_json(Path(metrics_path), summary)
     return summary
 
@@ -512,30 +517,30 @@ def _score_external(
     )
     chosen = " (threshold chosen on this set)" if compact["threshold_chosen_on_this_set"] else ""
     log.info(
-        "%s on external %s: n=%d AUC %.4f (95%% CI %s), sensitivity %.3f, specificity %.3f at %.3f%s",
+        "%s on external %s: n=%d AUC %s (95%% CI %s), sensitivity %s, specificity %s at %s%s",
         name,
         ext.name,
         len(ext.labels),
-        result["auc"],
+        num(result["auc"], 4),
         ci_text(result["ci95"]["auc"]),
-        result["sensitivity"],
-        result["specificity"],
-        threshold,
+        num(result["sensitivity"]),
+        num(result["specificity"]),
+        num(threshold),
         chosen,
     )
     return compact, samples
 
 
 def ci_text(pair: Sequence[float] | None) -> str:
-    """A 95 % CI for logs and terminal lines: "0.946 to 0.988" ("n/a" when undefined).
+    """A 95 % CI for logs and terminal lines: "0.946 to 0.988", "−0.038 to 0.010" ("n/a" when undefined).
 
     Args:
         pair: ``[low, high]``, or None.
 
     Returns:
-        The interval with three decimals, or ``n/a``.
+        The interval with three decimals and real minus signs, or ``n/a``.
     """
-    return f"{pair[0]:.3f} to {pair[1]:.3f}" if pair else "n/a"
+    return interval_text(pair[0], pair[1]) if pair else "n/a"
 
 
 def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -564,9 +569,18 @@ def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[
 
 
 def _validation_youden(lm: LoadedModel, eval_dir: Path = HERE.eval) -> float | None:
-    """The Youden threshold chosen on the validation split for exactly this model file."""
+    """The Youden threshold chosen on the validation split for exactly this model file.
+
+    The card's operating point counts only when its rule is Youden's J (with
+    ``train.common.target_sensitivity`` it is a sensitivity-target threshold, not Youden's);
+    otherwise the one ``evaluate`` recorded for this model's bytes, else None.
+    """
     point = lm.card.get("operating_point") or {}
-    if point.get("chosen_on") == "val":
+    if (
+        point.get("chosen_on") == "val"
+        and str(point.get("rule", "")).startswith("Youden")
+        and isinstance(point.get("threshold"), int | float)
+    ):
         return float(point["threshold"])
     name = lm.path.name.removesuffix(".keras")
     record = eval_dir / name / "metrics.json"
@@ -574,8 +588,14 @@ def _validation_youden(lm: LoadedModel, eval_dir: Path = HERE.eval) -> float | N
         return None
     import json
 
-    data = json.loads(record.read_text())
-    return data.get("youden_threshold") if data.get("model_sha256") == lm.card.get("model_sha256") else None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("model_sha256") != lm.card.get("model_sha256"):
+        return None
+    value = data.get("youden_threshold")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def evaluate_folder(

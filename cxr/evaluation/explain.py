@@ -22,7 +22,7 @@ from cxr import CLASS_NAMES
 from cxr.config import EvaluateConfig, InputConfig, as_section
 from cxr.evaluation.gradcam import border_fraction, gradcam, last_conv_layer, overlay
 from cxr.files import write_json
-from cxr.inference.loading import load, shipped_threshold
+from cxr.inference.loading import ENSEMBLE, load, model_file, shipped_threshold
 from cxr.training.input_pipeline import load_images, read_split
 from cxr.workspace import HERE
 
@@ -109,7 +109,9 @@ def explain_models(
     """Grad-CAM gallery and border-heat figure of every model on the test split.
 
     Needs ``evaluate`` to have run: the gallery's images are chosen from its test predictions, at
-    the model's shipped threshold (:func:`cxr.inference.loading.shipped_threshold`).
+    the model's shipped threshold (:func:`cxr.inference.loading.shipped_threshold`). The ensemble
+    is skipped with one log line: it averages several networks, so it has no single last
+    convolution to take a Grad-CAM of (its members' galleries show where each one looks).
 
     Args:
         models: model names (``<models_dir>/<name>.keras``).
@@ -140,7 +142,14 @@ def explain_models(
         "models": {},
     }
     for name in models:
-        lm = load(Path(models_dir) / f"{name}.keras")
+        if name == ENSEMBLE:
+            log.info(
+                "%s: no Grad-CAM (it averages several networks, with no single last convolution); "
+                "explain its members instead",
+                name,
+            )
+            continue
+        lm = load(model_file(name, models_dir))
         threshold, _ = shipped_threshold(lm, eval_dir)  # TP/FP/TN/FN as the model ships
         cfg = lm.cached_input(as_section(InputConfig, input_params, "input").cache_dir)
         paths, _, key = read_split(splits_csv, "test")

@@ -1,4 +1,8 @@
-"""Clinical metrics with patient-level bootstrap confidence intervals (numpy + scikit-learn only)."""
+"""Clinical metrics with patient-level bootstrap confidence intervals (numpy + scikit-learn only).
+
+scikit-learn is imported inside the functions that use it (its import costs seconds), so a command
+that needs only :func:`interval` (``cxr agreement``) starts quickly.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    average_precision_score,
-    brier_score_loss,
-    confusion_matrix,
-    roc_auc_score,
-    roc_curve,
-)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -32,6 +29,8 @@ def at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float
         ``balanced_accuracy`` (each None when its denominator is zero) and ``confusion`` (``tn``,
         ``fp``, ``fn``, ``tp``).
     """
+    from sklearn.metrics import confusion_matrix
+
     labels = np.asarray(labels).astype(int)
     predicted = (np.asarray(probabilities) >= threshold).astype(int)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, predicted, labels=[0, 1]).ravel())
@@ -62,6 +61,8 @@ def threshold_free(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, A
         ``auc`` (ROC) and ``average_precision`` (None unless both classes are present), ``brier``
         (mean squared error of the probabilities), ``n`` and ``positives``.
     """
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
     both = len(set(np.asarray(labels).astype(int).tolist())) == 2
     return {
         "auc": float(roc_auc_score(labels, probabilities)) if both else None,
@@ -83,6 +84,8 @@ def youden_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
         The ROC threshold with the largest Youden's J, clamped to [0, 1] (sklearn's "nothing
         positive" point becomes 1.0); the first such threshold, the highest, on a tie.
     """
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thresholds = roc_curve(labels, probabilities)
     best = int(np.argmax(tpr - fpr))
     return float(min(max(thresholds[best], 0.0), 1.0))
@@ -176,6 +179,8 @@ def bootstrap(
         Per model, ``{auc, sensitivity, specificity, accuracy}``, each (n_boot,) float; NaN for a
         resample that holds only one class.
     """
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels).astype(int)
     clusters = _group_index(groups)
     rng = np.random.default_rng(seed)
@@ -214,7 +219,9 @@ def interval(samples: np.ndarray, level: float = 0.95) -> list[float] | None:
     return [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))]
 
 
-def paired_auc_test(samples_a: np.ndarray, samples_b: np.ndarray, auc_a: float, auc_b: float) -> dict[str, Any]:
+def paired_auc_test(
+    samples_a: np.ndarray, samples_b: np.ndarray, auc_a: float | None, auc_b: float | None
+) -> dict[str, Any]:
     """Paired patient-bootstrap test of AUC(a) − AUC(b): difference, 95 % CI, two-sided p.
 
     Args:
@@ -223,9 +230,9 @@ def paired_auc_test(samples_a: np.ndarray, samples_b: np.ndarray, auc_a: float, 
         auc_a, auc_b: the two models' AUCs on the full set.
 
     Returns:
-        ``auc_difference`` (a − b on the full set), ``ci95`` of the resampled differences, ``p_value``
-        (twice the smaller of the shares of differences ≤ 0 and ≥ 0, kept within [1/resamples, 1];
-        None without finite resamples) and ``method``.
+        ``auc_difference`` (a − b on the full set; None when either AUC is undefined), ``ci95`` of the
+        resampled differences, ``p_value`` (twice the smaller of the shares of differences ≤ 0 and
+        ≥ 0, kept within [1/resamples, 1]; None without finite resamples) and ``method``.
     """
     diff = samples_a - samples_b
     diff = diff[np.isfinite(diff)]
@@ -234,7 +241,7 @@ def paired_auc_test(samples_a: np.ndarray, samples_b: np.ndarray, auc_a: float, 
         # two-sided bootstrap p; never reported below the resolution of the resampling (1/n)
         p = min(max(2 * min((diff <= 0).mean(), (diff >= 0).mean()), 1 / diff.size), 1.0)
     return {
-        "auc_difference": auc_a - auc_b,
+        "auc_difference": auc_a - auc_b if auc_a is not None and auc_b is not None else None,
         "ci95": interval(diff),
         "p_value": float(p) if p is not None else None,
         "method": "paired bootstrap over patients",

@@ -5,15 +5,62 @@ Intercept) → VOI LUT or Window Center/Width when the file has one → invert M
 bright means *less* attenuation) → clip to mean ± 2.5 std → rescale to 0–255 uint8 → gray to
 3 channels. Multi-frame, pixel-less and non-image objects are refused with one clear line; a
 compressed transfer syntax decodes through pydicom's plugins or fails naming the plugin.
+
+pydicom reports a damaged file twice, as a Python warning (two lines on stderr) and on its
+``pydicom`` logger. The warnings are ignored and the log messages collected per thread: a file that
+cannot be read gets one line saying what pydicom found; one that can is read, its complaints
+logged at DEBUG.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from cxr.data.images import ImageLimits, ImageRefused, check_bytes, check_pixels
 from cxr.errors import DataError
+from cxr.safe_text import printable
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
+
+
+class _Complaints(logging.Handler):
+    """Collects the ``pydicom`` logger's warnings of the current thread while :func:`_complaints` is open."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = getattr(self.local, "found", None)
+        if found is not None:
+            found.append(printable(record.getMessage().splitlines()[0] if record.getMessage() else ""))
+
+
+_COMPLAINTS = _Complaints()
+logging.getLogger("pydicom").addHandler(_COMPLAINTS)
+
+
+@contextlib.contextmanager
+def _complaints() -> Iterator[list[str]]:
+    """What pydicom logs about the file read in the block (this thread only)."""
+    _COMPLAINTS.local.found = found = []
+    try:
+        yield found
+    finally:
+        _COMPLAINTS.local.found = None
+
+
+def _because(found: list[str], fallback: str) -> str:
+    return found[0][:120] if found else fallback
+
 
 _PLUGIN_HINT = (
     "install a pydicom decoder for it: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
@@ -42,64 +89,108 @@ def is_dicom(path: str | Path) -> bool:
         return False
 
 
-def read_dicom(path: str | Path, clip_std: float = 2.5) -> np.ndarray:
+def check_dicom_header(path: str | Path, limits: ImageLimits | None = None) -> None:
+    """Check a DICOM file's size and its Rows × Columns × frames before any pixel data is read.
+
+    Args:
+        path: the DICOM file.
+        limits: the decode caps (default: ``input.max_image_pixels`` / ``max_image_bytes`` defaults).
+
+    Raises:
+        DataError: over a cap, several frames, or not a readable DICOM header (naming the file).
+    """
+    import pydicom
+
+    limits = limits or ImageLimits.of()
+    shown = printable(path)
+    try:
+        check_bytes(path, limits)
+        with _complaints() as found:
+            head = pydicom.dcmread(path, stop_before_pixels=True)
+            rows, columns = int(head.get("Rows") or 0), int(head.get("Columns") or 0)
+            frames = int(head.get("NumberOfFrames") or 1)
+    except ImageRefused as exc:
+        raise DataError(f"{shown}: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{shown}: unreadable ({exc.strerror or type(exc).__name__})") from None
+    except Exception as exc:  # a hostile header can fail pydicom's parser in many ways
+        raise DataError(f"{shown}: not a readable DICOM file ({_because(found, type(exc).__name__)})") from None
+    if frames > 1:
+        raise DataError(f"{shown}: multi-frame DICOM ({frames} frames); export the radiograph as one frame")
+    try:
+        check_pixels(columns, rows, limits)
+    except ImageRefused as exc:
+        raise DataError(f"{shown}: {exc}") from None
+
+
+def read_dicom(path: str | Path, clip_std: float = 2.5, limits: ImageLimits | None = None) -> np.ndarray:
     """(H, W, 3) uint8 image from a single-frame grayscale DICOM.
 
-    Grayscale pixels go through the Modality LUT, then the VOI LUT or window when the file has one,
-    and MONOCHROME1 is inverted; RGB/YBR secondary captures are reduced to luminance instead. The
-    result is stretched by :func:`to_uint8`.
+    The file's size and its header's Rows × Columns are checked against the decode caps first
+    (:func:`check_dicom_header`). Grayscale pixels go through the Modality LUT, then the VOI LUT or
+    window when the file has one, and MONOCHROME1 is inverted; RGB/YBR secondary captures are
+    reduced to luminance instead. The result is stretched by :func:`to_uint8`.
 
     Args:
         path: the DICOM file.
         clip_std: intensities beyond mean ± this many standard deviations are clipped before
             rescaling.
+        limits: the decode caps (default: their defaults).
 
     Returns:
         (H, W, 3) uint8, the gray image repeated in three channels.
 
     Raises:
-        DataError: not a readable DICOM file, no pixel data, several frames, an unsupported
-            photometric interpretation or pixel shape, or pixel data that cannot be decoded (naming
-            the decoder plugin to install for a compressed transfer syntax).
+        DataError: over a cap, not a readable DICOM file, no pixel data, several frames, an
+            unsupported photometric interpretation or pixel shape, or pixel data that cannot be
+            decoded (naming the decoder plugin to install for a compressed transfer syntax).
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     path = Path(path)
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__})") from exc
+    check_dicom_header(path, limits)
+    shown = printable(path)
+    with _complaints() as found:
+        try:
+            ds = pydicom.dcmread(path)
+        except OSError as exc:
+            raise DataError(f"{shown}: unreadable ({exc.strerror or type(exc).__name__})") from None
+        except Exception as exc:  # InvalidDicomError, ValueError, EOFError, struct.error... on hostile bytes
+            raise DataError(f"{shown}: not a readable DICOM file ({_because(found, type(exc).__name__)})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if found:  # pydicom gave up on a damaged file, rather than read an object without pixels
+            raise DataError(f"{shown}: not a readable DICOM file ({_because(found, 'damaged')})")
         kind = getattr(ds, "Modality", None) or getattr(ds, "SOPClassUID", "unknown")
-        raise DataError(f"{path}: DICOM object without pixel data ({kind}); not an image")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise DataError(f"{path}: multi-frame DICOM ({frames} frames); export the radiograph as one frame")
+        raise DataError(f"{shown}: DICOM object without pixel data ({printable(kind)}); not an image")
+    for complaint in found:
+        log.debug("%s: pydicom: %s", shown, complaint)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     colour = ("RGB", "YBR_FULL", "YBR_FULL_422")
     if not photometric.startswith("MONOCHROME") and photometric not in colour:
-        raise DataError(f"{path}: unsupported photometric interpretation {photometric}")
+        raise DataError(f"{shown}: unsupported photometric interpretation {printable(photometric)}")
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for missing decoders
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         if syntax is not None and getattr(syntax, "is_compressed", False):
-            raise DataError(f"{path}: cannot decode compressed transfer syntax {name}; {_PLUGIN_HINT}") from exc
-        raise DataError(f"{path}: unreadable pixel data ({type(exc).__name__}: {exc})") from exc
+            raise DataError(f"{shown}: cannot decode compressed transfer syntax {name}; {_PLUGIN_HINT}") from None
+        reason = printable(str(exc).splitlines()[0][:120]) if str(exc) else ""
+        raise DataError(f"{shown}: unreadable pixel data ({type(exc).__name__}: {reason})") from None
     if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour secondary capture: use luminance
         gray = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     elif pixels.ndim == 2:
         values = apply_modality_lut(pixels, ds)
         has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-        gray = np.asarray(apply_voi_lut(values, ds) if has_voi else values, dtype=np.float64)
+        gray = np.asarray(apply_voi_lut(values, ds) if has_voi else values, dtype=np.float64)  # a new array
+        del values
         if photometric == "MONOCHROME1":
-            gray = gray.max() + gray.min() - gray
+            np.subtract(gray.max() + gray.min(), gray, out=gray)
     else:
-        raise DataError(f"{path}: unexpected pixel array shape {pixels.shape}")
-    return to_uint8(gray, clip_std)
+        raise DataError(f"{shown}: unexpected pixel array shape {pixels.shape}")
+    del pixels, ds  # a 50-megapixel film: keep one float64 copy alive, not three
+    return _stretch(gray, clip_std)
 
 
 def to_uint8(gray: np.ndarray, clip_std: float = 2.5) -> np.ndarray:
@@ -114,12 +205,20 @@ def to_uint8(gray: np.ndarray, clip_std: float = 2.5) -> np.ndarray:
     Returns:
         (H, W, 3) uint8; all zeros for a blank (constant) image.
     """
-    gray = np.asarray(gray, dtype=np.float64)
+    return _stretch(np.array(gray, dtype=np.float64), clip_std)
+
+
+def _stretch(gray: np.ndarray, clip_std: float) -> np.ndarray:
+    """:func:`to_uint8` on a float64 array it may overwrite (in place: no full-size temporaries)."""
     mean, std = float(gray.mean()), float(gray.std())
     low, high = mean - clip_std * std, mean + clip_std * std
     low, high = max(low, float(gray.min())), min(high, float(gray.max()))
     if high <= low:  # a blank image: nothing to stretch
         return np.zeros((*gray.shape, 3), np.uint8)
-    scaled = (np.clip(gray, low, high) - low) / (high - low) * 255.0
-    image = np.round(scaled).astype(np.uint8)
+    np.clip(gray, low, high, out=gray)
+    gray -= low
+    gray /= high - low
+    gray *= 255.0
+    np.round(gray, out=gray)
+    image = gray.astype(np.uint8)
     return np.repeat(image[..., None], 3, axis=-1)

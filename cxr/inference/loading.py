@@ -3,36 +3,66 @@
 The preprocessing (image size, resize mode, interpolation, scaling) is read from the model card,
 never re-typed, and the decoding is the training pipeline's own function; DICOM files go through
 :mod:`cxr.inference.dicom` and then the same resize.
+
+A model is used only when its file is the one its card describes (the card's ``model_sha256`` is
+the file's sha256): the card says how to prepare images for it, and a card that describes other
+bytes says nothing reliable about this file. :func:`load` refuses any other file with one line
+unless the caller explicitly allows an unverified model (``cxr predict --allow-unverified``).
+Every image is checked against the decode caps (``input.max_image_pixels`` / ``max_image_bytes``)
+before it is decoded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import math
+import os
+import re
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxr.config import ConfigError, parse_input
+from cxr.data.images import ImageLimits, ImageRefused, OverCap, check_image
 from cxr.errors import CxrError, DataError
 from cxr.inference.dicom import is_dicom, read_dicom
 from cxr.provenance.hashing import sha256_file
-from cxr.runtime import tensorflow
+from cxr.runtime import DECODER_LINE, decoder_messages, native_stderr, pass_on, tensorflow
+from cxr.safe_text import printable
 from cxr.training.input_pipeline import InputConfig, decode_image, resize_image
 from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
 
 
+class UnverifiedModel(CxrError):
+    """The model file is not the one its card describes (its sha256 is not the card's ``model_sha256``)."""
+
+
 @dataclass
 class LoadedModel:
+    """A Keras model with its card and the preprocessing the card names.
+
+    Attributes:
+        model: the Keras model.
+        card: the model card (a JSON object).
+        input: the card's preprocessing as input settings (``cache="memory"``, default decode caps).
+        path: the ``.keras`` file.
+        verified: the file's sha256 equals the card's ``model_sha256``.
+        sha256: the file's own sha256 (the card's claim is ``card["model_sha256"]``).
+    """
+
     model: Any
     card: dict[str, Any]
     input: InputConfig
     path: Path
-    verified: bool  # the file's sha256 matches its card
+    verified: bool
+    sha256: str = ""
 
     def cached_input(self, cache_dir: str) -> InputConfig:
         """The model's own preprocessing, reading and filling the pipeline's decoded-image cache.
@@ -67,16 +97,24 @@ def model_file(name: str | Path, models_dir: str | Path = HERE.models) -> Path:
     return Path(models_dir) / f"{name}.keras"
 
 
+def _threshold(value: Any) -> float | None:
+    """A recorded threshold: a finite number in [0, 1], else None (a damaged record is not used)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and 0.0 <= value <= 1.0 else None
+
+
 def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = HERE.eval) -> tuple[float, str]:
     """The model's decision threshold and where it came from.
 
     In order: the operating point ``evaluate`` recorded for exactly this model file (it follows
     ``evaluate.threshold_source``), the card's operating point (chosen on the validation split at
     training time: the highest threshold keeping ``train.<model>.target_sensitivity``, or Youden's
-    J without one), else 0.5.
+    J without one), else 0.5. A record whose threshold is not a number in [0, 1] is skipped.
 
     Args:
-        lm: the loaded model; its card's ``model_sha256`` must match the recorded operating point's.
+        lm: the loaded model; the recorded operating point's ``model_sha256`` must be the file's.
         eval_dir: where ``evaluate`` wrote ``<name>/operating_point.json``.
 
     Returns:
@@ -87,13 +125,16 @@ def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = HERE.eval) -> tupl
     if record.is_file():
         try:
             point = json.loads(record.read_text())
-        except ValueError:
+        except (OSError, ValueError):
             point = {}
-        if point.get("model_sha256") and point.get("model_sha256") == lm.card.get("model_sha256"):
-            return float(point["threshold"]), f"{point.get('rule', 'evaluate')} ({record.as_posix()})"
-    point = lm.card.get("operating_point") or {}
-    if isinstance(point.get("threshold"), int | float):
-        return float(point["threshold"]), f"{point.get('rule', 'model card')} (model card)"
+        point = point if isinstance(point, dict) else {}
+        cut = _threshold(point.get("threshold"))
+        if cut is not None and point.get("model_sha256") and point.get("model_sha256") == (lm.sha256 or None):
+            return cut, f"{printable(point.get('rule', 'evaluate'))} ({record.as_posix()})"
+    point = lm.card.get("operating_point") if isinstance(lm.card.get("operating_point"), dict) else {}
+    cut = _threshold(point.get("threshold"))
+    if cut is not None:
+        return cut, f"{printable(point.get('rule', 'model card'))} (model card)"
     return 0.5, "default 0.5 (no operating point in the card)"
 
 
@@ -109,80 +150,227 @@ def card_path_for(model_path: Path) -> Path:
     return model_path.with_name(model_path.name.removesuffix(".keras") + ".card.json")
 
 
-def load(model_path: str | Path) -> LoadedModel:
-    """Load ``<name>.keras`` (safe mode) and its ``<name>.card.json``.
+# what the card's preprocessing may say: the input settings it names, and what this pipeline always does
+_PREPROCESSING = ("image_size", "resize", "interpolation", "normalize", "center_crop")
+_REQUIRED = ("image_size", "resize", "interpolation")
+_FIXED = {"channels": 3, "scale": "1/255", "dtype": "float32"}
+
+
+def read_card(card_file: Path) -> dict[str, Any]:
+    """The model card: a JSON object.
+
+    Args:
+        card_file: ``<name>.card.json``.
+
+    Returns:
+        The card.
+
+    Raises:
+        CxrError: the card is missing, unreadable, not JSON, or not a JSON object.
+    """
+    shown = printable(card_file)
+    if not card_file.is_file():
+        raise CxrError(f"{shown}: model card not found; the preprocessing of {printable(card_file.name)} is unknown")
+    try:
+        card = json.loads(card_file.read_bytes())
+    except OSError as exc:
+        raise CxrError(f"{shown}: cannot read the model card ({exc.strerror or type(exc).__name__})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        reason = str(exc).splitlines()[0][:80]
+        raise CxrError(f"{shown}: the model card is not valid JSON ({reason}); retrain or restore it") from None
+    if not isinstance(card, dict):
+        raise CxrError(f"{shown}: the model card is a JSON {type(card).__name__}, not an object; retrain or restore it")
+    return card
+
+
+def card_input(card: Mapping[str, Any], card_file: Path) -> InputConfig:
+    """The input settings a card's ``input.preprocessing`` names, parsed as strictly as ``params.yaml``.
+
+    Args:
+        card: the model card.
+        card_file: its path (for messages).
+
+    Returns:
+        The :class:`InputConfig` (``cache="memory"``; decode caps at their defaults).
+
+    Raises:
+        CxrError: no preprocessing, a missing or unknown key, or a value of the wrong type or range
+            (``image_size: "abc"``, ``resize: bogus``), naming the card.
+    """
+    shown = printable(card_file)
+    section = card.get("input")
+    pre = section.get("preprocessing") if isinstance(section, Mapping) else None
+    if not isinstance(pre, Mapping):
+        raise CxrError(f"{shown}: the card has no input.preprocessing object, so images cannot be prepared for it")
+    unknown = sorted(str(k) for k in pre if k not in _PREPROCESSING and k not in _FIXED)
+    missing = [k for k in _REQUIRED if k not in pre]
+    if unknown or missing:
+        what = f"unknown step {', '.join(map(printable, unknown))}" if unknown else f"no {', '.join(missing)}"
+        raise CxrError(f"{shown}: input.preprocessing has {what}; this pipeline cannot prepare images as it says")
+    for key, expected in _FIXED.items():
+        if key in pre and pre[key] != expected:
+            raise CxrError(
+                f"{shown}: input.preprocessing.{key}={printable(repr(pre[key]))}; this pipeline feeds {expected!r} only"
+            )
+    try:
+        return parse_input({k: pre[k] for k in _PREPROCESSING if k in pre} | {"cache": "memory"}, "input.preprocessing")
+    except ConfigError as exc:
+        raise CxrError(f"{shown}: {printable(exc)}; the card is damaged: retrain or restore it") from None
+
+
+def _model_sha256(model_path: Path) -> str:
+    try:
+        return sha256_file(model_path)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CxrError(f"{printable(model_path)}: cannot read the model file ({reason})") from None
+
+
+def _verify(model_path: Path, card: Mapping[str, Any], card_file: Path, allow_unverified: bool) -> tuple[str, bool]:
+    """(the file's sha256, whether it is the card's ``model_sha256``); refuse a mismatch unless allowed."""
+    actual = _model_sha256(model_path)
+    claimed = card.get("model_sha256")
+    if claimed == actual:
+        return actual, True
+    card_name = printable(card_file.name)
+    if isinstance(claimed, str) and claimed:
+        why = f"its sha256 {actual[:12]}… differs from its card's model_sha256 {printable(claimed[:12])}… ({card_name})"
+    else:
+        why = f"its card {card_name} has no model_sha256"
+    if not allow_unverified:
+        raise UnverifiedModel(
+            f"{printable(model_path)}: unverified model: {why}; retrain it or restore the file the card describes"
+        )
+    log.warning("%s: unverified model used as asked: %s", printable(model_path), why)
+    return actual, False
+
+
+def _check_input_shape(model: Any, cfg: InputConfig, model_path: Path, card_file: Path) -> None:
+    """The card's image size must be what the model takes (when its input has a fixed size)."""
+    try:
+        shape = tuple(model.inputs[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        return  # a subclassed model without a symbolic input: nothing to compare
+    if len(shape) != 4:
+        raise CxrError(f"{printable(model_path)}: the model takes inputs of shape {shape}, not images")
+    height, width, channels = shape[1:]
+    if channels not in (None, 3) or any(side not in (None, cfg.image_size) for side in (height, width)):
+        raise CxrError(
+            f"{printable(card_file)}: input.preprocessing.image_size={cfg.image_size} but "
+            f"{printable(model_path.name)} takes {height}×{width}×{channels} images; the card describes another model"
+        )
+
+
+def load(model_path: str | Path, allow_unverified: bool = False) -> LoadedModel:
+    """Load ``<name>.keras`` (Keras safe mode) and its ``<name>.card.json``, verified against each other.
 
     The preprocessing (image size, resize mode, interpolation) comes from the card, never from
-    ``params.yaml``, so the model sees images as it did in training. A file whose sha256 differs
-    from the card's is still loaded, with a warning, and marked unverified.
+    ``params.yaml``, so the model sees images as it did in training. The card is checked first (a
+    JSON object whose preprocessing parses strictly), then the file's sha256 against the card's
+    ``model_sha256`` (before Keras reads a byte of it), then the model's input size against the card.
 
     Args:
         model_path: the ``.keras`` file; its card must sit beside it.
+        allow_unverified: use a file whose sha256 differs from its card's (or whose card has none),
+            with a warning, instead of refusing it. The card's preprocessing is still used.
 
     Returns:
-        The model, its card, its input settings (``cache="memory"``), its path and whether its
-        bytes match the card.
+        The model, its card, its input settings (``cache="memory"``), its path, whether its bytes
+        match the card, and the file's own sha256.
 
     Raises:
-        CxrError: the model file or its card is missing, or Keras cannot load the model.
+        CxrError: one line: the model file is missing, a folder or unreadable; its card is missing,
+            not a JSON object, or its preprocessing is unknown or ill-typed; the file is not the one
+            its card describes (:class:`UnverifiedModel`, unless allowed); Keras cannot load it; or
+            its input size disagrees with the card.
     """
     model_path = Path(model_path)
+    shown = printable(model_path)
+    if model_path.is_dir():
+        raise CxrError(f"{shown}: a folder, not a model file; give a .keras file or a model name")
     if not model_path.is_file():
-        raise CxrError(f"{model_path}: model file not found")
+        raise CxrError(f"{shown}: model file not found")
     card_file = card_path_for(model_path)
-    if not card_file.is_file():
-        raise CxrError(f"{card_file}: model card not found; the preprocessing of {model_path.name} is unknown")
-    card = json.loads(card_file.read_text())
-    verified = card.get("model_sha256") == sha256_file(model_path)
-    if not verified:
-        log.warning("%s does not match the sha256 in its card: results are unverified", model_path)
+    card = read_card(card_file)
+    cfg = card_input(card, card_file)
+    sha256, verified = _verify(model_path, card, card_file, allow_unverified)
+    if not zipfile.is_zipfile(model_path):  # checked here, before TensorFlow: a .keras file is a zip archive
+        raise CxrError(f"{shown}: not a Keras model file (a .keras file is a zip archive); retrain or restore it")
     tensorflow()
     import keras
 
     import cxr.training.models  # noqa: F401  (registers the custom layers for deserialisation)
 
     try:
-        model = keras.saving.load_model(model_path, safe_mode=True)
+        with native_stderr(quiet_on=(Exception,)) as noise:
+            model = keras.saving.load_model(model_path, safe_mode=True)
     except Exception as exc:
-        raise CxrError(f"{model_path}: cannot load ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
-    pre = card.get("input", {}).get("preprocessing", {})
-    cfg = InputConfig(
-        image_size=int(pre.get("image_size", 224)),
-        resize=pre.get("resize", "squash"),
-        interpolation=pre.get("interpolation", "bilinear"),
-        cache="memory",
-    )
-    return LoadedModel(model, card, cfg, model_path, verified)
+        reason = printable(str(exc).strip().splitlines()[0][:160]) if str(exc).strip() else type(exc).__name__
+        raise CxrError(f"{shown}: cannot load the model ({type(exc).__name__}: {reason})") from None
+    pass_on(noise)
+    _check_input_shape(model, cfg, model_path, card_file)
+    return LoadedModel(model, card, cfg, model_path, verified, sha256)
+
+
+def _op_message(exc: Any) -> str:
+    """TensorFlow's error message without the function-node prefix and the ``[Op:...]`` suffix."""
+    text = str(getattr(exc, "message", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:\w+\]\s*$", "", text)
 
 
 def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
     """One file → (S, S, 3) uint8 as the model saw its training images; DataError if unreadable.
 
-    JPEG, PNG and BMP files are decoded by the training pipeline's own function; DICOM files
-    (by marker or ``.dcm`` suffix) through :func:`cxr.inference.dicom.read_dicom`, then the same
-    resize.
+    The file's size and header are checked against the decode caps of ``cfg`` (``max_image_bytes``,
+    ``max_image_pixels``) before it is decoded. JPEG, PNG and BMP files are then decoded by the
+    training pipeline's own function; DICOM files (by marker or ``.dcm`` suffix) through
+    :func:`cxr.inference.dicom.read_dicom`, then the same resize. What the decoders log about a
+    damaged file becomes the error's reason (or a warning line when it decoded anyway).
 
     Args:
         path: the image file.
-        cfg: the model's preprocessing (``image_size`` S, ``resize``, ``interpolation``).
+        cfg: the model's preprocessing (``image_size`` S, ``resize``, ``interpolation``) and caps.
 
     Returns:
         (S, S, 3) uint8 array.
 
     Raises:
-        DataError: the file is missing, or is neither a readable DICOM nor a JPEG/PNG/BMP image.
+        DataError: one line naming the file (control characters escaped): missing, a folder,
+            unreadable, over a cap, or neither a readable DICOM nor a JPEG/PNG/BMP image.
     """
     tf = tensorflow()
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if is_dicom(path):
-        image = tf.convert_to_tensor(read_dicom(path))
-        return resize_image(image, cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+    shown = printable(path)
+    limits = ImageLimits.of(cfg)
     try:
-        return decode_image(tf.constant(str(path)), cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+        if path.is_dir():
+            raise DataError(f"{shown}: a folder, not an image file")
+        if not path.is_file():  # missing, or a device, pipe or socket (/dev/zero never ends)
+            raise DataError(f"{shown}: {'not a regular file' if path.exists() else 'file not found'}")
+        if is_dicom(path):
+            image = tf.convert_to_tensor(read_dicom(path, limits=limits))
+            return resize_image(image, cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+        check_image(path, limits)
+    except OverCap as exc:
+        raise DataError(f"{shown}: {exc}") from None
+    except ImageRefused as exc:
+        reason = str(exc)
+        if reason.startswith("not an image ("):  # "not an image (unknown format)": say it once
+            reason = reason.removeprefix("not an image (").removesuffix(")")
+        raise DataError(f"{shown}: not a readable JPEG/PNG/BMP image ({reason})") from None
+    except OSError as exc:
+        raise DataError(f"{shown}: unreadable ({exc.strerror or type(exc).__name__})") from None
+    try:
+        with native_stderr(quiet_on=(tf.errors.OpError,)) as noise:
+            image = decode_image(tf.constant(os.fsencode(path)), cfg.image_size, cfg.resize, cfg.interpolation).numpy()
     except tf.errors.OpError as exc:
-        raise DataError(f"{path}: not a readable JPEG/PNG/BMP image ({exc.message.splitlines()[0]})") from exc
+        reason = "; ".join(decoder_messages(noise)) or _op_message(exc)
+        raise DataError(f"{shown}: not a readable JPEG/PNG/BMP image ({printable(reason)})") from None
+    for line in decoder_messages(noise):
+        log.warning("%s: decoded despite a damaged image (%s)", shown, printable(line))
+    pass_on(noise, drop=DECODER_LINE)
+    return image
 
 
 def iter_images(paths: Sequence[str | Path], cfg: InputConfig) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:

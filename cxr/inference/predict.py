@@ -2,22 +2,31 @@
 
 Human output keeps the notebook's format (``prediction: PNEUMONIA  P(Pneumonia): 0.9731``);
 ``--json`` prints one JSON object per image. A bad file gets one line on stderr naming it, the
-others are still predicted, and the exit status is non-zero.
+others are still predicted, and the exit status is non-zero. Every name printed has its control
+characters escaped (:func:`cxr.safe_text.printable`), so a file name cannot forge an output line;
+JSON output is strict (never a bare ``NaN``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import math
+import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from cxr import CLASS_NAMES
-from cxr.inference.loading import LoadedModel, iter_images, load, predict_images, shipped_threshold
+from cxr.data.images import ImageLimits
+from cxr.errors import CxrError, DataError
+from cxr.files import dumps_json
+from cxr.inference.loading import LoadedModel, UnverifiedModel, load, load_image, predict_images, shipped_threshold
+from cxr.safe_text import printable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
 
@@ -47,6 +56,53 @@ def expand(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield path
 
 
+def check_threshold(value: float) -> float:
+    """A decision threshold: a finite number from 0 to 1.
+
+    Args:
+        value: the threshold on P(pneumonia).
+
+    Returns:
+        It, as a float.
+
+    Raises:
+        CxrError: not a number, not finite, or outside [0, 1].
+    """
+    try:
+        cut = float(value)
+    except (TypeError, ValueError):
+        raise CxrError(f"threshold {printable(value)}: not a number; give a probability from 0 to 1") from None
+    if not math.isfinite(cut) or not 0.0 <= cut <= 1.0:
+        raise CxrError(f"threshold {printable(value)}: give a probability from 0 to 1, e.g. 0.5")
+    return cut
+
+
+def _gradcam_folder(gradcam_dir: str | Path) -> Path:
+    """The Grad-CAM folder, created now so a bad one fails before the model is loaded."""
+    folder = Path(gradcam_dir)
+    if folder.exists() and not folder.is_dir():
+        raise CxrError(f"--gradcam {printable(folder)}: exists and is not a folder; name a folder for the overlays")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CxrError(
+            f"--gradcam {printable(folder)}: cannot create the folder ({exc.strerror or type(exc).__name__})"
+        ) from None
+    return folder
+
+
+def _inputs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """``(file, None)`` per file to predict and ``(folder, error)`` per given folder without one, in order."""
+    inputs: list[tuple[Path, str | None]] = []
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    for item in paths:
+        found = list(expand([item]))
+        if not found:
+            inputs.append((Path(item), f"{printable(item)}: no image files in this folder ({suffixes})"))
+        inputs.extend((path, None) for path in found)
+    return inputs
+
+
 def predict(
     model_path: str | Path | LoadedModel,
     paths: Sequence[str | Path],
@@ -56,71 +112,104 @@ def predict(
     out: TextIO | None = None,
     err: TextIO | None = None,
     batch_size: int = 32,
+    allow_unverified: bool = False,
+    limits: ImageLimits | None = None,
 ) -> int:
-    """Predict every file; return the number of files that could not be predicted.
+    """Predict every file; return the number of inputs that could not be predicted.
 
     Images are decoded one by one (a bad file is reported and skipped) and scored in batches, so
     many images cost little more than one model call per ``batch_size``. Output keeps input order.
 
     Args:
         model_path: a ``.keras`` file with its card, or a model already loaded.
-        paths: image and DICOM files, or folders of them (see :func:`expand`).
-        threshold: the P(pneumonia) at or above which an image is called PNEUMONIA; None uses the
-            model's shipped threshold (:func:`cxr.inference.loading.shipped_threshold`).
+        paths: image and DICOM files, or folders of them (see :func:`expand`). A folder with no
+            image file counts as one failure (one error line naming it).
+        threshold: the P(pneumonia) at or above which an image is called PNEUMONIA (a number from
+            0 to 1); None uses the model's shipped threshold
+            (:func:`cxr.inference.loading.shipped_threshold`).
         gradcam_dir: when set, a Grad-CAM overlay PNG per image is written there
             (``<stem>-<8 hex of the path's hash>.gradcam.png``).
         as_json: one JSON object per image (path, label, probability, threshold and its source,
-            model sha256, whether the model is verified, Grad-CAM file) instead of the notebook's
-            ``<path>: prediction: <LABEL>  P(Pneumonia): <p>`` line.
+            the model file's sha256, its card's ``model_sha256``, whether they agree, Grad-CAM file)
+            instead of the notebook's ``<path>: prediction: <LABEL>  P(Pneumonia): <p>`` line.
         out: where predictions go (default: ``sys.stdout`` at call time).
         err: where ``cxr: error: ...`` lines for bad files go (default: ``sys.stderr``).
         batch_size: images per model call.
+        allow_unverified: use a model file whose sha256 is not its card's (a warning line) instead
+            of refusing it.
+        limits: the decode caps (default: ``input.max_image_pixels`` / ``max_image_bytes`` defaults).
 
     Returns:
-        The number of files that could not be read (0 when every file was predicted).
+        The number of files (and empty folders) that could not be predicted (0 when all were).
 
     Raises:
-        CxrError: the model file or its card is missing or cannot be loaded.
+        CxrError: a bad threshold or Grad-CAM folder; the model file or its card is missing,
+            damaged or does not match (see :func:`cxr.inference.loading.load`).
     """
     out = out or sys.stdout  # looked up per call: callers may have redirected the streams
     err = err or sys.stderr
-    lm = model_path if isinstance(model_path, LoadedModel) else load(model_path)
-    if threshold is not None:
-        cut, cut_source = float(threshold), "--threshold"
-    else:
-        cut, cut_source = shipped_threshold(lm)
+    cut_given = None if threshold is None else check_threshold(threshold)
+    folder = _gradcam_folder(gradcam_dir) if gradcam_dir is not None else None
+    inputs = _inputs(paths)
+    if not inputs:
+        raise CxrError("no image files or folders given")
     failures = 0
+    if all(error for _, error in inputs):  # nothing to predict: no model to load
+        for _, error in inputs:
+            print(f"cxr: error: {error}", file=err)
+        return len(inputs)
+    try:
+        lm = model_path if isinstance(model_path, LoadedModel) else load(model_path, allow_unverified=allow_unverified)
+    except UnverifiedModel as exc:
+        raise UnverifiedModel(f"{exc} (--allow-unverified uses it anyway)") from None
+    cut, cut_source = (cut_given, "--threshold") if cut_given is not None else shipped_threshold(lm)
+    cfg = lm.input
+    if limits is not None:
+        cfg = replace(cfg, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
+    claimed = lm.card.get("model_sha256")
     pending: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> None:
+        nonlocal failures
         if not pending:
             return
         probabilities = predict_images(lm.model, np.stack([image for _, image in pending]), batch_size)
         for (path, image), probability in zip(pending, probabilities, strict=True):
-            label = CLASS_NAMES[int(probability >= cut)]
+            p = float(probability)
+            if not math.isfinite(p):
+                failures += 1
+                print(f"cxr: error: {printable(path)}: the model returned {p} for this image; retrain it", file=err)
+                continue
+            label = CLASS_NAMES[int(p >= cut)]
             record: dict[str, Any] = {
-                "path": str(path),
+                "path": _json_path(path),
                 "label": label,
-                "probability": round(float(probability), 6),
+                "probability": round(p, 6),
                 "threshold": cut,
                 "threshold_source": cut_source,
-                "model_sha256": lm.card.get("model_sha256"),
+                "model_sha256": lm.sha256 or None,
+                "card_model_sha256": claimed if isinstance(claimed, str) else None,
                 "verified_model": lm.verified,
             }
-            if gradcam_dir is not None:
-                record["gradcam"] = _write_overlay(lm, image, path, Path(gradcam_dir), label, float(probability))
+            if folder is not None:
+                record["gradcam"] = _write_overlay(lm, image, path, folder, label, p)
             if as_json:
-                print(json.dumps(record), file=out)
+                print(dumps_json(record), file=out)
             else:
-                print(f"{path}: prediction: {label}  P(Pneumonia): {probability:.4f}", file=out)
+                print(f"{printable(path)}: prediction: {label}  P(Pneumonia): {p:.4f}", file=out)
         out.flush()
         pending.clear()
 
-    for path, image, error in iter_images(list(expand(paths)), lm.input):
+    for path, error in inputs:
+        try:
+            image = load_image(path, cfg) if error is None else None
+        except DataError as exc:
+            error = str(exc)
         if error or image is None:
             flush()  # keep the output in input order around the error line
             failures += 1
             print(f"cxr: error: {error}", file=err)
+            err.flush()
             continue
         pending.append((path, image))
         if len(pending) >= batch_size:
@@ -129,15 +218,26 @@ def predict(
     return failures
 
 
+def _json_path(path: Path) -> str:
+    """The path for JSON: as given, or with its non-UTF-8 bytes as ``\\xNN`` (no lone surrogates in the output)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+    return text
+
+
 def _write_overlay(lm: Any, image: np.ndarray, path: Path, folder: Path, label: str, probability: float) -> str:
     from cxr.evaluation.gradcam import gradcam, overlay
     from cxr.reporting.plots import plt
 
     cam, _ = gradcam(lm.model, image[None].astype(np.float32) / 255.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    # the stem alone would collide for x/scan.png and y/scan.dcm
-    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    target = folder / f"{path.stem}-{tag}.gradcam.png"
+    # the stem alone would collide for x/scan.png and y/scan.dcm; a hostile stem (control characters,
+    # 255 bytes) must not become a file name
+    tag = hashlib.sha256(str(path.resolve()).encode(errors="surrogateescape")).hexdigest()[:8]
+    stem = re.sub(r"[^\w.-]", "_", path.stem)[:80]
+    target = folder / f"{stem}-{tag}.gradcam.png"
     fig, ax = plt.subplots(figsize=(4, 4.2))
     ax.imshow(overlay(image.astype(np.float32) / 255.0, cam[0]))
     ax.axis("off")

@@ -6,21 +6,34 @@ Kaggle version when known, counts per split and class), the parameters, the code
 that produced it (Prefect flow run, DVC stage or the CLI) and its validation metrics. ``cxr audit
 MODEL_FILE`` starts from the file's bytes alone; a file whose hash is in no record, or whose card
 disagrees with its bytes, is reported as unverified.
+
+The log is read defensively: a line that is not UTF-8, not JSON, not a JSON object or not shaped
+like a record is skipped with one warning naming the file and line; a card that cannot be read or
+parsed makes the model unverified, with the reason.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cxr.errors import CxrError
+from cxr.files import dumps_json
 from cxr.provenance.hashing import sha256_file
+from cxr.safe_text import printable
 from cxr.workspace import HERE
 
+log = logging.getLogger(__name__)
+
 LINEAGE_LOG = HERE.lineage_log
+MIN_PREFIX = 6  # hex digits of a data hash ``cxr audit --data`` needs (one digit matched a sixteenth of the log)
+_OBJECT_FIELDS = ("data", "run", "metrics", "params", "code")
 
 
 def current_run() -> dict[str, Any]:
@@ -57,15 +70,17 @@ def data_lineage(
             hash, split strategy and counts None.
 
     Returns:
-        ``source``, ``origin``, ``kaggle_version``, ``origin_sha256``, ``raw_sha256`` (the fetched
-        tree), ``manifest_sha256``, ``splits_sha256``, ``split_strategy`` and ``counts`` (images per
-        split and class of the chosen strategy).
+        ``source``, ``requested``, ``demo_sample``, ``origin``, ``kaggle_version``, ``origin_sha256``,
+        ``raw_sha256`` (the fetched tree), ``manifest_sha256``, ``splits_sha256``, ``split_strategy``
+        and ``counts`` (images per split and class of the chosen strategy).
     """
     record = json.loads(fetch_record.read_text()) if fetch_record.is_file() else {}
     report = json.loads(quality.read_text()) if quality.is_file() else {}
     strategy = report.get("split_strategy")
     return {
         "source": record.get("source"),
+        "requested": record.get("requested"),  # "auto" when the source was resolved (cxr.data.fetch.resolve_source)
+        "demo_sample": bool(record.get("demo_sample")),  # the embedded demo sample: the report shows a banner
         "origin": record.get("origin"),
         "kaggle_version": record.get("kaggle_version"),
         "origin_sha256": record.get("origin_sha256"),
@@ -89,7 +104,7 @@ def append(entry: Mapping[str, Any], log_path: Path = LINEAGE_LOG) -> None:
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     line = (
-        json.dumps({**entry, "logged": datetime.now(timezone.utc).isoformat(timespec="seconds")}, sort_keys=True) + "\n"
+        dumps_json({**entry, "logged": datetime.now(timezone.utc).isoformat(timespec="seconds")}, sort_keys=True) + "\n"
     ).encode()
     fd = os.open(log_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -101,26 +116,86 @@ def append(entry: Mapping[str, Any], log_path: Path = LINEAGE_LOG) -> None:
         os.close(fd)
 
 
+def shape_problem(record: Any) -> str | None:
+    """Why a parsed lineage line cannot be used as a record, or None when it can.
+
+    Args:
+        record: one parsed JSON line.
+
+    Returns:
+        A phrase such as ``"not a JSON object"`` or ``"'data' is not an object"``; None for a record
+        with a ``model`` and ``model_sha256`` string whose nested sections are objects.
+    """
+    if not isinstance(record, dict):
+        return f"not a JSON object (a JSON {type(record).__name__})"
+    for key in ("model", "model_sha256"):
+        if not isinstance(record.get(key), str):
+            return f"{key!r} is missing or not a string"
+    for key in _OBJECT_FIELDS:
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"{key!r} is not an object"
+    nested = {"metrics": "validation", "params": "train"}
+    for key, inner in nested.items():
+        value = (record.get(key) or {}).get(inner)
+        if value is not None and not isinstance(value, dict):
+            return f"'{key}.{inner}' is not an object"
+    counts = (record.get("data") or {}).get("counts")
+    if counts is not None and not (isinstance(counts, dict) and all(isinstance(v, dict) for v in counts.values())):
+        return "'data.counts' is not an object of objects"
+    return None
+
+
 def records(log_path: Path = LINEAGE_LOG) -> list[dict[str, Any]]:
-    """Every readable record of the lineage log, oldest first.
+    """Every usable record of the lineage log, oldest first; each unusable line skipped with a warning.
 
     Args:
         log_path: the JSON-lines log.
 
     Returns:
-        The records; empty when the log does not exist. Torn or unparsable lines are skipped.
+        The records; empty when the log does not exist. A line that is not UTF-8, not JSON (a torn
+        line, say), or not shaped like a record (:func:`shape_problem`) is skipped with one warning
+        naming the file and the line number, and never hides the others.
     """
     if not log_path.is_file():
         return []
     out = []
-    for line in log_path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a torn line never hides the others
+    for number, raw in enumerate(log_path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except ValueError:
+            problem = "not valid JSON (a torn line?)"
+        else:
+            problem = shape_problem(record)
+        if problem:
+            log.warning("%s line %d: skipped, %s", printable(log_path), number, problem)
+            continue
+        out.append(record)
     return out
+
+
+def _read_card(card_file: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The card beside a model, or None with the reason it cannot be used."""
+    if not card_file.exists():
+        return None, "no model card beside it"
+    if not card_file.is_file():
+        return None, f"its card {printable(card_file)} is not a file"
+    try:
+        card = json.loads(card_file.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        return None, f"its card {printable(card_file)} cannot be read ({exc.strerror or type(exc).__name__})"
+    except UnicodeDecodeError:
+        return None, f"its card {printable(card_file)} is not UTF-8 text"
+    except ValueError as exc:
+        return None, f"its card {printable(card_file)} is not valid JSON ({printable(exc)})"
+    if not isinstance(card, dict):
+        return None, f"its card {printable(card_file)} is not a JSON object (a JSON {type(card).__name__})"
+    if not isinstance(card.get("model_sha256"), str):
+        return None, f"its card {printable(card_file)} has no model_sha256 string"
+    return card, None
 
 
 def audit_model(model_file: str | Path, log_path: Path = LINEAGE_LOG) -> dict[str, Any]:
@@ -134,20 +209,28 @@ def audit_model(model_file: str | Path, log_path: Path = LINEAGE_LOG) -> dict[st
         log_path: the lineage log to search.
 
     Returns:
-        ``model_file``, ``sha256``, ``verified``, ``problems`` (one phrase per failed check) and
+        ``model_file``, ``sha256``, ``verified``, ``problems`` (one phrase per failed check: no
+        record, no card, an unreadable or malformed card, a card naming other bytes) and
         ``record``: the latest lineage record with this sha256, or None.
+
+    Raises:
+        CxrError: ``model_file`` does not exist or is not a file.
     """
     model_file = Path(model_file)
+    if not model_file.exists():
+        raise CxrError(f"{printable(model_file)}: no such model file; give the path of a .keras file")
+    if not model_file.is_file():
+        raise CxrError(f"{printable(model_file)}: not a file; give the path of a .keras model file")
     digest = sha256_file(model_file)
-    matches = [r for r in records(log_path) if r.get("model_sha256") == digest]
+    matches = [r for r in records(log_path) if r["model_sha256"] == digest]
     card_file = model_file.with_name(model_file.name.removesuffix(".keras") + ".card.json")
-    card = json.loads(card_file.read_text()) if card_file.is_file() else None
+    card, card_problem = _read_card(card_file)
     problems = []
     if not matches:
         problems.append("its sha256 matches no lineage record")
-    if card is None:
-        problems.append("no model card beside it")
-    elif card.get("model_sha256") != digest:
+    if card_problem:
+        problems.append(card_problem)
+    elif card is not None and card["model_sha256"] != digest:
         problems.append("its card names another sha256 (file changed after training)")
     return {
         "model_file": str(model_file),
@@ -162,11 +245,22 @@ def models_for_data(prefix: str, log_path: Path = LINEAGE_LOG) -> list[dict[str,
     """Records whose raw-data, manifest, splits or origin hash starts with ``prefix``.
 
     Args:
-        prefix: the start of a hex digest (any case), e.g. the 12 characters the logs print.
+        prefix: the start of a hex digest (any case), at least ``MIN_PREFIX`` digits, e.g. the 12
+            characters the logs print.
 
     Returns:
         The matching records, oldest first: every model trained on that data.
+
+    Raises:
+        CxrError: ``prefix`` is shorter than ``MIN_PREFIX`` hex digits or not hex.
     """
+    if not re.fullmatch(rf"[0-9a-fA-F]{{{MIN_PREFIX},64}}", prefix):
+        raise CxrError(
+            f"--data {printable(prefix)}: give at least {MIN_PREFIX} hex digits (0-9, a-f) of a data hash, "
+            "e.g. the 12 that the logs print"
+        )
     prefix = prefix.lower()
     keys = ("raw_sha256", "manifest_sha256", "splits_sha256", "origin_sha256")
-    return [r for r in records(log_path) if any(str(r.get("data", {}).get(k) or "").startswith(prefix) for k in keys)]
+    return [
+        r for r in records(log_path) if any(str((r.get("data") or {}).get(k) or "").startswith(prefix) for k in keys)
+    ]

@@ -1,10 +1,15 @@
 """The ``report`` step: one self-contained HTML page (and the same summary in Markdown).
 
-Everything the pipeline learned, for a clinician or an engineer, offline: data summary and
-leakage check, the augmented batch, training curves, test metrics with confidence intervals,
-confusion matrices, ROC / PR / calibration plots, the Grad-CAM gallery with its border-heat
-numbers, reader agreement when a readers file is configured, and each model's lineage. Images are
-embedded as data URIs.
+Everything the pipeline learned, for a clinician or an engineer, offline. At the top: a "demo
+sample" banner when the models were trained on the embedded sample, the summary (per model and data
+set: n, prevalence, AUC / sensitivity / specificity with 95 % CIs at the shipped threshold, and the
+figures at Youden's threshold), the provenance (generation date, code commit, package version, data
+source) and the intended use and limitations (:mod:`cxr.reporting.intended_use`, the text the
+model cards carry). Then the data summary and leakage check, the augmented batch, training curves,
+test metrics, confusion matrices, ROC / PR / calibration plots, the Grad-CAM gallery with its
+border-heat numbers, reader agreement when a readers file is configured, and each model's lineage.
+Images are embedded as data URIs. Figures are rounded and intervals read "−0.038 to −0.010"
+(:mod:`cxr.formatting`).
 
 The page is laid out by the Jinja2 template ``templates/report.html.j2``; the functions here only
 prepare plain data for it (dicts, lists, numbers formatted as strings). The template renders with
@@ -20,13 +25,18 @@ import html
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from markupsafe import Markup
 
+import cxr
+from cxr.formatting import MINUS, interval, num
 from cxr.inference.loading import card_path_for, model_file
+from cxr.provenance.versions import code_version
+from cxr.reporting.intended_use import DATA_CITATION, INTENDED_USE, LIMITATIONS
 from cxr.workspace import HERE, Workspace
 
 log = logging.getLogger(__name__)
@@ -61,20 +71,23 @@ def _environment() -> jinja2.Environment:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
+    """A figure as shown: a float rounded with a real minus sign (:func:`cxr.formatting.num`), "–" when absent."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return num(value, digits)
     return str(value)
 
 
 def _ci(pair: Sequence[float] | None) -> str:
-    return f"{pair[0]:.3f}–{pair[1]:.3f}" if pair else "–"
+    """A 95 % CI as "0.912 to 0.951" or "−0.038 to −0.010" (:func:`cxr.formatting.interval`); "–" when absent."""
+    return interval(pair[0], pair[1]) if pair else "–"
 
 
-def _ci_to(pair: Sequence[float] | None) -> str:
-    """A 95 % CI as "0.912 to 0.951" (a dash between negative numbers misreads)."""
-    return f"{pair[0]:.3f} to {pair[1]:.3f}".replace("-", "−") if pair else "–"
+def _signed(value: float | None) -> str:
+    """A difference with its sign: "+0.012", "−0.038"."""
+    text = num(value)
+    return text if text.startswith((MINUS, "n/a")) else "+" + text
 
 
 def _cell(text: Any, *, code: bool = False, cls: str | None = None, warn: str | None = None) -> dict[str, Any]:
@@ -105,9 +118,11 @@ def collect(models: Sequence[str], root: Path = HERE.root) -> dict[str, Any]:
 
     Returns:
         A dict with keys ``fetch``, ``quality``, ``metrics``, ``gradcam``, ``cards`` (per model),
-        ``external`` (per external set in the metrics) and ``agreement``.
+        ``external`` (per external set in the metrics), ``agreement`` and ``provenance``
+        (:func:`provenance`).
     """
     return {
+        "provenance": provenance(root),
         "fetch": _load(Workspace(root).fetch_record),
         "quality": _load(Workspace(root).quality),
         "metrics": _load(Workspace(root).metrics),
@@ -121,6 +136,80 @@ def collect(models: Sequence[str], root: Path = HERE.root) -> dict[str, Any]:
     }
 
 
+def provenance(root: Path = HERE.root) -> dict[str, Any]:
+    """What produced this report: when, from which code, with which package version.
+
+    Args:
+        root: The project folder (its git checkout names the code commit).
+
+    Returns:
+        ``generated`` (UTC, ISO 8601), ``commit`` (None outside git), ``dirty`` (uncommitted changes to
+        tracked files; None outside git) and ``version`` (``cxr.__version__``).
+    """
+    code = code_version(root)
+    return {
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": code.get("commit") or None,
+        "dirty": code.get("dirty"),
+        "version": cxr.__version__,
+    }
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def demo_sample(info: Mapping[str, Any]) -> bool:
+    """Whether the data, or any reported model, came from the embedded demo sample.
+
+    Read defensively from ``data/fetch.json`` (``"source": "sample"`` or ``"demo_sample": true``) and
+    from each card's data records (``data``, ``lineage_data``), so a banner shows whichever records it.
+
+    Args:
+        info: What :func:`collect` returns.
+
+    Returns:
+        True when any record says so.
+    """
+    records = [_mapping(info.get("fetch"))]
+    for card in _mapping(info.get("cards")).values():
+        records += [_mapping(_mapping(card).get("data")), _mapping(_mapping(card).get("lineage_data"))]
+    return any(r.get("demo_sample") is True or r.get("source") == "sample" for r in records)
+
+
+def _commit_text(prov: Mapping[str, Any]) -> str:
+    commit = prov.get("commit")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return str(commit)[:12] + (" (dirty: uncommitted changes)" if prov.get("dirty") else "")
+
+
+def provenance_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The provenance table: generated, code commit, package version, data source and origin.
+
+    Args:
+        info: What :func:`collect` returns.
+
+    Returns:
+        ``(label, value)`` pairs, as shown.
+    """
+    prov, fetch = _mapping(info.get("provenance")), _mapping(info.get("fetch"))
+    source = fetch.get("source")
+    if source and fetch.get("requested") and fetch.get("requested") != source:
+        source = f"{source} (resolved from {fetch.get('requested')})"
+    rows = [
+        ("generated", str(prov.get("generated") or "unknown")),
+        ("code commit", _commit_text(prov)),
+        ("package", f"cxr {prov.get('version') or 'unknown'}"),
+        ("data source", str(source or "unknown (no data/fetch.json)")),
+    ]
+    if fetch.get("origin"):
+        rows.append(("data origin", str(fetch["origin"])))
+    if demo_sample(info):
+        rows.append(("demo sample", "yes: models trained on the embedded demo sample"))
+    return rows
+
+
 def summary_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per data set and model, at the shipped threshold: external sets first, then the test split.
 
@@ -130,7 +219,8 @@ def summary_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
     Returns:
         One dict per data set and model: the set's label and name, the model, n, prevalence, AUC,
         sensitivity and specificity with their 95 % CIs, accuracy, Brier score, ECE, the threshold, its
-        rule, whether it was chosen on this very set, and the metrics at the validation Youden threshold.
+        rule, whether it was chosen on this very set, the validation Youden threshold and the metrics
+        at it, and (external sets) the metrics at the set's own Youden threshold (optimistic).
     """
     metrics = info.get("metrics", {})
     rows = []
@@ -159,7 +249,9 @@ def summary_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "threshold": m.get("threshold"),
                     "threshold_rule": point.get("rule"),
                     "threshold_chosen_on_this_set": bool(m.get("threshold_chosen_on_this_set")),
+                    "youden_threshold": m.get("youden_threshold"),
                     "at_youden": m.get("at_youden"),
+                    "at_own_youden": m.get("at_own_youden"),
                 }
             )
     return rows
@@ -179,27 +271,63 @@ def metric_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
         info: What :func:`collect` returns.
 
     Returns:
-        One dict per model: AUC with its 95 % CI as text, sensitivity, specificity, PPV, NPV, F1,
-        balanced accuracy, Brier score and the Youden threshold.
+        One dict per model, every figure as shown (rounded, :func:`cxr.formatting.num`): AUC and its
+        95 % CI, sensitivity, specificity, PPV, NPV, F1, balanced accuracy, Brier score, the shipped
+        threshold and the validation Youden threshold.
     """
     rows = []
     for name, m in (info.get("metrics", {}).get("models") or {}).items():
+        row: dict[str, Any] = {"model": name}
+        for key in ("auc", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "brier"):
+            row[key] = _fmt(m.get(key))
+            if key == "auc":
+                row["auc_ci95"] = _ci((m.get("ci95") or {}).get("auc"))
+        row["threshold"] = _fmt(m.get("threshold"))
+        row["youden_threshold"] = _fmt(m.get("youden_threshold"))
+        rows.append(row)
+    return rows
+
+
+def youden_rows(info: Mapping[str, Any]) -> list[list[str]]:
+    """Per data set and model, the figures at Youden's threshold (shown beside the shipped ones).
+
+    Args:
+        info: What :func:`collect` returns.
+
+    Returns:
+        ``[data set, model, validation Youden threshold, sensitivity, specificity, accuracy at it,
+        the set's own Youden threshold, sensitivity / specificity at it]``; the last two are "–" on
+        the test split (a set's own threshold is only computed on external sets, and is optimistic).
+    """
+    rows = []
+    for r in summary_rows(info):
+        at = _mapping(r.get("at_youden"))
+        own = _mapping(r.get("at_own_youden"))
         rows.append(
-            {
-                "model": name,
-                "auc": m.get("auc"),
-                "auc_ci95": _ci(m.get("ci95", {}).get("auc")),
-                "sensitivity": m.get("sensitivity"),
-                "specificity": m.get("specificity"),
-                "ppv": m.get("ppv"),
-                "npv": m.get("npv"),
-                "f1": m.get("f1"),
-                "balanced_accuracy": m.get("balanced_accuracy"),
-                "brier": m.get("brier"),
-                "youden_threshold": m.get("youden_threshold"),
-            }
+            [
+                r["data_set"],
+                r["model"],
+                _fmt(r.get("youden_threshold")),
+                _fmt(at.get("sensitivity")),
+                _fmt(at.get("specificity")),
+                _fmt(at.get("accuracy")),
+                _fmt(own.get("threshold")),
+                f"{_fmt(own.get('sensitivity'))} / {_fmt(own.get('specificity'))}" if own else "–",
+            ]
         )
     return rows
+
+
+YOUDEN_HEADER = (
+    "data set",
+    "model",
+    "Youden threshold (validation)",
+    "sensitivity",
+    "specificity",
+    "accuracy",
+    "the set's own Youden threshold (optimistic)",
+    "sens / spec at it",
+)
 
 
 def _markdown_summary(info: Mapping[str, Any]) -> list[str]:
@@ -217,11 +345,33 @@ def _markdown_summary(info: Mapping[str, Any]) -> list[str]:
         chosen = " (chosen on this set)" if r["threshold_chosen_on_this_set"] else ""
         lines.append(
             f"| {r['data_set']} | {r['model']} | {r['n']} | {_fmt(r['prevalence'])} | {_fmt(r['auc'])} "
-            f"({_ci_to(r['auc_ci95'])}) | {_fmt(r['sensitivity'])} ({_ci_to(r['sensitivity_ci95'])}) | "
-            f"{_fmt(r['specificity'])} ({_ci_to(r['specificity_ci95'])}) | {_fmt(r['accuracy'])} | "
+            f"({_ci(r['auc_ci95'])}) | {_fmt(r['sensitivity'])} ({_ci(r['sensitivity_ci95'])}) | "
+            f"{_fmt(r['specificity'])} ({_ci(r['specificity_ci95'])}) | {_fmt(r['accuracy'])} | "
             f"{_fmt(r['brier'])} | {_fmt(r['threshold'])}{chosen} |"
         )
+    lines += [
+        "",
+        "At Youden's threshold (chosen on the validation split; no confidence intervals):",
+        "",
+        "| " + " | ".join(YOUDEN_HEADER) + " |",
+        "|" + "---|" * len(YOUDEN_HEADER),
+        *("| " + " | ".join(row) + " |" for row in youden_rows(info)),
+    ]
     return [*lines, ""]
+
+
+DEMO_BANNER = (
+    "Demo sample: these models were trained on the small sample of the data embedded in the repository "
+    "(a few hundred images), to show the pipeline working. Their figures are a demonstration, not a "
+    "result: fetch the full data set (data.source: kaggle or dir) before reading anything into them."
+)
+
+
+def _markdown_provenance(info: Mapping[str, Any]) -> list[str]:
+    """The provenance and the intended use, in Markdown."""
+    lines = ["## Provenance", "", *(f"- {label}: {value}" for label, value in provenance_rows(info)), ""]
+    lines += ["## Intended use and limitations", "", INTENDED_USE, "", *(f"- {x}" for x in LIMITATIONS), ""]
+    return lines
 
 
 def markdown(info: Mapping[str, Any]) -> str:
@@ -234,7 +384,10 @@ def markdown(info: Mapping[str, Any]) -> str:
         The Markdown text, ending in a newline.
     """
     q, metrics = info.get("quality", {}), info.get("metrics", {})
-    lines = ["# Chest X-ray pneumonia pipeline — report", "", *_markdown_summary(info)]
+    lines = ["# Chest X-ray pneumonia pipeline — report", ""]
+    if demo_sample(info):
+        lines += [f"> **{DEMO_BANNER}**", ""]
+    lines += [*_markdown_summary(info), *_markdown_provenance(info)]
     if q:
         split = q.get("split_strategy")
         counts = q.get("splits", {}).get(split, {}).get("counts", {})
@@ -250,7 +403,8 @@ def markdown(info: Mapping[str, Any]) -> str:
         lines.append("")
     if metrics:
         lines += [
-            f"Test metrics at threshold {metrics.get('threshold')} (95 % CI over patients):",
+            f"Test metrics at each model's shipped threshold (rule `{metrics.get('threshold_source')}`; "
+            "95 % CI over patients):",
             "",
             "| model | AUC (95 % CI) | sensitivity | specificity | PPV | NPV | F1 | Brier |",
             "|---|---|---|---|---|---|---|---|",
@@ -263,7 +417,7 @@ def markdown(info: Mapping[str, Any]) -> str:
             )
         for c in metrics.get("comparison", []):
             lines.append(
-                f"\nAUC {c['a']} − {c['b']}: {c['auc_difference']:+.3f} (95 % CI {_ci(c['ci95'])}, "
+                f"\nAUC {c['a']} − {c['b']}: {_signed(c['auc_difference'])} (95 % CI {_ci(c['ci95'])}, "
                 f"p = {_fmt(c['p_value'])}, {c['method']})."
             )
     for name, card in info.get("cards", {}).items():
@@ -282,7 +436,6 @@ def _summary_section(info: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     table = []
     for r in rows:
-        youden = r.get("at_youden") or {}
         chosen = "(threshold chosen on this set)" if r["threshold_chosen_on_this_set"] else None
         table.append(
             [
@@ -290,14 +443,13 @@ def _summary_section(info: Mapping[str, Any]) -> dict[str, Any] | None:
                 r["model"],
                 r["n"],
                 _fmt(r["prevalence"]),
-                f"{_fmt(r['auc'])} ({_ci_to(r['auc_ci95'])})",
-                f"{_fmt(r['sensitivity'])} ({_ci_to(r['sensitivity_ci95'])})",
-                f"{_fmt(r['specificity'])} ({_ci_to(r['specificity_ci95'])})",
+                f"{_fmt(r['auc'])} ({_ci(r['auc_ci95'])})",
+                f"{_fmt(r['sensitivity'])} ({_ci(r['sensitivity_ci95'])})",
+                f"{_fmt(r['specificity'])} ({_ci(r['specificity_ci95'])})",
                 _fmt(r["accuracy"]),
                 _fmt(r["brier"]),
                 _fmt(r["ece"]),
                 _cell(_fmt(r["threshold"]), warn=chosen),
-                f"{_fmt(youden.get('sensitivity'))} / {_fmt(youden.get('specificity'))}",
             ]
         )
     rules = {r["model"]: r["threshold_rule"] for r in rows if r["threshold_rule"]}
@@ -315,8 +467,21 @@ def _summary_section(info: Mapping[str, Any]) -> dict[str, Any] | None:
         )
     return {
         "rows": table,
+        "youden_header": list(YOUDEN_HEADER),
+        "youden": youden_rows(info),
         "rules": [{"model": m, "rule": rule} for m, rule in rules.items()],
         "external": external,
+    }
+
+
+def _top_section(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The banner, provenance and intended use shown right below the summary."""
+    return {
+        "demo_banner": DEMO_BANNER if demo_sample(info) else None,
+        "provenance": [list(row) for row in provenance_rows(info)],
+        "intended_use": INTENDED_USE,
+        "limitations": list(LIMITATIONS),
+        "citation": DATA_CITATION,
     }
 
 
@@ -395,7 +560,7 @@ def _metrics_section(info: Mapping[str, Any], root: Path) -> dict[str, Any] | No
         for r in metric_rows(info)
     ]
     comparison = [
-        [f"{c['a']} − {c['b']}", f"{c['auc_difference']:+.3f}", _ci(c["ci95"]), _fmt(c["p_value"]), c["method"]]
+        [f"{c['a']} − {c['b']}", _signed(c["auc_difference"]), _ci(c["ci95"]), _fmt(c["p_value"]), c["method"]]
         for c in metrics.get("comparison") or []
     ]
     plots = [
@@ -462,6 +627,7 @@ def _page(info: Mapping[str, Any], root: Path) -> str:
         .get_template(_TEMPLATE)
         .render(
             summary=_summary_section(info),
+            top=_top_section(info),
             data=_data_section(info, root),
             training=_training_section(info, root),
             metrics=_metrics_section(info, root),

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from cxr.errors import CxrError
 from cxr.files import save_keras, write_json
+from cxr.formatting import num
 from cxr.inference.loading import ENSEMBLE, LoadedModel, load, model_file
 from cxr.provenance import lineage_log as audit
 from cxr.provenance.hashing import sha256_file
@@ -145,6 +146,7 @@ def _validate(
 def _card(model: Any, loaded: Sequence[LoadedModel], models_dir: str | Path, val: _Validation) -> dict[str, Any]:
     """The ensemble's model card, before it is saved (no file hash, run or lineage yet)."""
     from cxr.evaluation.metrics import validation_operating_point
+    from cxr.reporting.intended_use import intended_use  # the same text as every model card and the report
 
     first = loaded[0].card
     return {
@@ -168,6 +170,7 @@ def _card(model: Any, loaded: Sequence[LoadedModel], models_dir: str | Path, val
         "health": {"status": val.health.status, "problems": val.health.problems},
         "code": code_version(),
         "libraries": library_versions(),
+        "intended_use": intended_use(),
     }
 
 
@@ -176,14 +179,17 @@ def _save(model: Any, card: dict[str, Any], members: Sequence[str], out_dir: Pat
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    save_keras(model, tmp_dir / "ensemble.keras")
-    card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
-    card["run"] = audit.current_run()
-    card["lineage_data"] = audit.data_lineage(Path(splits_csv))
-    write_json(tmp_dir / "ensemble.card.json", card)
-    write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": list(members)})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)  # the model and its card appear together
+    try:
+        save_keras(model, tmp_dir / "ensemble.keras")
+        card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
+        card["run"] = audit.current_run()
+        card["lineage_data"] = audit.data_lineage(Path(splits_csv))
+        write_json(tmp_dir / "ensemble.card.json", card)
+        write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": list(members)})
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp_dir, out_dir)  # the model and its card appear together
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # gone after the rename; a failed save leaves no scratch
 
 
 def _record(card: Mapping[str, Any], members: Sequence[str], metrics: Mapping[str, Any]) -> None:
@@ -203,10 +209,10 @@ def _record(card: Mapping[str, Any], members: Sequence[str], metrics: Mapping[st
         }
     )
     log.info(
-        "ensemble of %s: validation AUC %.4f, threshold %.3f, saved %s (sha256 %s)",
+        "ensemble of %s: validation AUC %s, threshold %s, saved %s (sha256 %s)",
         ", ".join(members),
-        metrics.get("auc", float("nan")),
-        (card["operating_point"] or {}).get("threshold", float("nan")),
+        num(metrics.get("auc"), 4),
+        num((card["operating_point"] or {}).get("threshold")),
         card["model_file"],
         card["model_sha256"][:12],
     )

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from cxr.config import InputConfig
+from cxr.data.images import ImageLimits, ImageRefused, check_image, probe
 from cxr.errors import DataError
-from cxr.runtime import tensorflow
+from cxr.runtime import DECODER_LINE, decoder_messages, native_stderr, pass_on, tensorflow
+from cxr.safe_text import printable
 from cxr.training.augment import augment_batch
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,15 @@ def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarra
         The image paths, their labels as float32 (0 normal, 1 pneumonia), and a digest of the
         split's paths, hashes and labels (part of the decoded-image cache key).
     """
+    import pandas as pd  # here, not at import: cxr predict and cxr serve load this module and never read a split
+
     frame = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})
     missing = {"path", "label", "split"} - set(frame.columns)
     if missing:
         raise DataError(f"{splits_csv}: missing columns {sorted(missing)}; rerun prepare")
+    from cxr.data.pairing import check_pair  # refuses splits cut from another manifest.csv than the one beside it
+
+    check_pair(splits_csv, frame)
     part = frame[frame["split"] == split]
     if part.empty:
         raise DataError(f"{splits_csv}: the {split} split is empty")
@@ -111,7 +117,43 @@ def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarra
     return part["path"].tolist(), part["label"].to_numpy(np.float32), digest.hexdigest()
 
 
+def check_decodable(paths: list[str], limits: ImageLimits) -> None:
+    """Refuse, before any decoding, a file over a decode cap or no longer a JPEG/PNG/BMP image.
+
+    ``prepare`` admitted every file of ``splits.csv`` under the same caps; a file that fails here
+    changed since, and decoding it could exhaust memory (a 3 GB file, a 23000² PNG bomb). Costs a
+    ``stat`` and a header read per file.
+
+    Args:
+        paths: the split's image files.
+        limits: the caps (``input.max_image_pixels`` / ``max_image_bytes``).
+
+    Raises:
+        DataError: one line naming the first such file and the fix (rerun prepare).
+    """
+    for path in paths:
+        try:
+            check_image(path, limits)
+        except ImageRefused as exc:
+            raise DataError(f"{printable(path)}: {exc}; it changed since prepare: rerun prepare") from None
+        except OSError as exc:
+            raise DataError(
+                f"{printable(path)}: unreadable ({exc.strerror or type(exc).__name__}); rerun prepare"
+            ) from None
+
+
+def _culprit(paths: list[str], start: int, limits: ImageLimits) -> str | None:
+    """The first file from ``start`` on that Pillow cannot decode, with its reason (after a failed batch)."""
+    for path in paths[start:]:
+        info = probe(path, limits)
+        if "error" in info:
+            return f"{printable(path)}: {info['error']}"
+    return None
+
+
 def _decode_all(paths: list[str], cfg: InputConfig, out: np.ndarray) -> None:
+    limits = ImageLimits.of(cfg)
+    check_decodable(paths, limits)
     tf = tensorflow()
     ds = (
         tf.data.Dataset.from_tensor_slices(paths)
@@ -125,14 +167,19 @@ def _decode_all(paths: list[str], cfg: InputConfig, out: np.ndarray) -> None:
     )
     start = 0
     try:
-        for batch in ds:
-            out[start : start + len(batch)] = batch.numpy()
-            start += len(batch)
+        # libjpeg's complaints about a damaged file go to fd 2 from TensorFlow's threads: captured,
+        # and named in the one-line error instead
+        with native_stderr(quiet_on=(tf.errors.OpError,)) as noise:
+            for batch in ds:
+                out[start : start + len(batch)] = batch.numpy()
+                start += len(batch)
     except tf.errors.OpError as exc:
-        raise DataError(
-            f"could not decode an image of this split ({exc.message.splitlines()[0]}); "
-            "rerun prepare to exclude unreadable files"
-        ) from exc
+        reason = "; ".join(decoder_messages(noise)) or exc.message.splitlines()[0]
+        culprit = _culprit(paths, start, limits) or f"an image of this split ({reason})"
+        raise DataError(f"could not decode {culprit}; it changed since prepare: rerun prepare") from exc
+    for line in decoder_messages(noise):
+        log.warning("decoded despite a damaged image: %s", line)
+    pass_on(noise, drop=DECODER_LINE)
 
 
 def load_images(paths: list[str], content_key: str, cfg: InputConfig, split: str) -> np.ndarray:

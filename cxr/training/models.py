@@ -134,13 +134,26 @@ class IntensityNormalization(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def network_side(image_size: int, cfg: Mapping[str, Any]) -> int:
+    """The side of the images the network itself sees: ``image_size`` less the centre crop's bands.
+
+    Args:
+        image_size: side of the model's square input images.
+        cfg: the builder's options; ``center_crop`` is the fraction cut from each side.
+
+    Returns:
+        The cropped side in pixels (``image_size`` without a crop).
+    """
+    crop = float(cfg.get("center_crop", 0.0))
+    return image_size - 2 * round(image_size * crop) if crop > 0 else image_size
+
+
 def _image_input(image_size: int, cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     """The model's input and what the network sees: centre-cropped and normalised when asked."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = inputs
-    crop = float(cfg.get("center_crop", 0.0))
-    if crop > 0:
-        side = image_size - 2 * round(image_size * crop)
+    side = network_side(image_size, cfg)
+    if side != image_size:
         x = keras.layers.CenterCrop(side, side, name="center_crop", dtype="float32")(x)
     mode = cfg.get("normalize", "none")
     if mode != "none":
@@ -217,16 +230,21 @@ def vgg16(image_size: int, cfg: Mapping[str, Any]) -> Any:
         The uncompiled functional model ``vgg16`` (base frozen, head trainable).
 
     Raises:
-        CxrError: the ImageNet weights cannot be downloaded, or a weights file is not found.
+        CxrError: the ImageNet weights cannot be downloaded, a weights file is not found, or the
+            images the base sees (after ``center_crop``) are smaller than VGG16's 32 pixels.
     """
     from keras import layers
 
     weights = str(cfg.get("weights", "imagenet") or "none")
     base_weights = "imagenet" if weights == "imagenet" else None
-    try:
-        base = keras.applications.VGG16(
-            include_top=False, weights=base_weights, input_shape=(image_size, image_size, 3)
+    side = network_side(image_size, cfg)  # the base sees the centre-cropped image
+    if side < 32:
+        raise CxrError(
+            f"vgg16: input.image_size={image_size} with input.center_crop={cfg.get('center_crop', 0.0)} leaves "
+            f"{side} px; VGG16 needs at least 32 px: raise input.image_size or lower input.center_crop"
         )
+    try:
+        base = keras.applications.VGG16(include_top=False, weights=base_weights, input_shape=(side, side, 3))
     except Exception as exc:  # urllib/HTTP/SSL errors surface as several types
         if base_weights == "imagenet":
             raise _imagenet_error(exc) from exc

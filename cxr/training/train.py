@@ -2,26 +2,36 @@
 
 Outputs for model ``<name>``:
 - ``models/<name>.keras`` (Keras 3 format, loads with ``safe_mode=True``) and
-  ``models/<name>.card.json`` (model card and lineage), replaced together only when a healthy
-  model is ready, so an interrupted or rejected run leaves the previous pair intact;
+  ``models/<name>.card.json`` (model card and lineage);
 - ``reports/train/<name>/``: ``history.csv``, ``metrics.json`` (DVC metrics), ``curves.png``,
-  ``summary.txt``, ``architecture.png``;
+  ``summary.txt``, ``architecture.png``: the record of the shipped model;
 - ``logs/scalars/<name>_<time>/`` for TensorBoard.
 
+The model, its card and its reports are replaced together, and only when a model ships: a run
+that fails, is interrupted or is rejected leaves all of them byte-identical. While it trains, a
+run writes its history to ``models/.work/<name>/history-<run key>.csv`` and, once assessed, its
+reports into a staging folder ``reports/train/.<name>.tmp-<pid>/``. Shipping saves the model to a
+temporary file first (the slow part), then renames into place: the reports, then the model, then
+the card last. The card is the commit record: it names the sha256 of the model and of every report
+file, so after a kill inside those few renames a reader can tell which files are new (a model whose
+bytes differ from its card is reported unverified by ``cxr audit`` and ``cxr predict``).
+
 A killed run resumes from its last completed epoch (Keras ``BackupAndRestore`` under
-``models/.backup/<name>/<run key>``, where the key covers data, parameters and code).
+``models/.backup/<name>/<run key>``, where the key covers data, parameters and code), with the
+history rows it had written (kept in ``models/.work/<name>/``).
 
 ``train`` reads as the pipeline: ``_setup_run`` → per learning rate ``_train_once`` (``_load_data``,
 ``_build_or_continue``, ``_resume_or_reset``, ``_callbacks``, ``_fit``, ``_assess``, ``_card``,
-``_write_reports``) → ``_ship`` or ``_reject`` (or the next, lower learning rate on ``fallback``).
+``_stage_reports``) → ``_ship`` or ``_reject`` (or the next, lower learning rate on ``fallback``).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
-import math
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -37,6 +47,7 @@ from cxr.config import InputConfig, Params, TrainConfig, as_plain
 from cxr.errors import CxrError, DataError
 from cxr.evaluation.metrics import validation_operating_point
 from cxr.files import save_keras, write_json
+from cxr.formatting import num
 from cxr.logs import interactive
 from cxr.provenance import lineage_log as audit
 from cxr.provenance.hashing import sha256_file
@@ -252,11 +263,18 @@ class _Run:
 
     @property
     def history_csv(self) -> Path:
+        """The shipped model's history (replaced only when a new model ships)."""
         return self.reports_dir / "history.csv"
 
     @property
     def work_dir(self) -> Path:
+        """This model's scratch folder: run-scoped history and best checkpoint, kept for a resume."""
         return self.models_dir / ".work" / self.name
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where a finished run's reports wait until the model ships (beside the reports folder)."""
+        return self.reports_dir.with_name(f".{self.name}.tmp-{os.getpid()}")
 
 
 @dataclass(frozen=True)
@@ -281,11 +299,12 @@ class _Start:
 
 @dataclass(frozen=True)
 class _Scratch:
-    """This run's key and its files outside the shipped pair (backup, best checkpoint)."""
+    """This run's key and its files outside the shipped pair (backup, best checkpoint, history)."""
 
     run_key: str
     backup_dir: Path
     best_path: Path
+    history_csv: Path  # this run's history (CSVLogger), moved into the reports when the model ships
     resuming: bool
 
 
@@ -335,9 +354,59 @@ def train(
     else:
         cfg = TrainConfig.from_params(params.get("train") or {}, name)
         input_cfg = InputConfig.from_params(params.get("input") or {})
+    input_cfg = batch_for_data(name, cfg, input_cfg, splits_csv)
     first = _setup_run(name, cfg, input_cfg, splits_csv, models_dir, reports_dir, logs_dir)
+    try:
+        return _train_attempts(first)
+    finally:
+        shutil.rmtree(first.staging_dir, ignore_errors=True)  # shipped or not, the staging folder goes
+
+
+SMALLEST_BATCH = 8  # below this, batch-norm statistics of a batch are too noisy to train on
+
+
+def batch_for_data(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_csv: str | Path) -> InputConfig:
+    """``input_cfg`` with a batch small enough that an epoch has ``cfg.min_steps_per_epoch`` steps.
+
+    With the 226 training images of the embedded demo sample, batches of 32 give 8 steps an epoch: too
+    few for batch norm and the weight average to settle, and both default models collapse to a constant
+    output. The batch shrinks (never below ``SMALLEST_BATCH``, never above ``input.batch_size``) only
+    for such small splits; the full data set keeps ``input.batch_size``. The card records the batch used.
+
+    Args:
+        name: the model, for the log line.
+        cfg: its training settings (``min_steps_per_epoch``; ``steps_per_epoch`` fixed means no change).
+        input_cfg: the ``input`` section.
+        splits_csv: the split file; its train rows are counted.
+
+    Returns:
+        ``input_cfg``, or a copy with a smaller ``batch_size``.
+    """
+    splits_csv = Path(splits_csv)
+    if cfg.steps_per_epoch is not None or not splits_csv.is_file():
+        return input_cfg  # a fixed number of steps, or no split to count (train() reports that itself)
+    with splits_csv.open(encoding="utf-8", errors="replace", newline="") as handle:
+        n_train = sum(1 for row in csv.DictReader(handle) if row.get("split") == "train")
+    batch = min(input_cfg.batch_size, max(SMALLEST_BATCH, n_train // cfg.min_steps_per_epoch))
+    if batch == input_cfg.batch_size:
+        return input_cfg
+    log.info(
+        "%s: %d training images: batches of %d instead of %d, so an epoch has at least %d steps "
+        "(train.common.min_steps_per_epoch)",
+        name,
+        n_train,
+        batch,
+        input_cfg.batch_size,
+        min(cfg.min_steps_per_epoch, -(-n_train // batch)),
+    )
+    return replace(input_cfg, batch_size=batch)
+
+
+def _train_attempts(first: _Run) -> dict[str, Any]:
+    """Train at ``first.cfg`` (then at the fallback learning rate if asked); ship or reject."""
+    name = first.name
     fallback: dict[str, Any] | None = None
-    for attempt in _attempts(cfg):
+    for attempt in _attempts(first.cfg):
         started = time.perf_counter()
         if fallback is not None:
             log.warning("%s: falling back to a fresh run at learning rate %g", name, attempt.learning_rate)
@@ -378,7 +447,38 @@ def _setup_run(
     splits_csv = Path(splits_csv)
     if not splits_csv.is_file():
         raise DataError(f"{splits_csv}: not found; run the prepare step first (dvc repro prepare)")
-    return _Run(name, cfg, input_cfg, splits_csv, models_dir, reports_dir, Path(logs_dir))
+    run = _Run(name, cfg, input_cfg, splits_csv, models_dir, reports_dir, Path(logs_dir))
+    _remove_stale_scratch(run)
+    return run
+
+
+def _remove_stale_scratch(run: _Run) -> None:
+    """Remove the staging folder and temporary model a killed run of this model left (its process is gone)."""
+    stale = [
+        *run.reports_dir.parent.glob(f".{run.name}.tmp-*"),
+        *run.models_dir.glob(f".{run.name}.tmp-*.keras"),
+    ]
+    for path in stale:
+        pid = path.name.removeprefix(f".{run.name}.tmp-").removesuffix(".keras")
+        if pid.isdigit() and not _running(int(pid)):
+            log.info("%s: removing %s left by an interrupted run", run.name, path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists (a scratch file of a live run is not stale)."""
+    if pid == os.getpid():
+        return False  # ours from before (a reused id): nothing of this run exists yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
@@ -398,7 +498,7 @@ def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
     card = _card(
         run, splits_sha, policy, int(strategy.num_replicas_in_sync), data, start, scratch, outcome, fit_seconds
     )
-    _write_reports(run, outcome.model, outcome.history)
+    _stage_reports(run, scratch, outcome.model, outcome.history)
     return outcome.model, card, outcome.health
 
 
@@ -460,20 +560,26 @@ def _build_or_continue(run: _Run, strategy: Any) -> _Start:
 
 
 def _resume_or_reset(run: _Run, splits_sha: str, previous: dict[str, Any] | None) -> _Scratch:
-    """Resume an interrupted run of the same key, or clear what a finished one left behind."""
+    """Resume an interrupted run of the same key, or start this key's scratch files afresh.
+
+    Nothing of the shipped model is touched: the run's history is its own file under
+    ``models/.work/<name>/``; a continued run starts it as a copy of the shipped history.
+    """
     run_key = _run_key(run.name, run.cfg, run.input_cfg, splits_sha + (previous or {}).get("model_sha256", ""))
     backup_dir = run.models_dir / ".backup" / run.name / run_key
     run.work_dir.mkdir(parents=True, exist_ok=True)
     best_path = run.work_dir / f"best-{run_key}.keras"
+    history_csv = run.work_dir / f"history-{run_key}.csv"
     resuming = _usable_backup(backup_dir)
     if resuming:
         log.warning("%s: resuming an interrupted run from %s", run.name, backup_dir)
-        _trim_history(run.history_csv, backup_dir)
-    elif run.cfg.continue_epochs == 0:
-        # a continued run appends to the previous run's history instead
-        run.history_csv.unlink(missing_ok=True)
+        _trim_history(history_csv, backup_dir)
+    else:
         best_path.unlink(missing_ok=True)
-    return _Scratch(run_key, backup_dir, best_path, resuming)
+        history_csv.unlink(missing_ok=True)
+        if previous is not None and run.history_csv.is_file():
+            shutil.copyfile(run.history_csv, history_csv)  # a continued run appends to the shipped history
+    return _Scratch(run_key, backup_dir, best_path, history_csv, resuming)
 
 
 def _callbacks(run: _Run, scratch: _Scratch, epochs: int, verbose: int) -> list[Any]:
@@ -483,7 +589,7 @@ def _callbacks(run: _Run, scratch: _Scratch, epochs: int, verbose: int) -> list[
     callbacks: list[Any] = [
         # CSVLogger before BackupAndRestore: an epoch's row is on disk before its backup, so a kill
         # between the two repeats the epoch (its row is then replaced) rather than losing its row.
-        keras.callbacks.CSVLogger(str(run.history_csv), append=True),
+        keras.callbacks.CSVLogger(str(scratch.history_csv), append=True),
         # double_checkpoint: a kill while the backup is written leaves the previous one
         keras.callbacks.BackupAndRestore(
             str(scratch.backup_dir), save_freq="epoch", delete_checkpoint=True, double_checkpoint=True
@@ -525,7 +631,7 @@ def _callbacks(run: _Run, scratch: _Scratch, epochs: int, verbose: int) -> list[
 
 def _best_so_far(run: _Run, scratch: _Scratch) -> float | None:
     """The monitored value to beat: on resume, the best checkpoint so far must only be replaced by a better epoch."""
-    so_far = _history(run.history_csv).get(run.cfg.monitor) if scratch.resuming else None
+    so_far = _history(scratch.history_csv).get(run.cfg.monitor) if scratch.resuming else None
     if not so_far:
         return None
     return (max if run.cfg.monitor_mode == "max" else min)(v for v in so_far if v == v)
@@ -541,7 +647,7 @@ def _fit(run: _Run, start: _Start, data: _Data, callbacks: list[Any], verbose: i
         run.input_cfg.resize,
         len(data.val_labels),
         policy,
-        data.weights,
+        {k: round(v, 3) for k, v in data.weights.items()} if data.weights else None,
     )
     fit_started = time.perf_counter()
     start.model.fit(
@@ -564,7 +670,7 @@ def _assess(run: _Run, start: _Start, data: _Data, scratch: _Scratch) -> _Outcom
     import keras
 
     cfg = run.cfg
-    history = _history(run.history_csv)
+    history = _history(scratch.history_csv)
     model = start.model
     if scratch.best_path.is_file():
         model = keras.saving.load_model(scratch.best_path, safe_mode=True)
@@ -597,12 +703,15 @@ def _card(
     fit_seconds: float,
 ) -> dict[str, Any]:
     """The model card, less what only shipping knows (``model_sha256``, total time, lineage)."""
+    from cxr.reporting.intended_use import intended_use  # the text the report shows too
+
     cfg, input_cfg, model = run.cfg, run.input_cfg, outcome.model
     return {
         "model": run.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_file": run.model_path.as_posix(),
         "model_sha256": None,
+        "intended_use": intended_use(),
         "parameters": {
             "total": int(model.count_params()),
             "trainable": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
@@ -663,15 +772,24 @@ def _images_per_second(run: _Run, data: _Data, start: _Start, outcome: _Outcome,
     return round(per_epoch * trained / fit_seconds, 1) if fit_seconds else None
 
 
-def _write_reports(run: _Run, model: Any, history: Mapping[str, list[float]]) -> None:
-    (run.reports_dir / "summary.txt").write_text(_summary_text(model))
-    plots.architecture(_layers_table(model), run.reports_dir / "architecture.png", f"{run.name} architecture")
+REPORT_FILES = ("history.csv", "summary.txt", "architecture.png", "curves.png", "metrics.json")
+
+
+def _stage_reports(run: _Run, scratch: _Scratch, model: Any, history: Mapping[str, list[float]]) -> None:
+    """Write this run's reports (all but ``metrics.json``) into the staging folder, not over the shipped ones."""
+    staged = run.staging_dir
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    if scratch.history_csv.is_file():
+        shutil.copyfile(scratch.history_csv, staged / "history.csv")
+    (staged / "summary.txt").write_text(_summary_text(model))
+    plots.architecture(_layers_table(model), staged / "architecture.png", f"{run.name} architecture")
     if history:
-        plots.training_curves(history, run.reports_dir / "curves.png", f"{run.name}: training curves")
+        plots.training_curves(history, staged / "curves.png", f"{run.name}: training curves")
 
 
 def _reject(run: _Run, model: Any, card: dict[str, Any], message: str) -> TrainingRejected:
-    """Keep an unhealthy model for inspection under ``.rejected/``; return the error to raise."""
+    """Keep an unhealthy model (and its reports) for inspection under ``.rejected/``; return the error to raise."""
     rejected = run.models_dir / ".rejected"
     rejected.mkdir(exist_ok=True)
     save_keras(model, rejected / f"{run.name}.keras")
@@ -679,6 +797,9 @@ def _reject(run: _Run, model: Any, card: dict[str, Any], message: str) -> Traini
         model_file=(rejected / f"{run.name}.keras").as_posix(), model_sha256=sha256_file(rejected / f"{run.name}.keras")
     )
     write_json(rejected / f"{run.name}.card.json", card)
+    reports = rejected / f"{run.name}.reports"
+    shutil.rmtree(reports, ignore_errors=True)
+    shutil.move(run.staging_dir, reports)
     return TrainingRejected(
         f"{message}; not shipped (kept for inspection in {rejected}/). Lower "
         f"train.{run.name}.learning_rate, or set train.common.health.on_collapse: warn to keep it"
@@ -688,32 +809,53 @@ def _reject(run: _Run, model: Any, card: dict[str, Any], message: str) -> Traini
 def _ship(
     run: _Run, model: Any, card: dict[str, Any], started: float, fallback: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Replace the shipped model and its card, write the DVC metrics and a lineage record; return the card."""
-    save_keras(model, run.model_path)
-    card["model_sha256"] = sha256_file(run.model_path)
-    card["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
-    metrics = {
-        "val": card["validation"],
-        "epochs_run": card["epochs_run"],
-        "best_epoch": card["best_epoch"],
-        "health": card["health"]["status"],
-        "train_images_per_second": card["timings"]["train_images_per_second"],
-    }
-    write_json(run.reports_dir / "metrics.json", metrics)
-    card["run"] = audit.current_run()
-    card["lineage_data"] = audit.data_lineage(run.splits_csv)
-    if fallback is not None:
-        card["fallback"] = fallback
+    """Replace the shipped model, its card and its reports together; append a lineage record; return the card.
+
+    Everything is written beside its destination first (the model to a temporary file, the reports
+    in the staging folder); then come the renames: the reports, the model, and the card last (see
+    the module docstring). An error before the renames leaves every shipped file as it was.
+    """
+    staged = run.staging_dir
+    model_tmp = run.model_path.with_name(f".{run.model_path.stem}.tmp-{os.getpid()}.keras")
+    try:
+        model.save(model_tmp)
+        card["model_sha256"] = sha256_file(model_tmp)
+        card["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
+        metrics = {
+            "val": card["validation"],
+            "epochs_run": card["epochs_run"],
+            "best_epoch": card["best_epoch"],
+            "health": card["health"]["status"],
+            "train_images_per_second": card["timings"]["train_images_per_second"],
+        }
+        write_json(staged / "metrics.json", metrics)
+        card["run"] = audit.current_run()
+        card["lineage_data"] = audit.data_lineage(run.splits_csv)
+        if fallback is not None:
+            card["fallback"] = fallback
+        names = [n for n in REPORT_FILES if (staged / n).is_file()]
+        card["reports"] = {
+            "folder": run.reports_dir.as_posix(),
+            "sha256": {n: sha256_file(staged / n) for n in names},
+        }
+        run.reports_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.replace(staged / name, run.reports_dir / name)
+        for name in set(REPORT_FILES) - set(names):  # e.g. no curves without a history: none of the old model's
+            (run.reports_dir / name).unlink(missing_ok=True)
+        os.replace(model_tmp, run.model_path)
+    finally:
+        model_tmp.unlink(missing_ok=True)
     write_json(run.card_path, card)
     audit.append(_lineage_record(run, card))
     shutil.rmtree(run.work_dir, ignore_errors=True)
     log.info(
-        "%s: saved %s (sha256 %s), best epoch %s, val AUC %.4f, %s",
+        "%s: saved %s (sha256 %s), best epoch %s, val AUC %s, %s",
         run.name,
         run.model_path,
         card["model_sha256"][:12],
         card["best_epoch"],
-        card["validation"].get("auc", math.nan),
+        num(card["validation"].get("auc"), 4),
         card["health"]["status"],
     )
     return card

@@ -69,7 +69,7 @@ def run_cxr(
             proc.stdin.write(stdin)
             proc.stdin.close()
         try:
-            _, status, usage = _wait4(proc, timeout)
+            _, status, peak_kb = _wait4(proc, timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -82,21 +82,42 @@ def run_cxr(
             rc=proc.returncode,
             out=out.read().decode(errors="replace"),
             err=err.read().decode(errors="replace"),
-            peak_rss_mb=usage.ru_maxrss / 1024,
+            peak_rss_mb=peak_kb / 1024,
         )
 
 
-def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int, os.struct_rusage]:  # type: ignore[name-defined]
+def _hwm_kb(pid: int) -> int:
+    """The process's own peak resident set (``VmHWM``, kB), 0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, int, int]:
+    """Wait for ``proc``; → (pid, wait status, peak RSS in kB).
+
+    The peak is the child's ``VmHWM`` polled while it runs: ``ru_maxrss`` would be wrong here, because
+    Linux carries the *parent's* high-water mark across fork and exec, so a child of a pytest process
+    that holds TensorFlow would read over a gigabyte before doing anything. Falls back to ``ru_maxrss``
+    where ``/proc`` is not available.
+    """
     import time
 
     deadline = time.monotonic() + timeout
+    peak = 0
     while True:
+        peak = max(peak, _hwm_kb(proc.pid))
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
-            return pid, status, usage
+            return pid, status, peak or usage.ru_maxrss
         if time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(proc.args, timeout)
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def assert_refused(outcome: Outcome, *names: str, rc: int = 1) -> str:

@@ -1,0 +1,503 @@
+"""The HTTP service behind ``cxr serve``: one verified model, ``cxr predict``'s decoding and records.
+
+Endpoints:
+
+* ``POST /predict`` scores one image: a JPEG, PNG, BMP or DICOM file sent either as a multipart
+  form field named ``file`` (``curl -F file=@scan.dcm``) or as the raw request body
+  (``curl --data-binary @scan.png -H 'Content-Type: application/octet-stream'``, with an optional
+  ``?name=scan.png`` for the record). The answer is ``cxr predict --json``'s record for that file:
+  ``path`` (the upload's name), ``label``, ``probability``, ``threshold``, ``threshold_source``,
+  ``model_sha256`` (the file's), ``card_model_sha256`` and ``verified_model``.
+* ``GET /health``: ``{"status": "ok", ...}`` once the model is loaded and warmed up.
+* ``GET /model``: the model card (with its intended use), the file, its sha256 and verification,
+  the threshold in use and the upload limits.
+
+Every error is a JSON object with one line, ``{"error": "..."}``: 413 for an upload over the size
+cap (refused from ``Content-Length`` before the body is read, or as soon as a chunked body passes
+the cap; what the client still sends is then read and dropped, within a bound), 400 for an empty
+or malformed upload, 422 for a file that is not a readable image or whose header claims more
+pixels than the cap. A traceback never reaches the client.
+
+The upload goes to a private temporary file and through :func:`cxr.inference.loading.load_image`,
+the very function ``cxr predict`` uses, so decoding, its size checks and the preprocessing read
+from the model card are the same. Decoding runs in a thread pool; the Keras model is called by one
+worker thread only, which scores the images that arrived together as one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ipaddress
+import logging
+import math
+import queue
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from cxr import CLASS_NAMES
+from cxr.config import InputConfig
+from cxr.data.images import ImageLimits
+from cxr.errors import CxrError, DataError
+from cxr.inference.loading import LoadedModel, load_image, predict_images
+from cxr.inference.predict import IMAGE_SUFFIXES
+from cxr.safe_text import printable
+
+log = logging.getLogger("cxr.serve")
+
+DEFAULT_MAX_UPLOAD_MB = 50.0
+DEFAULT_BATCH_SIZE = 16
+FORM_FIELD = "file"
+DICOM_TYPES = {"application/dicom", "application/dicom+binary"}
+
+
+class UploadError(Exception):
+    """A bad upload: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _TooLarge(Exception):
+    """The request body passed the upload cap while it was being read."""
+
+
+class ModelWorker:
+    """The only thread that calls the Keras model; images queued together are scored as one batch.
+
+    Keras models are not safe to call from several threads at once, and one call on a batch of
+    eight costs much less than eight calls on one image, so concurrent requests share calls: while
+    other requests are still being read or decoded (announced with :meth:`expect`), the worker waits up to
+    ``max_wait_s`` for their images before calling the model. A lone request never waits.
+    """
+
+    def __init__(self, model: Any, batch_size: int = DEFAULT_BATCH_SIZE, max_wait_s: float = 0.02) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self._incoming = 0  # requests decoding an image that will be submitted
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[np.ndarray, concurrent.futures.Future[float]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="cxr-serve-model", daemon=True)
+        self._thread.start()
+
+    def expect(self, change: int = 1) -> None:
+        """Announce an image being decoded (``change=-1``: it will not come after all)."""
+        with self._lock:
+            self._incoming += change
+
+    def submit(self, image: np.ndarray, expected: bool = False) -> concurrent.futures.Future[float]:
+        """Queue one (S, S, 3) uint8 image; the future resolves to its P(pneumonia).
+
+        Args:
+            image: the decoded image.
+            expected: it was announced with :meth:`expect`.
+        """
+        future: concurrent.futures.Future[float] = concurrent.futures.Future()
+        if expected:
+            self.expect(-1)
+        self._queue.put((image, future))
+        return future
+
+    def close(self) -> None:
+        """Finish the queued images, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _gather(self, first: tuple[np.ndarray, concurrent.futures.Future[float]]) -> tuple[list[Any], bool]:
+        """The first item plus whatever arrives while images are still decoding; (batch, stop after it)."""
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.batch_size:
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if self._incoming <= 0 or left <= 0:
+                    break
+                try:
+                    more = self._queue.get(timeout=min(left, 0.002))
+                except queue.Empty:
+                    continue
+            if more is None:
+                return batch, True
+            batch.append(more)
+        return batch, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, stopping = self._gather(item)
+            batch = [(image, future) for image, future in batch if future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            log.debug("scoring a batch of %d image(s)", len(batch))
+            try:
+                probabilities = predict_images(self.model, np.stack([image for image, _ in batch]), self.batch_size)
+            except Exception as exc:  # handed to each waiting request; the server answers 500 and logs it
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), probability in zip(batch, probabilities, strict=True):
+                future.set_result(float(probability))
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+
+
+class _CappedBody:
+    """An ASGI ``receive`` that raises :class:`_TooLarge` once the body read so far passes ``limit`` bytes.
+
+    After a refusal, :meth:`discard_rest` reads and drops what the client is still sending (within a
+    bound): a server that closes a connection with unread bytes resets it, and the client may then
+    lose the answer it was sent (the "lingering close" web servers do).
+    """
+
+    def __init__(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]], limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.seen = 0
+        self.finished = False  # the body's last message has arrived
+
+    async def __call__(self) -> MutableMapping[str, Any]:
+        message = await self.receive()
+        if message.get("type") == "http.request":
+            self.seen += len(message.get("body", b""))
+            self.finished = not message.get("more_body", False)
+            if self.seen > self.limit:
+                raise _TooLarge
+        else:
+            self.finished = True
+        return message
+
+    async def discard_rest(self, headers: Mapping[str, str], budget: int, timeout_s: float = 10.0) -> None:
+        """Read and drop the rest of a refused body, up to ``budget`` bytes and ``timeout_s`` seconds.
+
+        Nothing is read when the client waits for ``100 Continue`` (it then never sends the body), or
+        when its declared ``Content-Length`` passes the budget.
+        """
+        declared = headers.get("content-length", "")
+        if self.finished or headers.get("expect", "").lower() == "100-continue":
+            return
+        if declared.isdigit() and int(declared) > budget:
+            return
+
+        async def drain() -> None:
+            dropped = 0
+            while not self.finished and dropped <= budget:
+                message = await self.receive()
+                dropped += len(message.get("body", b""))
+                self.finished = message.get("type") != "http.request" or not message.get("more_body", False)
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(drain(), timeout_s)
+
+
+def _dicom_or_image_suffix(name: str, content_type: str) -> str:
+    """The temporary file's suffix: the upload's own when it is an image suffix, ``.dcm`` for a DICOM type."""
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return suffix
+    return ".dcm" if content_type.split(";")[0].strip().lower() in DICOM_TYPES else ""
+
+
+def create_app(
+    lm: LoadedModel,
+    threshold: float,
+    threshold_source: str,
+    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limits: ImageLimits | None = None,
+) -> FastAPI:
+    """The FastAPI application serving one loaded model.
+
+    Args:
+        lm: the loaded, verified model.
+        threshold: P(pneumonia) at or above which an image is called PNEUMONIA.
+        threshold_source: where the threshold came from (as ``cxr predict --json`` names it).
+        max_upload_bytes: the largest request body accepted (413 above it).
+        batch_size: the most images scored in one model call.
+        limits: the decode caps (default: ``input.max_image_pixels`` / ``max_image_bytes`` defaults).
+
+    Returns:
+        The application; its lifespan starts and stops the model worker thread.
+    """
+    state: dict[str, Any] = {}
+    model_name = lm.path.name.removesuffix(".keras")
+    limits = limits or ImageLimits.of()
+    cfg = replace(lm.input, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
+    claimed = lm.card.get("model_sha256") if isinstance(lm.card.get("model_sha256"), str) else None
+    identity = {"model_sha256": lm.sha256 or None, "card_model_sha256": claimed, "verified_model": lm.verified}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker = ModelWorker(lm.model, batch_size)
+        size = lm.input.image_size
+        await asyncio.wrap_future(worker.submit(np.zeros((size, size, 3), np.uint8)))  # build the model's kernels
+        state["worker"] = worker
+        try:
+            yield
+        finally:
+            worker.close()
+
+    app = FastAPI(
+        title="cxr serve",
+        summary=f"P(pneumonia) for chest radiographs from {model_name}",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "bad request")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **identity}
+
+    @app.get("/model")
+    async def model_card() -> dict[str, Any]:
+        return {
+            "model": model_name,
+            "model_file": lm.path.as_posix(),
+            **identity,
+            "threshold": threshold,
+            "threshold_source": threshold_source,
+            "limits": {
+                "max_upload_bytes": max_upload_bytes,
+                "max_image_pixels": limits.max_pixels,
+                "max_image_bytes": limits.max_bytes,
+            },
+            "card": lm.card,
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request, name: str | None = None) -> JSONResponse:
+        worker: ModelWorker = state["worker"]
+        body = _CappedBody(request.receive, max_upload_bytes)
+        worker.expect()  # from here on, the worker may wait briefly for this image to batch it with others
+        try:
+            try:
+                data, filename, content_type = await _read_upload(request, body, name)
+                image = await run_in_threadpool(_decode, cfg, data, filename, content_type)
+            except BaseException:
+                worker.expect(-1)
+                raise
+        except UploadError as exc:
+            log.info("refused an upload (%d): %s", exc.status, exc.message)
+            await body.discard_rest(request.headers, budget=max(4 * max_upload_bytes, 8_000_000))
+            return _error(exc.status, exc.message)
+        except ClientDisconnect:
+            return _error(400, "the client closed the connection during the upload")
+        probability = await asyncio.wrap_future(worker.submit(image, expected=True))
+        if not math.isfinite(probability):
+            log.error("%s: the model returned %s", filename, probability)
+            return _error(500, f"{filename}: the model returned {probability} for this image; retrain it")
+        record = {  # cxr predict --json's record (tests/test_serve.py compares the two)
+            "path": filename,
+            "label": CLASS_NAMES[int(probability >= threshold)],
+            "probability": round(probability, 6),
+            "threshold": threshold,
+            "threshold_source": threshold_source,
+            **identity,
+        }
+        return JSONResponse(record)
+
+    return app
+
+
+async def _read_upload(request: Request, body: _CappedBody, name: str | None) -> tuple[bytes, str, str]:
+    """The uploaded file's bytes, its name for the record and its content type.
+
+    Raises:
+        UploadError: 413 over the body's limit, 400 for an empty body, a malformed form or a form
+            without a file.
+    """
+    declared = request.headers.get("content-length")
+    too_large = UploadError(413, f"upload larger than the {body.limit} byte limit (cxr serve --max-upload-mb)")
+    if declared and declared.isdigit() and int(declared) > body.limit:
+        raise too_large
+    content_type = request.headers.get("content-type", "")
+    capped = Request(request.scope, body)
+    try:
+        if content_type.lower().startswith("multipart/form-data"):
+            async with capped.form(max_files=1, max_fields=16) as form:
+                upload = form.get(FORM_FIELD)
+                if not isinstance(upload, UploadFile):
+                    files = [v for v in form.values() if isinstance(v, UploadFile)]
+                    upload = files[0] if len(files) == 1 else None
+                if upload is None:
+                    raise UploadError(400, f"multipart upload without a file field (send it as '{FORM_FIELD}')")
+                data = await upload.read()
+                filename = upload.filename or name or "upload"
+                content_type = upload.content_type or ""
+        else:
+            chunks = [chunk async for chunk in capped.stream()]
+            data = b"".join(chunks)
+            filename = name or "upload"
+    except _TooLarge:
+        raise too_large from None
+    except StarletteHTTPException as exc:  # the form parser's refusals (malformed, too many files or fields)
+        raise UploadError(exc.status_code, str(exc.detail)) from None
+    if not data:
+        raise UploadError(400, "empty upload (0 bytes): send a JPEG, PNG or DICOM file")
+    return data, printable(filename), content_type
+
+
+def _decode(cfg: InputConfig, data: bytes, filename: str, content_type: str) -> np.ndarray:
+    """Write the upload to a private temporary file and decode it exactly as ``cxr predict`` does.
+
+    Raises:
+        UploadError: 422 naming the upload when it is not a readable image (or passes a decode cap).
+    """
+    suffix = _dicom_or_image_suffix(filename, content_type)
+    with tempfile.TemporaryDirectory(prefix="cxr-serve-") as folder:
+        path = Path(folder) / f"upload{suffix}"
+        path.write_bytes(data)
+        try:
+            return load_image(path, cfg)
+        except DataError as exc:
+            raise UploadError(422, str(exc).replace(str(path), filename)) from None
+        except Exception as exc:  # a decoder's own failure on hostile bytes is the upload's fault, not a 500
+            log.warning("decoding %s failed: %s: %s", filename, type(exc).__name__, exc)
+            raise UploadError(422, f"{filename}: not a readable image ({type(exc).__name__})") from None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: any free port).
+
+    Raises:
+        CxrError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CxrError(f"--host {printable(host)}: unknown host ({exc.strerror})") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise CxrError(
+            f"cannot listen on {printable(host)}:{port} ({exc.strerror or exc}); choose another --port or --host"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    model: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    threshold: float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limits: ImageLimits | None = None,
+) -> None:
+    """Load the model, refuse it unless verified, and serve it until interrupted.
+
+    Args:
+        model: a model name (``models/NAME.keras``) or a ``.keras`` file with its card.
+        host: the address to bind; loopback by default (anything else logs a warning).
+        port: the TCP port; 0 picks a free one (the start-up line names it).
+        max_upload_mb: the largest request body, in megabytes (10⁶ bytes).
+        threshold: the decision threshold (0 to 1); None uses the model's shipped threshold.
+        batch_size: the most images scored in one model call.
+        limits: the decode caps, as ``cxr predict`` applies them (default: the built-in caps).
+
+    Raises:
+        CxrError: a bad option; the model is missing, damaged, unloadable or unverified; or the
+            address cannot be bound.
+    """
+    import uvicorn
+
+    from cxr.inference.loading import load, model_file, shipped_threshold
+    from cxr.inference.predict import check_threshold
+
+    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
+        raise CxrError(f"--max-upload-mb {max_upload_mb}: give a size in MB above 0, e.g. 50")
+    if batch_size < 1:
+        raise CxrError(f"--batch-size {batch_size}: give at least 1")
+    if not 0 <= port <= 65535:
+        raise CxrError(f"--port {port}: give a TCP port from 0 to 65535 (0: any free port)")
+    cut_given = None if threshold is None else check_threshold(threshold)
+    path = model_file(model)
+    lm = load(path)  # refuses a file that is not the one its card describes
+    if not lm.verified:  # defence in depth: never serve an unverified model
+        raise CxrError(f"{printable(path)}: unverified model; retrain it or restore the file its card describes")
+    cut, cut_source = (cut_given, "--threshold") if cut_given is not None else shipped_threshold(lm)
+    app = create_app(lm, cut, cut_source, int(max_upload_mb * 1e6), batch_size, limits)
+    sock = listen(host, port)
+    bound = sock.getsockname()[1]
+    if not is_loopback(host):
+        log.warning("listening on %s, beyond this machine: the service has no authentication", printable(host))
+    shown = f"[{host}]" if ":" in host else host
+    log.info(
+        "serving %s (sha256 %s…, verified; threshold %.4g from %s) on http://%s:%d",
+        lm.path.as_posix(),
+        lm.sha256[:12],
+        cut,
+        cut_source,
+        shown,
+        bound,
+    )
+    config = uvicorn.Config(app, log_config=None, server_header=False, limit_concurrency=64, lifespan="on")
+    # after Config, which sets uvicorn's levels: cxr's one-line handler; a line per request at INFO
+    cxr_logger = logging.getLogger("cxr")
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = list(cxr_logger.handlers)
+        logger.propagate = False
+        logger.setLevel(cxr_logger.level if name == "uvicorn.access" else max(logging.WARNING, cxr_logger.level))
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise CxrError(f"{printable(path)}: the server did not start (see the lines above)")
