@@ -7,6 +7,7 @@ The helpers here are plain functions; test modules import them from ``tests.host
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -45,19 +46,26 @@ def run_cxr(
     env: Mapping[str, str] | None = None,
     timeout: float = 600,
     stdin: bytes | None = None,
+    unprivileged: bool = False,
 ) -> Outcome:
     """Run ``python -m cxr ARGS`` in ``cwd`` and measure its peak resident memory.
 
     The environment is this process's, without the TensorFlow log-level setting the test session
     sets, so stderr is what a user's shell would show; ``env`` adds or replaces variables.
+    ``unprivileged`` runs it as an ordinary user even when the tests run as root (see
+    :func:`unprivileged_prefix`), so file modes bind it; call ``unprivileged_prefix()`` first to skip
+    where that is impossible.
     """
     args = tuple(str(a) for a in args)
     full_env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CXR_DEBUG")}
     full_env.update({"CXR_NO_PROGRESS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     full_env.update(env or {})
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        prefix = unprivileged_prefix() if unprivileged else []
+        if prefix is None:
+            raise RuntimeError("cannot run as an ordinary user here: check unprivileged_prefix() first")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr", *args],
+            [*prefix, sys.executable, "-m", "cxr", *args],
             cwd=cwd,
             env=full_env,
             stdout=out,
@@ -84,6 +92,25 @@ def run_cxr(
             err=err.read().decode(errors="replace"),
             peak_rss_mb=peak_kb / 1024,
         )
+
+
+@functools.cache
+def unprivileged_prefix() -> list[str] | None:
+    """The command prefix that runs a child as an ordinary user, whom ``chmod`` binds.
+
+    ``[]`` when the tests already run as an ordinary user. As root (CI containers), a new user
+    namespace mapping root to uid 1000 (``unshare --user``): the child then holds no capability over
+    the files, so a read-only folder refuses it as it would refuse any user. None where neither works
+    (no ``unshare``, or user namespaces disabled): the caller skips.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    prefix = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+    try:
+        probe = subprocess.run([*prefix, "id", "-u"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if probe.returncode == 0 and probe.stdout.strip() == "1000" else None
 
 
 def _hwm_kb(pid: int) -> int:

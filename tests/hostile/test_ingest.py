@@ -39,10 +39,17 @@ from cxr.locks import lock_path, step_lock
 from cxr.provenance.hashing import hash_tree, sha256_file
 from cxr.training.input_pipeline import read_split
 from tests.factories import chdir, write_image
-from tests.hostile.harness import Outcome, assert_no_traceback, assert_refused, leftovers, run_cxr, snapshot
+from tests.hostile.harness import (
+    Outcome,
+    assert_no_traceback,
+    assert_refused,
+    leftovers,
+    run_cxr,
+    snapshot,
+    unprivileged_prefix,
+)
 
-AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-ROOT_REASON = "running as root: chmod does not stop root from writing (the in-process cases cover it)"
+ROOT_REASON = "running as root without user namespaces: chmod does not stop root (the in-process cases cover it)"
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -444,15 +451,16 @@ def test_read_only_folders_simulated_in_process(ws: Path, monkeypatch: pytest.Mo
     assert scratch(ws) == []
 
 
-@pytest.mark.skipif(AS_ROOT, reason=ROOT_REASON)
 @pytest.mark.parametrize("folder", ["data", "data/prepared", "reports", "reports/plots"])
 def test_read_only_folders_for_real(ws: Path, folder: str) -> None:
+    if unprivileged_prefix() is None:
+        pytest.skip(ROOT_REASON)
     step = "fetch" if folder == "data" else "prepare"
     before = outputs(ws)
     (ws / "data/raw/NORMAL/IM-0100-0001.jpeg").write_bytes((ws / "data/raw/NORMAL/IM-0000-0001.jpeg").read_bytes())
     (ws / folder).chmod(0o555)
     try:
-        outcome = run_cxr([step], ws)
+        outcome = run_cxr([step], ws, unprivileged=True)
     finally:
         (ws / folder).chmod(0o755)
     assert_refused(outcome, folder)
