@@ -627,6 +627,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cxr: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # the reader went away (`cxr audit ... | head`): stop quietly, as other Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # a read-only folder, a full disk, a vanished file: the system's own words, on one line
         if os.environ.get("CXR_DEBUG"):

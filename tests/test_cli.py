@@ -119,3 +119,25 @@ def test_an_override_of_an_unknown_key_is_named_before_any_work(tmp_path, monkey
     assert len(lines) == 1 and lines[0].startswith("cxr: error:"), err
     assert "data.sorce" in lines[0] and "source" in lines[0], err  # the key, and the one meant
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing fetched
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly(monkeypatch, capfd):
+    """``cxr stages | head -1``: the reader closed the pipe; exit 141 with no error line and no traceback."""
+    import os
+    import sys
+
+    from cxr.cli import main
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    saved = os.dup(1)
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    try:
+        monkeypatch.setattr(sys, "stdout", os.fdopen(os.dup(1), "w", buffering=1))
+        assert main(["stages"]) == 141
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "error" not in err, err
