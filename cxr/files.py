@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,18 @@ def save_keras(model: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
     model.save(tmp)
     os.replace(tmp, path)
+
+
+def write_csv_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Write a small CSV table (a header, then ``rows``), ``\\n`` line ends; its folder is created.
+
+    Args:
+        path: the file to write.
+        header: the column names.
+        rows: one sequence of values per row.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -29,3 +29,19 @@ def printable(value: object) -> str:
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     return "".join(out)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` (a name read from the file system) is valid UTF-8, i.e. carries no escaped bytes.
+
+    Args:
+        text: a ``str`` from ``os.fsdecode``; undecodable bytes appear in it as lone surrogates.
+
+    Returns:
+        True when it encodes to UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

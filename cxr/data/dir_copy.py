@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 
 from cxr.data.kaggle_layout import ClassFolder, find_class_folders
-from cxr.safe_text import printable
+from cxr.safe_text import is_utf8, printable
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,6 @@ def _dataset_root(folder: ClassFolder) -> Path:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _raise(exc: OSError) -> None:
@@ -133,7 +125,7 @@ def copy_dataset_folder(src: str | Path, raw: str | Path) -> list[dict[str, str]
                     continue
                 path = here / name
                 rel = path.relative_to(folder.path)
-                reason = NOT_UTF8 if not _is_utf8(str(rel)) else _copy_file(path, target_root / rel, base)
+                reason = NOT_UTF8 if not is_utf8(str(rel)) else _copy_file(path, target_root / rel, base)
                 if reason:
                     skip(path, reason)
     return skipped

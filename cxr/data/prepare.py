@@ -35,7 +35,7 @@ from cxr.files import dumps_json
 from cxr.locks import lock_path, step_lock
 from cxr.provenance.hashing import sha256_file
 from cxr.reporting.plots import class_distribution
-from cxr.safe_text import printable
+from cxr.safe_text import is_utf8, printable
 from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
@@ -116,21 +116,13 @@ def _remove_stale_temps(outputs: list[Path]) -> None:
             log.info("deleted %s, left by an interrupted prepare", printable(stale))
 
 
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _drop_undecodable_names(
     manifest: pd.DataFrame, excluded: list[dict[str, str]]
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Exclude images whose name is not UTF-8 (no CSV, JSON or later step can carry it); escape such names."""
-    bad = ~manifest["path"].map(_is_utf8).astype(bool)
+    bad = ~manifest["path"].map(is_utf8).astype(bool)
     moved = [{"path": printable(p), "reason": NOT_UTF8} for p in manifest.loc[bad, "path"]]
-    shown = [e if _is_utf8(e["path"]) else {**e, "path": printable(e["path"])} for e in excluded]
+    shown = [e if is_utf8(e["path"]) else {**e, "path": printable(e["path"])} for e in excluded]
     return manifest[~bad].reset_index(drop=True), shown + moved
 
 

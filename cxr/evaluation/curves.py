@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxr import CLASS_NAMES
+from cxr.files import write_csv_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,14 +48,6 @@ PLOTS: dict[str, tuple[str, str, str, str, str, str]] = {
     ),
     "confusion": ("actual", "predicted", "confusion", "Confusion at the shipped threshold", "actual", "predicted"),
 }
-
-
-def _write(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def _read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +142,7 @@ def write_plot_data(out_dir: str | Path, summary: Mapping[str, Any]) -> list[Pat
         labels, probs = _read_predictions(predictions)
         for kind, (header, rows) in curve_rows(labels, probs, threshold).items():
             path = root / kind / set_name / f"{model}.csv"
-            _write(path, header, rows)
+            write_csv_rows(path, header, rows)
             written.append(path)
     return written
 

@@ -17,7 +17,6 @@ threshold are reported beside, and on external sets also at the set's own Youden
 
 from __future__ import annotations
 
-import csv
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -43,7 +42,7 @@ from cxr.evaluation.metrics import (
     threshold_free,
     youden_threshold,
 )
-from cxr.files import write_json
+from cxr.files import write_csv_rows, write_json
 from cxr.formatting import interval as interval_text
 from cxr.formatting import num
 from cxr.inference.loading import (
@@ -112,14 +111,6 @@ def score(
     return result, samples
 
 
-def _write_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def _curves(name: str, labels: np.ndarray, probs: np.ndarray, result: Mapping[str, Any], out: Path) -> None:
     """ROC, precision–recall and reliability curves (CSV and PNG) and the confusion matrix plot, into ``out``."""
     roc = roc_curve(labels, probs)
@@ -132,18 +123,18 @@ def _curves(name: str, labels: np.ndarray, probs: np.ndarray, result: Mapping[st
 def _write_curve_tables(out: Path, roc: Sequence[np.ndarray], pr: Sequence[np.ndarray], bins: Sequence[Any]) -> None:
     """``roc.csv`` (fpr, tpr, threshold), ``pr.csv`` (recall, precision) and ``calibration.csv``."""
     fpr, tpr, thr = roc
-    _write_rows(
+    write_csv_rows(
         out / "roc.csv",
         ["fpr", "tpr", "threshold"],
         [(round(a, 5), round(b, 5), round(min(c, 1.0), 5)) for a, b, c in zip(fpr, tpr, thr, strict=True)],
     )
     recall, precision = pr
-    _write_rows(
+    write_csv_rows(
         out / "pr.csv",
         ["recall", "precision"],
         [(round(r, 5), round(p, 5)) for r, p in zip(recall, precision, strict=True)],
     )
-    _write_rows(
+    write_csv_rows(
         out / "calibration.csv",
         ["mean_predicted", "fraction_positive", "count"],
         [(round(b["mean_predicted"], 5), round(b["fraction_positive"], 5), b["count"]) for b in bins],
@@ -363,7 +354,7 @@ def _write_set(
     target: Path,
 ) -> None:
     rows = [(p, int(y), g, round(float(q), 6)) for p, y, g, q in zip(paths, labels, groups, probs, strict=True)]
-    _write_rows(target / "predictions.csv", ["path", "label", "patient_id", "probability"], rows)
+    write_csv_rows(target / "predictions.csv", ["path", "label", "patient_id", "probability"], rows)
     _curves(f"{name} on {label}", labels.astype(int), probs, result, target)
     write_json(target / "metrics.json", result)
 

@@ -102,14 +102,6 @@ def run_measured(args: list[Any], cwd: Path) -> Outcome:
     return Outcome(tuple(str(a) for a in args), rc, out, err, peak)
 
 
-@pytest.fixture
-def project(trained: Path, tmp_path: Path) -> Path:
-    """A private copy of the small trained project."""
-    root = tmp_path / "project"
-    shutil.copytree(trained, root)
-    return root
-
-
 def _outputs(project: Path) -> dict[str, str]:
     return snapshot(project / "models") | snapshot(project / "reports")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,6 @@ CARD = "models/smallnet.card.json"
 NOISE = ("E0000", "cuInit", "cuda_platform", "jpeg_mem", "Traceback", "absl::")
 # a file name that, printed raw, forges a NORMAL line for an image the model calls PNEUMONIA
 FORGED = "scan1.jpeg: prediction: NORMAL  P(Pneumonia): 0.0100\nscan2.jpeg"
-
-
-@pytest.fixture
-def project(trained: Path, tmp_path: Path) -> Path:
-    """A private copy of the small trained project."""
-    root = tmp_path / "project"
-    shutil.copytree(trained, root)
-    return root
 
 
 def _png(path: Path, bright: bool, seed: int = 0) -> Path:

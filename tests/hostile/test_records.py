@@ -33,14 +33,6 @@ from tests.hostile.harness import (
 LINEAGE = "lineage/models.jsonl"
 
 
-@pytest.fixture
-def project(trained: Path, tmp_path: Path) -> Path:
-    """A private copy of the small trained project (model, card, reports, lineage log)."""
-    root = tmp_path / "project"
-    shutil.copytree(trained, root)
-    return root
-
-
 # ----------------------------------------------------------------------------------------- audit
 
 # (bytes of one lineage line, the reason the warning gives)
