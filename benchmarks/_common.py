@@ -22,7 +22,9 @@ def labelled_files(data: str | Path, limit: int | None = None) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def notebook_generator(frame: pd.DataFrame, batch_size: int = 32, subset: str | None = "training"):
+def notebook_generator(
+    frame: pd.DataFrame, batch_size: int = 32, subset: str | None = "training", image_size: int = 224
+):
     """The original notebook's training generator (Keras' legacy ImageDataGenerator)."""
     from cxr.runtime import tensorflow
 
@@ -40,7 +42,7 @@ def notebook_generator(frame: pd.DataFrame, batch_size: int = 32, subset: str | 
         frame,
         x_col="paths",
         y_col="labels",
-        target_size=(224, 224),
+        target_size=(image_size, image_size),
         class_mode="binary",
         classes=["normal", "pn"],
         batch_size=batch_size,

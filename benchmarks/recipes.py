@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _score(model_path: Path, splits_csv: Path, external: Path, cache_dir: str, n_boot: int) -> dict:
+    from cxr.common.metrics import at_threshold, bootstrap, interval, threshold_free, youden_threshold
     from cxr.evaluation.evaluate import labelled_folder
-    from cxr.evaluation.metrics import at_threshold, bootstrap, interval, threshold_free, youden_threshold
     from cxr.inference.loading import iter_images, load, predict_images
     from cxr.training.input_pipeline import load_images, read_split
 

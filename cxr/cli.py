@@ -59,7 +59,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 {
                     "model": name,
                     "model_sha256": card["model_sha256"],
-                    "val_auc": card["validation"]["auc"],
+                    "val_auc": card["validation"].get("auc"),
                     "health": card["health"]["status"],
                 }
             )
@@ -99,10 +99,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model = str(model_file(args.model[0]))
         fixed = eval_cfg.threshold_source == "fixed"
         result = evaluate_folder(
-            model, args.data, eval_cfg.threshold if fixed else None, eval_cfg.bootstrap, eval_cfg.seed
+            model,
+            args.data,
+            eval_cfg.threshold if fixed else None,
+            eval_cfg.bootstrap,
+            eval_cfg.seed,
+            threshold_source="fixed (evaluate.threshold)",
         )
-        if fixed:
-            result["threshold_source"] = "fixed (evaluate.threshold)"
         if args.json:
             print(dumps_json(result))
         else:
@@ -185,7 +188,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from cxr.data.images import ImageLimits
+    from cxr.common.images import ImageLimits
     from cxr.inference.loading import model_file
     from cxr.inference.predict import predict
 
@@ -228,7 +231,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from cxr.serving import require_serve_extra
 
     require_serve_extra()
-    from cxr.data.images import ImageLimits
+    from cxr.common.images import ImageLimits
     from cxr.serving.app import serve
 
     # the decode caps, as cxr predict reads them: --params, else ./params.yaml when there is one, else the defaults
@@ -338,8 +341,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from cxr.stages import STAGES, dvc_yaml, dvc_yaml_drift
+    from cxr.stages import STAGES, dvc_yaml, dvc_yaml_drift, write_fingerprints
 
+    if args.fingerprints:
+        for name, value in write_fingerprints().items():
+            print(json.dumps({"stage": name, "fingerprint": value}))
+        return 0
     if args.write:
         Path(args.dvc_yaml).write_text(dvc_yaml())
         print(f"wrote {args.dvc_yaml} from the stage registry")
@@ -360,6 +367,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
                     "params": list(st.params),
                     "inputs": list(st.inputs),
                     "code": list(st.code()),
+                    "fingerprint": st.fingerprint(),
                 }
             )
         )
@@ -584,6 +592,11 @@ def _add_tools(sub: Any) -> None:
     p = sub.add_parser("stages", help="the stage registry: list each step's code and settings, or write dvc.yaml")
     p.add_argument("--write", action="store_true", help="regenerate dvc.yaml from the registry")
     p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml disagrees with the registry")
+    p.add_argument(
+        "--fingerprints",
+        action="store_true",
+        help="write data/code/<step>.sha256: what each step's code computes (the code stage of dvc.yaml)",
+    )
     p.add_argument("--dvc-yaml", default=str(HERE.dvc_yaml), help="the DVC pipeline file to write or check")
     p.set_defaults(func=_cmd_stages)
 

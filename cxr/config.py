@@ -148,7 +148,7 @@ class InputConfig:
     batch_size: int = _opt(32, ge=1)
     cache: Literal["disk", "memory", "none"] = "disk"
     cache_dir: str = "data/cache"
-    # decode caps (cxr.data.images.ImageLimits): a larger file is excluded by prepare, refused by training and predict
+    # decode caps (cxr.common.images.ImageLimits): a larger file is excluded by prepare, refused by training and predict
     max_image_pixels: int = _opt(50_000_000, ge=1, doc="width × height × frames; the largest chest film is ~18.5 M")
     max_image_bytes: int = _opt(200_000_000, ge=1, doc="file size, checked before a byte is read")
     normalize: Literal["none", "standardize", "equalize"] = "equalize"
@@ -233,7 +233,7 @@ class ReduceLRConfig:
 class TrainConfig:
     """How one model trains: ``train.common`` overlaid with ``train.<model>``.
 
-    ``model`` holds the builder's own options (declared in :mod:`cxr.training.model_options`).
+    ``model`` holds the builder's own options (declared in :mod:`cxr.model_options`).
     """
 
     epochs: int = _opt(15, ge=1)
@@ -256,6 +256,10 @@ class TrainConfig:
     weight_decay: float = _opt(1e-4, ge=0)
     label_smoothing: float = _opt(0.1, ge=0, lt=0.5)
     ema: bool = True
+    schedule: Literal["plateau", "cosine"] = "plateau"
+    warmup_epochs: int = _opt(0, ge=0)
+    checkpoint: Literal["best", "last"] = "best"
+    mixup: float = _opt(0.0, ge=0, le=1)
     target_sensitivity: float | None = _opt(0.9, gt=0, lt=1)
     health: HealthConfig = field(default_factory=HealthConfig)
     model: Mapping[str, Any] = field(default_factory=dict)
@@ -293,7 +297,7 @@ def model_config(train: Mapping[str, Any], name: str) -> TrainConfig:
     Raises:
         ConfigError: an unknown key, a wrong type, an out-of-range value, or an unregistered architecture.
     """
-    from cxr.training.model_options import options_class
+    from cxr.model_options import options_class
 
     train = _mapping(train, "train")
     common = dict(_mapping(train.get("common"), "train.common"))
@@ -393,6 +397,8 @@ class EvaluateConfig:
     """Scoring, operating point, confidence intervals and Grad-CAM."""
 
     external: Mapping[str, str] = field(default_factory=dict)
+    roles: Mapping[str, str] = field(default_factory=dict)
+    compared: Mapping[str, int] = field(default_factory=dict)
     threshold_source: str = "validation"
     threshold: float = _opt(0.5, gt=0, lt=1)
     bootstrap: int = _opt(1000, ge=0)
@@ -404,6 +410,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _check(self, "evaluate")
         check_external_sets(self.external)
+        check_roles(self.roles, self.compared, self.external)
         source = self.threshold_source
         kind, _, name = source.partition(":")
         if source not in ("validation", "fixed") and kind != "external":
@@ -417,6 +424,43 @@ class EvaluateConfig:
 
 _SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 RESERVED_SET_NAMES = ("train", "val", "test")
+
+
+SET_ROLES = ("selection", "confirmation")
+
+
+def check_roles(roles: Mapping[str, Any], compared: Mapping[str, Any], external: Mapping[str, str]) -> None:
+    """``evaluate.roles`` and ``evaluate.compared`` name configured sets with valid values.
+
+    A **selection** set chooses among configurations (``compared`` says how many were compared on
+    it); a **confirmation** set is scored, never chosen on, and flagged when settings change after
+    its first scoring. A set without a role is a selection set: its figures are not confirmatory.
+
+    Args:
+        roles: ``{set name: selection | confirmation}``.
+        compared: ``{selection set name: configurations compared on it}``.
+        external: the configured sets.
+
+    Raises:
+        ConfigError: an unknown set, an unknown role, a count below 1, or a count for a confirmation set.
+    """
+    for key, mapping in (("roles", roles), ("compared", compared)):
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(f"evaluate.{key}: expected a mapping of external set name to a value")
+        for name in mapping:
+            if name not in external:
+                raise ConfigError(
+                    f"evaluate.{key}.{name}: no external set named {name!r} in evaluate.external "
+                    f"(configured: {', '.join(external) or 'none'})"
+                )
+    for name, role in roles.items():
+        if role not in SET_ROLES:
+            raise ConfigError(f"evaluate.roles.{name}={role!r}: choose one of {', '.join(SET_ROLES)}")
+    for name, count in compared.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"evaluate.compared.{name}={count!r}: give the number of configurations compared (≥ 1)")
+        if roles.get(name) == "confirmation":
+            raise ConfigError(f"evaluate.compared.{name}: a confirmation set is never used to compare configurations")
 
 
 def check_external_sets(value: Any) -> dict[str, str]:

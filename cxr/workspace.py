@@ -162,5 +162,10 @@ class Workspace:
     def lineage_log(self) -> Path:
         return self._p("lineage", "models.jsonl")
 
+    @property
+    def confirmation_log(self) -> Path:
+        """When each confirmation set was first scored, and under which settings."""
+        return self._p("lineage", "confirmation.jsonl")
+
 
 HERE = Workspace()

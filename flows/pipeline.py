@@ -27,7 +27,7 @@ from cxr.data.external_sets import external_sets
 from cxr.data.fetch import resolve_source, source_digest
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
-from cxr.stages import inputs_of, settings_of
+from cxr.stages import inputs_of, settings_of, write_fingerprints
 from cxr.training.ensemble import members_of
 from tasks.caching import outputs_intact
 from tasks.evaluate import ensemble_task, evaluate_task, explain_task, external_task, report_task
@@ -81,7 +81,8 @@ def run_verified(task_obj: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
 def sync_dvc_lock(overrides: list[str] | None) -> str:
     """Record in ``dvc.lock`` what this run produced, so ``dvc status`` agrees with the files on disk.
 
-    Only when the run used ``params.yaml`` as it is: with overrides, the lock would describe
+    The steps' code fingerprints are written first (DVC's ``code`` stage). Only when the run used
+    ``params.yaml`` as it is: with overrides, the lock would describe
     parameters the outputs were not made with, so it is left alone (and says so).
     """
     if overrides:
@@ -89,6 +90,7 @@ def sync_dvc_lock(overrides: list[str] | None) -> str:
         return "skipped (overrides)"
     if not (Path("dvc.yaml").is_file() and Path(".dvc").is_dir()):
         return "skipped (no DVC project)"
+    write_fingerprints()  # what DVC's `code` stage writes, so the lock describes this code too
     proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
     if proc.returncode != 0:
         log.warning("dvc commit failed: %s", (proc.stderr.strip().splitlines() or ["?"])[-1])

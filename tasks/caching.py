@@ -1,12 +1,13 @@
 """Content-addressed task caching for Prefect 3, composed from the stage registry.
 
 A task's cache policy is Prefect's own ``INPUTS`` (minus inputs that do not change the result)
-plus three content policies: the file that defines the task, the content of the code files the
-registry computes for its stage (the same files DVC lists as deps), and the content of the task's
-path inputs (the same data DVC hashes). A rerun with nothing changed is a cache hit; a change to
-any byte of an input, a declared setting or the code is a miss — the changes that make ``dvc
-repro`` rerun the stage. Before a cached result is trusted, the files it names are re-hashed: a
-deleted or edited output forces the task to run.
+plus three content policies: what the file that defines the task computes, the fingerprint of the
+code the registry computes for its stage (the same value DVC's ``code`` stage writes for it), and
+the content of the task's path inputs (the same data DVC hashes). A rerun with nothing changed is a
+cache hit; a change to any byte of an input, a declared setting or a statement of the code is a
+miss — the changes that make ``dvc repro`` rerun the stage. A comment, docstring, log line or error
+message is not (:mod:`cxr.provenance.code_closure`). Before a cached result is trusted, the files
+it names are re-hashed: a deleted or edited output forces the task to run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from cxr.provenance.code_closure import REPO_ROOT
+from cxr.provenance.code_closure import normalised_tree
 from cxr.provenance.hashing import hash_tree, sha256_file
 from cxr.stages import stage
 
@@ -48,8 +49,8 @@ def _digest_any(value: Any) -> Any:
 
 @dataclass
 class TaskModule(CachePolicy):
-    """Content of the file that defines the task (``inspect.getsource`` fails in flows a Prefect
-    runner loads from an entrypoint, so the module file is hashed, not the function's source)."""
+    """What the file that defines the task computes (``inspect.getsource`` fails in flows a Prefect
+    runner loads from an entrypoint, so the module file is fingerprinted, not the function's source)."""
 
     def compute_key(
         self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
@@ -58,20 +59,20 @@ class TaskModule(CachePolicy):
         module = sys.modules.get(fn.__module__)
         path = getattr(module, "__file__", None) or inspect.getsourcefile(fn)
         if path and Path(path).is_file():
-            return sha256_file(path)
+            return hashlib.sha256(normalised_tree(Path(path).read_text(), str(path)).encode()).hexdigest()
         return hashlib.sha256(fn.__code__.co_code).hexdigest()
 
 
 @dataclass
 class StageCode(CachePolicy):
-    """Content of the code a registered stage runs (its entry module's import closure)."""
+    """What the code a registered stage runs computes (:meth:`cxr.stages.Stage.fingerprint`)."""
 
     stage: str = ""
 
     def compute_key(
         self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        return hash_objects({f: sha256_file(REPO_ROOT / f) for f in stage(self.stage).code()}, raise_on_failure=True)
+        return stage(self.stage).fingerprint()
 
 
 @dataclass

@@ -7,11 +7,11 @@ the one ``dvc repro`` runs.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from prefect import task
 
+from cxr.common.model_card import read_card
 from cxr.provenance.hashing import sha256_file
 from cxr.workspace import HERE
 from tasks.caching import stage_policy
@@ -55,12 +55,12 @@ def train_task(model: str, inputs: list[str], params_path: str, settings: dict[s
     """
     run_cxr(["train", "--model", model, "--splits", inputs[0]], params_path, settings)
     card_path = HERE.card(model)
-    card = json.loads(card_path.read_text())
+    card = read_card(card_path)
     return {
         "model": HERE.model(model).as_posix(),
-        "model_sha256": card["model_sha256"],
+        "model_sha256": card.model_sha256,
         "card": card_path.as_posix(),
         "card_sha256": sha256_file(card_path),
-        "val_auc": card["validation"]["auc"],
-        "health": card["health"]["status"],
+        "val_auc": card.validation.get("auc"),
+        "health": card.health.status if card.health else None,
     }

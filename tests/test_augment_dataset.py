@@ -10,10 +10,12 @@ import pytest
 from PIL import Image
 
 import cxr.training.input_pipeline
+from cxr.common.preprocessing import decode_image, resize_image
+from cxr.config import InputConfig
 from cxr.errors import CxrError, DataError
 from cxr.runtime import tensorflow
 from cxr.training.augment import AugmentConfig, affine_params, augment_batch
-from cxr.training.input_pipeline import InputConfig, decode_image, load_images, make_dataset, resize_image
+from cxr.training.input_pipeline import load_images, make_dataset
 from tests.factories import write_image
 
 tf = tensorflow()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cxr.config import ConfigError, Params, TrainConfig, defaults, load_config, parse_params
-from cxr.training.model_options import OPTIONS
+from cxr.model_options import OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 

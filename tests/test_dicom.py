@@ -17,11 +17,12 @@ import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
 
+from cxr.common.preprocessing import resize_image
+from cxr.config import InputConfig
 from cxr.errors import DataError
 from cxr.inference.dicom import is_dicom, read_dicom, to_uint8
 from cxr.inference.loading import load_image
 from cxr.runtime import tensorflow
-from cxr.training.input_pipeline import InputConfig, resize_image
 from tests.factories import write_dicom
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"

@@ -47,6 +47,7 @@ def repo(evaluated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO_ROOT / name, root / name)
     shutil.copytree(REPO_ROOT / "cxr", root / "cxr", ignore=shutil.ignore_patterns("__pycache__"))
+    _run([sys.executable, "-m", "cxr", "stages", "--fingerprints"], root)  # what the `code` stage writes
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
     _run(["git", "add", "-A"], root)

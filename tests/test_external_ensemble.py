@@ -13,11 +13,12 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from cxr.common.metrics import youden_threshold
+from cxr.common.thresholds import threshold_rule
 from cxr.data.external_sets import external_sets, index_external, load_external
 from cxr.errors import CxrError, DataError
-from cxr.evaluation.evaluate import evaluate_models, threshold_rule
-from cxr.evaluation.metrics import youden_threshold
-from cxr.inference.loading import load, load_image, model_file, predict_images, shipped_threshold
+from cxr.evaluation.evaluate import evaluate_models
+from cxr.inference.loading import load, load_image, model_file, predict_images
 from cxr.training.ensemble import build_ensemble, evaluated_models, members_of
 from cxr.training.train import TrainConfig, train
 from tests.factories import chdir, small_params, synthetic
@@ -176,7 +177,7 @@ def test_a_threshold_chosen_on_an_external_set_is_labelled_and_shipped_to_predic
         assert point["chosen_on"] == "site_b" and point["threshold"] == pytest.approx(expected)
         assert summary["models"]["smallnet"]["threshold"] == pytest.approx(expected)  # test split: same cut
         lm = load("models/smallnet.keras")
-        assert shipped_threshold(lm)[0] == pytest.approx(expected)
+        assert lm.threshold()[0] == pytest.approx(expected)
         image = str(sorted(Path("site_b/test/NORMAL").glob("*.jpeg"))[0])
         code, out, _ = cli(["predict", "--model", "smallnet", image, "--json"])
         record = json.loads(out)
@@ -188,7 +189,7 @@ def test_a_threshold_chosen_on_an_external_set_is_labelled_and_shipped_to_predic
         point["model_sha256"] = "0" * 64
         (project / "reports/eval/smallnet/operating_point.json").write_text(json.dumps(point))
         card = json.loads(Path("models/smallnet.card.json").read_text())
-        assert shipped_threshold(lm)[0] == card["operating_point"]["threshold"]
+        assert lm.threshold()[0] == card["operating_point"]["threshold"]
 
 
 def test_a_fixed_threshold_rule_uses_evaluate_threshold(project):
@@ -282,7 +283,8 @@ def test_ensemble_members_are_checked(two_models):
 
 
 def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(project):
-    from cxr.evaluation.metrics import sensitivity_threshold, validation_operating_point
+    from cxr.common.metrics import sensitivity_threshold
+    from cxr.common.thresholds import validation_operating_point
 
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     probs = np.array([0.1, 0.3, 0.6, 0.2, 0.5, 0.55, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99])
@@ -321,3 +323,66 @@ def test_evaluate_command_prints_one_line_per_model_and_data_set(project, cli, m
     assert code == 0 and len(lines) == 2
     assert lines[0].startswith("smallnet on external site_b: n=12 AUC ") and " at threshold " in lines[0]
     assert lines[1].startswith("smallnet on test split: n=")
+
+
+# ------------------------------------------------------------------------------ selection / confirmation
+
+
+def test_a_selection_set_says_how_many_configurations_were_compared_on_it(project):
+    from cxr.reporting.report import render
+
+    with chdir(project):
+        summary = evaluate_models(["smallnet"], _params(compared={"site_b": 7})["evaluate"], small_params()["input"])
+        result = render(["smallnet"])
+        html = Path(result["html"]).read_text()
+    assert summary["external"]["site_b"]["role"] == "selection"
+    assert summary["external"]["site_b"]["configurations_compared"] == 7
+    assert json.loads((project / "reports/metrics.json").read_text())["external"]["site_b"]["role"] == "selection"
+    assert "id='selection-site_b'" in html and "7 configurations were compared on it" in html
+    assert "- site_b: selection set, 7 configurations compared on it" in result["markdown"]
+    assert not (project / "lineage/confirmation.jsonl").exists()  # nothing to record for a selection set
+
+
+def test_a_confirmation_set_is_flagged_once_settings_change_after_its_first_scoring(project):
+    from cxr.reporting.report import render
+
+    confirm = {"roles": {"site_b": "confirmation"}}
+    log = project / "lineage/confirmation.jsonl"
+    with chdir(project):
+        first = evaluate_models(["smallnet"], _params(**confirm)["evaluate"], small_params()["input"])
+        again = evaluate_models(["smallnet"], _params(**confirm)["evaluate"], small_params()["input"])
+        html = Path(render(["smallnet"])["html"]).read_text()
+        assert "id='confirmation-site_b'" in html and "no longer confirmatory" not in html
+        changed = evaluate_models(
+            ["smallnet"], _params("fixed", threshold=0.3, **confirm)["evaluate"], small_params()["input"]
+        )
+        result = render(["smallnet"])
+        html = Path(result["html"]).read_text()
+    roles = [s["external"]["site_b"] for s in (first, again, changed)]
+    assert [r["role"] for r in roles] == ["confirmation"] * 3
+    assert [r["changed_after_first_scored"] for r in roles] == [False, False, True]
+    assert roles[0]["first_scored"] == roles[2]["first_scored"]  # the first scoring is kept, not replaced
+    assert roles[0]["settings_sha256"] == roles[1]["settings_sha256"] != roles[2]["settings_sha256"]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (
+        len(lines) == 1 and lines[0]["set"] == "site_b" and lines[0]["settings_sha256"] == roles[0]["settings_sha256"]
+    )
+    assert "class='warn' id='confirmation-site_b'" in html and "no longer confirmatory" in html
+    assert "- site_b: confirmation set, settings changed after its first scoring" in result["markdown"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"roles": {"site_c": "selection"}}, r"evaluate\.roles\.site_c: no external set named 'site_c'"),
+        ({"roles": {"site_b": "final"}}, r"evaluate\.roles\.site_b='final': choose one of selection, confirmation"),
+        ({"compared": {"site_b": 0}}, r"evaluate\.compared\.site_b=0: give the number"),
+        ({"roles": {"site_b": "confirmation"}, "compared": {"site_b": 3}}, "never used to compare"),
+    ],
+)
+def test_set_roles_are_checked_in_one_line(extra, message):
+    from cxr.config import ConfigError, parse_section
+    from cxr.config import EvaluateConfig as Section
+
+    with pytest.raises(ConfigError, match=message):
+        parse_section(Section, {"external": {"site_b": "b"}, **extra}, "evaluate")

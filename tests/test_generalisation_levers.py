@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 
+from cxr.common.layers import IntensityNormalization
 from cxr.errors import CxrError
 from cxr.runtime import tensorflow
 from cxr.training.augment import AugmentConfig, affine_matrix, augment_batch
 from cxr.training.input_pipeline import InputConfig
-from cxr.training.models import IntensityNormalization, build_model
+from cxr.training.models import build_model
 from cxr.training.train import TrainConfig, compile_model
 
 tf = tensorflow()

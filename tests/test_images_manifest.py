@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.data.images import probe
+from cxr.common.images import probe
 from cxr.data.manifest import build_manifest, classify_path, parse_patient
 from tests.factories import kermany_layout, write_image
 

@@ -11,9 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from cxr.errors import DataError
-from cxr.evaluation.agreement import agreement, fleiss_kappa, read_readers
-from cxr.evaluation.metrics import (
+from cxr.common.metrics import (
     at_threshold,
     bootstrap,
     calibration_bins,
@@ -22,6 +20,8 @@ from cxr.evaluation.metrics import (
     threshold_free,
     youden_threshold,
 )
+from cxr.errors import DataError
+from cxr.evaluation.agreement import agreement, fleiss_kappa, read_readers
 
 # --------------------------------------------------------------------------------------------- metrics
 

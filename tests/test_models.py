@@ -7,9 +7,10 @@ import urllib.request
 import numpy as np
 import pytest
 
+from cxr.common.layers import ImagenetCaffePreprocess
 from cxr.errors import CxrError
 from cxr.runtime import tensorflow
-from cxr.training.models import REGISTRY, ImagenetCaffePreprocess, build_model
+from cxr.training.models import REGISTRY, build_model
 
 tensorflow()
 import keras  # noqa: E402

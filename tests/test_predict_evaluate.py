@@ -26,12 +26,13 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import cxr.inference.predict
+from cxr.common.metrics import youden_threshold
+from cxr.common.model_card import card_path_for
 from cxr.errors import CxrError
 from cxr.evaluation.evaluate import evaluate_models
 from cxr.evaluation.explain import OUTCOMES, outcome, select
-from cxr.evaluation.gradcam import border_fraction
-from cxr.evaluation.metrics import youden_threshold
-from cxr.inference.loading import card_path_for, load, load_image, predict_images
+from cxr.inference.gradcam import border_fraction
+from cxr.inference.loading import load, load_image, predict_images
 from tests.factories import IMAGE_SIZE, chdir, small_params, synthetic, write_dicom
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -248,7 +249,7 @@ def test_load_takes_the_preprocessing_from_the_card(trained, tmp_path):
     original = load(model)
     assert original.verified and original.input.image_size == IMAGE_SIZE
     card = json.loads(card_path_for(model).read_text())
-    assert original.card == card
+    assert original.card.to_json() == card  # the card as written, through the one reader
     assert (original.input.resize, original.input.interpolation) == ("squash", "bilinear")
     # a wide image (64 × 32): squashed it fills the square, letter-boxed it gets black bands
     wide = png(tmp_path / "wide.png", np.full((32, 64), 200, np.uint8))
@@ -275,13 +276,13 @@ def test_a_model_that_does_not_match_its_card_is_refused_unless_allowed(trained,
     with pytest.raises(CxrError, match="unverified model"):
         load(model)
     lm = load(model, allow_unverified=True)
-    assert lm.verified is False and lm.sha256 != lm.card["model_sha256"]
+    assert lm.verified is False and lm.sha256 != lm.card.model_sha256
     code, out, err = cli(["predict", "--model", str(model), str(images["dark"]), "--json"])
     assert code == 1 and out == "" and err.count("cxr: error:") == 1 and "--allow-unverified" in err
     code, out, err = cli(["predict", "--model", str(model), str(images["dark"]), "--json", "--allow-unverified"])
     record = json_lines(out)[0]
     assert code == 0 and record["verified_model"] is False
-    assert record["model_sha256"] == lm.sha256 and record["card_model_sha256"] == lm.card["model_sha256"]
+    assert record["model_sha256"] == lm.sha256 and record["card_model_sha256"] == lm.card.model_sha256
     assert "unverified model used as asked" in err and len(err.strip().splitlines()) == 1
 
 

@@ -106,7 +106,7 @@ def test_markdown_summary(reported):
 
 
 def test_the_top_of_the_page_summary_youden_provenance_and_limitations(reported, page):
-    from cxr.reporting.intended_use import INTENDED_USE, LIMITATIONS
+    from cxr.common.intended_use import INTENDED_USE, LIMITATIONS
 
     parsed = parse(page)
     assert parsed.h2[:4] == ["Summary", "Provenance", "Intended use and limitations", "Data"]

@@ -26,7 +26,7 @@ def test_dvc_yaml_is_generated_from_the_registry():
 
 def test_a_hand_edit_of_dvc_yaml_is_reported(tmp_path):
     edited = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    edited["stages"]["train"]["do"]["deps"].remove("cxr/runtime.py")
+    edited["stages"]["train"]["do"]["deps"].remove("data/code/train.sha256")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(edited))
     assert dvc_yaml_drift(tmp_path / "dvc.yaml") == ["stage train: differs from the registry"]
 
@@ -40,7 +40,45 @@ def test_code_deps_are_the_import_closure_including_lazy_imports():
     assert "cxr/data/kaggle.py" in fetch
     # the strict config (and the builders' declared options it checks) is every step's code; no TensorFlow code is
     assert not {"cxr/runtime.py", "cxr/training/models.py", "cxr/training/train.py"} & set(fetch)
-    assert "cxr/cli.py" not in {p for s in STAGES for p in s.code()}
+    assert "cxr/cli.py" not in {p for s in STAGES for p in s.code()}  # only its part: see the fingerprint
+
+
+def test_a_fingerprint_ignores_comments_docstrings_logs_and_messages_but_not_statements():
+    from cxr.provenance.code_closure import normalised_tree
+
+    base = textwrap.dedent('''
+        """Module doc."""
+        import logging
+        log = logging.getLogger(__name__)
+
+        def f(x):
+            """Doc."""
+            log.info("computing %s", x)  # a comment
+            if x < 0:
+                raise ValueError(f"x={x} is negative; give a positive number")
+            return x * 2
+    ''')
+    same = (
+        base.replace("Module doc.", "Other doc.")
+        .replace("# a comment", "# another")
+        .replace("computing %s", "now computing %s")
+        .replace("give a positive number", "try again")
+    )
+    assert normalised_tree(base) == normalised_tree(same)
+    for computing in (base.replace("x * 2", "x * 3"), base.replace("x < 0", "x <= 0"), base + "\nY = 1\n"):
+        assert normalised_tree(base) != normalised_tree(computing)
+
+
+def test_each_step_fingerprints_only_its_own_command_of_the_cli():
+    from cxr.provenance.code_closure import fingerprint
+    from cxr.stages import stage
+
+    evaluate, train = stage("evaluate"), stage("train")
+    others = tuple(f"_cmd_{s.command}" for s in STAGES if s.command != "evaluate")
+    assert "_cmd_train" in others and "_cmd_evaluate" not in others
+    assert evaluate.fingerprint() == fingerprint(evaluate.code(), partial=[("cxr/cli.py", others)])
+    assert len({s.fingerprint() for s in STAGES}) == len(STAGES)  # every step has its own
+    assert train.fingerprint_file == "data/code/train.sha256"
 
 
 def test_every_declared_setting_exists_in_the_shipped_params():
@@ -144,9 +182,11 @@ def locked_project(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _placeholders(root)
     env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the `cxr` the code stage runs
     for command in (
         ["git", "init", "-q"],
         [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "cxr", "stages", "--fingerprints"],
         [sys.executable, "-m", "dvc", "commit", "-f", "-q"],
     ):
         proc = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
@@ -155,36 +195,83 @@ def locked_project(tmp_path):
 
 
 def _decisions(root: Path, env: dict[str, str]) -> tuple[set[str], dict[str, str]]:
+    """(the stages DVC would rerun, each Prefect task's cache key): ``dvc repro`` first runs the
+    ``code`` stage, which rewrites the fingerprints; the steps whose fingerprint or data changed follow."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "-q", "--single-item", "code"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, env=env
     )
     assert proc.returncode == 0, proc.stderr
-    dvc = {name for name in json.loads(proc.stdout or "{}")}
+    dvc = {name for name in json.loads(proc.stdout or "{}") if name != "code"}  # code: always changed
     proc = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT], cwd=root, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return dvc, json.loads(proc.stdout)
 
 
-def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(locked_project):
-    root, env = locked_project
-    dvc, before = _decisions(root, env)
-    assert dvc == set()
-
-    with (root / "cxr" / "runtime.py").open("a") as fh:  # precision and seeding code
-        fh.write("\n# an edit\n")
-    dvc, after = _decisions(root, env)
-    prefect = {name for name in before if before[name] != after[name]}
-    assert dvc == prefect == {"preview", "train@smallnet", "ensemble", "evaluate", "explain", "report"}
-
+def _commit(root: Path, env: dict[str, str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", "commit", "-f", "-q"], cwd=root, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {name for name in before if before[name] != after[name]}
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path}: {old!r} not found"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(locked_project):
+    root, env = locked_project
+    dvc, base = _decisions(root, env)
+    assert dvc == set()
+
+    # a comment, a docstring, a log line and an error message in modules every step imports: nothing reruns
+    with (root / "cxr" / "errors.py").open("a") as fh:
+        fh.write("\n# an edit\n")
+    _edit(root / "cxr/runtime.py", '"""', '"""A reworded docstring. ')
+    _edit(root / "cxr/common/metrics.py", 'raise ValueError("', 'raise ValueError("reworded: ')
+    dvc, after = _decisions(root, env)
+    assert dvc == _changed(base, after) == set()
+
+    # a statement in shared code (precision and seeding): every step that imports it, and only those
+    with (root / "cxr" / "runtime.py").open("a") as fh:
+        fh.write("\n_AN_EDIT = 1\n")
+    dvc, after = _decisions(root, env)
+    assert dvc == _changed(base, after) == {"preview", "train@smallnet", "ensemble", "evaluate", "explain", "report"}
+    _commit(root, env)
+
+    # the CLI: one command's handler reruns its step alone; the shared dispatch reruns every step
+    dvc, base = _decisions(root, env)
+    _edit(
+        root / "cxr/cli.py",
+        "def _cmd_evaluate(args: argparse.Namespace) -> int:\n",
+        "def _cmd_evaluate(args: argparse.Namespace) -> int:\n    _edit = 1\n",
+    )
+    dvc, after = _decisions(root, env)
+    assert dvc == _changed(base, after) == {"evaluate"}
+    _commit(root, env)
+    dvc, base = _decisions(root, env)
+    _edit(root / "cxr/cli.py", "def main(", "_DISPATCH_EDIT = 1\n\n\ndef main(")
+    dvc, after = _decisions(root, env)
+    assert dvc == _changed(base, after) == {s for s in base}
+    _commit(root, env)
+
     dvc3, base = _decisions(root, env)
     assert dvc3 == set()
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["bootstrap"] = 10
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc4, changed = _decisions(root, env)
-    prefect4 = {name for name in base if base[name] != changed[name]}
-    assert dvc4 == prefect4 == {"evaluate", "explain", "report"}
+    assert dvc4 == _changed(base, changed) == {"evaluate", "explain", "report"}

@@ -22,7 +22,7 @@ import numpy as np
 
 from cxr import CLASS_NAMES
 from cxr.config import EvaluateConfig, check_external_sets, setting
-from cxr.data.images import probe
+from cxr.common.images import probe
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.data.manifest import parse_patient
 from cxr.errors import DataError

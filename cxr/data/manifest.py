@@ -29,7 +29,7 @@ import pandas as pd
 from imutils import paths as imutils_paths
 
 from cxr import CLASS_NAMES, SPLITS
-from cxr.data.images import ImageLimits, probe
+from cxr.common.images import ImageLimits, probe
 from cxr.logs import progress
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def build_manifest(
 ) -> tuple[pd.DataFrame, list[dict[str, str]]]:
     """Probe every file under ``raw_dir``; return (manifest of usable images, excluded files).
 
-    Every image is fully decoded and hashed (:func:`cxr.data.images.probe`); a file is excluded
+    Every image is fully decoded and hashed (:func:`cxr.common.images.probe`); a file is excluded
     when its name is not an image's, it lies outside a class folder, it is over a decode cap
     (checked from its size and header before it is decoded), or it does not decode.
 

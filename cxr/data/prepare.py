@@ -26,7 +26,7 @@ import pandas as pd
 
 from cxr import CLASS_NAMES
 from cxr.config import InputConfig, PrepareConfig, SplitConfig, as_section
-from cxr.data.images import ImageLimits
+from cxr.common.images import ImageLimits
 from cxr.data.manifest import build_manifest
 from cxr.data.pairing import PAIR_COLUMN
 from cxr.data.split import STRATEGIES, assign_splits
@@ -34,7 +34,7 @@ from cxr.errors import DataError
 from cxr.files import dumps_json
 from cxr.locks import lock_path, step_lock
 from cxr.provenance.hashing import sha256_file
-from cxr.reporting.plots import class_distribution
+from cxr.common.plots import class_distribution
 from cxr.safe_text import is_utf8, printable
 from cxr.workspace import HERE
 

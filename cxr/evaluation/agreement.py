@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr.common.metrics import interval
+from cxr.common.thresholds import recorded_point
 from cxr.config import EvaluateConfig, as_section
 from cxr.errors import DataError
-from cxr.evaluation.metrics import interval
 from cxr.safe_text import printable
 from cxr.workspace import HERE
 
@@ -229,8 +229,8 @@ def agreement_for_report(
         raise DataError(f"{predictions_csv}: not found; run the evaluate step first (dvc repro evaluate)")
     predictions = pd.read_csv(predictions_csv, keep_default_na=False)
     evaluate = as_section(EvaluateConfig, eval_params, "evaluate")
-    point = _shipped_point(Path(eval_dir) / model / "operating_point.json")
-    threshold = point["threshold"]
+    point = recorded_point(model, eval_dir)  # the shipped threshold, as evaluate recorded it
+    threshold = point.threshold
     by_path = dict(zip(predictions["path"], predictions["probability"], strict=True))
     by_name = {Path(p).name: q for p, q in by_path.items()}
     probs = [by_path.get(k, by_name.get(Path(k).name)) for k in keys]
@@ -241,20 +241,6 @@ def agreement_for_report(
         )
     labels = (np.asarray(probs, dtype=float) >= threshold).astype(int)
     result = agreement(readers, {"name": model, "labels": labels}, evaluate.bootstrap, evaluate.seed)
-    result["threshold"] = {"value": threshold, "rule": point.get("rule")}
+    result["threshold"] = {"value": threshold, "rule": point.rule}
     write_json(Path(out), result)
     return result
-
-
-def _shipped_point(record: Path) -> dict[str, Any]:
-    """The operating point ``evaluate`` wrote beside the predictions it made (the shipped threshold)."""
-    try:
-        point = json.loads(record.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{record}: not found; run the evaluate step first (dvc repro evaluate)") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{record}: unreadable ({printable(exc)}); rerun the evaluate step") from None
-    value = point.get("threshold") if isinstance(point, dict) else None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise DataError(f"{record}: no threshold in [0, 1]; rerun the evaluate step")
-    return {"threshold": float(value), "rule": point.get("rule")}

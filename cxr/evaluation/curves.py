@@ -76,7 +76,7 @@ def curve_rows(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[
     import numpy as np
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    from cxr.evaluation.metrics import calibration_bins
+    from cxr.common.metrics import calibration_bins
 
     labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=float)
     predicted = (probs >= threshold).astype(int)

@@ -28,12 +28,8 @@ import numpy as np
 from sklearn.metrics import classification_report, precision_recall_curve, roc_curve
 
 from cxr import CLASS_NAMES
-from cxr.config import EvaluateConfig, InputConfig, as_section, setting
-from cxr.data.external_sets import EXTERNAL_DIR, ExternalSet, external_sets, load_external
-from cxr.data.kaggle_layout import find_class_folders
-from cxr.data.manifest import parse_patient
-from cxr.errors import CxrError, DataError
-from cxr.evaluation.metrics import (
+from cxr.common import plots
+from cxr.common.metrics import (
     at_threshold,
     bootstrap,
     calibration_bins,
@@ -42,6 +38,19 @@ from cxr.evaluation.metrics import (
     threshold_free,
     youden_threshold,
 )
+from cxr.common.thresholds import (
+    operating_point,
+    record_operating_point,
+    threshold_rule,
+    validation_point,
+    validation_youden,
+)
+from cxr.config import EvaluateConfig, InputConfig, as_section
+from cxr.data.external_sets import EXTERNAL_DIR, ExternalSet, external_sets, load_external
+from cxr.data.kaggle_layout import find_class_folders
+from cxr.data.manifest import parse_patient
+from cxr.errors import DataError
+from cxr.evaluation.set_roles import role_of, settings_digest
 from cxr.files import write_csv_rows, write_json
 from cxr.formatting import interval as interval_text
 from cxr.formatting import num
@@ -52,9 +61,7 @@ from cxr.inference.loading import (
     load_image,
     model_file,
     predict_images,
-    shipped_threshold,
 )
-from cxr.reporting import plots
 from cxr.training.input_pipeline import load_images, read_split
 from cxr.workspace import HERE
 
@@ -82,7 +89,7 @@ def score(
         youden: the validation Youden threshold, to report figures at it too; None to skip.
 
     Returns:
-        The metrics (:func:`cxr.evaluation.metrics.threshold_free`, ``at_threshold`` and its
+        The metrics (:func:`cxr.common.metrics.threshold_free`, ``at_threshold`` and its
         figures copied to the top level, ``ci95`` per bootstrap metric, ``ci_method``, the
         classification report, and ``youden_threshold`` / ``at_youden`` when given), and the
         bootstrap samples of AUC, sensitivity, specificity and accuracy.
@@ -192,93 +199,6 @@ def _split_probabilities(
     return paths, labels, predict_images(lm.model, images), groups
 
 
-THRESHOLD_RULES = ("validation", "fixed", "external:<name>")
-
-
-def threshold_rule(
-    eval_params: EvaluateConfig | Mapping[str, Any], external_names: Sequence[str]
-) -> tuple[str, str | None]:
-    """``evaluate.threshold_source`` checked: ``("validation", None)``, ``("fixed", None)`` or
-    ``("external", name)``.
-
-    Args:
-        eval_params: the ``evaluate`` section.
-        external_names: the configured external sets.
-
-    Returns:
-        The rule's kind and, for ``external:<name>``, the set's name.
-
-    Raises:
-        CxrError: an unknown rule, or ``external:<name>`` naming no configured set.
-    """
-    source = str(setting(eval_params, EvaluateConfig, "threshold_source"))
-    if source in ("validation", "fixed"):
-        return source, None
-    kind, _, name = source.partition(":")
-    if kind == "external" and name in external_names:
-        return "external", name
-    if kind == "external":
-        raise CxrError(
-            f"evaluate.threshold_source={source}: no external set named {name!r} in evaluate.external "
-            f"(configured: {', '.join(external_names) or 'none'})"
-        )
-    raise CxrError(f"evaluate.threshold_source={source!r}: choose one of {', '.join(THRESHOLD_RULES)}")
-
-
-def validation_point(lm: LoadedModel, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """The validation rule's threshold: the model card's operating point (chosen at training time by
-    ``train.<model>.target_sensitivity``), or Youden's J on validation for a card without one.
-
-    Args:
-        lm: the loaded model and its card.
-        labels: (N,) validation truth, for the Youden fallback.
-        probs: (N,) the model's validation P(pneumonia).
-
-    Returns:
-        ``{threshold, rule, chosen_on: "val"}``.
-    """
-    point = lm.card.get("operating_point") or {}
-    if point.get("chosen_on") == "val" and isinstance(point.get("threshold"), int | float):
-        return {"threshold": float(point["threshold"]), "rule": str(point.get("rule")), "chosen_on": "val"}
-    return {
-        "threshold": youden_threshold(labels, probs),
-        "rule": "Youden's J on the validation split",
-        "chosen_on": "val",
-    }
-
-
-def operating_point(
-    rule: tuple[str, str | None],
-    eval_params: EvaluateConfig,
-    val_point: Mapping[str, Any],
-    external_probs: Mapping[str, tuple[np.ndarray, np.ndarray]],
-) -> dict[str, Any]:
-    """The shipped threshold of one model, with the rule and the data set it was chosen on.
-
-    Args:
-        rule: the checked ``evaluate.threshold_source`` (:func:`threshold_rule`).
-        eval_params: the ``evaluate`` section (``threshold`` for the ``fixed`` rule).
-        val_point: the model's validation operating point (:func:`validation_point`).
-        external_probs: ``{set name: (labels, the model's probabilities)}``, for ``external:<name>``.
-
-    Returns:
-        ``{threshold, rule, chosen_on}``: ``chosen_on`` is ``"val"``, the external set's name, or
-        None for a fixed threshold.
-    """
-    kind, name = rule
-    if kind == "fixed":
-        value = eval_params.threshold
-        return {"threshold": value, "rule": "fixed (evaluate.threshold)", "chosen_on": None}
-    if kind == "external":
-        labels, probs = external_probs[str(name)]
-        return {
-            "threshold": youden_threshold(labels, probs),
-            "rule": f"Youden's J on external set {name}",
-            "chosen_on": name,
-        }
-    return dict(val_point)
-
-
 @dataclass
 class _Scored:
     """One model's probabilities on every data set it is scored on."""
@@ -300,7 +220,7 @@ def _score_model(
     scored = _Scored(
         test=_split_probabilities(lm, splits_csv, "test", cache_dir),
         val_youden=youden_threshold(val_labels, val_probs),
-        val_point=validation_point(lm, val_labels, val_probs),
+        val_point=validation_point(lm.card, val_labels, val_probs),
     )
     for ext in sets:
         key = (ext.name, lm.input.image_size, lm.input.resize, lm.input.interpolation)
@@ -390,16 +310,14 @@ def _score_test(
     paths, labels, probs, groups = scored.test
     result, samples = score(labels, probs, groups, threshold, n_boot, seed, scored.val_youden)
     result.update(
-        model_sha256=lm.card.get("model_sha256"),
+        model_sha256=lm.card.model_sha256,
         verified=lm.verified,
-        health=lm.card.get("health", {}).get("status"),
+        health=lm.card.health.status if lm.card.health else None,
         operating_point=point,
         calibration=_calibration(labels, probs),
     )
     _write_set(name, "test", paths, labels, probs, groups, result, out_dir / name)
-    write_json(
-        out_dir / name / "operating_point.json", {**point, "model": name, "model_sha256": lm.card.get("model_sha256")}
-    )
+    record_operating_point(name, lm.card.model_sha256, point, out_dir)
     log.info(
         "%s: test AUC %s (95%% CI %s), sensitivity %s, specificity %s at %s (%s)",
         name,
@@ -434,6 +352,7 @@ def evaluate_models(
     out_dir: str | Path = HERE.eval,
     metrics_path: str | Path = HERE.metrics,
     external_dir: str | Path = EXTERNAL_DIR,
+    confirmation_log: str | Path = HERE.confirmation_log,
 ) -> dict[str, Any]:
     """Evaluate every model on the test split and on every external set.
 
@@ -446,6 +365,8 @@ def evaluate_models(
         out_dir: where per-model predictions, metrics, curves and plots are written.
         metrics_path: where the summary is written.
         external_dir: where the external sets' indexes are.
+        confirmation_log: when each confirmation set was first scored
+            (:mod:`cxr.evaluation.set_roles`).
 
     Returns:
         The summary written to ``metrics.json``: per model the test figures at its shipped
@@ -465,17 +386,25 @@ def evaluate_models(
     summary = _empty_summary(eval_params, sets, sets_cfg)
     samples: dict[str, dict[str, dict[str, np.ndarray]]] = {"test": {}, **{ext.name: {} for ext in sets}}
     decoded: dict[tuple[Any, ...], np.ndarray] = {}
+    cards = {}
     for name in models:
         lm = load(model_file(name, models_dir))
+        cards[name] = lm.card
         scored = _score_model(lm, splits_csv, cache_dir, sets, decoded)
         point = operating_point(
-            rule, eval_params, scored.val_point, {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets}
+            rule,
+            eval_params.threshold,
+            scored.val_point,
+            {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets},
         )
         summary["models"][name], samples["test"][name] = _score_test(name, lm, scored, point, n_boot, seed, out_dir)
         for ext in sets:
             compact, samples[ext.name][name] = _score_external(name, ext, scored, point, n_boot, seed, out_dir)
             summary["external"][ext.name]["models"][name] = compact
     _add_comparisons(summary, samples, models)
+    settings = settings_digest(cards, eval_params)
+    for ext in sets:  # what the set's figures may claim: selection or confirmation
+        summary["external"][ext.name].update(role_of(ext, eval_params, settings, models, Path(confirmation_log)))
     from cxr.evaluation.curves import write_plot_data  # DVC plot data: ROC, PR, reliability, confusion
 
     write_plot_data(out_dir, summary)
@@ -559,38 +488,13 @@ def labelled_folder(data_dir: str | Path) -> tuple[list[Path], np.ndarray, list[
     return files, np.asarray(labels), groups
 
 
-def _validation_youden(lm: LoadedModel, eval_dir: Path = HERE.eval) -> float | None:
-    """The Youden threshold chosen on the validation split for exactly this model file.
-
-    The card's operating point counts only when its rule is Youden's J (with
-    ``train.common.target_sensitivity`` it is a sensitivity-target threshold, not Youden's);
-    otherwise the one ``evaluate`` recorded for this model's bytes, else None.
-    """
-    point = lm.card.get("operating_point") or {}
-    if (
-        point.get("chosen_on") == "val"
-        and str(point.get("rule", "")).startswith("Youden")
-        and isinstance(point.get("threshold"), int | float)
-    ):
-        return float(point["threshold"])
-    name = lm.path.name.removesuffix(".keras")
-    record = eval_dir / name / "metrics.json"
-    if not record.is_file():
-        return None
-    import json
-
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("model_sha256") != lm.card.get("model_sha256"):
-        return None
-    value = data.get("youden_threshold")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def evaluate_folder(
-    model_path: str | Path, data_dir: str | Path, threshold: float | None = None, n_boot: int = 1000, seed: int = 42
+    model_path: str | Path,
+    data_dir: str | Path,
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 42,
+    threshold_source: str = "given",
 ) -> dict[str, Any]:
     """Score one saved model on a labelled folder (e.g. an outside test set); unreadable files skipped.
 
@@ -598,9 +502,10 @@ def evaluate_folder(
         model_path: a saved ``.keras`` model with its card.
         data_dir: a labelled folder in ``{NORMAL,PNEUMONIA}/`` or Kaggle layout (split folders pooled).
         threshold: the decision threshold; None uses the model's shipped threshold (see
-            :func:`cxr.inference.loading.shipped_threshold`).
+            :func:`cxr.common.thresholds.model_threshold`).
         n_boot: bootstrap resamples of patients for the 95 % intervals.
         seed: the bootstrap seed.
+        threshold_source: how to name a given ``threshold`` in the result.
 
     Returns:
         The metrics of :func:`score`, plus the model, the folder, whether the model file matches its
@@ -611,10 +516,7 @@ def evaluate_folder(
         DataError: the folder has no class folders, no images, or none that could be read.
     """
     lm = load(model_path)
-    if threshold is None:
-        threshold, source = shipped_threshold(lm)
-    else:
-        source = "given"
+    threshold, source = lm.threshold(threshold, threshold_source)
     files, labels, groups = labelled_folder(data_dir)
     keep, images, skipped = [], [], []
     for i, (path, image, error) in enumerate(iter_images(files, lm.input)):
@@ -627,7 +529,13 @@ def evaluate_folder(
         raise DataError(f"{data_dir}: none of its {len(files)} images could be read")
     probs = predict_images(lm.model, np.stack(images))
     result, _ = score(
-        labels[keep], probs, [groups[i] for i in keep], threshold, n_boot, seed, youden=_validation_youden(lm)
+        labels[keep],
+        probs,
+        [groups[i] for i in keep],
+        threshold,
+        n_boot,
+        seed,
+        youden=validation_youden(lm.card, lm.name, lm.sha256),
     )
     result.update(
         model=str(model_path), data=str(data_dir), verified=lm.verified, skipped=skipped, threshold_source=source

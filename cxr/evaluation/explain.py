@@ -20,9 +20,9 @@ import pandas as pd
 
 from cxr import CLASS_NAMES
 from cxr.config import EvaluateConfig, InputConfig, as_section
-from cxr.evaluation.gradcam import border_fraction, gradcam, last_conv_layer, overlay
 from cxr.files import write_json
-from cxr.inference.loading import ENSEMBLE, load, model_file, shipped_threshold
+from cxr.inference.gradcam import border_fraction, gradcam, last_conv_layer, overlay
+from cxr.inference.loading import ENSEMBLE, load, model_file
 from cxr.training.input_pipeline import load_images, read_split
 from cxr.workspace import HERE
 
@@ -73,7 +73,7 @@ def select(predictions: pd.DataFrame, threshold: float, per_outcome: int, seed: 
 
 
 def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path, title: str) -> Path:
-    from cxr.reporting.plots import plt
+    from cxr.common.plots import plt
 
     n = len(rows)
     columns = min(4, max(n, 1))
@@ -109,7 +109,7 @@ def explain_models(
     """Grad-CAM gallery and border-heat figure of every model on the test split.
 
     Needs ``evaluate`` to have run: the gallery's images are chosen from its test predictions, at
-    the model's shipped threshold (:func:`cxr.inference.loading.shipped_threshold`). The ensemble
+    the model's shipped threshold (:func:`cxr.common.thresholds.model_threshold`). The ensemble
     is skipped with one log line: it averages several networks, so it has no single last
     convolution to take a Grad-CAM of (its members' galleries show where each one looks).
 
@@ -150,7 +150,7 @@ def explain_models(
             )
             continue
         lm = load(model_file(name, models_dir))
-        threshold, _ = shipped_threshold(lm, eval_dir)  # TP/FP/TN/FN as the model ships
+        threshold, _ = lm.threshold(eval_dir=eval_dir)  # TP/FP/TN/FN as the model ships
         cfg = lm.cached_input(as_section(InputConfig, input_params, "input").cache_dir)
         paths, _, key = read_split(splits_csv, "test")
         images = load_images(paths, key, cfg, "test")

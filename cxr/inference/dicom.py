@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.data.images import ImageLimits, ImageRefused, check_bytes, check_pixels
+from cxr.common.images import ImageLimits, ImageRefused, check_bytes, check_pixels
 from cxr.errors import DataError
 from cxr.safe_text import printable
 

@@ -14,9 +14,7 @@ before it is decoded.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import zipfile
@@ -27,14 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from cxr.config import ConfigError, parse_input
-from cxr.data.images import ImageLimits, ImageRefused, OverCap, check_image
+from cxr.common.images import ImageLimits, ImageRefused, OverCap, check_image
+from cxr.common.model_card import ModelCard, card_path_for, read_card
+from cxr.common.preprocessing import decode_image, resize_image
+from cxr.common.thresholds import Threshold, model_threshold
+from cxr.config import ConfigError, InputConfig, parse_input
 from cxr.errors import CxrError, DataError
 from cxr.inference.dicom import is_dicom, read_dicom
 from cxr.provenance.hashing import sha256_file
 from cxr.runtime import DECODER_LINE, decoder_messages, native_stderr, pass_on, tensorflow
 from cxr.safe_text import printable
-from cxr.training.input_pipeline import InputConfig, decode_image, resize_image
 from cxr.workspace import HERE
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,30 @@ class LoadedModel:
 
     Attributes:
         model: the Keras model.
-        card: the model card (a JSON object).
+        card: the model card (:class:`cxr.common.model_card.ModelCard`).
         input: the card's preprocessing as input settings (``cache="memory"``, default decode caps).
         path: the ``.keras`` file.
         verified: the file's sha256 equals the card's ``model_sha256``.
-        sha256: the file's own sha256 (the card's claim is ``card["model_sha256"]``).
+        sha256: the file's own sha256 (the card's claim is ``card.model_sha256``).
     """
 
     model: Any
-    card: dict[str, Any]
+    card: ModelCard
     input: InputConfig
     path: Path
     verified: bool
     sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        """The model's name: its file name without ``.keras`` (``ensemble`` for the ensemble)."""
+        return self.path.name.removesuffix(".keras")
+
+    def threshold(
+        self, given: float | None = None, given_source: str = "--threshold", eval_dir: str | Path = HERE.eval
+    ) -> Threshold:
+        """Which threshold this model file uses, and why (:func:`cxr.common.thresholds.model_threshold`)."""
+        return model_threshold(self.name, self.sha256, self.card, given, given_source, eval_dir)
 
     def cached_input(self, cache_dir: str) -> InputConfig:
         """The model's own preprocessing, reading and filling the pipeline's decoded-image cache.
@@ -97,93 +108,13 @@ def model_file(name: str | Path, models_dir: str | Path = HERE.models) -> Path:
     return Path(models_dir) / f"{name}.keras"
 
 
-def _threshold(value: Any) -> float | None:
-    """A recorded threshold: a finite number in [0, 1], else None (a damaged record is not used)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) and 0.0 <= value <= 1.0 else None
-
-
-def shipped_threshold(lm: LoadedModel, eval_dir: str | Path = HERE.eval) -> tuple[float, str]:
-    """The model's decision threshold and where it came from.
-
-    In order: the operating point ``evaluate`` recorded for exactly this model file (it follows
-    ``evaluate.threshold_source``), the card's operating point (chosen on the validation split at
-    training time: the highest threshold keeping ``train.<model>.target_sensitivity``, or Youden's
-    J without one), else 0.5. A record whose threshold is not a number in [0, 1] is skipped.
-
-    Args:
-        lm: the loaded model; the recorded operating point's ``model_sha256`` must be the file's.
-        eval_dir: where ``evaluate`` wrote ``<name>/operating_point.json``.
-
-    Returns:
-        The threshold on P(pneumonia), and a phrase naming its rule and source file (for output
-        and logs).
-    """
-    record = Path(eval_dir) / lm.path.name.removesuffix(".keras") / "operating_point.json"
-    if record.is_file():
-        try:
-            point = json.loads(record.read_text())
-        except (OSError, ValueError):
-            point = {}
-        point = point if isinstance(point, dict) else {}
-        cut = _threshold(point.get("threshold"))
-        if cut is not None and point.get("model_sha256") and point.get("model_sha256") == (lm.sha256 or None):
-            return cut, f"{printable(point.get('rule', 'evaluate'))} ({record.as_posix()})"
-    point = lm.card.get("operating_point") if isinstance(lm.card.get("operating_point"), dict) else {}
-    cut = _threshold(point.get("threshold"))
-    if cut is not None:
-        return cut, f"{printable(point.get('rule', 'model card'))} (model card)"
-    return 0.5, "default 0.5 (no operating point in the card)"
-
-
-def card_path_for(model_path: Path) -> Path:
-    """The model card beside a model file.
-
-    Args:
-        model_path: ``<dir>/<name>.keras``.
-
-    Returns:
-        ``<dir>/<name>.card.json``.
-    """
-    return model_path.with_name(model_path.name.removesuffix(".keras") + ".card.json")
-
-
 # what the card's preprocessing may say: the input settings it names, and what this pipeline always does
 _PREPROCESSING = ("image_size", "resize", "interpolation", "normalize", "center_crop")
 _REQUIRED = ("image_size", "resize", "interpolation")
 _FIXED = {"channels": 3, "scale": "1/255", "dtype": "float32"}
 
 
-def read_card(card_file: Path) -> dict[str, Any]:
-    """The model card: a JSON object.
-
-    Args:
-        card_file: ``<name>.card.json``.
-
-    Returns:
-        The card.
-
-    Raises:
-        CxrError: the card is missing, unreadable, not JSON, or not a JSON object.
-    """
-    shown = printable(card_file)
-    if not card_file.is_file():
-        raise CxrError(f"{shown}: model card not found; the preprocessing of {printable(card_file.name)} is unknown")
-    try:
-        card = json.loads(card_file.read_bytes())
-    except OSError as exc:
-        raise CxrError(f"{shown}: cannot read the model card ({exc.strerror or type(exc).__name__})") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        reason = str(exc).splitlines()[0][:80]
-        raise CxrError(f"{shown}: the model card is not valid JSON ({reason}); retrain or restore it") from None
-    if not isinstance(card, dict):
-        raise CxrError(f"{shown}: the model card is a JSON {type(card).__name__}, not an object; retrain or restore it")
-    return card
-
-
-def card_input(card: Mapping[str, Any], card_file: Path) -> InputConfig:
+def card_input(card: ModelCard, card_file: Path) -> InputConfig:
     """The input settings a card's ``input.preprocessing`` names, parsed as strictly as ``params.yaml``.
 
     Args:
@@ -198,8 +129,7 @@ def card_input(card: Mapping[str, Any], card_file: Path) -> InputConfig:
             (``image_size: "abc"``, ``resize: bogus``), naming the card.
     """
     shown = printable(card_file)
-    section = card.get("input")
-    pre = section.get("preprocessing") if isinstance(section, Mapping) else None
+    pre = card.input.preprocessing if card.input is not None else None
     if not isinstance(pre, Mapping):
         raise CxrError(f"{shown}: the card has no input.preprocessing object, so images cannot be prepared for it")
     unknown = sorted(str(k) for k in pre if k not in _PREPROCESSING and k not in _FIXED)
@@ -226,10 +156,10 @@ def _model_sha256(model_path: Path) -> str:
         raise CxrError(f"{printable(model_path)}: cannot read the model file ({reason})") from None
 
 
-def _verify(model_path: Path, card: Mapping[str, Any], card_file: Path, allow_unverified: bool) -> tuple[str, bool]:
+def _verify(model_path: Path, card: ModelCard, card_file: Path, allow_unverified: bool) -> tuple[str, bool]:
     """(the file's sha256, whether it is the card's ``model_sha256``); refuse a mismatch unless allowed."""
     actual = _model_sha256(model_path)
-    claimed = card.get("model_sha256")
+    claimed = card.model_sha256
     if claimed == actual:
         return actual, True
     card_name = printable(card_file.name)
@@ -299,7 +229,7 @@ def load(model_path: str | Path, allow_unverified: bool = False) -> LoadedModel:
     tensorflow()
     import keras
 
-    import cxr.training.models  # noqa: F401  (registers the custom layers for deserialisation)
+    import cxr.common.layers  # noqa: F401  (registers the custom layers for deserialisation)
 
     try:
         with native_stderr(quiet_on=(Exception,)) as noise:

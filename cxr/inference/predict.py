@@ -22,10 +22,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from cxr import CLASS_NAMES
-from cxr.data.images import ImageLimits
+from cxr.common.images import ImageLimits
 from cxr.errors import CxrError, DataError
 from cxr.files import dumps_json
-from cxr.inference.loading import LoadedModel, UnverifiedModel, load, load_image, predict_images, shipped_threshold
+from cxr.inference.loading import LoadedModel, UnverifiedModel, load, load_image, predict_images
 from cxr.safe_text import printable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
@@ -126,7 +126,7 @@ def predict(
             image file counts as one failure (one error line naming it).
         threshold: the P(pneumonia) at or above which an image is called PNEUMONIA (a number from
             0 to 1); None uses the model's shipped threshold
-            (:func:`cxr.inference.loading.shipped_threshold`).
+            (:func:`cxr.common.thresholds.model_threshold`).
         gradcam_dir: when set, a Grad-CAM overlay PNG per image is written there
             (``<stem>-<8 hex of the path's hash>.gradcam.png``).
         as_json: one JSON object per image (path, label, probability, threshold and its source,
@@ -162,11 +162,11 @@ def predict(
         lm = model_path if isinstance(model_path, LoadedModel) else load(model_path, allow_unverified=allow_unverified)
     except UnverifiedModel as exc:
         raise UnverifiedModel(f"{exc} (--allow-unverified uses it anyway)") from None
-    cut, cut_source = (cut_given, "--threshold") if cut_given is not None else shipped_threshold(lm)
+    cut, cut_source = lm.threshold(cut_given)
     cfg = lm.input
     if limits is not None:
         cfg = replace(cfg, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
-    claimed = lm.card.get("model_sha256")
+    claimed = lm.card.model_sha256
     pending: list[tuple[Path, np.ndarray]] = []
 
     def flush() -> None:
@@ -229,8 +229,8 @@ def _json_path(path: Path) -> str:
 
 
 def _write_overlay(lm: Any, image: np.ndarray, path: Path, folder: Path, label: str, probability: float) -> str:
-    from cxr.evaluation.gradcam import gradcam, overlay
-    from cxr.reporting.plots import plt
+    from cxr.common.plots import plt
+    from cxr.inference.gradcam import gradcam, overlay
 
     cam, _ = gradcam(lm.model, image[None].astype(np.float32) / 255.0)
     # the stem alone would collide for x/scan.png and y/scan.dcm; a hostile stem (control characters,

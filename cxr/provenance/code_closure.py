@@ -1,7 +1,14 @@
-"""The code a pipeline step runs, computed: the import closure of its entry module inside ``cxr``.
+"""The code a pipeline step runs, computed: the import closure of its entry module inside ``cxr``,
+and a fingerprint of what that code *computes*.
 
-Kept apart from the stage registry (:mod:`cxr.stages`) so that a step can digest its own code (the
-training run key does) without the registry itself becoming part of every step's code.
+The fingerprint (:func:`fingerprint`) hashes each file's syntax tree with what cannot change a
+result taken out: comments (the parser drops them), docstrings, logging calls, the text of raised
+errors and command-line help. So a typo fixed in a message reruns no stage, under DVC or Prefect,
+while any edit to a statement that computes does. Measured on this repository (issue 18): a comment
+added to ``cxr/errors.py`` used to make ``dvc status`` list all nine stages.
+
+Kept apart from the stage registry (:mod:`cxr.stages`) so that a step can fingerprint its own code
+(the training run key does) without the registry itself becoming part of every step's code.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cxr.errors import CxrError
@@ -102,3 +109,115 @@ def module_digest(module: str) -> str:
         The hex digest.
     """
     return files_digest(import_closure(module))
+
+
+# ---------------------------------------------------------------- what the code computes
+_LOGGERS = frozenset({"log", "logger", "logging", "LOG"})
+_LOG_METHODS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical"})
+_TEXT_KEYWORDS = frozenset({"help", "description", "epilog"})
+
+
+def _is_docstring(node: ast.stmt) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _is_log_call(node: ast.stmt) -> bool:
+    if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)):
+        return False
+    func = node.value.func
+    return (
+        isinstance(func, ast.Attribute)
+        and func.attr in _LOG_METHODS
+        and isinstance(func.value, ast.Name)
+        and func.value.id in _LOGGERS
+    )
+
+
+class _Normaliser(ast.NodeTransformer):
+    """Drop docstrings and logging statements, blank error-message text, drop help keywords."""
+
+    def _body(self, body: list[ast.stmt]) -> list[ast.stmt]:
+        if body and _is_docstring(body[0]):
+            body = body[1:]
+        body = [stmt for stmt in body if not _is_log_call(stmt)]
+        return body or [ast.Pass()]
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        node = super().generic_visit(node)
+        for name in ("body", "orelse", "finalbody"):
+            value = getattr(node, name, None)
+            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                kept = self._body(value) if name == "body" else [s for s in value if not _is_log_call(s)]
+                setattr(node, name, kept or ([ast.Pass()] if name == "body" else []))
+        return node
+
+    def visit_Raise(self, node: ast.Raise) -> ast.AST:
+        for child in ast.walk(node):  # the message a raised error carries does not change a result
+            for field, value in ast.iter_fields(child):
+                if isinstance(value, ast.JoinedStr):
+                    setattr(child, field, ast.Constant(""))
+                elif isinstance(value, list):
+                    setattr(child, field, [ast.Constant("") if isinstance(v, ast.JoinedStr) else v for v in value])
+            if isinstance(child, ast.Constant) and isinstance(child.value, str):
+                child.value = ""
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        node.keywords = [k for k in node.keywords if k.arg not in _TEXT_KEYWORDS]
+        return self.generic_visit(node)
+
+
+def normalised_tree(source: str, filename: str = "<source>", drop_functions: Sequence[str] = ()) -> str:
+    """A Python file's syntax tree without comments, docstrings, logging, error text or help text.
+
+    Args:
+        source: the file's text.
+        filename: for syntax errors.
+        drop_functions: top-level functions to leave out (another CLI command's handler, say).
+
+    Returns:
+        ``ast.dump`` of the normalised tree (no line numbers): equal for two sources that compute alike.
+    """
+    tree = ast.parse(source, filename=filename)
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name in drop_functions)]
+    return ast.dump(_Normaliser().visit(tree), include_attributes=False)
+
+
+def file_fingerprint(rel: str, drop_functions: Sequence[str] = ()) -> bytes:
+    """What one repository file contributes to a fingerprint: the normalised tree of a ``.py`` file,
+    the bytes of anything else (a template)."""
+    path = REPO_ROOT / rel
+    if path.suffix == ".py":
+        return normalised_tree(path.read_text(), str(path), drop_functions).encode()
+    return path.read_bytes()
+
+
+def fingerprint(files: Iterable[str], partial: Iterable[tuple[str, Sequence[str]]] = ()) -> str:
+    """sha256 of what the given files compute (see the module docstring).
+
+    Args:
+        files: repository-relative paths, fingerprinted whole.
+        partial: ``(path, functions to leave out)`` pairs: files of which only a part belongs to a
+            step (``cxr/cli.py`` less the other commands' handlers).
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode() + b"\0" + file_fingerprint(rel) + b"\0")
+    for rel, dropped in partial:
+        digest.update(rel.encode() + b"\0" + file_fingerprint(rel, dropped) + b"\0")
+    return digest.hexdigest()
+
+
+def module_fingerprint(module: str) -> str:
+    """:func:`fingerprint` of the import closure of ``module``.
+
+    Args:
+        module: a dotted ``cxr`` module name.
+
+    Returns:
+        The hex digest.
+    """
+    return fingerprint(import_closure(module))

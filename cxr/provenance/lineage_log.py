@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cxr.common.model_card import parse_card
 from cxr.errors import CxrError
 from cxr.files import dumps_json
 from cxr.provenance.hashing import sha256_file
@@ -195,6 +196,10 @@ def _read_card(card_file: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"its card {printable(card_file)} is not a JSON object (a JSON {type(card).__name__})"
     if not isinstance(card.get("model_sha256"), str):
         return None, f"its card {printable(card_file)} has no model_sha256 string"
+    try:
+        parse_card(card, card_file)
+    except CxrError as exc:
+        return None, f"its card does not follow the model card schema ({printable(str(exc).split(': ', 1)[-1])})"
     return card, None
 
 

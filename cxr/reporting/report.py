@@ -4,7 +4,7 @@ Everything the pipeline learned, for a clinician or an engineer, offline. At the
 sample" banner when the models were trained on the embedded sample, the summary (per model and data
 set: n, prevalence, AUC / sensitivity / specificity with 95 % CIs at the shipped threshold, and the
 figures at Youden's threshold), the provenance (generation date, code commit, package version, data
-source) and the intended use and limitations (:mod:`cxr.reporting.intended_use`, the text the
+source) and the intended use and limitations (:mod:`cxr.common.intended_use`, the text the
 model cards carry). Then the data summary and leakage check, the augmented batch, training curves,
 test metrics, confusion matrices, ROC / PR / calibration plots, the Grad-CAM gallery with its
 border-heat numbers, reader agreement when a readers file is configured, and each model's lineage.
@@ -33,10 +33,11 @@ import jinja2
 from markupsafe import Markup
 
 import cxr
+from cxr.common.intended_use import DATA_CITATION, INTENDED_USE, LIMITATIONS
+from cxr.common.model_card import card_path_for, read_card_if_any
 from cxr.formatting import MINUS, interval, num
-from cxr.inference.loading import card_path_for, model_file
+from cxr.inference.loading import model_file
 from cxr.provenance.versions import code_version
-from cxr.reporting.intended_use import DATA_CITATION, INTENDED_USE, LIMITATIONS
 from cxr.workspace import HERE, Workspace
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,12 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _card(path: Path) -> dict[str, Any]:
+    """A model card through the one reader, as the JSON the templates show (``{}``: none usable)."""
+    card = read_card_if_any(path)
+    return card.to_json() if card is not None else {}
+
+
 def collect(models: Sequence[str], root: Path = HERE.root) -> dict[str, Any]:
     """Everything the report shows, read from the pipeline's files (a missing file reads as ``{}``).
 
@@ -127,7 +134,7 @@ def collect(models: Sequence[str], root: Path = HERE.root) -> dict[str, Any]:
         "quality": _load(Workspace(root).quality),
         "metrics": _load(Workspace(root).metrics),
         "gradcam": _load(Workspace(root).gradcam_summary),
-        "cards": {m: _load(root / card_path_for(model_file(m))) for m in models},
+        "cards": {m: _card(root / card_path_for(model_file(m))) for m in models},
         "external": {
             name: _load(Workspace(root).external / f"{name}.json")
             for name in (_load(Workspace(root).metrics).get("external") or {})
@@ -357,7 +364,26 @@ def _markdown_summary(info: Mapping[str, Any]) -> list[str]:
         "|" + "---|" * len(YOUDEN_HEADER),
         *("| " + " | ".join(row) + " |" for row in youden_rows(info)),
     ]
-    return [*lines, ""]
+    return [*lines, "", *_markdown_roles(info)]
+
+
+def _markdown_roles(info: Mapping[str, Any]) -> list[str]:
+    """One line per external set: what its figures may claim (selection or confirmation)."""
+    lines = []
+    for name, data in ((info.get("metrics") or {}).get("external") or {}).items():
+        if data.get("role") == "confirmation":
+            when = (data.get("first_scored") or {}).get("first_scored")
+            state = (
+                f"settings changed after its first scoring ({when}): no longer confirmatory"
+                if data.get("changed_after_first_scored")
+                else f"scored with the settings of its first scoring ({when})"
+            )
+            lines.append(f"- {name}: confirmation set, {state}.")
+        else:
+            count = data.get("configurations_compared")
+            compared = f", {count} configurations compared on it" if count else ""
+            lines.append(f"- {name}: selection set{compared}; its figures are optimistic.")
+    return [*lines, ""] if lines else []
 
 
 DEMO_BANNER = (
@@ -454,11 +480,17 @@ def _summary_section(info: Mapping[str, Any]) -> dict[str, Any] | None:
         )
     rules = {r["model"]: r["threshold_rule"] for r in rows if r["threshold_rule"]}
     external = []
+    scored_sets = (info.get("metrics") or {}).get("external") or {}
     for name, ext in (info.get("external") or {}).items():
         overlap = ext.get("overlap_with_training") or {}
+        role = scored_sets.get(name) or {}
         external.append(
             {
                 "name": name,
+                "role": role.get("role", "selection"),
+                "compared": role.get("configurations_compared"),
+                "changed_after_first_scored": bool(role.get("changed_after_first_scored")),
+                "first_scored": (role.get("first_scored") or {}).get("first_scored"),
                 "overlap": bool(overlap.get("identical_files") or overlap.get("shared_patient_ids")),
                 "identical_files": overlap.get("identical_files"),
                 "shared_patient_ids": overlap.get("shared_patient_ids"),

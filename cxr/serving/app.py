@@ -52,8 +52,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cxr import CLASS_NAMES
+from cxr.common.images import ImageLimits
 from cxr.config import InputConfig
-from cxr.data.images import ImageLimits
 from cxr.errors import CxrError, DataError
 from cxr.inference.loading import LoadedModel, load_image, predict_images
 from cxr.inference.predict import IMAGE_SUFFIXES
@@ -248,7 +248,7 @@ def create_app(
     model_name = lm.path.name.removesuffix(".keras")
     limits = limits or ImageLimits.of()
     cfg = replace(lm.input, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
-    claimed = lm.card.get("model_sha256") if isinstance(lm.card.get("model_sha256"), str) else None
+    claimed = lm.card.model_sha256
     identity = {"model_sha256": lm.sha256 or None, "card_model_sha256": claimed, "verified_model": lm.verified}
 
     @contextlib.asynccontextmanager
@@ -303,7 +303,7 @@ def create_app(
                 "max_image_pixels": limits.max_pixels,
                 "max_image_bytes": limits.max_bytes,
             },
-            "card": lm.card,
+            "card": lm.card.to_json(),
         }
 
     @app.post("/predict")
@@ -459,7 +459,7 @@ def serve(
     """
     import uvicorn
 
-    from cxr.inference.loading import load, model_file, shipped_threshold
+    from cxr.inference.loading import load, model_file
     from cxr.inference.predict import check_threshold
 
     if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
@@ -473,7 +473,7 @@ def serve(
     lm = load(path)  # refuses a file that is not the one its card describes
     if not lm.verified:  # defence in depth: never serve an unverified model
         raise CxrError(f"{printable(path)}: unverified model; retrain it or restore the file its card describes")
-    cut, cut_source = (cut_given, "--threshold") if cut_given is not None else shipped_threshold(lm)
+    cut, cut_source = lm.threshold(cut_given)
     app = create_app(lm, cut, cut_source, int(max_upload_mb * 1e6), batch_size, limits)
     sock = listen(host, port)
     bound = sock.getsockname()[1]

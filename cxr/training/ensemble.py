@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxr.common.model_card import write_card
 from cxr.errors import CxrError
 from cxr.files import save_keras, write_json
 from cxr.formatting import num
@@ -96,7 +97,7 @@ def _check_members(members: Sequence[LoadedModel]) -> None:
             raise CxrError(
                 f"ensemble: {lm.path.name} and {first.path.name} differ in preprocessing ({', '.join(differs)})"
             )
-        if lm.card.get("data", {}).get("splits_sha256") != first.card.get("data", {}).get("splits_sha256"):
+        if lm.card.splits_sha256 != first.card.splits_sha256:
             raise CxrError(
                 f"ensemble: {lm.path.name} and {first.path.name} were trained on different splits; "
                 "retrain them on the same data"
@@ -145,8 +146,8 @@ def _validate(
 
 def _card(model: Any, loaded: Sequence[LoadedModel], models_dir: str | Path, val: _Validation) -> dict[str, Any]:
     """The ensemble's model card, before it is saved (no file hash, run or lineage yet)."""
-    from cxr.evaluation.metrics import validation_operating_point
-    from cxr.reporting.intended_use import intended_use  # the same text as every model card and the report
+    from cxr.common.intended_use import intended_use  # the same text as every model card and the report
+    from cxr.common.thresholds import validation_operating_point
 
     first = loaded[0].card
     return {
@@ -155,16 +156,17 @@ def _card(model: Any, loaded: Sequence[LoadedModel], models_dir: str | Path, val
         "model_file": model_file(ENSEMBLE, models_dir).as_posix(),
         "members": [
             {
-                "model": lm.card.get("model"),
+                "model": lm.card.model,
                 "model_file": lm.path.as_posix(),
-                "model_sha256": lm.card.get("model_sha256"),
+                "model_sha256": lm.card.model_sha256,
             }
             for lm in loaded
         ],
         "combination": "mean of the members' P(pneumonia)",
         "parameters": {"total": int(model.count_params())},
-        "data": first.get("data"),
-        "input": {"preprocessing": first.get("input", {}).get("preprocessing")},
+        "kind": "ensemble",
+        "data": first.data,
+        "input": {"preprocessing": first.input.preprocessing if first.input else None},
         "validation": val.health.metrics,
         "operating_point": validation_operating_point(val.labels, val.probabilities, val.target_sensitivity),
         "health": {"status": val.health.status, "problems": val.health.problems},
@@ -184,7 +186,7 @@ def _save(model: Any, card: dict[str, Any], members: Sequence[str], out_dir: Pat
         card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
         card["run"] = audit.current_run()
         card["lineage_data"] = audit.data_lineage(Path(splits_csv))
-        write_json(tmp_dir / "ensemble.card.json", card)
+        card.update(write_card(tmp_dir / "ensemble.card.json", card).to_json())
         write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": list(members)})
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp_dir, out_dir)  # the model and its card appear together

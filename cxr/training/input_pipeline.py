@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from cxr.common.images import ImageLimits, ImageRefused, check_image, probe
+from cxr.common.preprocessing import decode_image
 from cxr.config import InputConfig
-from cxr.data.images import ImageLimits, ImageRefused, check_image, probe
 from cxr.errors import DataError
 from cxr.runtime import DECODER_LINE, decoder_messages, native_stderr, pass_on, tensorflow
 from cxr.safe_text import printable
@@ -30,62 +31,6 @@ log = logging.getLogger(__name__)
 
 _CACHE_VERSION = "2"  # bump when decode_image changes what it produces
 _INPUT_THREADS = 2  # parallel batches in the training input pipeline (gather, augment, scale)
-
-
-def decode_image(path: Any, image_size: int, resize: str = "squash", interpolation: str = "bilinear") -> Any:
-    """File path (string tensor) → (S, S, 3) uint8 tensor."""
-    tf = tensorflow()
-    data = tf.io.read_file(path)
-    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    image = tf.cond(
-        is_jpeg,
-        lambda: _decode_jpeg_reduced(data, image_size),
-        lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
-    )
-    image.set_shape([None, None, 3])
-    return resize_image(image, image_size, resize, interpolation)
-
-
-def _decode_jpeg_reduced(data: Any, image_size: int) -> Any:
-    """Decode a JPEG at 1/2, 1/4 or 1/8 scale when it stays at least ``image_size`` on its short side.
-
-    libjpeg scales in the DCT domain (an area average), so a 2000-px radiograph bound for 224 px
-    decodes several times faster, and the final resize has less to do.
-    """
-    tf = tensorflow()
-    shape = tf.image.extract_jpeg_shape(data)
-    short = tf.minimum(shape[0], shape[1])
-    ratio_index = tf.reduce_sum(tf.cast(short // tf.constant([2, 4, 8]) >= image_size, tf.int32))
-    branches = [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r) for r in (1, 2, 4, 8)]
-    return tf.switch_case(ratio_index, branches)
-
-
-def resize_image(image: Any, image_size: int, resize: str = "squash", interpolation: str = "bilinear") -> Any:
-    """(H, W, 3) uint8 → (S, S, 3) uint8, squashed or letter-boxed (zero padding)."""
-    tf = tensorflow()
-    size = (image_size, image_size)
-
-    def resized(antialias: bool) -> Any:
-        if resize == "pad":
-            out = tf.image.resize_with_pad(image, image_size, image_size, method=interpolation, antialias=antialias)
-        else:
-            out = tf.image.resize(image, size, method=interpolation, antialias=antialias)
-        out = tf.cast(out, tf.float32)  # nearest keeps uint8; clip and round in float either way
-        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
-
-    shape = tf.shape(image)
-    # Anti-aliasing matters when shrinking by more than 2×; below that plain interpolation is
-    # alias-free enough and several times cheaper (JPEGs arrive pre-shrunk by the DCT decode).
-    big = tf.greater(tf.minimum(shape[0], shape[1]), 2 * image_size)
-    use_aa = interpolation != "nearest"
-    already = tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size))
-    out = tf.cond(
-        already,
-        lambda: image,  # most of the shared set is already 224 px
-        lambda: tf.cond(big, lambda: resized(use_aa), lambda: resized(False)),
-    )
-    out.set_shape([image_size, image_size, 3])
-    return out
 
 
 def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarray, str]:
@@ -232,6 +177,7 @@ def make_dataset(
     augment: bool,
     seed: int,
     drop_remainder: bool = False,
+    mixup: float = 0.0,
 ) -> Any:
     """Batches of ([0, 1] float32 images, float32 labels) from a decoded uint8 array.
 
@@ -243,6 +189,8 @@ def make_dataset(
         augment: apply ``cfg.augment`` (training only).
         seed: the seed of the shuffle and of the augmentation.
         drop_remainder: drop a last, smaller batch.
+        mixup: mixup's alpha (0 = off; training only): each batch blended with a shuffled copy of
+            itself, images and labels with the same weight (:func:`mixup_batch`).
 
     Returns:
         A ``tf.data.Dataset`` of (images, labels) batches.
@@ -267,7 +215,40 @@ def make_dataset(
     if augment:
         ds = _augmented(ds, cfg, seed)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=_INPUT_THREADS, deterministic=True)
+    if mixup > 0:
+        seeds = tf.data.Dataset.random(seed=seed + 7919, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: mixup_batch(xy[0], xy[1], mixup, s), num_parallel_calls=_INPUT_THREADS, deterministic=True
+        )
     return _on_few_threads(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def mixup_batch(images: Any, labels: Any, alpha: float, seed: Any) -> tuple[Any, Any]:
+    """Mixup (Zhang et al. 2018): blend each image with another of its batch, and its label alike.
+
+    Each example i gets a weight λᵢ ~ Beta(α, α) and a partner p(i) from a random permutation of
+    the batch: xᵢ ← λᵢ·xᵢ + (1 − λᵢ)·x_p(i), yᵢ ← λᵢ·yᵢ + (1 − λᵢ)·y_p(i). A pneumonia film
+    blended with a normal one is a soft target, which discourages over-confident decisions on
+    features a few films share (markers, exposure). Stateless: the same seed gives the same batch.
+
+    Args:
+        images: (B, S, S, C) float32 in [0, 1].
+        labels: (B,) float32 in [0, 1].
+        alpha: the Beta distribution's parameter, > 0.
+        seed: a pair of integers (a tensor inside ``tf.data``).
+
+    Returns:
+        The blended (images, labels), same shapes and dtypes.
+    """
+    tf = tensorflow()
+    seed = tf.cast(seed, tf.int64)
+    n = tf.shape(labels)[0]
+    g1 = tf.random.stateless_gamma([n], seed=seed, alpha=alpha)
+    g2 = tf.random.stateless_gamma([n], seed=seed + tf.constant([0, 1], tf.int64), alpha=alpha)
+    lam = g1 / tf.maximum(g1 + g2, 1e-12)
+    order = tf.argsort(tf.random.stateless_uniform([n], seed=seed + tf.constant([0, 2], tf.int64)))
+    mixed = lam[:, None, None, None] * images + (1.0 - lam[:, None, None, None]) * tf.gather(images, order)
+    return mixed, lam * labels + (1.0 - lam) * tf.gather(labels, order)
 
 
 def _augmented(ds: Any, cfg: InputConfig, seed: int) -> Any:

@@ -10,11 +10,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from cxr.common.layers import ImagenetCaffePreprocess, IntensityNormalization
 from cxr.errors import CxrError
+from cxr.model_options import OPTIONS
 from cxr.runtime import tensorflow
-from cxr.training.model_options import OPTIONS
 
 tensorflow()  # quiet TensorFlow import before Keras pulls it in
 import keras  # noqa: E402
@@ -24,7 +23,7 @@ REGISTRY: dict[str, Builder] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
-    """Add a builder under ``name``; its options are declared in :mod:`cxr.training.model_options`.
+    """Add a builder under ``name``; its options are declared in :mod:`cxr.model_options`.
 
     Used as a decorator: ``@register("cxrnet")`` above ``def cxrnet(image_size, cfg)``.
 
@@ -39,7 +38,7 @@ def register(name: str) -> Callable[[Builder], Builder]:
             decorator is applied, at import).
     """
     if name not in OPTIONS:
-        raise CxrError(f"model {name!r}: declare its options in cxr/training/model_options.py first")
+        raise CxrError(f"model {name!r}: declare its options in cxr/model_options.py first")
 
     def add(builder: Builder) -> Builder:
         REGISTRY[name] = builder
@@ -89,51 +88,6 @@ def build_model(
     return model
 
 
-@keras.saving.register_keras_serializable(package="cxr")
-class IntensityNormalization(keras.layers.Layer):
-    """Per-image intensity normalisation of [0, 1] images, inside the model.
-
-    Films from another scanner or exposure differ in brightness and contrast before they differ in
-    anatomy; normalising each image removes that difference for training and inference alike.
-
-    - ``standardize``: zero mean, unit standard deviation per image (all channels together).
-    - ``equalize``: histogram equalisation per image (256 grey levels, computed on the channel
-      mean), output in [0, 1].
-    """
-
-    def __init__(self, mode: str = "standardize", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if mode not in ("standardize", "equalize"):
-            raise ValueError(f"IntensityNormalization mode {mode!r}: choose standardize or equalize")
-        self.mode = mode
-
-    def call(self, inputs: Any) -> Any:
-        tf = tensorflow()
-        x = tf.cast(inputs, tf.float32)
-        if self.mode == "standardize":
-            mean, var = tf.nn.moments(x, axes=[1, 2, 3], keepdims=True)
-            return tf.cast((x - mean) / tf.sqrt(var + 1e-6), inputs.dtype)
-        grey = tf.reduce_mean(x, axis=-1)  # (B, H, W)
-        batch = tf.shape(grey)[0]
-        levels = tf.cast(tf.clip_by_value(tf.round(grey * 255.0), 0, 255), tf.int32)
-        offsets = tf.range(batch)[:, None, None] * 256
-        hist = tf.math.bincount(
-            tf.reshape(levels + offsets, [-1]), minlength=256 * batch, maxlength=256 * batch, dtype=tf.float32
-        )
-        cdf = tf.cumsum(tf.reshape(hist, [batch, 256]), axis=1)
-        cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, tf.fill(tf.shape(cdf), np.inf)), axis=1, keepdims=True)
-        total = cdf[:, -1:]
-        lut = tf.clip_by_value((cdf - cdf_min) / tf.maximum(total - cdf_min, 1.0), 0.0, 1.0)
-        out = tf.gather(lut, levels, batch_dims=1)  # (B, H, W)
-        return tf.cast(tf.repeat(out[..., None], tf.shape(x)[-1], axis=-1), inputs.dtype)
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "mode": self.mode}
-
-
 def network_side(image_size: int, cfg: Mapping[str, Any]) -> int:
     """The side of the images the network itself sees: ``image_size`` less the centre crop's bands.
 
@@ -159,20 +113,6 @@ def _image_input(image_size: int, cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     if mode != "none":
         x = IntensityNormalization(mode, name="normalize", dtype="float32")(x)
     return inputs, x
-
-
-@keras.saving.register_keras_serializable(package="cxr")
-class ImagenetCaffePreprocess(keras.layers.Layer):
-    """[0, 255] RGB → BGR minus the ImageNet channel means, as VGG16's ImageNet weights expect.
-
-    A named layer rather than a Lambda, so saved models load with ``safe_mode=True``.
-    """
-
-    MEAN_BGR = (103.939, 116.779, 123.68)
-
-    def call(self, inputs: Any) -> Any:
-        bgr = keras.ops.flip(inputs, axis=-1)
-        return bgr - keras.ops.convert_to_tensor(self.MEAN_BGR, dtype=bgr.dtype)
 
 
 def _output(x: Any) -> Any:

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr.common import plots
 from cxr.config import InputConfig, as_section
-from cxr.reporting import plots
 from cxr.training.input_pipeline import load_images, make_dataset, read_split
 from cxr.workspace import HERE
 

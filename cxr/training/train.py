@@ -43,16 +43,17 @@ from typing import Any
 
 import numpy as np
 
+from cxr.common import plots
+from cxr.common.model_card import read_card, write_card
+from cxr.common.thresholds import validation_operating_point
 from cxr.config import InputConfig, Params, TrainConfig, as_plain
 from cxr.errors import CxrError, DataError
-from cxr.evaluation.metrics import validation_operating_point
 from cxr.files import save_keras, write_json
 from cxr.formatting import num
 from cxr.logs import interactive
 from cxr.provenance import lineage_log as audit
 from cxr.provenance.hashing import sha256_file
 from cxr.provenance.versions import code_version, library_versions
-from cxr.reporting import plots
 from cxr.runtime import configure, distribution
 from cxr.training.health import Health, assess
 from cxr.training.input_pipeline import load_images, make_dataset, read_split
@@ -123,7 +124,7 @@ def _as_keras_callback(behaviour: type) -> type:
 
 def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: str) -> str:
     """Key of a resumable run: data, settings and the code it runs (the import closure the registry uses)."""
-    from cxr.provenance.code_closure import module_digest
+    from cxr.provenance.code_closure import module_fingerprint
 
     payload = json.dumps(
         {
@@ -131,7 +132,7 @@ def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: st
             "cfg": repr(cfg),
             "input": repr(input_cfg),
             "splits": splits_sha,
-            "code": module_digest(__name__),
+            "code": module_fingerprint(__name__),
         },
         sort_keys=True,
     )
@@ -174,9 +175,38 @@ def _trim_history(history_csv: Path, backup_dir: Path) -> None:
         kept.to_csv(history_csv, index=False)
 
 
+def learning_rate_schedule(cfg: TrainConfig, total_epochs: int, steps_per_epoch: int) -> Any:
+    """The optimiser's learning rate: ``cfg.learning_rate`` (``schedule: plateau``) or a schedule.
+
+    ``cosine``: linear warm-up from 0 over ``warmup_epochs``, then cosine decay to 0 by the end of
+    ``total_epochs`` (Loshchilov & Hutter 2017), stepped every batch. A fixed budget rather than
+    early stopping: validation AUC is ≥ 0.996 for every recipe compared, so stopping on it stops on noise.
+
+    Args:
+        cfg: the model's training settings.
+        total_epochs: the epochs of the run (the schedule ends with them).
+        steps_per_epoch: optimiser steps per epoch.
+
+    Returns:
+        A float, or a ``keras.optimizers.schedules.CosineDecay``.
+    """
+    if cfg.schedule != "cosine":
+        return cfg.learning_rate
+    import keras
+
+    steps_per_epoch = max(int(steps_per_epoch), 1)
+    warmup = min(cfg.warmup_epochs, max(total_epochs - 1, 0)) * steps_per_epoch
+    decay = max(total_epochs * steps_per_epoch - warmup, 1)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=decay, alpha=0.0)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=decay, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warmup
+    )
+
+
 def compile_model(
     model: Any,
-    learning_rate: float,
+    learning_rate: Any,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     label_smoothing: float = 0.0,
@@ -186,7 +216,7 @@ def compile_model(
 
     Args:
         model: an uncompiled (or loaded) Keras model.
-        learning_rate: the optimiser's initial learning rate.
+        learning_rate: the optimiser's learning rate, or a schedule (:func:`learning_rate_schedule`).
         optimizer: ``adam`` or ``adamw`` (decoupled ``weight_decay``).
         weight_decay: AdamW's decoupled weight decay.
         label_smoothing: binary cross-entropy label smoothing.
@@ -489,7 +519,7 @@ def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
     strategy = distribution(run.cfg.distribute)
     if strategy.num_replicas_in_sync > 1:
         log.info("%s: training on %d replicas (%s)", run.name, strategy.num_replicas_in_sync, type(strategy).__name__)
-    start = _build_or_continue(run, strategy)
+    start = _build_or_continue(run, strategy, _steps_per_epoch(run, data))
     scratch = _resume_or_reset(run, splits_sha, start.previous)
     verbose = 1 if interactive() else 0
     callbacks = _callbacks(run, scratch, start.epochs, verbose)
@@ -508,7 +538,9 @@ def _load_data(run: _Run) -> _Data:
     val_paths, val_labels, val_key = read_split(run.splits_csv, "val")
     train_images = load_images(train_paths, train_key, input_cfg, "train")
     val_images = load_images(val_paths, val_key, input_cfg, "val")
-    train_ds = make_dataset(train_images, train_labels, input_cfg, shuffle=True, augment=True, seed=cfg.seed)
+    train_ds = make_dataset(
+        train_images, train_labels, input_cfg, shuffle=True, augment=True, seed=cfg.seed, mixup=cfg.mixup
+    )
     val_ds = make_dataset(
         val_images, val_labels, input_cfg, shuffle=False, augment=input_cfg.augment_validation, seed=cfg.seed + 1
     )
@@ -516,7 +548,14 @@ def _load_data(run: _Run) -> _Data:
     return _Data(train_labels, val_images, val_labels, train_ds, val_ds, weights)
 
 
-def _build_or_continue(run: _Run, strategy: Any) -> _Start:
+def _steps_per_epoch(run: _Run, data: _Data) -> int:
+    """Optimiser steps in one epoch (``steps_per_epoch``, else the train split's batches)."""
+    if run.cfg.steps_per_epoch is not None:
+        return run.cfg.steps_per_epoch
+    return -(-len(data.train_labels) // run.input_cfg.batch_size)
+
+
+def _build_or_continue(run: _Run, strategy: Any, steps_per_epoch: int) -> _Start:
     """A fresh model, or (``continue_epochs`` > 0) the saved one, verified against its card; compiled."""
     import keras
 
@@ -531,7 +570,7 @@ def _build_or_continue(run: _Run, strategy: Any) -> _Start:
                 f"train.{name}.continue_epochs={cfg.continue_epochs}: no saved {run.model_path} "
                 "with its card to continue from; train it first with continue_epochs: 0"
             )
-        previous = json.loads(run.card_path.read_text())
+        previous = read_card(run.card_path).to_json()
         if previous.get("model_sha256") != sha256_file(run.model_path):
             raise CxrError(f"{run.model_path} does not match its card (sha256 differs): refusing to continue")
         with strategy.scope():
@@ -555,7 +594,8 @@ def _build_or_continue(run: _Run, strategy: Any) -> _Start:
                 center_crop=run.input_cfg.center_crop,
             )
     with strategy.scope():
-        compile_model(model, cfg.learning_rate, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.ema)
+        rate = learning_rate_schedule(cfg, epochs - initial_epoch, steps_per_epoch)
+        compile_model(model, rate, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.ema)
     return _Start(model, previous, initial_epoch, epochs)
 
 
@@ -586,7 +626,16 @@ def _callbacks(run: _Run, scratch: _Scratch, epochs: int, verbose: int) -> list[
     import keras
 
     cfg = run.cfg
+
+    class LearningRateLog(keras.callbacks.Callback):
+        """Put the epoch's learning rate in the logs (a schedule has no ReduceLROnPlateau to do it)."""
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if logs is not None and "learning_rate" not in logs:
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
     callbacks: list[Any] = [
+        *([LearningRateLog()] if cfg.schedule != "plateau" else []),  # before the CSV logger reads the logs
         # CSVLogger before BackupAndRestore: an epoch's row is on disk before its backup, so a kill
         # between the two repeats the epoch (its row is then replaced) rather than losing its row.
         keras.callbacks.CSVLogger(str(scratch.history_csv), append=True),
@@ -600,16 +649,19 @@ def _callbacks(run: _Run, scratch: _Scratch, epochs: int, verbose: int) -> list[
             str(scratch.best_path),
             monitor=cfg.monitor,
             mode=cfg.monitor_mode,
-            save_best_only=True,
-            initial_value_threshold=_best_so_far(run, scratch),
-        ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor=cfg.reduce_lr.monitor,
-            factor=cfg.reduce_lr.factor,
-            patience=cfg.reduce_lr.patience,
-            min_lr=cfg.reduce_lr.min_lr,
+            save_best_only=cfg.checkpoint == "best",  # last: every epoch, so the final one remains
+            initial_value_threshold=_best_so_far(run, scratch) if cfg.checkpoint == "best" else None,
         ),
     ]
+    if cfg.schedule == "plateau":  # a cosine schedule owns the learning rate
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=cfg.reduce_lr.monitor,
+                factor=cfg.reduce_lr.factor,
+                patience=cfg.reduce_lr.patience,
+                min_lr=cfg.reduce_lr.min_lr,
+            )
+        )
     stopping = cfg.early_stopping
     if stopping.enabled:
         callbacks.append(
@@ -683,7 +735,10 @@ def _assess(run: _Run, start: _Start, data: _Data, scratch: _Scratch) -> _Outcom
 
 
 def _best_epoch(history: Mapping[str, list[float]], cfg: TrainConfig) -> int | None:
-    """The 1-based epoch with the best monitored value; None when it was never (or only NaN) recorded."""
+    """The 1-based epoch that shipped: the last (``checkpoint: last``) or the one with the best monitored
+    value; None when it was never (or only NaN) recorded."""
+    if cfg.checkpoint == "last" and history.get("epoch"):
+        return int(history["epoch"][-1])
     if not history.get(cfg.monitor):
         return None
     pick = np.nanargmax if cfg.monitor_mode == "max" else np.nanargmin
@@ -703,7 +758,7 @@ def _card(
     fit_seconds: float,
 ) -> dict[str, Any]:
     """The model card, less what only shipping knows (``model_sha256``, total time, lineage)."""
-    from cxr.reporting.intended_use import intended_use  # the text the report shows too
+    from cxr.common.intended_use import intended_use  # the text the report shows too
 
     cfg, input_cfg, model = run.cfg, run.input_cfg, outcome.model
     return {
@@ -796,7 +851,7 @@ def _reject(run: _Run, model: Any, card: dict[str, Any], message: str) -> Traini
     card.update(
         model_file=(rejected / f"{run.name}.keras").as_posix(), model_sha256=sha256_file(rejected / f"{run.name}.keras")
     )
-    write_json(rejected / f"{run.name}.card.json", card)
+    write_card(rejected / f"{run.name}.card.json", card)
     reports = rejected / f"{run.name}.reports"
     shutil.rmtree(reports, ignore_errors=True)
     shutil.move(run.staging_dir, reports)
@@ -846,7 +901,7 @@ def _ship(
         os.replace(model_tmp, run.model_path)
     finally:
         model_tmp.unlink(missing_ok=True)
-    write_json(run.card_path, card)
+    card = write_card(run.card_path, card).to_json()
     audit.append(_lineage_record(run, card))
     shutil.rmtree(run.work_dir, ignore_errors=True)
     log.info(

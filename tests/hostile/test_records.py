@@ -346,10 +346,12 @@ def test_explain_skips_the_ensemble_with_one_line(evaluated: Path, tmp_path: Pat
 
 
 def test_validation_youden_is_not_the_cards_sensitivity_threshold(tmp_path: Path) -> None:
-    from cxr.evaluation.evaluate import _validation_youden
-    from cxr.inference.loading import LoadedModel
+    from cxr.common.model_card import parse_card
+    from cxr.common.thresholds import validation_youden
 
     card = {
+        "model": "m",
+        "input": {"preprocessing": {"image_size": 32, "resize": "squash", "interpolation": "bilinear"}},
         "model_sha256": "ab" * 32,
         "operating_point": {
             "threshold": 0.93,
@@ -357,11 +359,12 @@ def test_validation_youden_is_not_the_cards_sensitivity_threshold(tmp_path: Path
             "chosen_on": "val",
         },
     }
-    lm = LoadedModel(model=None, card=card, input=None, path=tmp_path / "m.keras", verified=True)  # type: ignore[arg-type]
-    assert _validation_youden(lm, tmp_path) is None
+    sha = "ab" * 32
+    assert validation_youden(parse_card(card), "m", sha, tmp_path) is None
     (tmp_path / "m").mkdir()
-    (tmp_path / "m/metrics.json").write_text(json.dumps({"model_sha256": "ab" * 32, "youden_threshold": 0.41}))
-    assert _validation_youden(lm, tmp_path) == 0.41
+    (tmp_path / "m/metrics.json").write_text(json.dumps({"model_sha256": sha, "youden_threshold": 0.41}))
+    assert validation_youden(parse_card(card), "m", sha, tmp_path) == 0.41
+    assert validation_youden(parse_card(card), "m", "cd" * 32, tmp_path) is None  # recorded for other bytes
     card["operating_point"] = {"threshold": 0.37, "rule": "Youden's J on the validation split", "chosen_on": "val"}
-    assert _validation_youden(lm, tmp_path) == 0.37
-    assert not math.isnan(_validation_youden(lm, tmp_path) or 0.0)
+    assert validation_youden(parse_card(card), "m", sha, tmp_path) == 0.37
+    assert not math.isnan(validation_youden(parse_card(card), "m", sha, tmp_path) or 0.0)

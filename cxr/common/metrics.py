@@ -116,36 +116,6 @@ def sensitivity_threshold(labels: np.ndarray, probabilities: np.ndarray, target:
     return float(positives[min(allowed_misses, positives.size - 1)])
 
 
-def validation_operating_point(
-    labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float | None = None
-) -> dict[str, Any] | None:
-    """The threshold a model ships with, chosen on its validation split (None when undefined).
-
-    Args:
-        labels, probabilities: the validation split's truth and the model's P(pneumonia).
-        target_sensitivity: None for Youden's J; a fraction for the highest threshold that keeps
-            that validation sensitivity.
-
-    Returns:
-        ``{threshold, rule, chosen_on: "val"}``, ``rule`` naming how it was chosen; None when the
-        validation split lacks one of the classes or a probability is not finite.
-    """
-    labels = np.asarray(labels).astype(int)
-    if len(set(labels.tolist())) < 2 or not np.isfinite(probabilities).all():
-        return None
-    if target_sensitivity is None:
-        return {
-            "threshold": youden_threshold(labels, probabilities),
-            "rule": "Youden's J on the validation split",
-            "chosen_on": "val",
-        }
-    return {
-        "threshold": sensitivity_threshold(labels, probabilities, target_sensitivity),
-        "rule": f"highest threshold with validation sensitivity ≥ {target_sensitivity:g}",
-        "chosen_on": "val",
-    }
-
-
 def _group_index(groups: Sequence[str]) -> list[np.ndarray]:
     order: dict[str, list[int]] = {}
     for i, g in enumerate(groups):

@@ -1,0 +1,228 @@
+"""The model card: a typed, versioned schema with one reader (:func:`read_card`) and one writer
+(:func:`write_card`). Every module that looks at a card goes through here.
+
+A card sits beside its model file (``<name>.card.json`` next to ``<name>.keras``) and says what the
+file is: the bytes it describes (``model_sha256``), how images must be prepared for it
+(``input.preprocessing``), the threshold it ships with and how that was chosen
+(``operating_point``), its health on the validation split, the data and code that made it.
+
+Versions:
+
+- **0** — cards written before the schema carried a version (up to 2026-12-06). Same fields; read
+  as they are.
+- **1** — ``schema_version: 1``; ``operating_point`` and ``health`` typed, ``kind`` says whether
+  the card describes a trained network or an ensemble.
+
+A card of a version newer than this code knows, or one whose typed fields do not hold what they
+must, is refused with one line that names the card and the field. Fields the schema does not type
+(timings, library versions, the training configuration...) are kept and written back unchanged.
+
+pydantic rather than hand-written checks: the card is a JSON document with nested typed parts, and
+pydantic's frozen models, bounds and error locations are exactly that job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cxr.errors import CxrError
+from cxr.files import json_safe, write_json
+from cxr.safe_text import printable
+
+CARD_VERSION = 1
+CARD_SUFFIX = ".card.json"
+
+
+class OperatingPoint(BaseModel):
+    """The decision threshold a model ships with, and how it was chosen."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    rule: str
+    chosen_on: str | None = None  # "val", an external set's name, or None for a fixed threshold
+
+
+class Health(BaseModel):
+    """The collapse check on the validation split (:mod:`cxr.training.health`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    status: Literal["healthy", "collapsed", "degenerate"]
+    problems: list[str] = Field(default_factory=list)
+
+
+class CardInput(BaseModel):
+    """What the model expects as input; ``preprocessing`` is parsed strictly by the loader."""
+
+    model_config = ConfigDict(extra="allow")
+
+    preprocessing: dict[str, Any]
+
+
+class Member(BaseModel):
+    """One member of an ensemble, by its file's bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    model: str
+    model_file: str
+    model_sha256: str
+
+
+class ModelCard(BaseModel):
+    """One model card. Untyped extra fields are allowed and preserved."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    schema_version: int = CARD_VERSION
+    kind: Literal["trained", "ensemble"] = "trained"
+    model: str
+    created: str | None = None
+    model_file: str | None = None
+    model_sha256: str | None = None
+    input: CardInput | None = None  # required in practice; the loader names its absence precisely
+    operating_point: OperatingPoint | None = None
+    health: Health | None = None
+    validation: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    epochs_run: int | None = None
+    best_epoch: int | None = None
+    members: list[Member] | None = None
+    intended_use: dict[str, Any] | None = None
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _no_nan(cls, value: Any) -> Any:
+        """JSON has no NaN: a metric that was undefined is written as null."""
+        if isinstance(value, Mapping):
+            return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in value.items()}
+        return value
+
+    @property
+    def splits_sha256(self) -> str | None:
+        """The split file the model was trained (or validated) on."""
+        return (self.data or {}).get("splits_sha256")
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        """A field the schema does not type (``timings``, ``train_config``...), or ``default``."""
+        return (self.model_extra or {}).get(key, default)
+
+    def to_json(self) -> dict[str, Any]:
+        """The card as the JSON object written to disk (the version included)."""
+        return json_safe(self.model_dump())
+
+
+def card_path_for(model_path: str | Path) -> Path:
+    """The model card beside a model file: ``<dir>/<name>.keras`` → ``<dir>/<name>.card.json``.
+
+    Args:
+        model_path: the ``.keras`` file.
+
+    Returns:
+        The card's path (not checked to exist).
+    """
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name.removesuffix(".keras") + CARD_SUFFIX)
+
+
+def _field(error: Mapping[str, Any]) -> str:
+    return ".".join(str(part) for part in error.get("loc", ())) or "card"
+
+
+def parse_card(raw: Any, where: str | Path = "model card") -> ModelCard:
+    """A card from its JSON object, of any version this code reads.
+
+    Args:
+        raw: the decoded JSON.
+        where: the card's path or name, for messages.
+
+    Returns:
+        The typed card (a version 0 card is upgraded in memory to the current version).
+
+    Raises:
+        CxrError: not a JSON object, a newer version, or a typed field that does not hold what it must.
+    """
+    shown = printable(where)
+    if not isinstance(raw, dict):
+        raise CxrError(f"{shown}: the model card is a JSON {type(raw).__name__}, not an object; retrain or restore it")
+    version = raw.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CxrError(
+            f"{shown}: schema_version={printable(repr(version))} is not a card version; retrain or restore it"
+        )
+    if version > CARD_VERSION:
+        raise CxrError(
+            f"{shown}: model card version {version} is newer than this cxr-pipeline reads ({CARD_VERSION}); "
+            "upgrade cxr-pipeline"
+        )
+    upgraded = dict(raw)
+    if version == 0:
+        upgraded["schema_version"] = CARD_VERSION
+        upgraded.setdefault("kind", "ensemble" if "members" in raw else "trained")
+    try:
+        return ModelCard.model_validate(upgraded)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        what = printable(str(first.get("msg", "invalid")))
+        raise CxrError(
+            f"{shown}: model card field {_field(first)}: {what}; the card is damaged: retrain or restore it"
+        ) from None
+
+
+def read_card(card_file: str | Path) -> ModelCard:
+    """Read and check a model card.
+
+    Args:
+        card_file: ``<name>.card.json``.
+
+    Returns:
+        The typed card.
+
+    Raises:
+        CxrError: one line: the card is missing, unreadable, not JSON, or fails :func:`parse_card`.
+    """
+    card_file = Path(card_file)
+    shown = printable(card_file)
+    if not card_file.is_file():
+        raise CxrError(f"{shown}: model card not found; the preprocessing of {printable(card_file.name)} is unknown")
+    try:
+        raw = json.loads(card_file.read_bytes())
+    except OSError as exc:
+        raise CxrError(f"{shown}: cannot read the model card ({exc.strerror or type(exc).__name__})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        reason = str(exc).splitlines()[0][:80]
+        raise CxrError(f"{shown}: the model card is not valid JSON ({reason}); retrain or restore it") from None
+    return parse_card(raw, card_file)
+
+
+def read_card_if_any(card_file: str | Path) -> ModelCard | None:
+    """The card, or None when there is no usable one (for reports that list what exists)."""
+    try:
+        return read_card(card_file)
+    except CxrError:
+        return None
+
+
+def write_card(card_file: str | Path, card: ModelCard | Mapping[str, Any]) -> ModelCard:
+    """Check a card against the schema and write it atomically (the only writer of cards).
+
+    Args:
+        card_file: where to write ``<name>.card.json``.
+        card: the card, typed or as a mapping (checked as :func:`parse_card` checks a read one).
+
+    Returns:
+        The typed card as written.
+
+    Raises:
+        CxrError: the card does not satisfy the schema (nothing is written).
+    """
+    typed = card if isinstance(card, ModelCard) else parse_card(json_safe(dict(card)), card_file)
+    write_json(Path(card_file), typed.to_json())
+    return typed
