@@ -47,7 +47,35 @@ class Vgg16Options:
             raise CxrError(f"dropout={self.dropout}: must be in [0, 1)")
 
 
-OPTIONS: dict[str, type] = {"smallnet": SmallNetOptions, "cxrnet": CxrNetOptions, "vgg16": Vgg16Options}
+@dataclass(frozen=True)
+class ResNetOptions:
+    """resnet: a small from-scratch residual network.
+
+    ``widths``: the filters of its four stages; ``blocks``: basic residual blocks per stage;
+    ``drop_path``: the stochastic-depth rate of the last block (rising linearly from 0 in the first).
+    """
+
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    dropout: float = 0.3
+    drop_path: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != 4 or any(w < 1 for w in self.widths):
+            raise CxrError(f"widths={self.widths}: four positive filter counts, one per stage")
+        if len(self.blocks) != 4 or any(b < 1 for b in self.blocks):
+            raise CxrError(f"blocks={self.blocks}: four positive block counts, one per stage")
+        for name in ("dropout", "drop_path"):
+            if not 0 <= getattr(self, name) < 1:
+                raise CxrError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+
+
+OPTIONS: dict[str, type] = {
+    "smallnet": SmallNetOptions,
+    "cxrnet": CxrNetOptions,
+    "vgg16": Vgg16Options,
+    "resnet": ResNetOptions,
+}
 
 
 def options_class(architecture: str, where: str = "train") -> type:

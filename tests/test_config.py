@@ -53,7 +53,7 @@ def test_the_shipped_params_yaml_loads_strictly_and_equals_the_defaults():
         ("prepare.min_images_per_class=-5", r"prepare\.min_images_per_class=-5: must be ≥ 1"),
         ("prepare.workers=-3", r"prepare\.workers=-3: must be ≥ 0"),
         ("data.source=ftp", r"data\.source='ftp': choose one of kaggle, dir, medmnist"),
-        ("train.models=[resnet]", r"unknown model 'resnet'"),
+        ("train.models=[nasnet]", r"unknown model 'nasnet'"),
         ("evaluate.threshold_source=external:x", r"no external set named 'x' in evaluate\.external"),
         ("train.common.early_stopping.patience=-1", r"train\.common\.early_stopping\.patience=-1: must be ≥ 0"),
         ("train.common.tensorboard=maybe", r"train\.common\.tensorboard='maybe': expected true or false"),
@@ -84,7 +84,7 @@ def test_a_model_block_may_override_common_settings_and_declare_builder_options(
     )
     assert cfg.epochs == 5 and cfg.model["dropout"] == 0.1 and cfg.model["widths"] == [32, 64, 128, 128]
     assert (cfg.early_stopping.patience, cfg.early_stopping.min_delta) == (2, 0.01)
-    assert set(OPTIONS) == {"smallnet", "cxrnet", "vgg16"}
+    assert set(OPTIONS) == {"smallnet", "cxrnet", "vgg16", "resnet"}
 
 
 def test_numbers_written_the_yaml_1_1_way_are_read_as_numbers():

@@ -186,5 +186,5 @@ def test_a_second_configuration_of_one_architecture_trains_under_its_own_name():
     assert cfg.seed == 7 and cfg.model == {"architecture": "cxrnet", "widths": [8, 8, 8, 8], "dropout": 0.3}
     model = build_model("cxrnet_b", 32, cfg.model)
     assert model.name == "cxrnet_b" and model.get_layer("block4_conv2").filters == 8
-    with pytest.raises(CxrError, match=r"set train\.resnet\.architecture"):
-        build_model("resnet", 32, {})
+    with pytest.raises(CxrError, match=r"set train\.nasnet\.architecture"):
+        build_model("nasnet", 32, {})

@@ -189,8 +189,8 @@ def test_vgg16_loads_a_local_weights_file(tmp_path):
 
 
 def test_unknown_model_lists_the_registry():
-    with pytest.raises(CxrError, match=r"unknown model 'resnet': choose one of cxrnet, smallnet, vgg16"):
-        build_model("resnet", 64, {})
+    with pytest.raises(CxrError, match=r"unknown model 'nasnet': choose one of cxrnet, resnet, smallnet, vgg16"):
+        build_model("nasnet", 64, {})
     assert {"smallnet", "cxrnet", "vgg16"} <= set(REGISTRY)
 
 
@@ -200,6 +200,7 @@ def test_unknown_model_lists_the_registry():
         ("smallnet", 32, {}),
         ("cxrnet", 32, {"widths": [8, 16, 16, 16], "dropout": 0.3}),
         ("vgg16", 64, {"weights": "none", "imagenet_preprocessing": True, "dropout": 0.2}),
+        ("resnet", 32, {"widths": [8, 8, 16, 16], "blocks": [1, 2, 1, 1], "drop_path": 0.2}),
     ],
 )
 def test_saved_models_reload_safely_with_identical_predictions(tmp_path, name, size, cfg):
@@ -213,3 +214,19 @@ def test_saved_models_reload_safely_with_identical_predictions(tmp_path, name, s
     assert loaded.count_params() == model.count_params()
     np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=0, atol=1e-6)
     assert expected.std() > 0 or name == "vgg16"  # not a trivially constant model
+
+
+def test_resnet_has_residual_stages_and_stochastic_depth_only_while_training():
+    from cxr.common.layers import StochasticDepth
+
+    model = build_model("resnet", 32, {"widths": [8, 8, 16, 16], "blocks": [1, 2, 1, 1], "drop_path": 0.2})
+    adds = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)]
+    assert len(adds) == 5  # one per block
+    drops = [layer for layer in model.layers if isinstance(layer, StochasticDepth)]
+    assert [round(d.rate, 3) for d in drops] == [0.05, 0.1, 0.15, 0.2]  # rising to drop_path; the first block keeps all
+    x = random_images(8, 32, seed=1)
+    np.testing.assert_allclose(model(x, training=False), model(x, training=False))  # the identity at inference
+    branch = keras.ops.ones((64, 2, 2, 3))
+    dropped = keras.ops.convert_to_numpy(StochasticDepth(0.5)(branch, training=True))
+    kept = np.unique(dropped)
+    assert set(kept.tolist()) <= {0.0, 2.0} and 0 < (dropped[:, 0, 0, 0] == 0).mean() < 1  # whole examples, rescaled

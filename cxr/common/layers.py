@@ -74,3 +74,30 @@ class ImagenetCaffePreprocess(keras.layers.Layer):
     def call(self, inputs: Any) -> Any:
         bgr = keras.ops.flip(inputs, axis=-1)
         return bgr - keras.ops.convert_to_tensor(self.MEAN_BGR, dtype=bgr.dtype)
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class StochasticDepth(keras.layers.Layer):
+    """Drop a residual branch for whole examples while training (Huang et al. 2016), scaled so its
+    expectation is unchanged; the identity at inference. ``rate`` is the probability of dropping."""
+
+    def __init__(self, rate: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"StochasticDepth rate {rate}: must be in [0, 1)")
+        self.rate = float(rate)
+        self.seed = keras.random.SeedGenerator(1337)
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        shape = (keras.ops.shape(inputs)[0], 1, 1, 1)
+        mask = keras.ops.floor(keep + keras.random.uniform(shape, seed=self.seed, dtype=inputs.dtype))
+        return inputs / keep * mask
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "rate": self.rate}

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cxr.common.layers import ImagenetCaffePreprocess, IntensityNormalization
+from cxr.common.layers import ImagenetCaffePreprocess, IntensityNormalization, StochasticDepth
 from cxr.errors import CxrError
 from cxr.model_options import OPTIONS
 from cxr.runtime import tensorflow
@@ -252,3 +252,59 @@ def cxrnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(float(cfg.get("dropout", 0.3)), name="dropout")(x)
     return keras.Model(inputs, _output(x), name="cxrnet")
+
+
+def _residual_block(x: Any, filters: int, stride: int, drop: float, name: str) -> Any:
+    """A basic residual block: two BN 3×3 convolutions, a projection shortcut when the shape changes."""
+    from keras import layers
+
+    shortcut = x
+    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    if drop > 0:
+        y = StochasticDepth(drop, name=f"{name}_drop_path")(y)
+    if stride != 1 or shortcut.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(shortcut)
+        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+
+
+@register("resnet")
+def resnet(image_size: int, cfg: Mapping[str, Any]) -> Any:
+    """A small residual network trained from scratch (He et al. 2016), with stochastic depth.
+
+    A strided stem and max-pool bring the film to a quarter of its side; four stages of basic
+    residual blocks (``widths`` filters, ``blocks`` blocks each; stages 2–4 halve the side) and
+    global average pooling follow. Batch normalisation throughout; the residual branches are
+    dropped for whole examples with a rate rising linearly to ``drop_path``.
+
+    Args:
+        image_size: side of the square input images.
+        cfg: ``widths``, ``blocks``, ``dropout``, ``drop_path`` (:class:`cxr.model_options.ResNetOptions`),
+            and ``normalize`` / ``center_crop`` from :func:`build_model`.
+
+    Returns:
+        The uncompiled functional model ``resnet``.
+    """
+    from keras import layers
+
+    widths = [int(w) for w in cfg.get("widths", [32, 64, 128, 256])]
+    blocks = [int(b) for b in cfg.get("blocks", [1, 1, 1, 1])]
+    total, done = sum(blocks), 0
+    inputs, x = _image_input(image_size, cfg)
+    x = layers.Conv2D(widths[0], 5, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    x = layers.MaxPooling2D(2, name="stem_pool")(x)
+    for stage, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+        for block in range(count):
+            stride = 2 if stage > 0 and block == 0 else 1
+            drop = float(cfg.get("drop_path", 0.1)) * done / max(total - 1, 1)
+            x = _residual_block(x, width, stride, drop, f"stage{stage + 1}_block{block + 1}")
+            done += 1
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(float(cfg.get("dropout", 0.3)), name="dropout")(x)
+    return keras.Model(inputs, _output(x), name="resnet")
