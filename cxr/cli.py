@@ -203,8 +203,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         as_json=args.json,
         allow_unverified=args.allow_unverified,
         limits=limits,
+        allow_outside_intended_use=args.allow_outside_intended_use,
     )
     return 1 if failures else 0
+
+
+def _add_intended_use_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-outside-intended-use",
+        action="store_true",
+        help="score DICOM files whose metadata says they are not CR/DX chest radiographs (CT, MR, lateral...), "
+        "marked intended_use: false, instead of refusing them",
+    )
 
 
 def probability(text: str) -> float:
@@ -245,6 +255,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         batch_size=args.batch_size,
         limits=limits,
+        allow_outside_intended_use=args.allow_outside_intended_use,
     )
     return 0
 
@@ -561,6 +572,7 @@ def _add_tools(sub: Any) -> None:
         action="store_true",
         help="use a model file whose sha256 is not the one its card names (refused by default)",
     )
+    _add_intended_use_flag(p)
     p.add_argument(
         "--params",
         default=None,
@@ -581,6 +593,7 @@ def _add_tools(sub: Any) -> None:
     )
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload accepted, in MB (413 above)")
     p.add_argument("--batch-size", type=int, default=16, help="most images scored in one model call")
+    _add_intended_use_flag(p)
     p.add_argument(
         "--params",
         default=None,

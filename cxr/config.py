@@ -399,6 +399,7 @@ class EvaluateConfig:
     external: Mapping[str, str] = field(default_factory=dict)
     roles: Mapping[str, str] = field(default_factory=dict)
     compared: Mapping[str, int] = field(default_factory=dict)
+    allow_outside_intended_use: bool = False
     threshold_source: str = "validation"
     threshold: float = _opt(0.5, gt=0, lt=1)
     bootstrap: int = _opt(1000, ge=0)

@@ -205,6 +205,7 @@ STAGES: tuple[Stage, ...] = (
             "evaluate.external",
             "evaluate.roles",
             "evaluate.compared",
+            "evaluate.allow_outside_intended_use",
             "evaluate.threshold_source",
             "evaluate.threshold",
             "evaluate.bootstrap",

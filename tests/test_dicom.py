@@ -189,7 +189,7 @@ def test_non_dicom_with_dcm_suffix_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000_LOSSLESS, JPEG_LS_LOSSLESS])
-def test_compressed_syntax_without_decoder_names_the_plugin(tmp_path, syntax):
+def test_a_damaged_compressed_stream_or_a_missing_decoder_is_one_line(tmp_path, syntax, monkeypatch, capfd):
     pixels = np.zeros((16, 16), np.uint16)
     fragment = b"\xff\x4f\xff\x51" + bytes(range(60))  # a codestream header, then nothing decodable
     path = write_dicom(
@@ -199,6 +199,12 @@ def test_compressed_syntax_without_decoder_names_the_plugin(tmp_path, syntax):
         transfer_syntax=syntax,
         encapsulated=encapsulate([fragment]),
     )
+    message = _data_error(path)  # the decoders are installed (pyproject): the stream itself is bad
+    assert "pixel data could not be decoded" in message and "may be damaged" in message
+    assert capfd.readouterr().err == ""  # the C decoder's own complaints do not reach the terminal
+    import pydicom.pixels
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: type("D", (), {"is_available": False})())
     message = _data_error(path)
     assert "compressed transfer syntax" in message
     assert "pylibjpeg" in message and "gdcm" in message

@@ -70,6 +70,11 @@ def project(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (uploads / "bright.jpeg").write_bytes(_encoded(synthetic(rng, bright=True, size=48), "JPEG"))
     (uploads / "dark.png").write_bytes(_encoded(synthetic(rng, bright=False, size=40), "PNG"))
     write_dicom(uploads / "scan.dcm", (synthetic(rng, bright=True, size=64).astype(np.uint16) * 16))
+    ct = uploads.parent / "uploads-outside"  # not among the uploads the CLI predicts
+    ct.mkdir()
+    write_dicom(
+        ct / "ct.dcm", synthetic(rng, bright=True, size=64), modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2"
+    )
     return root
 
 
@@ -218,6 +223,10 @@ def test_bad_uploads_get_a_one_line_4xx_and_the_server_keeps_serving(server: str
             )
         bad_dicom = b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"1.2" * 10
         _assert_one_line_error(client.post("/predict", files={"file": ("bad.dcm", bad_dicom)}), 422)
+        # a CT slice is refused from its metadata, with the field and what is expected
+        ct = project / "uploads-outside" / "ct.dcm"
+        reason = _assert_one_line_error(client.post("/predict", files={"file": ("ct.dcm", ct.read_bytes())}), 422)
+        assert "ct.dcm: Modality CT: outside intended use" in reason
         # too large: refused from Content-Length, and from the running count of a chunked body
         assert "limit" in _assert_one_line_error(client.post("/predict", content=b"\xff" * (cap + 1)), 413)
         # far beyond the socket buffers: the server drops the rest of the body, so the answer still arrives
@@ -279,3 +288,23 @@ def test_serve_without_the_extra_names_the_install_command(monkeypatch, cli) -> 
     code, out, err = cli(["serve", "--model", "smallnet"])
     assert code == 1 and not out
     assert err.strip().splitlines() == ['cxr: error: cxr serve needs uvicorn: install with pip install -e ".[serve]"']
+
+
+def test_a_server_that_allows_images_outside_the_intended_use_marks_them(project: Path) -> None:
+    """422 by default (a client cannot miss a refusal); with the override, 200 and intended_use: false."""
+    from fastapi.testclient import TestClient
+
+    from cxr.inference.loading import load
+    from cxr.serving.app import create_app
+
+    lm = load(project / "models/smallnet.keras")
+    ct = (project / "uploads-outside" / "ct.dcm").read_bytes()
+    scan = (project / "uploads" / "scan.dcm").read_bytes()
+    for allow, status in ((False, 422), (True, 200)):
+        with TestClient(create_app(lm, 0.5, "test", allow_outside_intended_use=allow)) as client:
+            answer = client.post("/predict", files={"file": ("ct.dcm", ct)})
+            assert answer.status_code == status, answer.text
+            chest = client.post("/predict", files={"file": ("scan.dcm", scan)}).json()
+            assert chest["intended_use"] is True and "outside_intended_use" not in chest
+    record = answer.json()
+    assert record["intended_use"] is False and record["outside_intended_use"] == "Modality CT"

@@ -215,7 +215,10 @@ def _score_model(
     cache_dir: str,
     sets: Sequence[ExternalSet],
     decoded: dict[tuple[Any, ...], np.ndarray],
+    allow: bool = False,
 ) -> _Scored:
+    """One model's probabilities on the validation and test splits and every external set
+    (``allow``: score DICOMs outside the intended use instead of refusing them)."""
     _, val_labels, val_probs, _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
     scored = _Scored(
         test=_split_probabilities(lm, splits_csv, "test", cache_dir),
@@ -225,7 +228,7 @@ def _score_model(
     for ext in sets:
         key = (ext.name, lm.input.image_size, lm.input.resize, lm.input.interpolation)
         if key not in decoded:  # models sharing preprocessing (an ensemble and its members) decode once
-            decoded[key] = np.stack([load_image(path, lm.input) for path in ext.paths])
+            decoded[key] = np.stack([load_image(path, lm.input, allow) for path in ext.paths])
         scored.external[ext.name] = predict_images(lm.model, decoded[key])
     return scored
 
@@ -390,7 +393,7 @@ def evaluate_models(
     for name in models:
         lm = load(model_file(name, models_dir))
         cards[name] = lm.card
-        scored = _score_model(lm, splits_csv, cache_dir, sets, decoded)
+        scored = _score_model(lm, splits_csv, cache_dir, sets, decoded, eval_params.allow_outside_intended_use)
         point = operating_point(
             rule,
             eval_params.threshold,

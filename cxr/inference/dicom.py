@@ -6,6 +6,14 @@ bright means *less* attenuation) → clip to mean ± 2.5 std → rescale to 0–
 3 channels. Multi-frame, pixel-less and non-image objects are refused with one clear line; a
 compressed transfer syntax decodes through pydicom's plugins or fails naming the plugin.
 
+Before any pixel is decoded, the fields that say what the image *is* are checked against the
+intended use, paediatric chest radiographs (:func:`intended_use_problem`): ``Modality`` CR or DX,
+``BodyPartExamined`` CHEST when present, ``PhotometricInterpretation`` MONOCHROME1/2, one frame, and
+``ViewPosition`` AP, PA or absent. Anything else — a CT slice, an MR, an ultrasound, a dose grid, a
+lateral film — is refused with one line naming the field, its value and what is expected, unless
+the caller explicitly allows images outside the intended use (they are then scored and marked).
+Fields are read through pydicom's keyword API (its data dictionary), not tag numbers.
+
 pydicom reports a damaged file twice, as a Python warning (two lines on stderr) and on its
 ``pydicom`` logger. The warnings are ignored and the log messages collected per thread: a file that
 cannot be read gets one line saying what pydicom found; one that can is read, its complaints
@@ -20,11 +28,13 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cxr.common.images import ImageLimits, ImageRefused, check_bytes, check_pixels
 from cxr.errors import DataError
+from cxr.runtime import native_stderr
 from cxr.safe_text import printable
 
 log = logging.getLogger(__name__)
@@ -66,6 +76,54 @@ _PLUGIN_HINT = (
     "install a pydicom decoder for it: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
     "(JPEG, JPEG-LS, JPEG 2000) or python-gdcm"
 )
+
+
+class OutsideIntendedUse(DataError):
+    """A DICOM file whose own metadata says it is not a chest radiograph (CT, MR, lateral...)."""
+
+
+INTENDED_MODALITIES = ("CR", "DX")
+INTENDED_VIEWS = ("AP", "PA")
+_EXPECTS = "expects CR or DX chest radiographs, AP or PA"
+
+
+def intended_use_problem(ds: Any) -> str | None:
+    """Why a DICOM dataset is outside the intended use, from its metadata alone; None when it is not.
+
+    Args:
+        ds: a pydicom dataset (pixels need not be read).
+
+    Returns:
+        ``"<Keyword> <value>"`` for the first field that disagrees, or None.
+    """
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality not in INTENDED_MODALITIES:
+        return f"Modality {printable(modality or 'absent')}"
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if body_part and body_part != "CHEST":
+        return f"BodyPartExamined {printable(body_part)}"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"PhotometricInterpretation {printable(photometric)}"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        return f"NumberOfFrames {frames}"
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view and view not in INTENDED_VIEWS:
+        return f"ViewPosition {printable(view)}" + (" (a lateral film)" if view in ("LL", "RL", "LATERAL") else "")
+    return None
+
+
+def dicom_intended_use(path: str | Path) -> str | None:
+    """:func:`intended_use_problem` of a DICOM file's header (no pixel data read); None when in use
+    or unreadable (reading it reports that)."""
+    import pydicom
+
+    try:
+        with _complaints():
+            return intended_use_problem(pydicom.dcmread(path, stop_before_pixels=True))
+    except Exception:  # an unreadable header is read_dicom's to report
+        return None
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -123,7 +181,12 @@ def check_dicom_header(path: str | Path, limits: ImageLimits | None = None) -> N
         raise DataError(f"{shown}: {exc}") from None
 
 
-def read_dicom(path: str | Path, clip_std: float = 2.5, limits: ImageLimits | None = None) -> np.ndarray:
+def read_dicom(
+    path: str | Path,
+    clip_std: float = 2.5,
+    limits: ImageLimits | None = None,
+    allow_outside_intended_use: bool = False,
+) -> np.ndarray:
     """(H, W, 3) uint8 image from a single-frame grayscale DICOM.
 
     The file's size and its header's Rows × Columns are checked against the decode caps first
@@ -136,11 +199,14 @@ def read_dicom(path: str | Path, clip_std: float = 2.5, limits: ImageLimits | No
         clip_std: intensities beyond mean ± this many standard deviations are clipped before
             rescaling.
         limits: the decode caps (default: their defaults).
+        allow_outside_intended_use: decode a file whose metadata says it is not a chest radiograph
+            (CT, MR, colour, lateral...) instead of refusing it.
 
     Returns:
         (H, W, 3) uint8, the gray image repeated in three channels.
 
     Raises:
+        OutsideIntendedUse: the metadata says the file is not a chest radiograph (unless allowed).
         DataError: over a cap, not a readable DICOM file, no pixel data, several frames, an
             unsupported photometric interpretation or pixel shape, or pixel data that cannot be
             decoded (naming the decoder plugin to install for a compressed transfer syntax).
@@ -165,19 +231,21 @@ def read_dicom(path: str | Path, clip_std: float = 2.5, limits: ImageLimits | No
         raise DataError(f"{shown}: DICOM object without pixel data ({printable(kind)}); not an image")
     for complaint in found:
         log.debug("%s: pydicom: %s", shown, complaint)
+    problem = intended_use_problem(ds)
+    if problem and not allow_outside_intended_use:
+        raise OutsideIntendedUse(f"{shown}: {problem}: outside intended use ({_EXPECTS})")
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     colour = ("RGB", "YBR_FULL", "YBR_FULL_422")
     if not photometric.startswith("MONOCHROME") and photometric not in colour:
         raise DataError(f"{shown}: unsupported photometric interpretation {printable(photometric)}")
-    try:
-        pixels = ds.pixel_array
+    try:  # decoders written in C (OpenJPEG, libjpeg) report on fd 2: captured, so a failure is one line
+        with native_stderr(quiet_on=(Exception,)) as noise:
+            pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for missing decoders
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
-        if syntax is not None and getattr(syntax, "is_compressed", False):
-            raise DataError(f"{shown}: cannot decode compressed transfer syntax {name}; {_PLUGIN_HINT}") from None
-        reason = printable(str(exc).splitlines()[0][:120]) if str(exc) else ""
-        raise DataError(f"{shown}: unreadable pixel data ({type(exc).__name__}: {reason})") from None
+        raise DataError(f"{shown}: {_undecodable(ds, exc, noise.lines())}") from None
+    for line in noise.lines():
+        if line.strip():
+            log.debug("%s: decoder: %s", shown, printable(line.strip()))
     if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour secondary capture: use luminance
         gray = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     elif pixels.ndim == 2:
@@ -191,6 +259,26 @@ def read_dicom(path: str | Path, clip_std: float = 2.5, limits: ImageLimits | No
         raise DataError(f"{shown}: unexpected pixel array shape {pixels.shape}")
     del pixels, ds  # a 50-megapixel film: keep one float64 copy alive, not three
     return _stretch(gray, clip_std)
+
+
+def _undecodable(ds: Any, exc: Exception, native: list[str]) -> str:
+    """Why the pixel data did not decode: a missing decoder (naming the plugin to install), a
+    damaged compressed stream (with the decoder's own first complaint), or unreadable pixel data."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(syntax, "name", str(syntax))
+    said = [line.strip() for line in native if line.strip()]
+    reason = printable((said[0] if said else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:120])
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        from pydicom.pixels import get_decoder
+
+        try:
+            available = get_decoder(syntax).is_available
+        except (NotImplementedError, ValueError):
+            available = False
+        if not available:
+            return f"cannot decode compressed transfer syntax {name}; {_PLUGIN_HINT}"
+        return f"its {name} pixel data could not be decoded ({reason}); the file may be damaged"
+    return f"unreadable pixel data ({type(exc).__name__}: {reason})"
 
 
 def to_uint8(gray: np.ndarray, clip_std: float = 2.5) -> np.ndarray:

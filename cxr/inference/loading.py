@@ -249,7 +249,7 @@ def _op_message(exc: Any) -> str:
     return re.sub(r"\s*\[Op:\w+\]\s*$", "", text)
 
 
-def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
+def load_image(path: str | Path, cfg: InputConfig, allow_outside_intended_use: bool = False) -> np.ndarray:
     """One file → (S, S, 3) uint8 as the model saw its training images; DataError if unreadable.
 
     The file's size and header are checked against the decode caps of ``cfg`` (``max_image_bytes``,
@@ -261,6 +261,8 @@ def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
     Args:
         path: the image file.
         cfg: the model's preprocessing (``image_size`` S, ``resize``, ``interpolation``) and caps.
+        allow_outside_intended_use: decode a DICOM whose metadata says it is not a chest
+            radiograph instead of refusing it (:func:`cxr.inference.dicom.intended_use_problem`).
 
     Returns:
         (S, S, 3) uint8 array.
@@ -279,7 +281,8 @@ def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
         if not path.is_file():  # missing, or a device, pipe or socket (/dev/zero never ends)
             raise DataError(f"{shown}: {'not a regular file' if path.exists() else 'file not found'}")
         if is_dicom(path):
-            image = tf.convert_to_tensor(read_dicom(path, limits=limits))
+            pixels = read_dicom(path, limits=limits, allow_outside_intended_use=allow_outside_intended_use)
+            image = tf.convert_to_tensor(pixels)
             return resize_image(image, cfg.image_size, cfg.resize, cfg.interpolation).numpy()
         check_image(path, limits)
     except OverCap as exc:
@@ -303,7 +306,9 @@ def load_image(path: str | Path, cfg: InputConfig) -> np.ndarray:
     return image
 
 
-def iter_images(paths: Sequence[str | Path], cfg: InputConfig) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
+def iter_images(
+    paths: Sequence[str | Path], cfg: InputConfig, allow_outside_intended_use: bool = False
+) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
     """(path, image or None, error or None) per file, in order.
 
     A file that cannot be read yields its error message instead of stopping the iteration.
@@ -311,13 +316,14 @@ def iter_images(paths: Sequence[str | Path], cfg: InputConfig) -> Iterator[tuple
     Args:
         paths: the image files.
         cfg: the model's preprocessing.
+        allow_outside_intended_use: see :func:`load_image`.
 
     Returns:
         An iterator of ``(path, (S, S, 3) uint8 image, None)`` or ``(path, None, one-line error)``.
     """
     for path in paths:
         try:
-            yield Path(path), load_image(path, cfg), None
+            yield Path(path), load_image(path, cfg, allow_outside_intended_use), None
         except DataError as exc:
             yield Path(path), None, str(exc)
 

@@ -25,6 +25,7 @@ from cxr import CLASS_NAMES
 from cxr.common.images import ImageLimits
 from cxr.errors import CxrError, DataError
 from cxr.files import dumps_json
+from cxr.inference.dicom import dicom_intended_use, is_dicom
 from cxr.inference.loading import LoadedModel, UnverifiedModel, load, load_image, predict_images
 from cxr.safe_text import printable
 
@@ -114,6 +115,7 @@ def predict(
     batch_size: int = 32,
     allow_unverified: bool = False,
     limits: ImageLimits | None = None,
+    allow_outside_intended_use: bool = False,
 ) -> int:
     """Predict every file; return the number of inputs that could not be predicted.
 
@@ -138,6 +140,9 @@ def predict(
         allow_unverified: use a model file whose sha256 is not its card's (a warning line) instead
             of refusing it.
         limits: the decode caps (default: ``input.max_image_pixels`` / ``max_image_bytes`` defaults).
+        allow_outside_intended_use: score a DICOM whose metadata says it is not a chest radiograph
+            (CT, MR, lateral...) instead of refusing it; its record says ``intended_use: false``
+            and why.
 
     Returns:
         The number of files (and empty folders) that could not be predicted (0 when all were).
@@ -167,14 +172,14 @@ def predict(
     if limits is not None:
         cfg = replace(cfg, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
     claimed = lm.card.model_sha256
-    pending: list[tuple[Path, np.ndarray]] = []
+    pending: list[tuple[Path, np.ndarray, str | None]] = []
 
     def flush() -> None:
         nonlocal failures
         if not pending:
             return
-        probabilities = predict_images(lm.model, np.stack([image for _, image in pending]), batch_size)
-        for (path, image), probability in zip(pending, probabilities, strict=True):
+        probabilities = predict_images(lm.model, np.stack([image for _, image, _ in pending]), batch_size)
+        for (path, image, outside), probability in zip(pending, probabilities, strict=True):
             p = float(probability)
             if not math.isfinite(p):
                 failures += 1
@@ -190,19 +195,23 @@ def predict(
                 "model_sha256": lm.sha256 or None,
                 "card_model_sha256": claimed if isinstance(claimed, str) else None,
                 "verified_model": lm.verified,
+                "intended_use": outside is None,
             }
+            if outside is not None:
+                record["outside_intended_use"] = outside
             if folder is not None:
                 record["gradcam"] = _write_overlay(lm, image, path, folder, label, p)
             if as_json:
                 print(dumps_json(record), file=out)
             else:
-                print(f"{printable(path)}: prediction: {label}  P(Pneumonia): {p:.4f}", file=out)
+                mark = f"  (outside intended use: {outside})" if outside is not None else ""
+                print(f"{printable(path)}: prediction: {label}  P(Pneumonia): {p:.4f}{mark}", file=out)
         out.flush()
         pending.clear()
 
     for path, error in inputs:
         try:
-            image = load_image(path, cfg) if error is None else None
+            image = load_image(path, cfg, allow_outside_intended_use) if error is None else None
         except DataError as exc:
             error = str(exc)
         if error or image is None:
@@ -211,7 +220,8 @@ def predict(
             print(f"cxr: error: {error}", file=err)
             err.flush()
             continue
-        pending.append((path, image))
+        outside = dicom_intended_use(path) if allow_outside_intended_use and is_dicom(path) else None
+        pending.append((path, image, outside))
         if len(pending) >= batch_size:
             flush()
     flush()

@@ -55,6 +55,7 @@ from cxr import CLASS_NAMES
 from cxr.common.images import ImageLimits
 from cxr.config import InputConfig
 from cxr.errors import CxrError, DataError
+from cxr.inference.dicom import dicom_intended_use, is_dicom
 from cxr.inference.loading import LoadedModel, load_image, predict_images
 from cxr.inference.predict import IMAGE_SUFFIXES
 from cxr.safe_text import printable
@@ -230,6 +231,7 @@ def create_app(
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1e6),
     batch_size: int = DEFAULT_BATCH_SIZE,
     limits: ImageLimits | None = None,
+    allow_outside_intended_use: bool = False,
 ) -> FastAPI:
     """The FastAPI application serving one loaded model.
 
@@ -240,6 +242,8 @@ def create_app(
         max_upload_bytes: the largest request body accepted (413 above it).
         batch_size: the most images scored in one model call.
         limits: the decode caps (default: ``input.max_image_pixels`` / ``max_image_bytes`` defaults).
+        allow_outside_intended_use: score a DICOM whose metadata says it is not a chest radiograph
+            (its record says ``intended_use: false`` and why) instead of answering 422.
 
     Returns:
         The application; its lifespan starts and stops the model worker thread.
@@ -314,7 +318,9 @@ def create_app(
         try:
             try:
                 data, filename, content_type = await _read_upload(request, body, name)
-                image = await run_in_threadpool(_decode, cfg, data, filename, content_type)
+                image, outside = await run_in_threadpool(
+                    _decode, cfg, data, filename, content_type, allow_outside_intended_use
+                )
             except BaseException:
                 worker.expect(-1)
                 raise
@@ -335,7 +341,10 @@ def create_app(
             "threshold": threshold,
             "threshold_source": threshold_source,
             **identity,
+            "intended_use": outside is None,
         }
+        if outside is not None:
+            record["outside_intended_use"] = outside
         return JSONResponse(record)
 
     return app
@@ -379,8 +388,11 @@ async def _read_upload(request: Request, body: _CappedBody, name: str | None) ->
     return data, printable(filename), content_type
 
 
-def _decode(cfg: InputConfig, data: bytes, filename: str, content_type: str) -> np.ndarray:
-    """Write the upload to a private temporary file and decode it exactly as ``cxr predict`` does.
+def _decode(
+    cfg: InputConfig, data: bytes, filename: str, content_type: str, allow_outside: bool = False
+) -> tuple[np.ndarray, str | None]:
+    """Write the upload to a private temporary file and decode it exactly as ``cxr predict`` does;
+    also say why it is outside the intended use, when it is and that is allowed.
 
     Raises:
         UploadError: 422 naming the upload when it is not a readable image (or passes a decode cap).
@@ -390,7 +402,9 @@ def _decode(cfg: InputConfig, data: bytes, filename: str, content_type: str) -> 
         path = Path(folder) / f"upload{suffix}"
         path.write_bytes(data)
         try:
-            return load_image(path, cfg)
+            image = load_image(path, cfg, allow_outside)
+            outside = dicom_intended_use(path) if allow_outside and is_dicom(path) else None
+            return image, outside
         except DataError as exc:
             raise UploadError(422, str(exc).replace(str(path), filename)) from None
         except Exception as exc:  # a decoder's own failure on hostile bytes is the upload's fault, not a 500
@@ -441,6 +455,7 @@ def serve(
     threshold: float | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     limits: ImageLimits | None = None,
+    allow_outside_intended_use: bool = False,
 ) -> None:
     """Load the model, refuse it unless verified, and serve it until interrupted.
 
@@ -452,6 +467,7 @@ def serve(
         threshold: the decision threshold (0 to 1); None uses the model's shipped threshold.
         batch_size: the most images scored in one model call.
         limits: the decode caps, as ``cxr predict`` applies them (default: the built-in caps).
+        allow_outside_intended_use: see :func:`create_app`.
 
     Raises:
         CxrError: a bad option; the model is missing, damaged, unloadable or unverified; or the
@@ -474,7 +490,7 @@ def serve(
     if not lm.verified:  # defence in depth: never serve an unverified model
         raise CxrError(f"{printable(path)}: unverified model; retrain it or restore the file its card describes")
     cut, cut_source = lm.threshold(cut_given)
-    app = create_app(lm, cut, cut_source, int(max_upload_mb * 1e6), batch_size, limits)
+    app = create_app(lm, cut, cut_source, int(max_upload_mb * 1e6), batch_size, limits, allow_outside_intended_use)
     sock = listen(host, port)
     bound = sock.getsockname()[1]
     if not is_loopback(host):
