@@ -260,6 +260,8 @@ class TrainConfig:
     warmup_epochs: int = _opt(0, ge=0)
     checkpoint: Literal["best", "last"] = "best"
     mixup: float = _opt(0.0, ge=0, le=1)
+    domain_check: bool = True
+    domain_percentile: float = _opt(99.5, gt=50, le=100)
     target_sensitivity: float | None = _opt(0.9, gt=0, lt=1)
     health: HealthConfig = field(default_factory=HealthConfig)
     model: Mapping[str, Any] = field(default_factory=dict)

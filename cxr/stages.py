@@ -160,6 +160,7 @@ STAGES: tuple[Stage, ...] = (
         outputs=(
             Output("models/${item}.keras", persist=True),
             Output("models/${item}.card.json", persist=True),
+            Output("models/${item}.domain.npz", persist=True),  # the content check's statistics (cxr.common.domain)
             # persisted too: the shipped model's reports are replaced together with it, never lost to a failed run
             Output("reports/train/${item}/summary.txt", cache=False, persist=True),
             Output("reports/train/${item}/metrics.json", "metrics", cache=False, persist=True),

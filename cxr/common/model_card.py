@@ -66,6 +66,19 @@ class CardInput(BaseModel):
     preprocessing: dict[str, Any]
 
 
+class DomainCheck(BaseModel):
+    """The content check that travels with a model (:mod:`cxr.common.domain`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    method: str
+    layer: str
+    percentile: float = Field(gt=0, le=100)
+    threshold: float = Field(gt=0, allow_inf_nan=False)
+    file: str | None = None
+    sha256: str | None = None
+
+
 class Member(BaseModel):
     """One member of an ensemble, by its file's bytes."""
 
@@ -95,6 +108,7 @@ class ModelCard(BaseModel):
     epochs_run: int | None = None
     best_epoch: int | None = None
     members: list[Member] | None = None
+    domain: DomainCheck | None = None
     intended_use: dict[str, Any] | None = None
 
     @field_validator("validation", mode="before")

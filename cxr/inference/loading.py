@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr.common.domain import SUFFIX as DOMAIN_SUFFIX
+from cxr.common.domain import DomainModel, features_and_probabilities, load_domain, scoring_model
 from cxr.common.images import ImageLimits, ImageRefused, OverCap, check_image
 from cxr.common.model_card import ModelCard, card_path_for, read_card
 from cxr.common.preprocessing import decode_image, resize_image
@@ -63,6 +65,8 @@ class LoadedModel:
     path: Path
     verified: bool
     sha256: str = ""
+    domain: DomainModel | None = None  # the content check's statistics, when the card has one
+    _scorer: Any = None
 
     @property
     def name(self) -> str:
@@ -74,6 +78,24 @@ class LoadedModel:
     ) -> Threshold:
         """Which threshold this model file uses, and why (:func:`cxr.common.thresholds.model_threshold`)."""
         return model_threshold(self.name, self.sha256, self.card, given, given_source, eval_dir)
+
+    def score(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(pneumonia) and, when the model has a content check, each image's domain score (≤ 1 in
+        domain), from one forward pass per batch.
+
+        Args:
+            images: (N, S, S, 3) uint8.
+            batch_size: images per model call.
+
+        Returns:
+            ((N,) probabilities, (N,) domain scores or None).
+        """
+        if self.domain is None:
+            return predict_images(self.model, images, batch_size), None
+        if self._scorer is None:
+            self._scorer = scoring_model(self.model)
+        features, probabilities = features_and_probabilities(self._scorer, images, batch_size)
+        return probabilities, self.domain.scores(features) if len(features) else np.zeros(0)
 
     def cached_input(self, cache_dir: str) -> InputConfig:
         """The model's own preprocessing, reading and filling the pipeline's decoded-image cache.
@@ -239,7 +261,30 @@ def load(model_path: str | Path, allow_unverified: bool = False) -> LoadedModel:
         raise CxrError(f"{shown}: cannot load the model ({type(exc).__name__}: {reason})") from None
     pass_on(noise)
     _check_input_shape(model, cfg, model_path, card_file)
-    return LoadedModel(model, card, cfg, model_path, verified, sha256)
+    domain = _load_domain(model_path, card, allow_unverified)
+    return LoadedModel(model, card, cfg, model_path, verified, sha256, domain)
+
+
+def _load_domain(model_path: Path, card: ModelCard, allow_unverified: bool) -> DomainModel | None:
+    """The content check's statistics beside the model, verified against the card's sha256."""
+    if card.domain is None:
+        return None
+    path = model_path.with_name(model_path.name.removesuffix(".keras") + DOMAIN_SUFFIX)
+    shown = printable(path)
+    problem = None
+    if not path.is_file():
+        problem = "missing"
+    elif card.domain.sha256 != sha256_file(path):
+        problem = "not the file the card names (sha256 differs)"
+    if problem is None:
+        try:
+            return load_domain(path)
+        except (OSError, ValueError, KeyError) as exc:
+            problem = f"unreadable ({printable(type(exc).__name__)})"
+    if not allow_unverified:
+        raise UnverifiedModel(f"{shown}: domain statistics {problem}; retrain the model or restore the file")
+    log.warning("%s: domain statistics %s: no content check for this model", shown, problem)
+    return None
 
 
 def _op_message(exc: Any) -> str:

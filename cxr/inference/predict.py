@@ -26,7 +26,7 @@ from cxr.common.images import ImageLimits
 from cxr.errors import CxrError, DataError
 from cxr.files import dumps_json
 from cxr.inference.dicom import dicom_intended_use, is_dicom
-from cxr.inference.loading import LoadedModel, UnverifiedModel, load, load_image, predict_images
+from cxr.inference.loading import LoadedModel, UnverifiedModel, load, load_image
 from cxr.safe_text import printable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".dcm", ".dicom"}
@@ -178,18 +178,20 @@ def predict(
         nonlocal failures
         if not pending:
             return
-        probabilities = predict_images(lm.model, np.stack([image for _, image, _ in pending]), batch_size)
-        for (path, image, outside), probability in zip(pending, probabilities, strict=True):
+        probabilities, domain_scores = lm.score(np.stack([image for _, image, _ in pending]), batch_size)
+        for i, ((path, image, outside), probability) in enumerate(zip(pending, probabilities, strict=True)):
             p = float(probability)
             if not math.isfinite(p):
                 failures += 1
                 print(f"cxr: error: {printable(path)}: the model returned {p} for this image; retrain it", file=err)
                 continue
-            label = CLASS_NAMES[int(p >= cut)]
+            call = verdict(
+                p, cut, None if domain_scores is None else float(domain_scores[i]), allow_outside_intended_use
+            )
+            label = call["label"]
             record: dict[str, Any] = {
                 "path": _json_path(path),
-                "label": label,
-                "probability": round(p, 6),
+                **call,
                 "threshold": cut,
                 "threshold_source": cut_source,
                 "model_sha256": lm.sha256 or None,
@@ -205,7 +207,11 @@ def predict(
                 print(dumps_json(record), file=out)
             else:
                 mark = f"  (outside intended use: {outside})" if outside is not None else ""
-                print(f"{printable(path)}: prediction: {label}  P(Pneumonia): {p:.4f}{mark}", file=out)
+                if label == OUT_OF_DOMAIN:
+                    why = f"unlike the training films (domain score {call['ood_score']:.2f} > 1)"
+                    print(f"{printable(path)}: prediction: {label}: {why}; no verdict{mark}", file=out)
+                else:
+                    print(f"{printable(path)}: prediction: {label}  P(Pneumonia): {p:.4f}{mark}", file=out)
         out.flush()
         pending.clear()
 
@@ -226,6 +232,38 @@ def predict(
             flush()
     flush()
     return failures
+
+
+OUT_OF_DOMAIN = "OUT_OF_DOMAIN"
+
+
+def verdict(probability: float, threshold: float, domain_score: float | None, allow_outside: bool) -> dict[str, Any]:
+    """The label, probability and domain fields of one record (``cxr predict --json`` and ``cxr serve``).
+
+    An image whose domain score is above 1 (unlike the training films, :mod:`cxr.common.domain`)
+    gets no NORMAL/PNEUMONIA verdict: label ``OUT_OF_DOMAIN``, probability null. With
+    ``allow_outside`` it gets its verdict, still marked ``in_domain: false``. A model without a
+    content check says ``in_domain: null``.
+
+    Args:
+        probability: P(pneumonia).
+        threshold: the decision threshold.
+        domain_score: the image's domain score, or None when the model has no content check.
+        allow_outside: restore the verdict of an out-of-domain image.
+
+    Returns:
+        ``{label, probability, ood_score, in_domain}``.
+    """
+    in_domain = None if domain_score is None else bool(domain_score <= 1.0)
+    call: dict[str, Any] = {
+        "label": CLASS_NAMES[int(probability >= threshold)],
+        "probability": round(probability, 6),
+        "ood_score": None if domain_score is None else round(domain_score, 4),
+        "in_domain": in_domain,
+    }
+    if in_domain is False and not allow_outside:
+        call.update(label=OUT_OF_DOMAIN, probability=None)
+    return call
 
 
 def _json_path(path: Path) -> str:

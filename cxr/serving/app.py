@@ -51,13 +51,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cxr import CLASS_NAMES
 from cxr.common.images import ImageLimits
 from cxr.config import InputConfig
 from cxr.errors import CxrError, DataError
 from cxr.inference.dicom import dicom_intended_use, is_dicom
 from cxr.inference.loading import LoadedModel, load_image, predict_images
-from cxr.inference.predict import IMAGE_SUFFIXES
+from cxr.inference.predict import IMAGE_SUFFIXES, verdict
 from cxr.safe_text import printable
 
 log = logging.getLogger("cxr.serve")
@@ -90,8 +89,16 @@ class ModelWorker:
     ``max_wait_s`` for their images before calling the model. A lone request never waits.
     """
 
-    def __init__(self, model: Any, batch_size: int = DEFAULT_BATCH_SIZE, max_wait_s: float = 0.02) -> None:
+    def __init__(
+        self,
+        model: Any,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_wait_s: float = 0.02,
+        score: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray | None]] | None = None,
+    ) -> None:
         self.model = model
+        # (probabilities, domain scores or None) of a batch: LoadedModel.score, one forward pass
+        self.score = score or (lambda images, size: (predict_images(model, images, size), None))
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self._incoming = 0  # requests decoding an image that will be submitted
@@ -155,13 +162,13 @@ class ModelWorker:
                 continue
             log.debug("scoring a batch of %d image(s)", len(batch))
             try:
-                probabilities = predict_images(self.model, np.stack([image for image, _ in batch]), self.batch_size)
+                probabilities, scores = self.score(np.stack([image for image, _ in batch]), self.batch_size)
             except Exception as exc:  # handed to each waiting request; the server answers 500 and logs it
                 for _, future in batch:
                     future.set_exception(exc)
                 continue
-            for (_, future), probability in zip(batch, probabilities, strict=True):
-                future.set_result(float(probability))
+            for i, ((_, future), probability) in enumerate(zip(batch, probabilities, strict=True)):
+                future.set_result((float(probability), None if scores is None else float(scores[i])))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -257,7 +264,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        worker = ModelWorker(lm.model, batch_size)
+        worker = ModelWorker(lm.model, batch_size, score=lm.score)
         size = lm.input.image_size
         await asyncio.wrap_future(worker.submit(np.zeros((size, size, 3), np.uint8)))  # build the model's kernels
         state["worker"] = worker
@@ -330,14 +337,13 @@ def create_app(
             return _error(exc.status, exc.message)
         except ClientDisconnect:
             return _error(400, "the client closed the connection during the upload")
-        probability = await asyncio.wrap_future(worker.submit(image, expected=True))
+        probability, domain_score = await asyncio.wrap_future(worker.submit(image, expected=True))
         if not math.isfinite(probability):
             log.error("%s: the model returned %s", filename, probability)
             return _error(500, f"{filename}: the model returned {probability} for this image; retrain it")
         record = {  # cxr predict --json's record (tests/test_serve.py compares the two)
             "path": filename,
-            "label": CLASS_NAMES[int(probability >= threshold)],
-            "probability": round(probability, 6),
+            **verdict(probability, threshold, domain_score, allow_outside_intended_use),
             "threshold": threshold,
             "threshold_source": threshold_source,
             **identity,

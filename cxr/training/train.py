@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from cxr.common import plots
+from cxr.common.domain import FEATURE_LAYER, SUFFIX, DomainModel, features_and_probabilities, fit_domain, scoring_model
 from cxr.common.model_card import read_card, write_card
 from cxr.common.thresholds import validation_operating_point
 from cxr.config import InputConfig, Params, TrainConfig, as_plain
@@ -309,6 +310,7 @@ class _Run:
 
 @dataclass(frozen=True)
 class _Data:
+    train_images: np.ndarray  # un-augmented (memory-mapped cache): the domain check is fitted on them
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
@@ -346,6 +348,7 @@ class _Outcome:
     point: dict[str, Any]
     epochs_run: int
     best_epoch: int | None
+    domain: DomainModel | None = None
 
 
 def train(
@@ -529,6 +532,8 @@ def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
         run, splits_sha, policy, int(strategy.num_replicas_in_sync), data, start, scratch, outcome, fit_seconds
     )
     _stage_reports(run, scratch, outcome.model, outcome.history)
+    if outcome.domain is not None:  # shipped beside the model, with it (see _ship)
+        (run.staging_dir / _DOMAIN_STAGED).write_bytes(outcome.domain.to_bytes())
     return outcome.model, card, outcome.health
 
 
@@ -545,7 +550,7 @@ def _load_data(run: _Run) -> _Data:
         val_images, val_labels, input_cfg, shuffle=False, augment=input_cfg.augment_validation, seed=cfg.seed + 1
     )
     weights = class_weights(train_labels, cfg.class_weight)
-    return _Data(train_labels, val_images, val_labels, train_ds, val_ds, weights)
+    return _Data(train_images, train_labels, val_images, val_labels, train_ds, val_ds, weights)
 
 
 def _steps_per_epoch(run: _Run, data: _Data) -> int:
@@ -726,12 +731,16 @@ def _assess(run: _Run, start: _Start, data: _Data, scratch: _Scratch) -> _Outcom
     model = start.model
     if scratch.best_path.is_file():
         model = keras.saving.load_model(scratch.best_path, safe_mode=True)
-    eval_ds = make_dataset(data.val_images, data.val_labels, run.input_cfg, shuffle=False, augment=False, seed=0)
-    probabilities = model.predict(eval_ds, verbose=0).reshape(-1).astype(np.float64)
+    scorer = scoring_model(model)
+    val_features, probabilities = features_and_probabilities(scorer, data.val_images)
+    domain = None
+    if cfg.domain_check and np.isfinite(val_features).all():
+        train_features, _ = features_and_probabilities(scorer, data.train_images)
+        domain = fit_domain(train_features, val_features, cfg.domain_percentile)
     health = assess(data.val_labels, probabilities, history, cfg.health)
     point = validation_operating_point(data.val_labels, probabilities, cfg.target_sensitivity)
     epochs_run = int(history["epoch"][-1]) if history.get("epoch") else start.epochs
-    return _Outcome(model, history, health, point, epochs_run, _best_epoch(history, cfg))
+    return _Outcome(model, history, health, point, epochs_run, _best_epoch(history, cfg), domain)
 
 
 def _best_epoch(history: Mapping[str, list[float]], cfg: TrainConfig) -> int | None:
@@ -791,6 +800,7 @@ def _card(
         "continued_from": (start.previous or {}).get("model_sha256"),
         "validation": outcome.health.metrics,
         "operating_point": outcome.point,
+        "domain": _domain_record(outcome.domain),
         "health": {"status": outcome.health.status, "problems": outcome.health.problems},
         "timings": {
             "fit_seconds": round(fit_seconds, 1),
@@ -800,6 +810,21 @@ def _card(
         "code": code_version(),
         "libraries": library_versions(),
         "run_key": scratch.run_key,
+    }
+
+
+def _domain_record(domain: DomainModel | None) -> dict[str, Any] | None:
+    """The card's ``domain`` (file and sha256 are filled in when the model ships)."""
+    if domain is None:
+        return None
+    return {
+        "method": "Mahalanobis distance of penultimate features (Ledoit-Wolf covariance of the train split)",
+        "layer": f"input of {FEATURE_LAYER}",
+        "percentile": domain.percentile,
+        "threshold": domain.threshold,
+        "dimensions": int(domain.mean.size),
+        "file": None,
+        "sha256": None,
     }
 
 
@@ -827,6 +852,7 @@ def _images_per_second(run: _Run, data: _Data, start: _Start, outcome: _Outcome,
     return round(per_epoch * trained / fit_seconds, 1) if fit_seconds else None
 
 
+_DOMAIN_STAGED = "domain.npz"
 REPORT_FILES = ("history.csv", "summary.txt", "architecture.png", "curves.png", "metrics.json")
 
 
@@ -893,9 +919,16 @@ def _ship(
             "folder": run.reports_dir.as_posix(),
             "sha256": {n: sha256_file(staged / n) for n in names},
         }
+        domain_path = run.model_path.with_name(run.name + SUFFIX)
+        if card.get("domain") and (staged / _DOMAIN_STAGED).is_file():
+            card["domain"].update(file=domain_path.as_posix(), sha256=sha256_file(staged / _DOMAIN_STAGED))
         run.reports_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
             os.replace(staged / name, run.reports_dir / name)
+        if card.get("domain"):
+            os.replace(staged / _DOMAIN_STAGED, domain_path)
+        else:  # no statistics for this model: none of the old model's either
+            domain_path.unlink(missing_ok=True)
         for name in set(REPORT_FILES) - set(names):  # e.g. no curves without a history: none of the old model's
             (run.reports_dir / name).unlink(missing_ok=True)
         os.replace(model_tmp, run.model_path)

@@ -1,0 +1,127 @@
+"""The content half of the domain guard (issue 16): Mahalanobis distance of penultimate features,
+fitted at training time, shipped and verified beside the model, and applied by predict and serve."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.common.domain import DomainModel, fit_domain, load_domain
+from cxr.errors import CxrError
+from tests.factories import chdir, prepared_project, small_params, synthetic
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+def test_the_threshold_is_the_validation_percentile_and_far_points_score_above_one() -> None:
+    rng = np.random.default_rng(0)
+    cov = np.diag([1.0, 4.0, 0.25, 1.0])
+    train, val = rng.multivariate_normal(np.zeros(4), cov, 2000), rng.multivariate_normal(np.zeros(4), cov, 400)
+    model = fit_domain(train, val, percentile=99.0)
+    assert np.mean(model.scores(val) <= 1.0) == pytest.approx(0.99, abs=0.0026)  # by construction
+    fresh = rng.multivariate_normal(np.zeros(4), cov, 2000)
+    assert np.mean(model.scores(fresh) <= 1.0) > 0.97  # new draws of the same distribution stay in
+    far = np.array([[0, 0, 3.0, 0], [6.0, 0, 0, 0]])  # 6 std along the narrow axis; 6 along a unit one
+    assert (model.scores(far) > 1.0).all()
+    # the covariance matters: 3 units along the wide axis is an ordinary film, along the narrow one it is not
+    assert model.scores(np.array([[0, 3.0, 0, 0]]))[0] < 1.0 < model.scores(np.array([[0, 0, 3.0, 0]]))[0]
+
+
+def test_the_statistics_round_trip_without_pickles_and_bad_files_are_refused(tmp_path: Path) -> None:
+    model = DomainModel(np.zeros(3), np.eye(3), 2.5, 99.5)
+    path = tmp_path / "m.domain.npz"
+    path.write_bytes(model.to_bytes())
+    loaded = load_domain(path)
+    assert loaded.threshold == 2.5 and np.array_equal(loaded.precision, np.eye(3))
+    assert model.to_bytes() == model.to_bytes()  # deterministic bytes: a stable sha256 in the card
+    np.savez(path, mean=np.zeros(3), precision=np.eye(2), threshold=1.0, percentile=99.5)
+    with pytest.raises(ValueError):
+        load_domain(path)
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic project with smallnet trained and its content check shipped."""
+    from cxr.training.train import train
+
+    params = small_params()
+    params["train"]["common"]["domain_check"] = True
+    root = prepared_project(tmp_path_factory.mktemp("domain") / "p", params, hostile=False)
+    with chdir(root):
+        train("smallnet", params)
+    return root
+
+
+def _png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_training_ships_the_statistics_beside_the_model_and_names_them_in_the_card(checked: Path) -> None:
+    from cxr.provenance.hashing import sha256_file
+
+    card = json.loads((checked / "models/smallnet.card.json").read_text())
+    domain = card["domain"]
+    sidecar = checked / "models/smallnet.domain.npz"
+    assert domain["sha256"] == sha256_file(sidecar) and domain["file"] == "models/smallnet.domain.npz"
+    assert domain["percentile"] == 99.5 and domain["threshold"] == load_domain(sidecar).threshold > 0
+    assert domain["dimensions"] == 32  # SmallNet's Dense(32): the input of its output layer
+
+
+def test_predict_gives_no_verdict_for_an_image_unlike_the_training_films(checked: Path, tmp_path: Path, cli) -> None:
+    rng = np.random.default_rng(3)
+    film = _png(tmp_path / "film.png", synthetic(rng, True))
+    checker = _png(tmp_path / "checker.png", (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8))
+    noise = _png(tmp_path / "noise.png", rng.integers(0, 256, (32, 32)).astype(np.uint8))
+    with chdir(checked):
+        code, out, err = cli(["predict", "--model", "smallnet", "--json", str(film), str(checker), str(noise)])
+        records = {Path(r["path"]).name: r for r in map(json.loads, out.splitlines())}
+        assert code == 0 and err == ""
+        assert records["film.png"]["in_domain"] is True and records["film.png"]["label"] in ("NORMAL", "PNEUMONIA")
+        for name in ("checker.png", "noise.png"):
+            r = records[name]
+            assert (r["label"], r["probability"], r["in_domain"]) == ("OUT_OF_DOMAIN", None, False)
+            assert r["ood_score"] > 1
+        code, out, _ = cli(["predict", "--model", "smallnet", str(checker)])
+        assert "OUT_OF_DOMAIN: unlike the training films (domain score" in out and "no verdict" in out
+        code, out, _ = cli(["predict", "--model", "smallnet", "--json", "--allow-outside-intended-use", str(checker)])
+        restored = json.loads(out)
+        assert restored["label"] in ("NORMAL", "PNEUMONIA") and restored["in_domain"] is False
+
+
+def test_statistics_that_are_not_the_cards_are_refused_in_one_line(checked: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cxr.inference.loading import load
+
+    copy = tmp_path / "copy"
+    shutil.copytree(checked / "models", copy)
+    sidecar = copy / "smallnet.domain.npz"
+    sidecar.write_bytes(DomainModel(np.zeros(32), np.eye(32) * 1e-9, 1e9).to_bytes())  # "everything is in"
+    with pytest.raises(CxrError, match=r"smallnet\.domain\.npz: domain statistics not the file the card names"):
+        load(copy / "smallnet.keras")
+    assert load(copy / "smallnet.keras", allow_unverified=True).domain is None  # warned, no check
+    sidecar.unlink()
+    with pytest.raises(CxrError, match="domain statistics missing"):
+        load(copy / "smallnet.keras")
+
+
+def test_serve_answers_out_of_domain_with_200_and_no_verdict(checked: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from cxr.inference.loading import load
+    from cxr.serving.app import create_app
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)).save(buffer, format="PNG")
+    with TestClient(create_app(load(checked / "models/smallnet.keras"), 0.5, "test")) as client:
+        answer = client.post("/predict", files={"file": ("checker.png", buffer.getvalue())})
+    record = answer.json()
+    assert answer.status_code == 200 and record["label"] == "OUT_OF_DOMAIN" and record["probability"] is None
+    assert record["in_domain"] is False and record["ood_score"] > 1
