@@ -77,6 +77,17 @@ def test_predict_and_serve_speed_benchmarks(trained: Path, images: Path) -> None
     assert rows[0]["startup_s"] > 0 and len(rows) == 3  # start-up, then 1 client and 2 clients
 
 
+def test_domain_check_benchmark(trained: Path, images: Path, tmp_path: Path) -> None:
+    import shutil
+
+    workspace = tmp_path / "ws"
+    shutil.copytree(trained, workspace)
+    model = str(workspace / "models/smallnet.keras")
+    [row] = _bench("domain_check.py", "--workspace", str(workspace), "--model", model, "--external", str(images))
+    assert 0 <= row["in_domain"]["external"] <= 1 and row["n"]["corpus"] >= 2
+    assert set(row["flagged"]) == {"non_chest_corpus", "upside_down", "rotated_90", "inverted"}
+
+
 def test_recipes_then_the_preregistered_comparison(tmp_path: Path, images: Path) -> None:
     params = small_params()
     workspace = prepared_project(tmp_path / "ws", params, hostile=False)
