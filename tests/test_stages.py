@@ -149,6 +149,7 @@ def _placeholders(root: Path) -> None:
         "reports/plots/augmented_batch.png",
         "models/smallnet.keras",
         "models/smallnet.card.json",
+        "models/smallnet.domain.npz",
         "reports/train/smallnet/summary.txt",
         "reports/train/smallnet/metrics.json",
         "reports/train/smallnet/history.csv",
