@@ -125,3 +125,24 @@ def test_serve_answers_out_of_domain_with_200_and_no_verdict(checked: Path) -> N
     record = answer.json()
     assert answer.status_code == 200 and record["label"] == "OUT_OF_DOMAIN" and record["probability"] is None
     assert record["in_domain"] is False and record["ood_score"] > 1
+
+
+def test_evaluate_and_the_report_count_the_images_of_a_set_outside_the_domain(checked: Path) -> None:
+    from cxr.evaluation.evaluate import evaluate_models
+    from cxr.reporting.report import render
+
+    rng = np.random.default_rng(9)
+    folder = checked / "odd_site"
+    for class_name, bright in (("NORMAL", False), ("PNEUMONIA", True)):
+        for i in range(4):
+            _png(folder / class_name / f"film-{i}.png", synthetic(rng, bright))
+            _png(folder / class_name / f"noise-{i}.png", rng.integers(0, 256, (32, 32)).astype(np.uint8))
+    params = small_params()
+    params["evaluate"].update(external={"odd_site": "odd_site"}, bootstrap=20)
+    with chdir(checked):
+        summary = evaluate_models(["smallnet"], params["evaluate"], params["input"])
+        html = Path(render(["smallnet"])["html"]).read_text()
+    domain = summary["external"]["odd_site"]["models"]["smallnet"]["domain"]
+    assert domain["n"] == 16 and 8 <= domain["flagged"] <= 10  # the 8 noise images, and at most 2 films
+    assert domain["p95_score"] > 1 and domain["share_flagged"] == round(domain["flagged"] / 16, 4)
+    assert "id='out-of-domain-odd_site-smallnet'" in html

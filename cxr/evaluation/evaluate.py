@@ -207,6 +207,28 @@ class _Scored:
     val_youden: float
     val_point: dict[str, Any]
     external: dict[str, np.ndarray] = field(default_factory=dict)
+    domain: dict[str, np.ndarray] = field(default_factory=dict)  # per external set, with a content check
+
+
+def domain_summary(scores: np.ndarray | None) -> dict[str, Any] | None:
+    """How many images of a set the model's content check flags (score > 1), and their score spread.
+
+    Args:
+        scores: the set's domain scores (:meth:`cxr.inference.loading.LoadedModel.score`), or None.
+
+    Returns:
+        ``{n, flagged, share_flagged, median_score, p95_score}``, or None without a content check.
+    """
+    if scores is None or not len(scores):
+        return None
+    flagged = int(np.sum(scores > 1.0))
+    return {
+        "n": len(scores),
+        "flagged": flagged,
+        "share_flagged": round(flagged / len(scores), 4),
+        "median_score": round(float(np.median(scores)), 4),
+        "p95_score": round(float(np.percentile(scores, 95)), 4),
+    }
 
 
 def _score_model(
@@ -229,7 +251,9 @@ def _score_model(
         key = (ext.name, lm.input.image_size, lm.input.resize, lm.input.interpolation)
         if key not in decoded:  # models sharing preprocessing (an ensemble and its members) decode once
             decoded[key] = np.stack([load_image(path, lm.input, allow) for path in ext.paths])
-        scored.external[ext.name] = predict_images(lm.model, decoded[key])
+        scored.external[ext.name], domain = lm.score(decoded[key])
+        if domain is not None:
+            scored.domain[ext.name] = domain
     return scored
 
 
@@ -425,6 +449,7 @@ def _score_external(
     result.update(
         calibration=_calibration(ext.labels, probs),
         threshold_chosen_on_this_set=point["chosen_on"] == ext.name,
+        domain=domain_summary(scored.domain.get(ext.name)),
         at_own_youden={
             **at_threshold(ext.labels, probs, own),
             "note": "threshold chosen on this same set (optimistic)",
@@ -435,6 +460,7 @@ def _score_external(
     )
     compact = _compact(result)
     compact.update(
+        domain=result["domain"],
         threshold_chosen_on_this_set=result["threshold_chosen_on_this_set"],
         at_own_youden={k: result["at_own_youden"][k] for k in ("threshold", "sensitivity", "specificity", "accuracy")},
     )

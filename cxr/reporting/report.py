@@ -217,6 +217,9 @@ def provenance_rows(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+DOMAIN_WARN_SHARE = 0.05  # more flagged than this: a warning in the summary
+
+
 def summary_rows(info: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per data set and model, at the shipped threshold: external sets first, then the test split.
 
@@ -484,10 +487,19 @@ def _summary_section(info: Mapping[str, Any]) -> dict[str, Any] | None:
     for name, ext in (info.get("external") or {}).items():
         overlap = ext.get("overlap_with_training") or {}
         role = scored_sets.get(name) or {}
+        flagged = {
+            model: m["domain"]
+            for model, m in (role.get("models") or {}).items()
+            if isinstance(m.get("domain"), dict) and m["domain"].get("share_flagged", 0) > DOMAIN_WARN_SHARE
+        }
         external.append(
             {
                 "name": name,
                 "role": role.get("role", "selection"),
+                "out_of_domain": [
+                    {"model": model, "flagged": d["flagged"], "n": d["n"], "share": _fmt(d["share_flagged"])}
+                    for model, d in flagged.items()
+                ],
                 "compared": role.get("configurations_compared"),
                 "changed_after_first_scored": bool(role.get("changed_after_first_scored")),
                 "first_scored": (role.get("first_scored") or {}).get("first_scored"),
