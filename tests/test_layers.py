@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cxr.provenance.code_closure import imported_names
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "cxr"
 
@@ -62,22 +64,13 @@ def unit_of(module: str) -> str:
 
 def imported_modules(path: Path) -> list[tuple[str, int]]:
     """``cxr`` modules named by a file's import statements at any depth, with their line numbers."""
-    module = _module_name(path)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: list[tuple[str, int]] = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                origin = ".".join(base + ([node.module] if node.module else []))
-            else:
-                origin = node.module or ""
-            found.append((origin, node.lineno))
-            # `from cxr import plots`-style imports name a submodule
-            found += [(f"{origin}.{a.name}", node.lineno) for a in node.names if (PACKAGE / a.name).exists()]
-    return [(m, line) for m, line in found if m == "cxr" or m.startswith("cxr.")]
+    found = imported_names(_module_name(path), path)
+    return [(m, line) for m, line in found if m == "cxr" or (m.startswith("cxr.") and _exists(m))]
+
+
+def _exists(module: str) -> bool:
+    base = ROOT.joinpath(*module.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
 def upward_imports(root: Path = PACKAGE) -> list[str]:

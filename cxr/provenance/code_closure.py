@@ -38,23 +38,39 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imports(module: str, path: Path) -> set[str]:
-    """Modules named by the import statements of one file (at any depth), resolved to ``cxr`` modules."""
+def imported_names(module: str, path: Path) -> list[tuple[str, int]]:
+    """Every name the import statements of one file import (at any depth), absolute, with its line.
+
+    ``from cxr.data import kaggle`` yields ``cxr.data`` and ``cxr.data.kaggle`` (the name may be a
+    submodule); relative imports are resolved against ``module``'s package.
+
+    Args:
+        module: the file's dotted module name.
+        path: the file.
+
+    Returns:
+        ``(dotted name, line number)`` pairs, in the order of the syntax tree walk.
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
+    found: list[tuple[str, int]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
+            found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 origin = ".".join(base + ([node.module] if node.module else []))
             else:
                 origin = node.module or ""
-            found.add(origin)
-            found.update(f"{origin}.{alias.name}" for alias in node.names)  # `from cxr.data import kaggle`
-    return {m for m in found if _module_file(m) is not None}
+            found.append((origin, node.lineno))
+            found += [(f"{origin}.{alias.name}", node.lineno) for alias in node.names]
+    return found
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    """Modules named by the import statements of one file (at any depth), resolved to ``cxr`` modules."""
+    return {name for name, _ in imported_names(module, path) if _module_file(name) is not None}
 
 
 @functools.cache
@@ -82,33 +98,6 @@ def import_closure(module: str) -> tuple[str, ...]:
             todo.extend(_imports(name, _module_file(name)) - seen)
     files = {_module_file(m).relative_to(REPO_ROOT).as_posix() for m in seen}
     return tuple(sorted(files))
-
-
-def files_digest(files: Iterable[str]) -> str:
-    """sha256 over the names and contents of repository-relative files.
-
-    Args:
-        files: repository-relative paths.
-
-    Returns:
-        The hex digest.
-    """
-    digest = hashlib.sha256()
-    for rel in files:
-        digest.update(rel.encode() + b"\0" + (REPO_ROOT / rel).read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def module_digest(module: str) -> str:
-    """sha256 over the import closure of ``module`` (what running it executes).
-
-    Args:
-        module: a dotted ``cxr`` module name.
-
-    Returns:
-        The hex digest.
-    """
-    return files_digest(import_closure(module))
 
 
 # ---------------------------------------------------------------- what the code computes
