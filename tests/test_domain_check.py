@@ -146,3 +146,67 @@ def test_evaluate_and_the_report_count_the_images_of_a_set_outside_the_domain(ch
     assert domain["n"] == 16 and 8 <= domain["flagged"] <= 10  # the 8 noise images, and at most 2 films
     assert domain["p95_score"] > 1 and domain["share_flagged"] == round(domain["flagged"] / 16, 4)
     assert "id='out-of-domain-odd_site-smallnet'" in html
+
+
+def test_the_ensemble_checks_every_member_and_keeps_the_worst_score(checked: Path, tmp_path: Path, cli) -> None:
+    from cxr.inference.loading import load
+    from cxr.provenance.hashing import sha256_file
+    from cxr.training.ensemble import build_ensemble
+    from cxr.training.train import train
+
+    params = small_params()
+    params["train"]["common"]["domain_check"] = True
+    params["train"]["models"] = ["smallnet", "cxrnet"]
+    params["train"]["cxrnet"].update(epochs=2, widths=[8, 8, 8, 8])
+    params["ensemble"] = {"members": ["smallnet", "cxrnet"]}
+    rng = np.random.default_rng(4)
+    film = _png(tmp_path / "film.png", synthetic(rng, False))
+    checker = _png(tmp_path / "checker.png", (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8))
+    with chdir(checked):
+        train("cxrnet", params)
+        card = build_ensemble(params)
+        sidecar = Path("ensemble/ensemble.domain.npz")
+        assert card["domain"]["members"] == ["smallnet", "cxrnet"]
+        assert card["domain"]["sha256"] == sha256_file(sidecar) and card["domain"]["file"] == sidecar.as_posix()
+        lm = load("ensemble/ensemble.keras")
+        members = [load(f"models/{m}.keras") for m in ("smallnet", "cxrnet")]
+        from cxr.inference.loading import load_image
+
+        images = np.stack([load_image(p, lm.input) for p in (film, checker)])
+        _, scores = lm.score(images)
+        np.testing.assert_allclose(scores, np.max([m.score(images)[1] for m in members], axis=0), rtol=1e-5)
+        code, out, _ = cli(["predict", "--model", "ensemble", "--json", str(film), str(checker)])
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["in_domain"] for r in records] == [True, False]
+    assert records[1]["label"] == "OUT_OF_DOMAIN"
+
+
+def test_grad_cam_shows_in_domain_films_and_reader_agreement_marks_the_others(checked: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from cxr.evaluation.agreement import agreement_for_report
+    from cxr.evaluation.evaluate import evaluate_models
+    from cxr.evaluation.explain import explain_models
+
+    params = small_params()
+    params["evaluate"].update(external={}, bootstrap=20)
+    with chdir(checked):
+        summary = evaluate_models(["smallnet"], params["evaluate"], params["input"])
+        explained = explain_models(["smallnet"], params["evaluate"], params["input"])
+        record = json.loads(Path("reports/eval/smallnet/domain.json").read_text())
+        predictions = pd.read_csv("reports/eval/smallnet/predictions.csv", keep_default_na=False)
+    test = summary["models"]["smallnet"]["domain"]
+    assert test["n"] == len(predictions) and test["flagged"] == len(record["flagged_paths"])
+    assert explained["models"]["smallnet"]["out_of_domain_skipped"] == test["flagged"]
+    shown = {e["path"] for e in explained["models"]["smallnet"]["examples"]}
+    assert not shown & set(record["flagged_paths"])
+    # a film the check flags stays in the readers' comparison, marked
+    victim = predictions["path"].iloc[0]
+    (checked / "reports/eval/smallnet/domain.json").write_text(json.dumps({**record, "flagged_paths": [victim]}))
+    readers = tmp_path / "readers.csv"
+    readers.write_text(
+        "path,r1,r2\n"
+        + "".join(f"{p},{y},{y}\n" for p, y in zip(predictions["path"], predictions["label"], strict=True))
+    )
+    result = agreement_for_report(readers, "smallnet", {"bootstrap": 10}, tmp_path / "a.json", checked / "reports/eval")
+    assert result["out_of_domain"] == {"images": 1, "paths": [victim]}

@@ -129,3 +129,47 @@ def features_and_probabilities(
     if not feats:
         return np.zeros((0, 0)), np.zeros(0)
     return np.concatenate(feats), np.concatenate(probs)
+
+
+@dataclass(frozen=True)
+class MemberDomains:
+    """An ensemble's content check: each member's own; an image's score is the highest of its
+    members' (it is in the ensemble's domain only when it is in every member's)."""
+
+    members: dict[str, DomainModel]
+
+    def to_bytes(self) -> bytes:
+        """The ensemble's ``.domain.npz``: every member's arrays under ``<member>__<array>``."""
+        buffer = io.BytesIO()
+        arrays = {}
+        for name, d in sorted(self.members.items()):
+            arrays.update(
+                {
+                    f"{name}__mean": d.mean,
+                    f"{name}__precision": d.precision,
+                    f"{name}__threshold": np.float64(d.threshold),
+                    f"{name}__percentile": np.float64(d.percentile),
+                }
+            )
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+
+def load_member_domains(path: str | Path) -> MemberDomains:
+    """Read an ensemble's ``.domain.npz`` (no pickles).
+
+    Raises:
+        ValueError: no member in it, or a member's arrays are inconsistent.
+    """
+    members: dict[str, DomainModel] = {}
+    with np.load(Path(path), allow_pickle=False) as data:
+        names = sorted({key.rsplit("__", 1)[0] for key in data.files if "__" in key})
+        for name in names:
+            mean, precision = data[f"{name}__mean"], data[f"{name}__precision"]
+            threshold = float(data[f"{name}__threshold"])
+            if mean.ndim != 1 or precision.shape != (mean.size, mean.size) or not threshold > 0:
+                raise ValueError(f"inconsistent domain statistics of member {name}")
+            members[name] = DomainModel(mean, precision, threshold, float(data[f"{name}__percentile"]))
+    if not members:
+        raise ValueError("no member statistics")
+    return MemberDomains(members)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,5 +243,18 @@ def agreement_for_report(
     labels = (np.asarray(probs, dtype=float) >= threshold).astype(int)
     result = agreement(readers, {"name": model, "labels": labels}, evaluate.bootstrap, evaluate.seed)
     result["threshold"] = {"value": threshold, "rule": point.rule}
+    result["out_of_domain"] = _out_of_domain(Path(eval_dir) / model / "domain.json", keys)
     write_json(Path(out), result)
     return result
+
+
+def _out_of_domain(record: Path, keys: Sequence[str]) -> dict[str, Any] | None:
+    """How many of the readers' images the model's content check flags (marked, not dropped: the
+    readers read them), from the record ``evaluate`` wrote; None when the model has no check."""
+    try:
+        flagged = json.loads(record.read_text()).get("flagged_paths") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    names = {Path(p).name for p in flagged}
+    marked = [k for k in keys if k in flagged or Path(k).name in names]
+    return {"images": len(marked), "paths": marked[:20]}

@@ -187,8 +187,10 @@ def _plot_curves(
 
 
 def _split_probabilities(
-    lm: LoadedModel, splits_csv: Path, split: str, cache_dir: str
+    lm: LoadedModel, splits_csv: Path, split: str, cache_dir: str, domain: dict[str, np.ndarray] | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(paths, labels, P(pneumonia), patient ids) of one split; with ``domain``, the content check's
+    scores are stored there under the split's name (when the model has a check)."""
     import pandas as pd
 
     cfg = lm.cached_input(cache_dir)
@@ -196,7 +198,12 @@ def _split_probabilities(
     images = load_images(paths, key, cfg, split)
     frame = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})
     groups = frame.loc[frame["split"] == split, "patient_id"].tolist()
-    return paths, labels, predict_images(lm.model, images), groups
+    if domain is None:
+        return paths, labels, predict_images(lm.model, images), groups
+    probabilities, scores = lm.score(images)  # one pass: P(pneumonia) and the content check's scores
+    if scores is not None:
+        domain[split] = scores
+    return paths, labels, probabilities, groups
 
 
 @dataclass
@@ -242,10 +249,12 @@ def _score_model(
     """One model's probabilities on the validation and test splits and every external set
     (``allow``: score DICOMs outside the intended use instead of refusing them)."""
     _, val_labels, val_probs, _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
+    test_domain: dict[str, np.ndarray] = {}
     scored = _Scored(
-        test=_split_probabilities(lm, splits_csv, "test", cache_dir),
+        test=_split_probabilities(lm, splits_csv, "test", cache_dir, test_domain),
         val_youden=youden_threshold(val_labels, val_probs),
         val_point=validation_point(lm.card, val_labels, val_probs),
+        domain=test_domain,
     )
     for ext in sets:
         key = (ext.name, lm.input.image_size, lm.input.resize, lm.input.interpolation)
@@ -306,6 +315,16 @@ def _write_set(
     write_json(target / "metrics.json", result)
 
 
+def _write_domain_record(target: Path, paths: Sequence[str], scores: np.ndarray | None) -> None:
+    """``<model>/domain.json``: the test images the model's content check flags (for reader agreement)."""
+    record = target / "domain.json"
+    if scores is None:
+        record.unlink(missing_ok=True)
+        return
+    flagged = [p for p, s in zip(paths, scores, strict=True) if s > 1.0]
+    write_json(record, {**(domain_summary(scores) or {}), "flagged_paths": flagged})
+
+
 def _empty_summary(
     eval_params: EvaluateConfig, sets: Sequence[ExternalSet], sets_cfg: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -343,8 +362,10 @@ def _score_test(
         operating_point=point,
         calibration=_calibration(labels, probs),
     )
+    result["domain"] = domain_summary(scored.domain.get("test"))
     _write_set(name, "test", paths, labels, probs, groups, result, out_dir / name)
     record_operating_point(name, lm.card.model_sha256, point, out_dir)
+    _write_domain_record(out_dir / name, paths, scored.domain.get("test"))
     log.info(
         "%s: test AUC %s (95%% CI %s), sensitivity %s, specificity %s at %s (%s)",
         name,
@@ -355,7 +376,7 @@ def _score_test(
         num(threshold),
         point["rule"],
     )
-    return {**_compact(result), "operating_point": point}, samples
+    return {**_compact(result), "operating_point": point, "domain": result["domain"]}, samples
 
 
 def _add_comparisons(

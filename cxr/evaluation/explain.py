@@ -109,7 +109,8 @@ def explain_models(
     """Grad-CAM gallery and border-heat figure of every model on the test split.
 
     Needs ``evaluate`` to have run: the gallery's images are chosen from its test predictions, at
-    the model's shipped threshold (:func:`cxr.common.thresholds.model_threshold`). The ensemble
+    the model's shipped threshold (:func:`cxr.common.thresholds.model_threshold`), among the
+    images inside the model's domain (its content check; the count skipped is in the summary). The ensemble
     is skipped with one log line: it averages several networks, so it has no single last
     convolution to take a Grad-CAM of (its members' galleries show where each one looks).
 
@@ -159,7 +160,10 @@ def explain_models(
             cams, _ = gradcam(lm.model, images[start : start + 32].astype(np.float32) / 255.0, layer)
             fractions += [border_fraction(c, margin) for c in cams]
         predictions = pd.read_csv(Path(eval_dir) / name / "predictions.csv", keep_default_na=False)
-        chosen = select(predictions, threshold, per_outcome, seed).assign(threshold=threshold)
+        _, scores = lm.score(images)  # the gallery shows films in the model's domain only
+        outside = set() if scores is None else {p for p, s in zip(paths, scores, strict=True) if s > 1.0}
+        shown = predictions[~predictions["path"].isin(outside)]
+        chosen = select(shown, threshold, per_outcome, seed).assign(threshold=threshold)
         index = {p: i for i, p in enumerate(paths)}
         picked = images[[index[p] for p in chosen["path"]]]
         cams, _ = gradcam(lm.model, picked.astype(np.float32) / 255.0, layer)
@@ -174,6 +178,7 @@ def explain_models(
             "border_fraction_mean": round(value, 4),
             "border_to_uniform_ratio": round(value / summary["uniform_border_fraction"], 3),
             "images": len(fractions),
+            "out_of_domain_skipped": None if scores is None else len(outside),
             "examples": [
                 {
                     "path": r["path"],

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from cxr.common.domain import SUFFIX as DOMAIN_SUFFIX
-from cxr.common.domain import DomainModel, features_and_probabilities, load_domain, scoring_model
+from cxr.common.domain import (
+    DomainModel,
+    MemberDomains,
+    features_and_probabilities,
+    load_domain,
+    load_member_domains,
+    scoring_model,
+)
 from cxr.common.images import ImageLimits, ImageRefused, OverCap, check_image
 from cxr.common.model_card import ModelCard, card_path_for, read_card
 from cxr.common.preprocessing import decode_image, resize_image
@@ -65,7 +72,7 @@ class LoadedModel:
     path: Path
     verified: bool
     sha256: str = ""
-    domain: DomainModel | None = None  # the content check's statistics, when the card has one
+    domain: DomainModel | MemberDomains | None = None  # the content check's statistics, when the card has one
     _scorer: Any = None
 
     @property
@@ -92,6 +99,14 @@ class LoadedModel:
         """
         if self.domain is None:
             return predict_images(self.model, images, batch_size), None
+        if isinstance(self.domain, MemberDomains):  # an ensemble: each member's check, the worst score
+            if self._scorer is None:
+                self._scorer = {name: scoring_model(self.model.get_layer(name)) for name in self.domain.members}
+            scores = [
+                self.domain.members[name].scores(features_and_probabilities(scorer, images, batch_size)[0])
+                for name, scorer in self._scorer.items()
+            ]
+            return predict_images(self.model, images, batch_size), np.max(scores, axis=0)
         if self._scorer is None:
             self._scorer = scoring_model(self.model)
         features, probabilities = features_and_probabilities(self._scorer, images, batch_size)
@@ -278,7 +293,7 @@ def _load_domain(model_path: Path, card: ModelCard, allow_unverified: bool) -> D
         problem = "not the file the card names (sha256 differs)"
     if problem is None:
         try:
-            return load_domain(path)
+            return load_member_domains(path) if card.kind == "ensemble" else load_domain(path)
         except (OSError, ValueError, KeyError) as exc:
             problem = f"unreadable ({printable(type(exc).__name__)})"
     if not allow_unverified:

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxr.common.domain import SUFFIX as DOMAIN_SUFFIX
+from cxr.common.domain import DomainModel, MemberDomains
 from cxr.common.model_card import write_card
 from cxr.errors import CxrError
 from cxr.files import save_keras, write_json
@@ -170,13 +172,40 @@ def _card(model: Any, loaded: Sequence[LoadedModel], models_dir: str | Path, val
         "validation": val.health.metrics,
         "operating_point": validation_operating_point(val.labels, val.probabilities, val.target_sensitivity),
         "health": {"status": val.health.status, "problems": val.health.problems},
+        "domain": _domain_record(loaded),
         "code": code_version(),
         "libraries": library_versions(),
         "intended_use": intended_use(),
     }
 
 
-def _save(model: Any, card: dict[str, Any], members: Sequence[str], out_dir: Path, splits_csv: str | Path) -> None:
+def _domain_record(loaded: Sequence[LoadedModel]) -> dict[str, Any] | None:
+    """The ensemble's content check: its members' (an image is in domain when in every member's)."""
+    if not all(isinstance(lm.domain, DomainModel) for lm in loaded):
+        return None  # a member without one: no check rather than a partial one
+    return {
+        "method": "the members' content checks: the highest of their scores",
+        "layer": "each member's input of pneumonia",
+        "percentile": min(lm.domain.percentile for lm in loaded),  # type: ignore[union-attr]
+        "threshold": 1.0,  # member scores are already distances over each member's threshold
+        "members": [lm.name for lm in loaded],
+        "file": None,
+        "sha256": None,
+    }
+
+
+def _domain_bytes(loaded: Sequence[LoadedModel]) -> bytes:
+    return MemberDomains({lm.name: lm.domain for lm in loaded}).to_bytes()  # type: ignore[misc]
+
+
+def _save(
+    model: Any,
+    card: dict[str, Any],
+    members: Sequence[str],
+    out_dir: Path,
+    splits_csv: str | Path,
+    domain: bytes | None = None,
+) -> None:
     """Write the model, its card and ``ensemble.json`` into ``out_dir`` at once; completes ``card``."""
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -186,6 +215,10 @@ def _save(model: Any, card: dict[str, Any], members: Sequence[str], out_dir: Pat
         card["model_sha256"] = sha256_file(tmp_dir / "ensemble.keras")
         card["run"] = audit.current_run()
         card["lineage_data"] = audit.data_lineage(Path(splits_csv))
+        if domain is not None and card.get("domain"):
+            (tmp_dir / f"ensemble{DOMAIN_SUFFIX}").write_bytes(domain)
+            sidecar = model_file(ENSEMBLE, out_dir.parent / "models").with_name(f"ensemble{DOMAIN_SUFFIX}")
+            card["domain"].update(file=sidecar.as_posix(), sha256=sha256_file(tmp_dir / f"ensemble{DOMAIN_SUFFIX}"))
         card.update(write_card(tmp_dir / "ensemble.card.json", card).to_json())
         write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": list(members)})
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -243,6 +276,6 @@ def build_ensemble(
     model = compose(loaded)
     val = _validate(model, loaded, members, params, splits_csv)
     card = _card(model, loaded, models_dir, val)
-    _save(model, card, members, out_dir, splits_csv)
+    _save(model, card, members, out_dir, splits_csv, _domain_bytes(loaded) if card.get("domain") else None)
     _record(card, members, val.health.metrics)
     return card
