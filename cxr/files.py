@@ -52,6 +52,23 @@ def dumps_json(payload: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(payload), allow_nan=False, **kwargs)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write bytes atomically: a temporary file ``.<name>.tmp-<pid>`` beside ``path``, then a rename.
+
+    Args:
+        path: the file to write; its parent folders are created.
+        data: the bytes.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically (temp file + rename), sorted keys, trailing newline, never NaN.
 
@@ -63,15 +80,7 @@ def write_json(path: Path, payload: Any) -> None:
         path: the file to write; its parent folders are created.
         payload: anything ``json.dumps`` accepts; written with 2-space indentation.
     """
-    text = dumps_json(payload, indent=2, sort_keys=True) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, (dumps_json(payload, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_keras(model: Any, path: Path) -> None:

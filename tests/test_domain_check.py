@@ -210,3 +210,11 @@ def test_grad_cam_shows_in_domain_films_and_reader_agreement_marks_the_others(ch
     )
     result = agreement_for_report(readers, "smallnet", {"bootstrap": 10}, tmp_path / "a.json", checked / "reports/eval")
     assert result["out_of_domain"] == {"images": 1, "paths": [victim]}
+
+
+def test_a_model_without_a_check_still_ships_the_file_dvc_declares(trained: Path) -> None:
+    """``domain_check: false`` (the small project's setting): the sidecar says so; the card has no domain."""
+    card = json.loads((trained / "models/smallnet.card.json").read_text())
+    assert card["domain"] is None
+    with np.load(trained / "models/smallnet.domain.npz", allow_pickle=False) as data:
+        assert list(data.files) == ["no_check"]

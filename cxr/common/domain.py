@@ -84,6 +84,14 @@ def fit_domain(
     return DomainModel(model.mean, model.precision, max(threshold, 1e-9), percentile)
 
 
+def no_domain_bytes() -> bytes:
+    """The ``.domain.npz`` of a model without a content check (``train.common.domain_check: false``,
+    or features that were not finite): it says so, and a card without ``domain`` never reads it."""
+    buffer = io.BytesIO()
+    np.savez(buffer, no_check=np.array("this model has no content check"))
+    return buffer.getvalue()
+
+
 def load_domain(path: str | Path) -> DomainModel:
     """Read a ``.domain.npz`` (no pickles: ``allow_pickle=False``).
 

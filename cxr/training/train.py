@@ -44,12 +44,20 @@ from typing import Any
 import numpy as np
 
 from cxr.common import plots
-from cxr.common.domain import FEATURE_LAYER, SUFFIX, DomainModel, features_and_probabilities, fit_domain, scoring_model
+from cxr.common.domain import (
+    FEATURE_LAYER,
+    SUFFIX,
+    DomainModel,
+    features_and_probabilities,
+    fit_domain,
+    no_domain_bytes,
+    scoring_model,
+)
 from cxr.common.model_card import read_card, write_card
 from cxr.common.thresholds import validation_operating_point
 from cxr.config import InputConfig, Params, TrainConfig, as_plain
 from cxr.errors import CxrError, DataError
-from cxr.files import save_keras, write_json
+from cxr.files import save_keras, write_bytes_atomic, write_json
 from cxr.formatting import num
 from cxr.logs import interactive
 from cxr.provenance import lineage_log as audit
@@ -927,8 +935,8 @@ def _ship(
             os.replace(staged / name, run.reports_dir / name)
         if card.get("domain"):
             os.replace(staged / _DOMAIN_STAGED, domain_path)
-        else:  # no statistics for this model: none of the old model's either
-            domain_path.unlink(missing_ok=True)
+        else:  # no statistics for this model, and none of the old model's: a file saying so (DVC declares it)
+            write_bytes_atomic(domain_path, no_domain_bytes())
         for name in set(REPORT_FILES) - set(names):  # e.g. no curves without a history: none of the old model's
             (run.reports_dir / name).unlink(missing_ok=True)
         os.replace(model_tmp, run.model_path)
