@@ -355,8 +355,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     from cxr.stages import STAGES, dvc_yaml, dvc_yaml_drift, write_fingerprints
 
     if args.fingerprints:
-        for name, value in write_fingerprints().items():
-            print(json.dumps({"stage": name, "fingerprint": value}))
+        print(json.dumps({"fingerprints": {name: value[:12] for name, value in write_fingerprints().items()}}))
         return 0
     if args.write:
         Path(args.dvc_yaml).write_text(dvc_yaml())

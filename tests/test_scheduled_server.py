@@ -225,6 +225,7 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
 
         def run_once() -> dict:
             created = httpx.post(f"{api}/deployments/{deployed['id']}/create_flow_run", json={}).json()
+            assert "id" in created, f"the API refused the run: {created}"
 
             def finished():
                 run = httpx.get(f"{api}/flow_runs/{created['id']}").json()
