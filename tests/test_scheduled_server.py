@@ -224,7 +224,11 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
         assert (stored.schedule.cron, stored.schedule.timezone) == ("0 0 1 1 *", "Asia/Tokyo")
 
         def run_once() -> dict:
-            created = httpx.post(f"{api}/deployments/{deployed['id']}/create_flow_run", json={}).json()
+            def create() -> dict | None:  # a loaded SQLite-backed server answers 503 for a moment: ask again
+                answer = httpx.post(f"{api}/deployments/{deployed['id']}/create_flow_run", json={})
+                return answer.json() if answer.status_code != 503 else None
+
+            created = _wait(create, 60, "the API to accept the run", serve, serve_log)
             assert "id" in created, f"the API refused the run: {created}"
 
             def finished():

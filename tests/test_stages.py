@@ -276,3 +276,28 @@ def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(lock
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc4, changed = _decisions(root, env)
     assert dvc4 == _changed(base, changed) == {"evaluate", "explain", "report"}
+
+
+def test_fingerprints_computed_from_several_threads_at_once_agree():
+    """The Prefect flow computes several training tasks' cache keys at once; CPython 3.11's parser is
+    not thread-safe (``AST constructor recursion depth mismatch``), so parses are serialised."""
+    import threading
+
+    from cxr.provenance import code_closure
+
+    expected = {s.name: s.fingerprint() for s in STAGES}
+    code_closure._normalised_file.cache_clear()
+    seen, errors = [], []
+
+    def work() -> None:
+        try:
+            seen.append({s.name: s.fingerprint() for s in STAGES})
+        except Exception as exc:  # the bug surfaced as SystemError
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and seen == [expected] * 6

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+# CPython 3.11's parser keeps its recursion-depth check per interpreter, not per thread: two threads
+# parsing at once fail with "SystemError: AST constructor recursion depth mismatch" (seen when the
+# Prefect flow computed two training tasks' cache keys concurrently). Parses are serialised.
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(source: str, filename: str) -> ast.Module:
+    with _PARSE_LOCK:
+        return ast.parse(source, filename=filename)
+
+
 def imported_names(module: str, path: Path) -> list[tuple[str, int]]:
     """Every name the import statements of one file import (at any depth), absolute, with its line.
 
@@ -51,7 +63,7 @@ def imported_names(module: str, path: Path) -> list[tuple[str, int]]:
     Returns:
         ``(dotted name, line number)`` pairs, in the order of the syntax tree walk.
     """
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = _parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: list[tuple[str, int]] = []
     for node in ast.walk(tree):
@@ -167,7 +179,7 @@ def normalised_tree(source: str, filename: str = "<source>", drop_functions: Seq
     Returns:
         ``ast.dump`` of the normalised tree (no line numbers): equal for two sources that compute alike.
     """
-    tree = ast.parse(source, filename=filename)
+    tree = _parse(source, filename)
     tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name in drop_functions)]
     return ast.dump(_Normaliser().visit(tree), include_attributes=False)
 
@@ -176,9 +188,16 @@ def file_fingerprint(rel: str, drop_functions: Sequence[str] = ()) -> bytes:
     """What one repository file contributes to a fingerprint: the normalised tree of a ``.py`` file,
     the bytes of anything else (a template)."""
     path = REPO_ROOT / rel
-    if path.suffix == ".py":
-        return normalised_tree(path.read_text(), str(path), drop_functions).encode()
-    return path.read_bytes()
+    if path.suffix != ".py":
+        return path.read_bytes()
+    stat = path.stat()
+    return _normalised_file(str(path), stat.st_mtime_ns, stat.st_size, tuple(drop_functions))
+
+
+@functools.lru_cache(maxsize=512)
+def _normalised_file(path: str, mtime_ns: int, size: int, drop_functions: tuple[str, ...]) -> bytes:
+    """The normalised tree of one file, cached while its modification time and size stay the same."""
+    return normalised_tree(Path(path).read_text(), path, drop_functions).encode()
 
 
 def fingerprint(files: Iterable[str], partial: Iterable[tuple[str, Sequence[str]]] = ()) -> str:
