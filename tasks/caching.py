@@ -24,7 +24,7 @@ from typing import Any
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from cxr.provenance.code_closure import normalised_tree
+from cxr.provenance.code_closure import source_fingerprint
 from cxr.provenance.hashing import hash_tree, sha256_file
 from cxr.stages import stage
 
@@ -59,7 +59,7 @@ class TaskModule(CachePolicy):
         module = sys.modules.get(fn.__module__)
         path = getattr(module, "__file__", None) or inspect.getsourcefile(fn)
         if path and Path(path).is_file():
-            return hashlib.sha256(normalised_tree(Path(path).read_text(), str(path)).encode()).hexdigest()
+            return hashlib.sha256(source_fingerprint(Path(path))).hexdigest()
         return hashlib.sha256(fn.__code__.co_code).hexdigest()
 
 

@@ -187,10 +187,10 @@ def _plot_curves(
 
 
 def _split_probabilities(
-    lm: LoadedModel, splits_csv: Path, split: str, cache_dir: str, domain: dict[str, np.ndarray] | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """(paths, labels, P(pneumonia), patient ids) of one split; with ``domain``, the content check's
-    scores are stored there under the split's name (when the model has a check)."""
+    lm: LoadedModel, splits_csv: Path, split: str, cache_dir: str
+) -> tuple[tuple[list[str], np.ndarray, np.ndarray, list[str]], np.ndarray | None]:
+    """((paths, labels, P(pneumonia), patient ids), the content check's scores or None) of one split,
+    from one forward pass."""
     import pandas as pd
 
     cfg = lm.cached_input(cache_dir)
@@ -198,12 +198,8 @@ def _split_probabilities(
     images = load_images(paths, key, cfg, split)
     frame = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})
     groups = frame.loc[frame["split"] == split, "patient_id"].tolist()
-    if domain is None:
-        return paths, labels, predict_images(lm.model, images), groups
-    probabilities, scores = lm.score(images)  # one pass: P(pneumonia) and the content check's scores
-    if scores is not None:
-        domain[split] = scores
-    return paths, labels, probabilities, groups
+    probabilities, scores = lm.score(images)
+    return (paths, labels, probabilities, groups), scores
 
 
 @dataclass
@@ -214,7 +210,7 @@ class _Scored:
     val_youden: float
     val_point: dict[str, Any]
     external: dict[str, np.ndarray] = field(default_factory=dict)
-    domain: dict[str, np.ndarray] = field(default_factory=dict)  # per external set, with a content check
+    domain: dict[str, np.ndarray] = field(default_factory=dict)  # per set ("test", external), with a check
 
 
 def domain_summary(scores: np.ndarray | None) -> dict[str, Any] | None:
@@ -248,13 +244,13 @@ def _score_model(
 ) -> _Scored:
     """One model's probabilities on the validation and test splits and every external set
     (``allow``: score DICOMs outside the intended use instead of refusing them)."""
-    _, val_labels, val_probs, _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
-    test_domain: dict[str, np.ndarray] = {}
+    (_, val_labels, val_probs, _), _ = _split_probabilities(lm, splits_csv, "val", cache_dir)
+    test, test_scores = _split_probabilities(lm, splits_csv, "test", cache_dir)
     scored = _Scored(
-        test=_split_probabilities(lm, splits_csv, "test", cache_dir, test_domain),
+        test=test,
         val_youden=youden_threshold(val_labels, val_probs),
         val_point=validation_point(lm.card, val_labels, val_probs),
-        domain=test_domain,
+        domain={} if test_scores is None else {"test": test_scores},
     )
     for ext in sets:
         key = (ext.name, lm.input.image_size, lm.input.resize, lm.input.interpolation)

@@ -148,8 +148,7 @@ class _Normaliser(ast.NodeTransformer):
         for name in ("body", "orelse", "finalbody"):
             value = getattr(node, name, None)
             if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                kept = self._body(value) if name == "body" else [s for s in value if not _is_log_call(s)]
-                setattr(node, name, kept or ([ast.Pass()] if name == "body" else []))
+                setattr(node, name, self._body(value) if name == "body" else [s for s in value if not _is_log_call(s)])
         return node
 
     def visit_Raise(self, node: ast.Raise) -> ast.AST:
@@ -188,8 +187,11 @@ def file_fingerprint(rel: str, drop_functions: Sequence[str] = ()) -> bytes:
     """What one repository file contributes to a fingerprint: the normalised tree of a ``.py`` file,
     the bytes of anything else (a template)."""
     path = REPO_ROOT / rel
-    if path.suffix != ".py":
-        return path.read_bytes()
+    return source_fingerprint(path, drop_functions) if path.suffix == ".py" else path.read_bytes()
+
+
+def source_fingerprint(path: Path, drop_functions: Sequence[str] = ()) -> bytes:
+    """:func:`normalised_tree` of a Python file, cached while its modification time and size stay the same."""
     stat = path.stat()
     return _normalised_file(str(path), stat.st_mtime_ns, stat.st_size, tuple(drop_functions))
 
