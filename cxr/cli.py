@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr import __version__
+from cxr import __version__, models_cli
 from cxr.config import load_config, load_params
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
@@ -46,6 +46,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from cxr.provenance.model_store import Shipped
     from cxr.training.train import train
 
     cfg = load_config(args.params, args.set)
@@ -53,17 +54,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not models:
         raise CxrError("no model to train: pass --model NAME or list train.models in params.yaml")
     for name in models:
-        card = train(name, cfg, splits_csv=args.splits, models_dir=args.models, reports_dir=args.reports)
-        print(
-            json.dumps(
-                {
-                    "model": name,
-                    "model_sha256": card["model_sha256"],
-                    "val_auc": card["validation"].get("auc"),
-                    "health": card["health"]["status"],
-                }
-            )
-        )
+        card = train(name, cfg, splits_csv=args.splits, models_dir=args.models, reports_dir=args.reports, install=False)
+        line = {
+            "model": name,
+            "model_sha256": card["model_sha256"],
+            "val_auc": card["validation"].get("auc"),
+            "health": card["health"]["status"],
+        }
+        if not args.no_promote:
+            from cxr.evaluation.promotion import promote
+
+            decision = promote(name, cfg, args.splits, Shipped(name, Path(args.models), Path(args.reports)))
+            line.update(promoted=decision["promoted"], promotion=decision["outcome"])
+        print(json.dumps(line))
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from cxr.evaluation.promotion import promote
+    from cxr.provenance.model_store import Shipped
+
+    cfg = load_config(args.params, args.set)
+    for name in args.model or list(cfg.train.models):
+        decision = promote(name, cfg, args.splits, Shipped(name, Path(args.models), Path(args.reports)))
+        print(json.dumps({k: decision[k] for k in ("model", "promoted", "outcome", "reasons", "line")}))
     return 0
 
 
@@ -256,6 +270,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limits=limits,
         allow_outside_intended_use=args.allow_outside_intended_use,
+        watch_s=args.watch,
     )
     return 0
 
@@ -422,7 +437,19 @@ EXAMPLES = {
     "external": [
         "cxr external -S 'evaluate.external={guangzhou_test: ../shared/data/chest_xray_224_external_val}'",
     ],
-    "train": ["cxr train --model smallnet -S train.smallnet.epochs=3"],
+    "train": [
+        "cxr train --model smallnet -S train.smallnet.epochs=3   # trains, then promotes only if no worse",
+        "cxr train --model cxrnet --no-promote                   # store the version; cxr promote decides",
+    ],
+    "promote": [
+        "cxr promote --model cxrnet",
+        "cxr promote -S promotion.policy=always      # ship the newest versions whatever they score",
+    ],
+    "models": [
+        "cxr models list cxrnet",
+        "cxr models show 3f2a9c1b",
+        "cxr models rollback cxrnet",
+    ],
     "preview": ["cxr preview --out reports/augmented_batch.png"],
     "evaluate": [
         "cxr evaluate                # every model of train.models: test split and external sets",
@@ -464,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_steps(sub)
     _add_model_steps(sub)
     _add_tools(sub)
+    models_cli.add_parser(sub, common)
     summaries = {action.dest: action.help for action in getattr(sub, "_choices_actions", [])}
     for name, p in sub.choices.items():
         p.formatter_class = HelpFormatter
@@ -517,7 +545,22 @@ def _add_model_steps(sub: Any) -> None:
     p.add_argument("--splits", default=str(HERE.splits), help="the split table written by prepare")
     p.add_argument("--models", default=str(HERE.models), help="folder for NAME.keras and NAME.card.json")
     p.add_argument("--reports", default=str(HERE.reports / "train"), help="folder for training histories and plots")
+    p.add_argument(
+        "--no-promote",
+        action="store_true",
+        help="store the new version only; `cxr promote` decides whether it ships (dvc repro's train stage)",
+    )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "promote", help="ship the newest trained version of each model if it beats the shipped one (promotion.*)"
+    )
+    common(p)
+    p.add_argument("--model", action="append", help="model name (repeatable); default: train.models")
+    p.add_argument("--splits", default=str(HERE.splits), help="the split table (reference set when none is configured)")
+    p.add_argument("--models", default=str(HERE.models), help="the shipped models' folder")
+    p.add_argument("--reports", default=str(HERE.reports / "train"), help="the shipped models' reports folder")
+    p.set_defaults(func=_cmd_promote)
 
     p = sub.add_parser("preview", help="plot one augmented training batch (and warm the image cache)")
     common(p)
@@ -592,6 +635,14 @@ def _add_tools(sub: Any) -> None:
     )
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload accepted, in MB (413 above)")
     p.add_argument("--batch-size", type=int, default=16, help="most images scored in one model call")
+    p.add_argument(
+        "--watch",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="check the model's card this often and serve a promoted or rolled-back model without a restart "
+        "(0: only on POST /reload)",
+    )
     _add_intended_use_flag(p)
     p.add_argument(
         "--params",

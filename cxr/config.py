@@ -520,6 +520,40 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class PromotionConfig:
+    """Champion/challenger: when a newly trained model replaces the shipped one (``cxr promote``)."""
+
+    policy: Literal["gate", "always"] = "gate"
+    reference: str = ""
+    auc_margin: float = _opt(0.01, ge=0, le=1)
+    sensitivity_margin: float = _opt(0.05, ge=0, le=1)
+    bootstrap: int = _opt(1000, ge=100)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(self, "promotion")
+        if self.reference and not _SET_NAME.match(self.reference):
+            raise ConfigError(
+                f'promotion.reference={self.reference!r}: give the name of an evaluate.external set, or "" '
+                "for the test split"
+            )
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """What a retrain compares between its data and the data the champion was trained on."""
+
+    on_drift: Literal["warn", "hold"] = "warn"
+    max_prevalence_shift: float = _opt(0.10, gt=0, le=1)
+    max_size_change: float = _opt(0.25, gt=0)
+    max_intensity_shift: float = _opt(0.10, gt=0, le=1)
+    max_out_of_domain: float = _opt(0.05, gt=0, le=1)
+
+    def __post_init__(self) -> None:
+        _check(self, "monitoring")
+
+
+@dataclass(frozen=True)
 class Params:
     """Every section of ``params.yaml``, parsed."""
 
@@ -532,6 +566,16 @@ class Params:
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+    def __post_init__(self) -> None:
+        reference = self.promotion.reference
+        if reference and reference not in self.evaluate.external:
+            raise ConfigError(
+                f"promotion.reference={reference}: no external set of that name in evaluate.external "
+                f"(configured: {', '.join(self.evaluate.external) or 'none'})"
+            )
 
     def as_params(self) -> dict[str, Any]:
         """The whole configuration as the nested mapping ``params.yaml`` holds (defaults filled in)."""

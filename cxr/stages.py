@@ -154,14 +154,34 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train",
         "cxr.training.train:train",
-        "cxr train --model ${item}",
+        "cxr train --model ${item} --no-promote",
         params=("input", "train.common", "train.${item}"),
         inputs=("data/prepared/splits.csv", "data/prepared/manifest.csv"),
+        # every version ever trained, by content (cxr.provenance.model_store); persist: versions accumulate
+        outputs=(Output("registry/${item}", persist=True),),
+        foreach="train.models",
+        comment="one stage per model: train a challenger and store it as a version (promote decides if it ships)",
+    ),
+    Stage(
+        "external",
+        "cxr.data.external_sets:index_external",
+        "cxr external --name ${key}",
+        inputs=("${item}", "data/prepared/splits.csv"),
+        outputs=_report_outs("data/external/${key}.csv", "data/external/${key}.json"),
+        foreach="evaluate.external",
+        comment="one stage per external validation set; DVC watches each folder",
+    ),
+    Stage(
+        "promote",
+        "cxr.evaluation.promotion:promote",
+        "cxr promote --model ${item}",
+        params=("promotion", "monitoring", "evaluate.external"),
+        inputs=("registry/${item}", "data/prepared/splits.csv", "data/external"),
         outputs=(
             Output("models/${item}.keras", persist=True),
             Output("models/${item}.card.json", persist=True),
             Output("models/${item}.domain.npz", persist=True),  # the content check's statistics (cxr.common.domain)
-            # persisted too: the shipped model's reports are replaced together with it, never lost to a failed run
+            # persisted too: the shipped model's reports are replaced together with it, never lost to a lost gate
             Output("reports/train/${item}/summary.txt", cache=False, persist=True),
             Output("reports/train/${item}/metrics.json", "metrics", cache=False, persist=True),
             Output(
@@ -173,9 +193,11 @@ STAGES: tuple[Stage, ...] = (
             ),
             Output("reports/train/${item}/curves.png", "plots", cache=False, persist=True),
             Output("reports/train/${item}/architecture.png", "plots", cache=False, persist=True),
+            # the decision (promoted, both models' reference figures, drift): `dvc exp show` lists it
+            Output("reports/train/${item}/promotion.json", "metrics", cache=False),
         ),
         foreach="train.models",
-        comment="one stage per model; persist: a run replaces the model and its reports only when one ships",
+        comment="champion/challenger: ship the newest version only if it is no worse (a loser changes nothing)",
     ),
     Stage(
         "ensemble",
@@ -185,15 +207,6 @@ STAGES: tuple[Stage, ...] = (
         inputs=("data/prepared/splits.csv", "models"),
         outputs=(Output("ensemble"),),
         comment="the members' mean P(pneumonia) as one shippable model (ensemble.members: [] = none)",
-    ),
-    Stage(
-        "external",
-        "cxr.data.external_sets:index_external",
-        "cxr external --name ${key}",
-        inputs=("${item}", "data/prepared/splits.csv"),
-        outputs=_report_outs("data/external/${key}.csv", "data/external/${key}.json"),
-        foreach="evaluate.external",
-        comment="one stage per external validation set; DVC watches each folder",
     ),
     Stage(
         "evaluate",
@@ -233,6 +246,7 @@ STAGES: tuple[Stage, ...] = (
             "reports/metrics.json",
             "reports/gradcam",
             "reports/plots/augmented_batch.png",
+            "reports/train",
             "models",
             "ensemble",
             "data/external",
@@ -366,7 +380,7 @@ def dvc_artifacts() -> dict[str, dict[str, Any]]:
             "type": "model",
             "desc": f"Pneumonia classifier ({what}): P(pneumonia) {INTENDED_USE_SHORT}. Card: models/{name}.card.json",
             "labels": ["cxr", "pneumonia", "chest-x-ray", name],
-            "meta": {"card": f"models/{name}.card.json", "stage": f"train@{name}"},
+            "meta": {"card": f"models/{name}.card.json", "stage": f"promote@{name}"},
         }
     members = list(EnsembleConfig().members)
     if members:

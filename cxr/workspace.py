@@ -159,6 +159,11 @@ class Workspace:
 
     # provenance
     @property
+    def registry(self) -> Path:
+        """Every trained model version, by content (:mod:`cxr.provenance.model_store`)."""
+        return self._p("registry")
+
+    @property
     def lineage_log(self) -> Path:
         return self._p("lineage", "models.jsonl")
 

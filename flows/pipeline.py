@@ -1,5 +1,5 @@
-"""The pipeline flow: fetch → prepare → preview + train (one task per model) → ensemble → external sets
-→ evaluate → explain → report.
+"""The pipeline flow: fetch → prepare → preview → external sets → train (one task per model) → promote
+(champion/challenger, per model) → ensemble → evaluate → explain → report.
 
 Run it with ``python -m flows.pipeline [-S key=value ...]``. With no ``PREFECT_API_URL`` Prefect
 starts a temporary local server for the run; with one, the run is recorded on that server.
@@ -34,7 +34,7 @@ from tasks.evaluate import ensemble_task, evaluate_task, explain_task, external_
 from tasks.fetch import fetch_task
 from tasks.prepare import prepare_task
 from tasks.runner import one_line
-from tasks.train import preview_task, train_task
+from tasks.train import preview_task, promote_task, train_task
 
 log = logging.getLogger("flows.pipeline")
 
@@ -137,7 +137,21 @@ def pipeline(
     states["preview"], _ = run_verified(
         preview_task, inputs=inputs("preview"), params_path=params_path, settings=settings("preview")
     )
-    models = _train_all(params, params_path, settings, inputs, states)
+    for set_name, folder in external_sets(params["evaluate"]).items():  # before promotion: a set may be its reference
+        states[f"external@{set_name}"], _ = run_verified(
+            external_task, name=set_name, inputs=inputs("external", folder, set_name)
+        )
+    _train_all(params, params_path, settings, inputs, states)
+    models = {}
+    for model in params["train"]["models"]:  # champion/challenger, one model at a time (cxr promote)
+        states[f"promote@{model}"], models[model] = run_verified(
+            promote_task,
+            model=model,
+            inputs=inputs("promote", model),
+            params_path=params_path,
+            settings=settings("promote", model),
+        )
+        get_run_logger().info("%s", models[model]["line"])
     names = list(models)
     scored_names = list(names)
     states["ensemble"], _ = run_verified(
@@ -145,10 +159,6 @@ def pipeline(
     )
     if members_of(params):
         scored_names.append("ensemble")
-    for set_name, folder in external_sets(params["evaluate"]).items():
-        states[f"external@{set_name}"], _ = run_verified(
-            external_task, name=set_name, inputs=inputs("external", folder, set_name)
-        )
     states["evaluate"], _ = run_verified(
         evaluate_task,
         models=scored_names,

@@ -44,7 +44,7 @@ RANKS: list[tuple[str, ...]] = [
     ("cxr.evaluation",),
     ("cxr.reporting",),
     ("cxr.serving",),
-    ("cxr.stages", "cxr.cli", "cxr.__main__"),
+    ("cxr.stages", "cxr.cli", "cxr.models_cli", "cxr.__main__"),
 ]
 RANK = {unit: i for i, units in enumerate(RANKS) for unit in units}
 

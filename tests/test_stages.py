@@ -99,7 +99,7 @@ _KEYS_SCRIPT = textwrap.dedent("""
     from tasks.evaluate import ensemble_task, evaluate_task, explain_task, report_task
     from tasks.fetch import fetch_task
     from tasks.prepare import prepare_task
-    from tasks.train import preview_task, train_task
+    from tasks.train import preview_task, promote_task, train_task
 
     params = load_params("params.yaml")
     model = params["train"]["models"][0]
@@ -111,6 +111,9 @@ _KEYS_SCRIPT = textwrap.dedent("""
                                        settings=settings_of("preview", params))),
         f"train@{model}": (train_task, dict(model=model, inputs=inputs_of("train", params, model),
                                             params_path="params.yaml", settings=settings_of("train", params, model))),
+        f"promote@{model}": (promote_task, dict(model=model, inputs=inputs_of("promote", params, model),
+                                                params_path="params.yaml",
+                                                settings=settings_of("promote", params, model))),
         "ensemble": (ensemble_task, dict(inputs=inputs_of("ensemble", params), params_path="params.yaml",
                                          settings=settings_of("ensemble", params))),
         "evaluate": (evaluate_task, dict(models=[model], inputs=inputs_of("evaluate", params),
@@ -132,6 +135,7 @@ def _placeholders(root: Path) -> None:
         "inbox",
         "data/raw/NORMAL",
         "models",
+        "registry/smallnet",
         "ensemble",
         "data/external",
         "reports/eval",
@@ -155,6 +159,7 @@ def _placeholders(root: Path) -> None:
         "reports/train/smallnet/history.csv",
         "reports/train/smallnet/curves.png",
         "reports/train/smallnet/architecture.png",
+        "reports/train/smallnet/promotion.json",
         "reports/metrics.json",
         "reports/report.html",
         "reports/report.md",
@@ -250,7 +255,15 @@ def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(lock
     with (root / "cxr" / "runtime.py").open("a") as fh:
         fh.write("\n_AN_EDIT = 1\n")
     dvc, after = _decisions(root, env)
-    assert dvc == _changed(base, after) == {"preview", "train@smallnet", "ensemble", "evaluate", "explain", "report"}
+    assert dvc == _changed(base, after) == {
+        "preview",
+        "train@smallnet",
+        "promote@smallnet",
+        "ensemble",
+        "evaluate",
+        "explain",
+        "report",
+    }
     _commit(root, env)
 
     # the CLI: one command's handler reruns its step alone; the shared dispatch reruns every step

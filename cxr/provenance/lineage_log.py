@@ -178,6 +178,21 @@ def records(log_path: Path = LINEAGE_LOG) -> list[dict[str, Any]]:
     return out
 
 
+def is_event(record: Mapping[str, Any]) -> bool:
+    """A promotion, rollback or manual promotion event rather than a training record."""
+    return bool(record.get("event"))
+
+
+def training_records(log_path: Path = LINEAGE_LOG) -> list[dict[str, Any]]:
+    """The records of trained models (every version), oldest first."""
+    return [r for r in records(log_path) if not is_event(r)]
+
+
+def events(model: str | None = None, log_path: Path = LINEAGE_LOG) -> list[dict[str, Any]]:
+    """Promotion, rollback and manual promotion events (of ``model``, or all), oldest first."""
+    return [r for r in records(log_path) if is_event(r) and (model is None or r.get("model") == model)]
+
+
 def _read_card(card_file: Path) -> tuple[dict[str, Any] | None, str | None]:
     """The card beside a model, or None with the reason it cannot be used."""
     if not card_file.exists():
@@ -227,7 +242,8 @@ def audit_model(model_file: str | Path, log_path: Path = LINEAGE_LOG) -> dict[st
     if not model_file.is_file():
         raise CxrError(f"{printable(model_file)}: not a file; give the path of a .keras model file")
     digest = sha256_file(model_file)
-    matches = [r for r in records(log_path) if r["model_sha256"] == digest]
+    found = [r for r in records(log_path) if r["model_sha256"] == digest]
+    matches = [r for r in found if not is_event(r)]
     card_file = model_file.with_name(model_file.name.removesuffix(".keras") + ".card.json")
     card, card_problem = _read_card(card_file)
     problems = []
@@ -243,6 +259,7 @@ def audit_model(model_file: str | Path, log_path: Path = LINEAGE_LOG) -> dict[st
         "verified": not problems,
         "problems": problems,
         "record": matches[-1] if matches else None,
+        "events": [r for r in found if is_event(r)],
     }
 
 
@@ -267,5 +284,7 @@ def models_for_data(prefix: str, log_path: Path = LINEAGE_LOG) -> list[dict[str,
     prefix = prefix.lower()
     keys = ("raw_sha256", "manifest_sha256", "splits_sha256", "origin_sha256")
     return [
-        r for r in records(log_path) if any(str((r.get("data") or {}).get(k) or "").startswith(prefix) for k in keys)
+        r
+        for r in training_records(log_path)
+        if any(str((r.get("data") or {}).get(k) or "").startswith(prefix) for k in keys)
     ]

@@ -125,8 +125,8 @@ def collect(models: Sequence[str], root: Path = HERE.root) -> dict[str, Any]:
 
     Returns:
         A dict with keys ``fetch``, ``quality``, ``metrics``, ``gradcam``, ``cards`` (per model),
-        ``external`` (per external set in the metrics), ``agreement`` and ``provenance``
-        (:func:`provenance`).
+        ``external`` (per external set in the metrics), ``agreement``, ``promotions`` (the last
+        champion/challenger decision per model) and ``provenance`` (:func:`provenance`).
     """
     return {
         "provenance": provenance(root),
@@ -140,6 +140,11 @@ def collect(models: Sequence[str], root: Path = HERE.root) -> dict[str, Any]:
             for name in (_load(Workspace(root).metrics).get("external") or {})
         },
         "agreement": _load(Workspace(root).agreement),
+        "promotions": {
+            m: _load(Workspace(root).train_reports(m) / "promotion.json")
+            for m in models
+            if (Workspace(root).train_reports(m) / "promotion.json").is_file()
+        },
     }
 
 
@@ -416,7 +421,7 @@ def markdown(info: Mapping[str, Any]) -> str:
     lines = ["# Chest X-ray pneumonia pipeline — report", ""]
     if demo_sample(info):
         lines += [f"> **{DEMO_BANNER}**", ""]
-    lines += [*_markdown_summary(info), *_markdown_provenance(info)]
+    lines += [*_markdown_summary(info), *_markdown_provenance(info), *_markdown_promotions(info)]
     if q:
         split = q.get("split_strategy")
         counts = q.get("splits", {}).get(split, {}).get("counts", {})
@@ -583,6 +588,62 @@ def _training_section(info: Mapping[str, Any], root: Path) -> list[dict[str, Any
     return models
 
 
+_PROMOTION_ROWS = (
+    ("version", lambda m: m.get("id")),
+    ("health", lambda m: m.get("health")),
+    ("validation AUC", lambda m: _fmt(m.get("val_auc"))),
+    ("reference AUC", lambda m: _fmt((m.get("reference") or {}).get("auc"))),
+    ("shipped threshold", lambda m: _fmt((m.get("reference") or {}).get("threshold"))),
+    ("sensitivity", lambda m: _fmt((m.get("reference") or {}).get("sensitivity"))),
+    ("specificity", lambda m: _fmt((m.get("reference") or {}).get("specificity"))),
+    ("out of domain", lambda m: _fmt((m.get("reference") or {}).get("out_of_domain"))),
+)
+
+
+def promotion_section(info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per model, its last champion/challenger decision: both models' figures, the reasons, drift warnings."""
+    out = []
+    for name, decision in (info.get("promotions") or {}).items():
+        if not isinstance(decision, Mapping) or not isinstance(decision.get("challenger"), Mapping):
+            continue
+        champion = decision.get("champion") if isinstance(decision.get("champion"), Mapping) else None
+        ref = decision.get("reference") if isinstance(decision.get("reference"), Mapping) else {}
+        drift = decision.get("drift") if isinstance(decision.get("drift"), Mapping) else {}
+        out.append(
+            {
+                "name": name,
+                "outcome": decision.get("outcome"),
+                "promoted": bool(decision.get("promoted")),
+                "line": decision.get("line"),
+                "reference": (
+                    f"{ref.get('name')}: {ref.get('images')} images, {ref.get('pneumonia')} pneumonia, "
+                    f"{ref.get('excluded_seen_in_training')} left out as seen in training"
+                    if ref
+                    else None
+                ),
+                "rows": [
+                    [label, get(decision["challenger"]), get(champion) if champion else "—"]
+                    for label, get in _PROMOTION_ROWS
+                ],
+                "reasons": [str(r) for r in decision.get("reasons") or []],
+                "drift": [str(w) for w in drift.get("warnings") or []],
+            }
+        )
+    return out
+
+
+def _markdown_promotions(info: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for p in promotion_section(info):
+        lines += [f"## Champion versus challenger: {p['name']}", "", str(p["line"]), ""]
+        if p["reference"]:
+            lines += [f"Reference set {p['reference']}.", ""]
+        lines += ["| | challenger | champion |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in p["rows"])]
+        lines += ["", *(f"- not promoted because: {r}" for r in p["reasons"])]
+        lines += [*(f"- **data drift:** {w}" for w in p["drift"]), ""]
+    return lines
+
+
 def _metrics_section(info: Mapping[str, Any], root: Path) -> dict[str, Any] | None:
     metrics = info["metrics"]
     if not metrics:
@@ -674,6 +735,7 @@ def _page(info: Mapping[str, Any], root: Path) -> str:
             top=_top_section(info),
             data=_data_section(info, root),
             training=_training_section(info, root),
+            promotions=promotion_section(info),
             metrics=_metrics_section(info, root),
             gradcam=_gradcam_section(info, root),
             agreement=_agreement_section(info),

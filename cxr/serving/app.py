@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cxr.common.images import ImageLimits
+from cxr.common.model_card import card_path_for
 from cxr.config import InputConfig
 from cxr.errors import CxrError, DataError
 from cxr.inference.dicom import dicom_intended_use, is_dicom
@@ -171,6 +172,74 @@ class ModelWorker:
                 future.set_result((float(probability), None if scores is None else float(scores[i])))
 
 
+@dataclass
+class _Served:
+    """One loaded model with its worker thread, threshold and preprocessing; ``active`` requests on it."""
+
+    lm: LoadedModel
+    worker: ModelWorker
+    threshold: float
+    threshold_source: str
+    cfg: InputConfig
+    identity: dict[str, Any]
+    active: int = 0
+    retired: bool = False
+
+    @classmethod
+    def start(cls, lm: LoadedModel, threshold: float, source: str, limits: ImageLimits, batch_size: int) -> _Served:
+        cfg = replace(lm.input, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
+        identity = {
+            "model_sha256": lm.sha256 or None,
+            "card_model_sha256": lm.card.model_sha256,
+            "verified_model": lm.verified,
+        }
+        return cls(lm, ModelWorker(lm.model, batch_size, score=lm.score), threshold, source, cfg, identity)
+
+    def warm_up(self) -> concurrent.futures.Future[Any]:
+        size = self.lm.input.image_size
+        return self.worker.submit(np.zeros((size, size, 3), np.uint8))
+
+
+class _Holder:
+    """The model being served now; a replaced one is closed when its last request finishes."""
+
+    def __init__(self, served: _Served) -> None:
+        self.current = served
+        self._lock = threading.Lock()
+        self.swapping = asyncio.Lock()
+
+    def acquire(self) -> _Served:
+        with self._lock:
+            self.current.active += 1
+            return self.current
+
+    def release(self, served: _Served) -> None:
+        with self._lock:
+            served.active -= 1
+            done = served.retired and served.active == 0
+        if done:
+            threading.Thread(target=served.worker.close, name="cxr-serve-retire", daemon=True).start()
+
+    def replace(self, fresh: _Served) -> None:
+        with self._lock:
+            old, self.current = self.current, fresh
+            old.retired = True
+            done = old.active == 0
+        if done:
+            threading.Thread(target=old.worker.close, name="cxr-serve-retire", daemon=True).start()
+
+    def close(self) -> None:
+        self.current.worker.close()
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
 
@@ -239,8 +308,10 @@ def create_app(
     batch_size: int = DEFAULT_BATCH_SIZE,
     limits: ImageLimits | None = None,
     allow_outside_intended_use: bool = False,
+    reload: Callable[[], tuple[LoadedModel, float, str]] | None = None,
+    watch_s: float = 0.0,
 ) -> FastAPI:
-    """The FastAPI application serving one loaded model.
+    """The FastAPI application serving one loaded model, swapped for a newer one on reload.
 
     Args:
         lm: the loaded, verified model.
@@ -251,27 +322,62 @@ def create_app(
         limits: the decode caps (default: ``input.max_image_pixels`` / ``max_image_bytes`` defaults).
         allow_outside_intended_use: score a DICOM whose metadata says it is not a chest radiograph
             (its record says ``intended_use: false`` and why) instead of answering 422.
+        reload: loads the model file again (verified) with its threshold: ``POST /reload`` and the
+            watcher call it. None: the model is fixed (``POST /reload`` answers 409).
+        watch_s: with ``reload``, poll the model's card every this many seconds and reload when it
+            changes (a promotion or a rollback writes the card last); 0 = only on ``POST /reload``.
 
     Returns:
-        The application; its lifespan starts and stops the model worker thread.
+        The application; its lifespan starts and stops the model worker threads.
     """
-    state: dict[str, Any] = {}
-    model_name = lm.path.name.removesuffix(".keras")
     limits = limits or ImageLimits.of()
-    cfg = replace(lm.input, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
-    claimed = lm.card.model_sha256
-    identity = {"model_sha256": lm.sha256 or None, "card_model_sha256": claimed, "verified_model": lm.verified}
+    served = _Served.start(lm, threshold, threshold_source, limits, batch_size)
+    holder = _Holder(served)
+    model_name = lm.path.name.removesuffix(".keras")
+
+    async def swap() -> dict[str, Any]:
+        """Load the model file again; serve it if its bytes differ (requests in flight finish on the old)."""
+        if reload is None:
+            raise UploadError(409, "this server serves a fixed file; start it with a model name to follow promotions")
+        async with holder.swapping:
+            try:
+                new_lm, cut, source = await run_in_threadpool(reload)
+            except CxrError as exc:
+                log.warning("reload refused, still serving %s: %s", holder.current.lm.sha256[:12], exc)
+                raise UploadError(503, f"reload refused, still serving the previous model: {exc}") from None
+            old = holder.current
+            if new_lm.sha256 == old.lm.sha256 and cut == old.threshold:
+                return {"reloaded": False, **old.identity}
+            fresh = await run_in_threadpool(_Served.start, new_lm, cut, source, limits, batch_size)
+            await asyncio.wrap_future(fresh.warm_up())
+            holder.replace(fresh)
+            log.info("now serving %s (sha256 %s…; was %s…)", model_name, new_lm.sha256[:12], old.lm.sha256[:12])
+            return {"reloaded": True, "previous_model_sha256": old.lm.sha256, **fresh.identity}
+
+    async def watch() -> None:
+        card_file = card_path_for(lm.path)
+        seen = _stat_key(card_file)
+        while True:
+            await asyncio.sleep(watch_s)
+            now = _stat_key(card_file)
+            if now == seen:
+                continue
+            try:
+                await swap()
+                seen = now
+            except UploadError:
+                pass  # a half-written install (model renamed, card not yet): the next poll tries again
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        worker = ModelWorker(lm.model, batch_size, score=lm.score)
-        size = lm.input.image_size
-        await asyncio.wrap_future(worker.submit(np.zeros((size, size, 3), np.uint8)))  # build the model's kernels
-        state["worker"] = worker
+        await asyncio.wrap_future(served.warm_up())  # build the model's kernels
+        watcher = asyncio.create_task(watch()) if reload is not None and watch_s > 0 else None
         try:
             yield
         finally:
-            worker.close()
+            if watcher is not None:
+                watcher.cancel()
+            holder.close()
 
     app = FastAPI(
         title="cxr serve",
@@ -299,27 +405,43 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **identity}
+        return {"status": "ok", "model": model_name, **holder.current.identity}
+
+    @app.post("/reload")
+    async def reload_model() -> JSONResponse:
+        try:
+            return JSONResponse(await swap())
+        except UploadError as exc:
+            return _error(exc.status, exc.message)
 
     @app.get("/model")
     async def model_card() -> dict[str, Any]:
+        current = holder.current
         return {
             "model": model_name,
-            "model_file": lm.path.as_posix(),
-            **identity,
-            "threshold": threshold,
-            "threshold_source": threshold_source,
+            "model_file": current.lm.path.as_posix(),
+            **current.identity,
+            "threshold": current.threshold,
+            "threshold_source": current.threshold_source,
             "limits": {
                 "max_upload_bytes": max_upload_bytes,
                 "max_image_pixels": limits.max_pixels,
                 "max_image_bytes": limits.max_bytes,
             },
-            "card": lm.card.to_json(),
+            "card": current.lm.card.to_json(),
         }
 
     @app.post("/predict")
     async def predict(request: Request, name: str | None = None) -> JSONResponse:
-        worker: ModelWorker = state["worker"]
+        current = holder.acquire()  # this request finishes on this model, whatever a reload does meanwhile
+        try:
+            return await _predict(current, request, name)
+        finally:
+            holder.release(current)
+
+    async def _predict(current: _Served, request: Request, name: str | None) -> JSONResponse:
+        worker, cfg, threshold = current.worker, current.cfg, current.threshold
+        threshold_source, identity = current.threshold_source, current.identity
         body = _CappedBody(request.receive, max_upload_bytes)
         worker.expect()  # from here on, the worker may wait briefly for this image to batch it with others
         try:
@@ -462,8 +584,9 @@ def serve(
     batch_size: int = DEFAULT_BATCH_SIZE,
     limits: ImageLimits | None = None,
     allow_outside_intended_use: bool = False,
+    watch_s: float = 2.0,
 ) -> None:
-    """Load the model, refuse it unless verified, and serve it until interrupted.
+    """Load the model, refuse it unless verified, and serve it until interrupted; follow promotions.
 
     Args:
         model: a model name (``models/NAME.keras``) or a ``.keras`` file with its card.
@@ -474,6 +597,8 @@ def serve(
         batch_size: the most images scored in one model call.
         limits: the decode caps, as ``cxr predict`` applies them (default: the built-in caps).
         allow_outside_intended_use: see :func:`create_app`.
+        watch_s: poll the model's card this often and serve the new model when a promotion or a
+            rollback replaced it (0: only on ``POST /reload``).
 
     Raises:
         CxrError: a bad option; the model is missing, damaged, unloadable or unverified; or the
@@ -496,7 +621,27 @@ def serve(
     if not lm.verified:  # defence in depth: never serve an unverified model
         raise CxrError(f"{printable(path)}: unverified model; retrain it or restore the file its card describes")
     cut, cut_source = lm.threshold(cut_given)
-    app = create_app(lm, cut, cut_source, int(max_upload_mb * 1e6), batch_size, limits, allow_outside_intended_use)
+    if not math.isfinite(watch_s) or watch_s < 0:
+        raise CxrError(f"--watch {watch_s}: give seconds ≥ 0 (0: reload only on POST /reload)")
+
+    def reload_model() -> tuple[LoadedModel, float, str]:
+        fresh = load(path)
+        if not fresh.verified:
+            raise CxrError(f"{printable(path)}: unverified model")
+        new_cut, new_source = fresh.threshold(cut_given)
+        return fresh, new_cut, new_source
+
+    app = create_app(
+        lm,
+        cut,
+        cut_source,
+        int(max_upload_mb * 1e6),
+        batch_size,
+        limits,
+        allow_outside_intended_use,
+        reload=reload_model,
+        watch_s=watch_s,
+    )
     sock = listen(host, port)
     bound = sock.getsockname()[1]
     if not is_loopback(host):

@@ -57,10 +57,11 @@ from cxr.common.model_card import read_card, write_card
 from cxr.common.thresholds import validation_operating_point
 from cxr.config import InputConfig, Params, TrainConfig, as_plain
 from cxr.errors import CxrError, DataError
-from cxr.files import save_keras, write_bytes_atomic, write_json
+from cxr.files import save_keras, write_bytes_atomic, write_csv_rows, write_json
 from cxr.formatting import num
 from cxr.logs import interactive
 from cxr.provenance import lineage_log as audit
+from cxr.provenance import model_store
 from cxr.provenance.hashing import sha256_file
 from cxr.provenance.versions import code_version, library_versions
 from cxr.runtime import configure, distribution
@@ -291,6 +292,12 @@ class _Run:
     models_dir: Path
     reports_dir: Path  # reports/train/<name>
     logs_dir: Path
+    registry_dir: Path | None = None  # None = registry/ of the workspace
+    install: bool = True  # ship the new version at once (else the promotion step decides)
+
+    @property
+    def shipped(self) -> model_store.Shipped:
+        return model_store.Shipped(self.name, self.models_dir, self.reports_dir.parent)
 
     @property
     def model_path(self) -> Path:
@@ -366,8 +373,10 @@ def train(
     models_dir: str | Path = HERE.models,
     reports_dir: str | Path = HERE.train_reports_root,
     logs_dir: str | Path = HERE.logs,
+    install: bool = True,
+    registry_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train model ``name``; ship it (model and card, together) only when it is healthy enough.
+    """Train model ``name``; store it as a version and ship it (with ``install``) when it is healthy enough.
 
     With ``health.on_collapse: fallback``, an unhealthy model is followed by one fresh run at the
     learning rate × ``fallback_lr_factor`` that fails rather than falls back again.
@@ -380,9 +389,13 @@ def train(
         models_dir: where ``<name>.keras`` and ``<name>.card.json`` are written.
         reports_dir: the parent of this model's reports folder ``<reports_dir>/<name>/``.
         logs_dir: the parent of the TensorBoard ``scalars/`` folder.
+        install: make the new version the shipped model at once. False leaves the shipped model as it
+            is: the promotion step (:mod:`cxr.evaluation.promotion`) compares the two and decides.
+        registry_dir: where versions are stored (default ``registry/``).
 
     Returns:
-        The model card, as written to ``<models_dir>/<name>.card.json``.
+        The model card, as stored with the version (and written to ``<models_dir>/<name>.card.json``
+        when installed).
 
     Raises:
         DataError: ``splits_csv`` is missing, or the train split lacks a class.
@@ -397,6 +410,7 @@ def train(
         input_cfg = InputConfig.from_params(params.get("input") or {})
     input_cfg = batch_for_data(name, cfg, input_cfg, splits_csv)
     first = _setup_run(name, cfg, input_cfg, splits_csv, models_dir, reports_dir, logs_dir)
+    first = replace(first, install=install, registry_dir=Path(registry_dir) if registry_dir else None)
     try:
         return _train_attempts(first)
     finally:
@@ -542,7 +556,49 @@ def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
     _stage_reports(run, scratch, outcome.model, outcome.history)
     if outcome.domain is not None:  # shipped beside the model, with it (see _ship)
         (run.staging_dir / _DOMAIN_STAGED).write_bytes(outcome.domain.to_bytes())
+    _stage_data_rows(run, data)
     return outcome.model, card, outcome.health
+
+
+DATA_COLUMNS = (
+    "path",
+    "sha256",
+    "label",
+    "split",
+    "patient_id",
+    "width",
+    "height",
+    "channels",
+    "format",
+    "mean_intensity",
+)
+
+
+_GEOMETRY = ("path", "width", "height", "channels", "format")
+
+
+def _stage_data_rows(run: _Run, data: _Data) -> None:
+    """The images this model trained and validated on, with their geometry and mean intensity (0–1).
+
+    Stored with the version (``data.csv``): the promotion step excludes them from the reference set,
+    the drift report compares them with the next run's, and ``cxr models show`` lists their counts.
+    """
+    import pandas as pd  # here, as in input_pipeline: only training reads a split
+
+    frame = pd.read_csv(run.splits_csv, keep_default_na=False, dtype={"patient_id": str})
+    manifest_csv = run.splits_csv.with_name("manifest.csv")
+    if manifest_csv.is_file():  # geometry and format live in the manifest (read_split checked the pair)
+        geometry = pd.read_csv(manifest_csv, keep_default_na=False, usecols=lambda c: c in _GEOMETRY)
+        if "path" in geometry:
+            frame = frame.merge(geometry.drop_duplicates("path"), on="path", how="left", suffixes=("", "_m"))
+    rows = []
+    for split, images in (("train", data.train_images), ("val", data.val_images)):
+        part = frame[frame["split"] == split]
+        chunks = [images[i : i + 256].mean(axis=(1, 2, 3)) for i in range(0, len(images), 256)]
+        per_image = np.concatenate(chunks) / 255.0 if chunks else np.zeros(0)
+        for record, mean in zip(part.to_dict("records"), per_image, strict=True):
+            rows.append([*(record.get(c, "") for c in DATA_COLUMNS[:-1]), round(float(mean), 4)])
+    write_csv_rows(run.staging_dir / model_store.DATA_FILE, DATA_COLUMNS, rows)
 
 
 def _load_data(run: _Run) -> _Data:
@@ -898,58 +954,84 @@ def _reject(run: _Run, model: Any, card: dict[str, Any], message: str) -> Traini
 def _ship(
     run: _Run, model: Any, card: dict[str, Any], started: float, fallback: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Replace the shipped model, its card and its reports together; append a lineage record; return the card.
+    """Store the model as a version (model, card, reports, statistics, data); install it when asked.
 
-    Everything is written beside its destination first (the model to a temporary file, the reports
-    in the staging folder); then come the renames: the reports, the model, and the card last (see
-    the module docstring). An error before the renames leaves every shipped file as it was.
+    Everything is assembled in the staging folder, then moved into ``registry/<name>/<id>/`` in one
+    rename (:func:`cxr.provenance.model_store.add_version`). With ``run.install`` (every direct call,
+    and ``promotion.policy: always``) the version becomes the shipped model at once
+    (:func:`~cxr.provenance.model_store.install`: reports, statistics, model, the card last);
+    otherwise the promotion step decides. An error before the version is stored leaves the registry
+    and every shipped file as they were. A lineage record names the version either way.
     """
     staged = run.staging_dir
-    model_tmp = run.model_path.with_name(f".{run.model_path.stem}.tmp-{os.getpid()}.keras")
-    try:
-        model.save(model_tmp)
-        card["model_sha256"] = sha256_file(model_tmp)
-        card["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
-        metrics = {
-            "val": card["validation"],
-            "epochs_run": card["epochs_run"],
-            "best_epoch": card["best_epoch"],
-            "health": card["health"]["status"],
-            "train_images_per_second": card["timings"]["train_images_per_second"],
-        }
-        write_json(staged / "metrics.json", metrics)
-        card["run"] = audit.current_run()
-        card["lineage_data"] = audit.data_lineage(run.splits_csv)
-        if fallback is not None:
-            card["fallback"] = fallback
-        names = [n for n in REPORT_FILES if (staged / n).is_file()]
-        card["reports"] = {
-            "folder": run.reports_dir.as_posix(),
-            "sha256": {n: sha256_file(staged / n) for n in names},
-        }
-        domain_path = run.model_path.with_name(run.name + SUFFIX)
-        if card.get("domain") and (staged / _DOMAIN_STAGED).is_file():
-            card["domain"].update(file=domain_path.as_posix(), sha256=sha256_file(staged / _DOMAIN_STAGED))
-        run.reports_dir.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            os.replace(staged / name, run.reports_dir / name)
-        if card.get("domain"):
-            os.replace(staged / _DOMAIN_STAGED, domain_path)
-        else:  # no statistics for this model, and none of the old model's: a file saying so (DVC declares it)
-            write_bytes_atomic(domain_path, no_domain_bytes())
-        for name in set(REPORT_FILES) - set(names):  # e.g. no curves without a history: none of the old model's
-            (run.reports_dir / name).unlink(missing_ok=True)
-        os.replace(model_tmp, run.model_path)
-    finally:
-        model_tmp.unlink(missing_ok=True)
-    card = write_card(run.card_path, card).to_json()
-    audit.append(_lineage_record(run, card))
-    shutil.rmtree(run.work_dir, ignore_errors=True)
-    log.info(
-        "%s: saved %s (sha256 %s), best epoch %s, val AUC %s, %s",
+    model_tmp = staged / model_store.model_file(run.name)
+    model.save(model_tmp)
+    card["model_sha256"] = sha256_file(model_tmp)
+    card["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
+    metrics = {
+        "val": card["validation"],
+        "epochs_run": card["epochs_run"],
+        "best_epoch": card["best_epoch"],
+        "health": card["health"]["status"],
+        "train_images_per_second": card["timings"]["train_images_per_second"],
+    }
+    write_json(staged / "metrics.json", metrics)
+    card["run"] = audit.current_run()
+    card["lineage_data"] = audit.data_lineage(run.splits_csv)
+    card["data_quality"] = _data_quality(run.splits_csv)
+    if fallback is not None:
+        card["fallback"] = fallback
+    names = [n for n in REPORT_FILES if (staged / n).is_file()]
+    card["reports"] = {
+        "folder": run.reports_dir.as_posix(),
+        "sha256": {n: sha256_file(staged / n) for n in names},
+    }
+    domain_path = run.model_path.with_name(run.name + SUFFIX)
+    if card.get("domain") and (staged / _DOMAIN_STAGED).is_file():
+        card["domain"].update(file=domain_path.as_posix(), sha256=sha256_file(staged / _DOMAIN_STAGED))
+    else:  # no statistics for this model, and none of the old model's: a file saying so (DVC declares it)
+        card["domain"] = None
+        write_bytes_atomic(staged / _DOMAIN_STAGED, no_domain_bytes())
+    card = write_card(staged / model_store.card_file(run.name), card).to_json()
+    version = model_store.add_version(
         run.name,
-        run.model_path,
+        model_tmp,
+        staged / model_store.card_file(run.name),
+        staged / _DOMAIN_STAGED,
+        [staged / n for n in names],
+        staged / model_store.DATA_FILE,
+        root=run.registry_dir,
+        move=True,
+    )
+    audit.append(_lineage_record(run, card, version.id))
+    shutil.rmtree(run.work_dir, ignore_errors=True)
+    if run.install:
+        try:
+            before = model_store.champion(run.shipped, run.registry_dir)
+        except CxrError as exc:  # a damaged shipped model is replaced, not kept as a version
+            log.warning("%s: the shipped model is not kept as a version: %s", run.name, exc)
+            before = None
+        model_store.install(version, run.shipped)
+        audit.append(
+            {
+                "event": "promotion",
+                "model": run.name,
+                "model_sha256": card["model_sha256"],
+                "version": version.id,
+                "promoted": True,
+                "outcome": "installed at training",
+                "reasons": [],
+                "champion": before.id if before else None,
+                "shipped": version.id,
+                "run": card["run"],
+            }
+        )
+    log.info(
+        "%s: version %s (sha256 %s) %s, best epoch %s, val AUC %s, %s",
+        run.name,
+        version.id,
         card["model_sha256"][:12],
+        f"shipped as {run.model_path}" if run.install else "stored; the promotion step decides whether it ships",
         card["best_epoch"],
         num(card["validation"].get("auc"), 4),
         card["health"]["status"],
@@ -957,9 +1039,24 @@ def _ship(
     return card
 
 
-def _lineage_record(run: _Run, card: Mapping[str, Any]) -> dict[str, Any]:
+def _data_quality(splits_csv: Path) -> dict[str, Any] | None:
+    """Images listed and excluded by the prepare step that cut ``splits_csv`` (the drift report compares them)."""
+    quality = HERE.quality if splits_csv.resolve() == HERE.splits.resolve() else None
+    if quality is None or not quality.is_file():
+        return None
+    try:
+        report = json.loads(quality.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    return {k: report.get(k) for k in ("images_listed", "excluded_count") if isinstance(report.get(k), int)}
+
+
+def _lineage_record(run: _Run, card: Mapping[str, Any], version: str) -> dict[str, Any]:
     return {
         "model": run.name,
+        "version": version,
         "model_file": run.model_path.as_posix(),
         "model_sha256": card["model_sha256"],
         "data": card["lineage_data"],
