@@ -194,7 +194,7 @@ STAGES: tuple[Stage, ...] = (
             Output("reports/train/${item}/curves.png", "plots", cache=False, persist=True),
             Output("reports/train/${item}/architecture.png", "plots", cache=False, persist=True),
             # the decision (promoted, both models' reference figures, drift): `dvc exp show` lists it
-            Output("reports/train/${item}/promotion.json", "metrics", cache=False),
+            Output("reports/train/${item}/promotion.json", "metrics", cache=False, persist=True),
         ),
         foreach="train.models",
         comment="champion/challenger: ship the newest version only if it is no worse (a loser changes nothing)",

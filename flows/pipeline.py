@@ -141,9 +141,9 @@ def pipeline(
         states[f"external@{set_name}"], _ = run_verified(
             external_task, name=set_name, inputs=inputs("external", folder, set_name)
         )
-    _train_all(params, params_path, settings, inputs, states)
+    trained, failures = _train_all(params, params_path, settings, inputs, states)
     models = {}
-    for model in params["train"]["models"]:  # champion/challenger, one model at a time (cxr promote)
+    for model in trained:  # champion/challenger, one model at a time (cxr promote)
         states[f"promote@{model}"], models[model] = run_verified(
             promote_task,
             model=model,
@@ -152,6 +152,8 @@ def pipeline(
             settings=settings("promote", model),
         )
         get_run_logger().info("%s", models[model]["line"])
+    if failures:  # after the models that trained were decided on, so they are kept
+        raise CxrError("training failed for " + "; ".join(failures) + " (other models were kept)")
     names = list(models)
     scored_names = list(names)
     states["ensemble"], _ = run_verified(
@@ -178,8 +180,10 @@ def pipeline(
 
 def _train_all(
     params: dict[str, Any], params_path: str, settings: Any, inputs: Any, states: dict[str, str]
-) -> dict[str, Any]:
-    """One training task per model, concurrently; a failed model fails the run after the others finish."""
+) -> tuple[dict[str, Any], list[str]]:
+    """One training task per model, concurrently; (the trained versions, a reason per failed model).
+
+    A failed model fails the run only after the others finished and were promoted or not."""
     jobs = {}
     for model in params["train"]["models"]:
         kwargs = {
@@ -202,9 +206,7 @@ def _train_all(
             log.error("train@%s failed: %s", model, reason)
             continue
         states[f"train@{model}"], models[model] = _verified(train_task, state, kwargs)
-    if failures:
-        raise CxrError("training failed for " + "; ".join(failures) + " (other models were kept)")
-    return models
+    return models, failures
 
 
 def pipeline_with_runner(max_parallel: int = 1, dask_address: str | None = None) -> Any:

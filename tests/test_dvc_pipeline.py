@@ -248,3 +248,84 @@ def test_external_sets_and_the_ensemble_rerun_exactly_what_they_touch(fresh_clon
     metrics = json.loads((fresh_clone / "reports/metrics.json").read_text())
     assert metrics["external"]["site_b"]["models"]["ensemble"]["threshold_chosen_on_this_set"] is True
     assert "threshold chosen on this set" in (fresh_clone / "reports/report.html").read_text()
+
+
+def _copy_class_files(target: Path, per_class: dict[str, slice]) -> None:
+    for class_name, part in per_class.items():
+        files = sorted((SHARED_DATA / "chest_xray_224/train" / class_name).glob("*.jpeg"))[part]
+        (target / class_name).mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copy2(path, target / class_name / path.name)
+
+
+def _flip_a_third(folder: Path) -> None:
+    """Move every third film of each class into the other class's folder: a third of the labels wrong."""
+    moves = []
+    for source, target in (("NORMAL", "PNEUMONIA"), ("PNEUMONIA", "NORMAL")):
+        moves += [(path, folder / target / path.name) for path in sorted((folder / source).glob("*.jpeg"))[::3]]
+    for path, target in moves:
+        path.rename(target)
+
+
+def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse_and_rolls_back(fresh_clone, tmp_path):
+    from cxr.provenance.hashing import sha256_file
+
+    inbox, reference = tmp_path / "inbox", tmp_path / "reference"
+    clean = {"NORMAL": slice(0, 160), "PNEUMONIA": slice(0, 160)}
+    _copy_class_files(inbox, clean)
+    _copy_class_files(reference, {"NORMAL": slice(700, 790), "PNEUMONIA": slice(2500, 2590)})
+    _set_params(
+        fresh_clone,
+        data__source="dir",
+        data__dir=str(inbox),
+        train__models=["smallnet"],
+        ensemble__members=[],
+        input__image_size=64,
+        input__batch_size=16,
+        train__common__tensorboard=False,
+        train__common__health__on_collapse="warn",
+        train__smallnet__epochs=6,
+        evaluate__external={"ref": str(reference)},
+        evaluate__bootstrap=50,
+        promotion__reference="ref",
+        promotion__bootstrap=300,
+    )
+    model = fresh_clone / "models/smallnet.keras"
+
+    def decision() -> dict:
+        return json.loads((fresh_clone / "reports/train/smallnet/promotion.json").read_text())
+
+    out = _run(["dvc", "repro", "promote@smallnet"], fresh_clone)
+    assert {"train@smallnet", "promote@smallnet", "external@ref"} <= _ran(out)
+    assert decision()["outcome"] == "first model"
+    champion = sha256_file(model)
+
+    # new data, a third of its labels wrong: dvc repro succeeds, the champion stays byte for byte
+    _flip_a_third(inbox)
+    out = _run(["dvc", "repro", "promote@smallnet"], fresh_clone)
+    assert "Running stage 'train@smallnet'" in out and "Running stage 'promote@smallnet'" in out
+    lost = decision()
+    assert lost["promoted"] is False and lost["outcome"] == "not promoted", lost["line"]
+    assert sha256_file(model) == champion
+    assert "not promoted" in out and "stays" in out  # the decision's line in dvc repro's output
+    listed = json.loads(_run(["cxr", "models", "list", "smallnet", "--json"], fresh_clone, stdout_only=True))
+    status = {r["id"]: r["status"] for r in listed}
+    assert status[lost["challenger"]["id"]].startswith("challenger, not promoted: ")
+    assert _up_to_date(fresh_clone)  # the stages ran with these params; their outputs are what the gate left
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], fresh_clone, stdout_only=True))
+    assert "reports/train/smallnet/promotion.json" in json.dumps(metrics)
+
+    # the clean data again, trained longer: no worse on the reference set, so it ships
+    shutil.rmtree(inbox)
+    _copy_class_files(inbox, clean)
+    _set_params(fresh_clone, train__smallnet__epochs=10)
+    _run(["dvc", "repro", "promote@smallnet"], fresh_clone)
+    won = decision()
+    assert won["promoted"] is True, won["line"]
+    assert sha256_file(model) != champion
+
+    # a rollback restores the first champion's bytes, and the audit verifies them
+    _run(["cxr", "models", "rollback", "smallnet"], fresh_clone)
+    assert sha256_file(model) == champion
+    audit = json.loads(_run(["cxr", "audit", "models/smallnet.keras", "--json"], fresh_clone, stdout_only=True))
+    assert audit["verified"] is True and audit["events"][-1]["event"] == "rollback"

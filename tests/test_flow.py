@@ -24,7 +24,17 @@ SMALL_TRAINING = [
     "evaluate.bootstrap=50",
     "evaluate.gradcam_per_outcome=1",
 ]
-TASKS = ["fetch", "prepare", "preview", "train@smallnet", "ensemble", "evaluate", "explain", "report"]
+TASKS = [
+    "fetch",
+    "prepare",
+    "preview",
+    "train@smallnet",
+    "promote@smallnet",
+    "ensemble",
+    "evaluate",
+    "explain",
+    "report",
+]
 
 
 @pytest.fixture(scope="module")

@@ -242,7 +242,9 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
         first = run_once()
         lineage = project / "lineage/models.jsonl"
         records = [json.loads(line) for line in lineage.read_text().splitlines()]
-        assert len(records) == 2 and {r["run"]["driver"] for r in records} == {"prefect"}
+        trained_records = [r for r in records if "event" not in r]  # one per model, and its promotion event
+        assert len(trained_records) == 2 and [r["event"] for r in records if "event" in r] == ["promotion"] * 2
+        assert {r["run"]["driver"] for r in records} == {"prefect"}
         assert {r["run"]["flow_run_id"] for r in records} == {first["id"]}
 
         # the configured runner: one training at a time, and the run's log says so
@@ -266,6 +268,14 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
         assert {a["key"] for a in artifacts} == {"cxr-report", "cxr-metrics"}
         table = next(a for a in artifacts if a["key"] == "cxr-metrics")
         assert "smallnet" in json.dumps(table["data"])
+        # each model's champion/challenger decision, as a markdown artifact of the run
+        decisions = httpx.post(
+            f"{api}/artifacts/filter",
+            json={"artifacts": {"key": {"any_": ["promotion-smallnet", "promotion-cxrnet"]}}},
+        ).json()
+        assert {a["key"] for a in decisions} == {"promotion-smallnet", "promotion-cxrnet"}
+        assert all(a["type"] == "markdown" and a["flow_run_id"] == first["id"] for a in decisions)
+        assert all("first model" in a["data"] and "| version |" in a["data"] for a in decisions), decisions
         assert (project / "reports/report.html").is_file()
 
         # the data did not change: the second scheduled run retrains nothing
@@ -274,7 +284,7 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
         states = {t["name"]: t["state"]["name"] for t in runs if t["flow_run_id"] == again["id"]}
         trained = [name for name in states if name.startswith("train")]
         assert trained and all(states[name] == "Cached" for name in trained), states
-        assert len(lineage.read_text().splitlines()) == 2  # no new lineage record: nothing retrained
+        assert len(lineage.read_text().splitlines()) == 4  # no new lineage record: nothing retrained or decided
     finally:
         serve.terminate()
         try:

@@ -255,15 +255,19 @@ def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(lock
     with (root / "cxr" / "runtime.py").open("a") as fh:
         fh.write("\n_AN_EDIT = 1\n")
     dvc, after = _decisions(root, env)
-    assert dvc == _changed(base, after) == {
-        "preview",
-        "train@smallnet",
-        "promote@smallnet",
-        "ensemble",
-        "evaluate",
-        "explain",
-        "report",
-    }
+    assert (
+        dvc
+        == _changed(base, after)
+        == {
+            "preview",
+            "train@smallnet",
+            "promote@smallnet",
+            "ensemble",
+            "evaluate",
+            "explain",
+            "report",
+        }
+    )
     _commit(root, env)
 
     # the CLI: one command's handler reruns its step alone; the shared dispatch reruns every step

@@ -29,6 +29,7 @@ summarised in one log line such as ``cxrnet: challenger 3f2a… not promoted: AU
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -278,6 +279,10 @@ def promote(
     if champion is None and not decision["promoted"]:
         decision["shipped"] = None
     decision["line"] = decision_line(decision)
+    previous = _previous_decision(shipped)
+    if decision["outcome"] == "already champion" and (previous.get("challenger") or {}).get("id") == challenger.id:
+        log.info("%s", decision["line"])
+        return previous  # the decision that shipped it stays the record (nothing new was decided)
     _record(decision, shipped)
     (log.info if decision["promoted"] or decision["outcome"] == "already champion" else log.warning)(
         "%s", decision["line"]
@@ -359,6 +364,15 @@ def decision_line(decision: Mapping[str, Any]) -> str:
         tail = f" ({outcome})" if outcome != "promoted" else ""
         return f"{name}: challenger {new} promoted{tail}: {auc or 'no paired AUC'}; champion {old} retired"
     return f"{name}: challenger {new} not promoted: {'; '.join(decision['reasons'])}; champion {old} stays"
+
+
+def _previous_decision(shipped: Shipped) -> dict[str, Any]:
+    path = shipped.reports / DECISION_FILE
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
 
 
 def _record(decision: dict[str, Any], shipped: Shipped) -> None:
