@@ -363,6 +363,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             f"  params   epochs {show(t.get('epochs'))} lr {show(t.get('learning_rate'))} "
             f"class_weight {show(t.get('class_weight'))} seed {show(t.get('seed'))}"
         )
+    for event in result.get("events") or []:  # promotions, rollbacks and manual promotions of these bytes
+        print(
+            f"  event    {show(event.get('event'))} {show(event.get('outcome') or '')}  shipped "
+            f"{show(event.get('shipped'))}  logged {show(event.get('logged'))}"
+        )
     return 0 if result["verified"] else 1
 
 

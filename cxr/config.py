@@ -527,6 +527,7 @@ class PromotionConfig:
     reference: str = ""
     auc_margin: float = _opt(0.01, ge=0, le=1)
     sensitivity_margin: float = _opt(0.05, ge=0, le=1)
+    ood_margin: float = _opt(0.02, ge=0, le=1)
     bootstrap: int = _opt(1000, ge=100)
     seed: int = 42
 

@@ -243,6 +243,15 @@ def test_a_mislabelled_retrain_keeps_the_champion_a_better_one_ships_and_a_rollb
         listed = {r["id"]: r["status"] for r in json.loads(out)}
         assert listed[first[:12]] == "champion" and listed[loser].startswith("challenger, not promoted: AUC")
 
+        # the report's champion-versus-challenger section, in the page and in its Markdown summary
+        from cxr.reporting.report import render
+
+        rendered = render(["smallnet"], root, root / "reports/report.html", root / "reports/report.md")
+        assert "## Champion versus challenger: smallnet" in rendered["markdown"]
+        assert f"| version | {loser} | {first[:12]} |" in rendered["markdown"]
+        page = (root / "reports/report.html").read_text()
+        assert "<h2>Champion versus challenger</h2>" in page and "Not promoted because: AUC" in page
+
         # clean data again, another seed: no worse on the reference set, so it ships
         (root / "data/raw/NORMAL").rename(root / "data/raw/tmp")
         (root / "data/raw/PNEUMONIA").rename(root / "data/raw/NORMAL")
@@ -332,3 +341,15 @@ def test_without_a_reference_the_test_split_less_training_images_decides(tmp_pat
         ref = _decision(root)["reference"]
         assert ref["name"] == "test split" and ref["fixed"] is False and ref["images"] >= 20
         assert ref["excluded_seen_in_training"] == 0
+
+
+def test_an_unhealthy_first_model_ships_nothing_and_says_so_in_one_line(project, cli):
+    root = project
+    with chdir(root):
+        _prepare(root, cli)
+        code, _, err = cli(["train", "--model", "smallnet", "-S", "train.smallnet.learning_rate=0.00001"])
+        assert code == 1 and not (root / "models/smallnet.keras").exists()
+        line = err.strip().splitlines()[-1]
+        assert "not promoted: health check: collapsed; no smallnet model is shipped" in line
+        assert "promotion.policy: always" in line and "Traceback" not in err
+        assert _decision(root)["outcome"] == "rejected"  # recorded before the error

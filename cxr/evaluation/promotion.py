@@ -12,7 +12,8 @@ Training stores every model as a version (:mod:`cxr.provenance.model_store`); th
     AUC(challenger) − AUC(champion) is ≥ −``promotion.auc_margin``;
   - its sensitivity at its own shipped threshold is at most ``promotion.sensitivity_margin`` below
     the champion's at the champion's;
-  - where both have a content check, it flags no larger share of the reference images out of domain;
+  - where both have a content check, it flags no larger share of the reference images out of domain
+    (beyond ``promotion.ood_margin``: between two trainings a few films cross the check's line);
   - with ``monitoring.on_drift: hold``, the data did not drift (:mod:`cxr.data.drift`).
 
 The reference set is ``promotion.reference`` (an ``evaluate.external`` set: a fixed folder, indexed
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 DECISION_FILE = "promotion.json"
 MIN_REFERENCE = 20  # images; fewer (or one class only) cannot show non-inferiority
 OOD_SAMPLE = 256  # new images scored by the champion's content check for the drift report
+
+
+class NothingShipped(CxrError):
+    """The first version of a model failed the gate: there is no champion to keep, and none to ship."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ def gate(
         failed.append("AUC difference undefined on the reference set (one class, or too few images)")
     elif ci[0] < -cfg.promotion.auc_margin:
         failed.append(
-            f"AUC {diff:+.3f} (95 % CI {ci[0]:+.3f} to {ci[1]:+.3f}; lower bound below −{cfg.promotion.auc_margin:g})"
+            f"AUC {diff:+.3f} (95 % CI {ci[0]:+.3f} to {ci[1]:+.3f}; lower bound below -{cfg.promotion.auc_margin:g})"
         )
     ours, theirs = (challenger["reference"] or {}).get("sensitivity"), (champion["reference"] or {}).get("sensitivity")
     if ours is not None and theirs is not None and ours < theirs - cfg.promotion.sensitivity_margin:
@@ -207,8 +212,11 @@ def gate(
         (challenger["reference"] or {}).get("out_of_domain"),
         (champion["reference"] or {}).get("out_of_domain"),
     )
-    if ood_new is not None and ood_old is not None and ood_new > ood_old:
-        failed.append(f"out of domain on {ood_new * 100:.1f} % of the reference set vs {ood_old * 100:.1f} %")
+    if ood_new is not None and ood_old is not None and ood_new > ood_old + cfg.promotion.ood_margin:
+        failed.append(
+            f"out of domain on {ood_new * 100:.1f} % of the reference set vs {ood_old * 100:.1f} % "
+            f"(more than promotion.ood_margin {cfg.promotion.ood_margin:g} above)"
+        )
     if drift is not None and drift["warnings"] and cfg.monitoring.on_drift == "hold":
         failed.append("data drift with monitoring.on_drift: hold (" + "; ".join(drift["warnings"]) + ")")
     return failed
@@ -235,6 +243,8 @@ def promote(
 
     Raises:
         CxrError: no version of ``name`` is stored (train it first), or the shipped files are damaged.
+        NothingShipped: there is no champion and the challenger failed the health check (the decision
+            is recorded first).
     """
     shipped = shipped or Shipped(name)
     challenger = model_store.latest(name, registry_dir)
@@ -287,6 +297,11 @@ def promote(
     (log.info if decision["promoted"] or decision["outcome"] == "already champion" else log.warning)(
         "%s", decision["line"]
     )
+    if decision["shipped"] is None:
+        raise NothingShipped(
+            f"{decision['line']}; no {name} model is shipped. Fix its training (see the health problems in "
+            f"registry/{name}/{challenger.id}/{name}.card.json), or ship it flagged with promotion.policy: always"
+        )
     return decision
 
 
@@ -338,7 +353,11 @@ def _compare(name: str, cfg: Params, champion: Version, challenger: Version, spl
             "excluded_seen_in_training": ref.excluded,
         },
         "drift": drift,
-        "margins": {"auc": cfg.promotion.auc_margin, "sensitivity": cfg.promotion.sensitivity_margin},
+        "margins": {
+            "auc": cfg.promotion.auc_margin,
+            "sensitivity": cfg.promotion.sensitivity_margin,
+            "out_of_domain": cfg.promotion.ood_margin,
+        },
     }
 
 
