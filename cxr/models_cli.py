@@ -48,9 +48,13 @@ def champion_history(name: str) -> list[str]:
     return stack
 
 
-def _status(version: Version, champion_id: str | None, decisions: dict[str, dict[str, Any]]) -> str:
+def _status(
+    version: Version, champion_id: str | None, decisions: dict[str, dict[str, Any]], rolled_back: set[str]
+) -> str:
     if version.id == champion_id:
         return "champion"
+    if version.id in rolled_back:
+        return "rolled back"
     decision = decisions.get(version.id)
     if decision is None:
         return "stored"
@@ -79,9 +83,11 @@ def list_versions(name: str | None, models_dir: Path) -> list[dict[str, Any]]:
     for version in model_store.versions(name):
         shipped = Shipped(version.name, models_dir)
         champion_sha = model_store.shipped_sha256(shipped)
-        decisions = {e.get("version"): e for e in audit.events(version.name) if e.get("event") == "promotion"}
+        events = audit.events(version.name)
+        decisions = {e.get("version"): e for e in events if e.get("event") == "promotion"}
+        rolled_back = {str(e.get("rolled_back")) for e in events if e.get("event") == "rollback"}
         champion_id = champion_sha[: model_store.ID_LENGTH] if champion_sha else None
-        rows.append(_row(version, _status(version, champion_id, decisions)))
+        rows.append(_row(version, _status(version, champion_id, decisions, rolled_back)))
     return rows
 
 
@@ -133,6 +139,7 @@ def rollback(name: str, models_dir: Path, reports_root: Path) -> dict[str, Any]:
     Raises:
         CxrError: no earlier champion is known for ``name``.
     """
+    model_store.check_name(name)
     history = champion_history(name)
     current = model_store.shipped_sha256(Shipped(name, models_dir))
     current_id = current[: model_store.ID_LENGTH] if current else None

@@ -149,6 +149,8 @@ def test_versions_are_stored_by_content_and_installed_byte_for_byte(tmp_path):
         model_store.find("abcdef12", root)
     with pytest.raises(CxrError, match="give a version id"):
         model_store.find("../etc", root)
+    with pytest.raises(CxrError, match="not a model name"):
+        model_store.find("../../etc/abcdef12", root)
 
     shipped.model.write_bytes(b"tampered")  # a champion whose bytes differ from its card is not adopted
     with pytest.raises(CxrError, match="differ from its card"):
@@ -242,6 +244,7 @@ def test_a_mislabelled_retrain_keeps_the_champion_a_better_one_ships_and_a_rollb
         code, out, _ = cli(["models", "list", "smallnet", "--json"])
         listed = {r["id"]: r["status"] for r in json.loads(out)}
         assert listed[first[:12]] == "champion" and listed[loser].startswith("challenger, not promoted: AUC")
+        assert cli(["models", "rollback", "../x"])[0] == 1  # a name, not a path
 
         # the report's champion-versus-challenger section, in the page and in its Markdown summary
         from cxr.reporting.report import render
@@ -264,6 +267,8 @@ def test_a_mislabelled_retrain_keeps_the_champion_a_better_one_ships_and_a_rollb
 
         code, out, _ = cli(["models", "rollback", "smallnet"])
         assert code == 0 and json.loads(out)["shipped"] == first[:12]
+        code, out, _ = cli(["models", "list", "--json"])
+        assert {r["id"]: r["status"] for r in json.loads(out)}[second[:12]] == "rolled back"
         assert _sha(root / "models/smallnet.keras") == first
         assert (root / "models/smallnet.card.json").read_bytes() == first_card
         code, out, _ = cli(["audit", "models/smallnet.keras", "--json"])

@@ -186,8 +186,20 @@ def add_version(
     return version
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can be a model name (a folder under ``registry/``), else a one-line error."""
+    if not _NAME.match(name) or ".." in name:
+        raise CxrError(f"{printable(name)}: not a model name (letters, digits, '_', '-' and '.')")
+    return name
+
+
 def versions(name: str | None = None, root: Path | None = None) -> list[Version]:
     """Stored versions (of ``name``, or of every model), oldest first by their card's creation time."""
+    if name:
+        check_name(name)
     root = root or registry_root()
     if not root.is_dir():
         return []
@@ -234,6 +246,7 @@ def find(ref: str, root: Path | None = None) -> Version:
 
 def latest(name: str, root: Path | None = None) -> Version | None:
     """The newest trained version of ``name`` (the challenger), or None when none is stored."""
+    check_name(name)
     root = root or registry_root()
     marker = root / name / LATEST
     if marker.is_file():
