@@ -21,8 +21,9 @@ def project(trained, tmp_path) -> Path:
 
 
 def test_training_appended_a_lineage_record(project):
-    entries = records(project / "lineage/models.jsonl")
-    assert len(entries) == 1
+    everything = records(project / "lineage/models.jsonl")
+    entries = [r for r in everything if "event" not in r]
+    assert len(entries) == 1 and [r["event"] for r in everything if "event" in r] == ["promotion"]
     entry = entries[0]
     assert entry["model_sha256"] == sha256_file(project / "models/smallnet.keras")
     assert entry["data"]["manifest_sha256"] == sha256_file(project / "data/prepared/manifest.csv")

@@ -137,9 +137,9 @@ def _find_values(content: dict) -> list[dict]:
 def test_dvc_reads_the_generated_dvc_yaml_and_artifacts_get_fetches_a_model(repo, tmp_path):
     # DVC itself parses and validates the generated dvc.yaml (stages, plots, artifacts)
     mermaid = _run(["dvc", "dag", "--mermaid"], repo)
-    assert mermaid.lstrip().startswith("flowchart") and "evaluate" in mermaid and "train@smallnet" in mermaid
+    assert mermaid.lstrip().startswith("flowchart") and "evaluate" in mermaid and "promote@smallnet" in mermaid
     # record the trained model in DVC (as `dvc repro` would), commit it and register a version
-    _run(["dvc", "commit", "-f", "train@smallnet"], repo)
+    _run(["dvc", "commit", "-f", "train@smallnet", "promote@smallnet"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "lock smallnet"], repo)
     _run(["git", "tag", "-a", "smallnet@v0.1.0", "-m", "Registering artifact smallnet version v0.1.0"], repo)

@@ -348,13 +348,20 @@ def test_without_a_reference_the_test_split_less_training_images_decides(tmp_pat
         assert ref["excluded_seen_in_training"] == 0
 
 
-def test_an_unhealthy_first_model_ships_nothing_and_says_so_in_one_line(project, cli):
+def test_an_unhealthy_first_model_ships_flagged_only_where_its_settings_keep_one(project, cli):
     root = project
+    slow = ["-S", "train.smallnet.learning_rate=0.00001"]  # collapses: constant output
     with chdir(root):
         _prepare(root, cli)
-        code, _, err = cli(["train", "--model", "smallnet", "-S", "train.smallnet.learning_rate=0.00001"])
+        assert cli(["train", "--model", "smallnet", "--no-promote", *slow])[0] == 0
+        # on_collapse: fail would not have stored it; promoting it under that setting ships nothing
+        code, _, err = cli(["promote", "--model", "smallnet", "-S", "train.common.health.on_collapse=fail"])
         assert code == 1 and not (root / "models/smallnet.keras").exists()
         line = err.strip().splitlines()[-1]
         assert "not promoted: health check: collapsed; no smallnet model is shipped" in line
         assert "promotion.policy: always" in line and "Traceback" not in err
         assert _decision(root)["outcome"] == "rejected"  # recorded before the error
+        # on_collapse: warn (the shared test settings) keeps an unhealthy model, flagged
+        code, out, _ = cli(["promote", "--model", "smallnet"])
+        assert code == 0 and json.loads(out)["outcome"] == "first model, flagged"
+        assert "shipped flagged" in json.loads(out)["line"] and (root / "models/smallnet.keras").is_file()

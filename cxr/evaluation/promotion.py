@@ -271,14 +271,7 @@ def promote(
             champion=_model_entry(champion, None) if champion else None,
         )
     elif champion is None:
-        healthy = decision["challenger"]["health"] == "healthy"
-        ok = healthy or policy == "always"
-        decision.update(
-            promoted=ok,
-            outcome="first model" if ok else "rejected",
-            reasons=[] if ok else [f"health check: {decision['challenger']['health']}"],
-            champion=None,
-        )
+        decision.update(_first_model(name, cfg, decision["challenger"]["health"]))
     else:
         decision.update(_compare(name, cfg, champion, challenger, Path(splits_csv)))
         if policy == "always":
@@ -303,6 +296,31 @@ def promote(
             f"registry/{name}/{challenger.id}/{name}.card.json), or ship it flagged with promotion.policy: always"
         )
     return decision
+
+
+def _first_model(name: str, cfg: Params, health: str | None) -> dict[str, Any]:
+    """No champion yet: a healthy model ships. An unhealthy one ships flagged only where its settings
+    say to keep one (``train.common.health.on_collapse: warn``, the only setting under which an
+    unhealthy model is stored at all) or under ``policy: always``; otherwise nothing ships."""
+    if health == "healthy":
+        return {"promoted": True, "outcome": "first model", "reasons": [], "champion": None}
+    keep = cfg.promotion.policy == "always" or _on_collapse(cfg, name) == "warn"
+    if keep:
+        return {
+            "promoted": True,
+            "outcome": "first model, flagged",
+            "reasons": [],
+            "warnings": [f"health check: {health}; shipped flagged (train.common.health.on_collapse: warn)"],
+            "champion": None,
+        }
+    return {"promoted": False, "outcome": "rejected", "reasons": [f"health check: {health}"], "champion": None}
+
+
+def _on_collapse(cfg: Params, name: str) -> str | None:
+    try:
+        return cfg.train.model(name).health.on_collapse
+    except CxrError:  # a model no longer in the configuration
+        return None
 
 
 def _compare(name: str, cfg: Params, champion: Version, challenger: Version, splits_csv: Path) -> dict[str, Any]:
@@ -374,10 +392,11 @@ def decision_line(decision: Mapping[str, Any]) -> str:
         auc = f"AUC {paired['auc_difference']:+.3f} (95 % CI {low:+.3f} to {high:+.3f}) on {ref}"
     if outcome == "already champion":
         return f"{name}: version {new} is already the champion; nothing to do"
-    if outcome in ("first model", "rejected"):
-        verb = (
-            "promoted (no champion yet)" if decision["promoted"] else "not promoted: " + "; ".join(decision["reasons"])
-        )
+    if outcome in ("first model", "first model, flagged", "rejected"):
+        if decision["promoted"]:
+            verb = "promoted (no champion yet)" + "".join(f"; {w}" for w in decision.get("warnings") or [])
+        else:
+            verb = "not promoted: " + "; ".join(decision["reasons"])
         return f"{name}: challenger {new} {verb}"
     if decision["promoted"]:
         tail = f" ({outcome})" if outcome != "promoted" else ""
@@ -425,14 +444,14 @@ def markdown(decision: Mapping[str, Any]) -> str:
         ]
     lines += ["| | challenger | champion |", "|---|---|---|"]
     rows = [
-        ("version", lambda m: m["id"]),
-        ("health", lambda m: m["health"]),
-        ("validation AUC", lambda m: num(m["val_auc"], 3)),
-        ("reference AUC", lambda m: num((m["reference"] or {}).get("auc"), 3)),
-        ("threshold", lambda m: num((m["reference"] or {}).get("threshold"), 3)),
-        ("sensitivity", lambda m: num((m["reference"] or {}).get("sensitivity"), 3)),
-        ("specificity", lambda m: num((m["reference"] or {}).get("specificity"), 3)),
-        ("out of domain", lambda m: num((m["reference"] or {}).get("out_of_domain"), 3)),
+        ("version", lambda m: m.get("id")),
+        ("health", lambda m: m.get("health")),
+        ("validation AUC", lambda m: num(m.get("val_auc"), 3)),
+        ("reference AUC", lambda m: num((m.get("reference") or {}).get("auc"), 3)),
+        ("threshold", lambda m: num((m.get("reference") or {}).get("threshold"), 3)),
+        ("sensitivity", lambda m: num((m.get("reference") or {}).get("sensitivity"), 3)),
+        ("specificity", lambda m: num((m.get("reference") or {}).get("specificity"), 3)),
+        ("out of domain", lambda m: num((m.get("reference") or {}).get("out_of_domain"), 3)),
     ]
     for label, get in rows:
         lines.append(f"| {label} | {get(challenger)} | {get(champion) if champion else '—'} |")

@@ -1012,20 +1012,7 @@ def _ship(
             log.warning("%s: the shipped model is not kept as a version: %s", run.name, exc)
             before = None
         model_store.install(version, run.shipped)
-        audit.append(
-            {
-                "event": "promotion",
-                "model": run.name,
-                "model_sha256": card["model_sha256"],
-                "version": version.id,
-                "promoted": True,
-                "outcome": "installed at training",
-                "reasons": [],
-                "champion": before.id if before else None,
-                "shipped": version.id,
-                "run": card["run"],
-            }
-        )
+        _record_install(run, card, version.id, before.id if before else None)
     log.info(
         "%s: version %s (sha256 %s) %s, best epoch %s, val AUC %s, %s",
         run.name,
@@ -1037,6 +1024,48 @@ def _ship(
         card["health"]["status"],
     )
     return card
+
+
+def _record_install(run: _Run, card: Mapping[str, Any], version: str, before: str | None) -> None:
+    """A version installed at training (no gate): its decision file and lineage event, as promotion writes them."""
+    line = f"{run.name}: version {version} installed at training (no comparison)" + (
+        f"; version {before} retired" if before and before != version else ""
+    )
+    write_json(
+        run.reports_dir / "promotion.json",
+        {
+            "model": run.name,
+            "policy": "installed at training",
+            "promoted": True,
+            "outcome": "installed at training",
+            "reasons": [],
+            "challenger": {
+                "id": version,
+                "sha256": card["model_sha256"],
+                "created": card.get("created"),
+                "health": card["health"]["status"],
+                "val_auc": card["validation"].get("auc"),
+                "reference": None,
+            },
+            "champion": {"id": before} if before else None,
+            "shipped": {"id": version},
+            "line": line,
+        },
+    )
+    audit.append(
+        {
+            "event": "promotion",
+            "model": run.name,
+            "model_sha256": card["model_sha256"],
+            "version": version,
+            "promoted": True,
+            "outcome": "installed at training",
+            "reasons": [],
+            "champion": before,
+            "shipped": version,
+            "run": card["run"],
+        }
+    )
 
 
 def _data_quality(splits_csv: Path) -> dict[str, Any] | None:
