@@ -139,6 +139,7 @@ def test_dvc_reads_the_generated_dvc_yaml_and_artifacts_get_fetches_a_model(repo
     mermaid = _run(["dvc", "dag", "--mermaid"], repo)
     assert mermaid.lstrip().startswith("flowchart") and "evaluate" in mermaid and "promote@smallnet" in mermaid
     # record the trained model in DVC (as `dvc repro` would), commit it and register a version
+    (repo / "data/external").mkdir(parents=True, exist_ok=True)  # the promote stage's (empty) external indexes
     _run(["dvc", "commit", "-f", "train@smallnet", "promote@smallnet"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "lock smallnet"], repo)

@@ -353,15 +353,23 @@ def test_an_unhealthy_first_model_ships_flagged_only_where_its_settings_keep_one
     slow = ["-S", "train.smallnet.learning_rate=0.00001"]  # collapses: constant output
     with chdir(root):
         _prepare(root, cli)
-        assert cli(["train", "--model", "smallnet", "--no-promote", *slow])[0] == 0
-        # on_collapse: fail would not have stored it; promoting it under that setting ships nothing
-        code, _, err = cli(["promote", "--model", "smallnet", "-S", "train.common.health.on_collapse=fail"])
+        # on_collapse: warn (the shared test settings) keeps an unhealthy model, flagged
+        code, out, _ = cli(["train", "--model", "smallnet", *slow])
+        assert code == 0 and json.loads(out)["promotion"] == "first model, flagged"
+        assert "shipped flagged" in _decision(root)["line"] and (root / "models/smallnet.keras").is_file()
+
+        # a version stored by other means (here: its card says on_collapse fail) with no champion: nothing ships
+        from cxr.common.model_card import read_card, write_card
+        from cxr.provenance import model_store
+
+        (root / "models/smallnet.keras").unlink()
+        version = model_store.latest("smallnet")
+        card = read_card(version.card_file).to_json()
+        card["train_config"]["health"]["on_collapse"] = "fail"
+        write_card(version.card_file, card)
+        code, _, err = cli(["promote", "--model", "smallnet"])
         assert code == 1 and not (root / "models/smallnet.keras").exists()
         line = err.strip().splitlines()[-1]
         assert "not promoted: health check: collapsed; no smallnet model is shipped" in line
         assert "promotion.policy: always" in line and "Traceback" not in err
         assert _decision(root)["outcome"] == "rejected"  # recorded before the error
-        # on_collapse: warn (the shared test settings) keeps an unhealthy model, flagged
-        code, out, _ = cli(["promote", "--model", "smallnet"])
-        assert code == 0 and json.loads(out)["outcome"] == "first model, flagged"
-        assert "shipped flagged" in json.loads(out)["line"] and (root / "models/smallnet.keras").is_file()

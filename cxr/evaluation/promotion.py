@@ -271,7 +271,7 @@ def promote(
             champion=_model_entry(champion, None) if champion else None,
         )
     elif champion is None:
-        decision.update(_first_model(name, cfg, decision["challenger"]["health"]))
+        decision.update(_first_model(challenger, cfg, decision["challenger"]["health"]))
     else:
         decision.update(_compare(name, cfg, champion, challenger, Path(splits_csv)))
         if policy == "always":
@@ -298,14 +298,13 @@ def promote(
     return decision
 
 
-def _first_model(name: str, cfg: Params, health: str | None) -> dict[str, Any]:
-    """No champion yet: a healthy model ships. An unhealthy one ships flagged only where its settings
-    say to keep one (``train.common.health.on_collapse: warn``, the only setting under which an
-    unhealthy model is stored at all) or under ``policy: always``; otherwise nothing ships."""
+def _first_model(challenger: Version, cfg: Params, health: str | None) -> dict[str, Any]:
+    """No champion yet: a healthy model ships. An unhealthy one ships flagged only where the settings it
+    was trained with say to keep one (``train.common.health.on_collapse: warn``, the only setting under
+    which an unhealthy model is stored at all) or under ``policy: always``; otherwise nothing ships."""
     if health == "healthy":
         return {"promoted": True, "outcome": "first model", "reasons": [], "champion": None}
-    keep = cfg.promotion.policy == "always" or _on_collapse(cfg, name) == "warn"
-    if keep:
+    if cfg.promotion.policy == "always" or _on_collapse(challenger) == "warn":
         return {
             "promoted": True,
             "outcome": "first model, flagged",
@@ -316,11 +315,11 @@ def _first_model(name: str, cfg: Params, health: str | None) -> dict[str, Any]:
     return {"promoted": False, "outcome": "rejected", "reasons": [f"health check: {health}"], "champion": None}
 
 
-def _on_collapse(cfg: Params, name: str) -> str | None:
-    try:
-        return cfg.train.model(name).health.on_collapse
-    except CxrError:  # a model no longer in the configuration
-        return None
+def _on_collapse(version: Version) -> str | None:
+    """``health.on_collapse`` as the version was trained with (its card's training settings)."""
+    settings = version.card().extra("train_config") or {}
+    health = settings.get("health") if isinstance(settings, dict) else None
+    return health.get("on_collapse") if isinstance(health, dict) else None
 
 
 def _compare(name: str, cfg: Params, champion: Version, challenger: Version, splits_csv: Path) -> dict[str, Any]:
