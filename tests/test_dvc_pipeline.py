@@ -299,6 +299,7 @@ def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse_and_rolls_
     out = _run(["dvc", "repro", "promote@smallnet"], fresh_clone)
     assert {"train@smallnet", "promote@smallnet", "external@ref"} <= _ran(out)
     assert decision()["outcome"] == "first model"
+    print(decision()["line"])  # the decisions, for the record (pytest -s shows them)
     champion = sha256_file(model)
 
     # new data, a third of its labels wrong: dvc repro succeeds, the champion stays byte for byte
@@ -306,6 +307,7 @@ def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse_and_rolls_
     out = _run(["dvc", "repro", "promote@smallnet"], fresh_clone)
     assert "Running stage 'train@smallnet'" in out and "Running stage 'promote@smallnet'" in out
     lost = decision()
+    print(lost["line"])
     assert lost["promoted"] is False and lost["outcome"] == "not promoted", lost["line"]
     assert sha256_file(model) == champion
     assert "not promoted" in out and "stays" in out  # the decision's line in dvc repro's output
@@ -326,6 +328,7 @@ def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse_and_rolls_
     _set_params(fresh_clone, train__smallnet__epochs=14)
     _run(["dvc", "repro", "promote@smallnet"], fresh_clone)
     won = decision()
+    print(won["line"], won["challenger"]["reference"], won["champion"]["reference"])
     assert won["promoted"] is True, won["line"]
     assert sha256_file(model) != champion
 
