@@ -253,3 +253,25 @@ def test_fresh_machine_fetches_and_prepares_the_sample(no_credentials: Path, tmp
     for name, per_class in split["counts"].items():
         assert min(per_class.values()) >= MIN_PER_CLASS_AND_SPLIT, (name, per_class)
     assert quality["duplicates"]["duplicate_files"] == 0 and quality["excluded_count"] == 0
+
+
+def test_a_sample_altered_after_installation_is_refused_in_one_line(tmp_path, monkeypatch, cli):
+    """Replaced, added and deleted files of the embedded sample, checked against its own MANIFEST.csv."""
+    assert sample.verify_sample() >= 200  # the shipped sample is intact
+    altered = tmp_path / "sample_data"
+    shutil.copytree(sample.SAMPLE_DIR, altered)
+    normal = sorted((altered / "NORMAL").glob("*.jpeg"))
+    pneumonia = sorted((altered / "PNEUMONIA").glob("*.jpeg"))
+    shutil.copyfile(pneumonia[0], normal[0])  # a valid image over another: the wrong label
+    shutil.copyfile(pneumonia[1], altered / "NORMAL" / "IM-9999-0001.jpeg")
+    normal[1].unlink()
+    with pytest.raises(DataError, match=r"1 changed .*1 added .*1 missing"):
+        sample.verify_sample(altered)
+
+    monkeypatch.setattr(sample, "SAMPLE_DIR", altered)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    code, _, err = cli(["fetch", "-S", "data.source=sample"])
+    lines = [line for line in err.splitlines() if line.startswith("cxr: error:")]
+    assert code == 1 and len(lines) == 1 and "does not match its MANIFEST.csv" in lines[0], err
+    assert not (tmp_path / "data/raw").exists()

@@ -115,6 +115,7 @@ def _fetch_kaggle(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
 def _fetch_sample(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
     """Copy the embedded demo sample (``cxr/data/sample_data``); the record flags it as a demonstration."""
     src = sample_source.sample_dir()
+    sample_source.verify_sample(src)  # the shipped files, and only those, as MANIFEST.csv lists them
     _copy_dir_source(src, ws.staged)
     return {
         "origin": sample_source.SAMPLE_INPUT,

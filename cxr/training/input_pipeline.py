@@ -23,6 +23,8 @@ from cxr.common.images import ImageLimits, ImageRefused, check_image, probe
 from cxr.common.preprocessing import decode_image
 from cxr.config import InputConfig
 from cxr.errors import DataError
+from cxr.files import write_bytes_atomic
+from cxr.provenance.hashing import sha256_file
 from cxr.runtime import DECODER_LINE, decoder_messages, native_stderr, pass_on, tensorflow
 from cxr.safe_text import printable
 from cxr.training.augment import augment_batch
@@ -30,6 +32,8 @@ from cxr.training.augment import augment_batch
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = "2"  # bump when decode_image changes what it produces
+# split content key → {path: sha256 recorded by prepare}: read_split fills it, load_images checks against it
+_EXPECTED_SHA256: dict[str, dict[str, str]] = {}
 _INPUT_THREADS = 2  # parallel batches in the training input pipeline (gather, augment, scale)
 
 
@@ -59,7 +63,10 @@ def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarra
     digest = hashlib.sha256()
     for row in part[["path", "sha256" if "sha256" in part else "path", "label"]].itertuples(index=False):
         digest.update(("\t".join(map(str, row)) + "\n").encode())
-    return part["path"].tolist(), part["label"].to_numpy(np.float32), digest.hexdigest()
+    key = digest.hexdigest()
+    if "sha256" in part:  # what load_images checks each file against before it decodes one
+        _EXPECTED_SHA256[key] = dict(zip(part["path"].tolist(), part["sha256"].astype(str).tolist(), strict=True))
+    return part["path"].tolist(), part["label"].to_numpy(np.float32), key
 
 
 def check_decodable(paths: list[str], limits: ImageLimits) -> None:
@@ -96,8 +103,36 @@ def _culprit(paths: list[str], start: int, limits: ImageLimits) -> str | None:
     return None
 
 
-def _decode_all(paths: list[str], cfg: InputConfig, out: np.ndarray) -> None:
+def check_against_split(paths: list[str], expected: dict[str, str] | None) -> None:
+    """Refuse a file whose bytes are not the ones prepare recorded in ``splits.csv`` (one line, the first).
+
+    A valid image copied over another after prepare would otherwise be decoded under the old file's
+    label and trained on, while the card and lineage still name the old manifest.
+
+    Raises:
+        DataError: the first file whose sha256 differs, and the fix (rerun prepare).
+    """
+    if not expected:
+        return
+    for path in paths:
+        recorded = expected.get(path)
+        if recorded is None:
+            continue
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise DataError(f"{printable(path)}: unreadable ({reason}); rerun prepare") from None
+        if actual != recorded:
+            raise DataError(
+                f"{printable(path)}: its bytes changed since prepare (sha256 {actual[:12]}, splits.csv records "
+                f"{printable(recorded[:12])}); rerun prepare (dvc repro prepare) before training on it"
+            )
+
+
+def _decode_all(paths: list[str], cfg: InputConfig, out: np.ndarray, content_key: str = "") -> None:
     limits = ImageLimits.of(cfg)
+    check_against_split(paths, _EXPECTED_SHA256.get(content_key))
     check_decodable(paths, limits)
     tf = tensorflow()
     ds = (
@@ -142,30 +177,55 @@ def load_images(paths: list[str], content_key: str, cfg: InputConfig, split: str
     shape = (len(paths), cfg.image_size, cfg.image_size, 3)
     if cfg.cache == "memory" or cfg.cache == "none":
         images = np.empty(shape, np.uint8)
-        _decode_all(paths, cfg, images)
+        _decode_all(paths, cfg, images, content_key)
         return images
     key = hashlib.sha256(
         f"{_CACHE_VERSION}|{content_key}|{cfg.image_size}|{cfg.resize}|{cfg.interpolation}".encode()
     ).hexdigest()[:20]
     path = Path(cfg.cache_dir) / f"{split}-{cfg.image_size}px-{key}.npy"
     if path.is_file():
-        images = np.load(path, mmap_mode="r")
-        if images.shape == shape:
+        problem = _cache_problem(path, shape)
+        if problem is None:
             log.info("%s: %d images from cache %s", split, len(paths), path)
-            return images
+            return np.load(path, mmap_mode="r")
+        log.warning("%s: cache %s %s: decoding the split again", split, printable(path), problem)
+        path.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     started = time.perf_counter()
     images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     try:
-        _decode_all(paths, cfg, images)
+        _decode_all(paths, cfg, images, content_key)
         images.flush()
         del images
+        write_bytes_atomic(_digest_file(path), (sha256_file(tmp) + "\n").encode())
         os.replace(tmp, path)  # only a complete cache is ever visible
     finally:
         tmp.unlink(missing_ok=True)
     log.info("%s: decoded %d images in %.1f s into cache %s", split, len(paths), time.perf_counter() - started, path)
     return np.load(path, mmap_mode="r")
+
+
+def _digest_file(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".sha256")
+
+
+def _cache_problem(cache: Path, shape: tuple[int, ...]) -> str | None:
+    """Why a decoded-image cache cannot be used (None: it can): no recorded digest, unreadable,
+    another shape, or bytes that are not the ones written (a truncated or overwritten file)."""
+    digest_file = _digest_file(cache)
+    if not digest_file.is_file():
+        return "has no recorded digest"
+    try:
+        images = np.load(cache, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:
+        return f"is unreadable ({printable(str(exc).splitlines()[0][:80]) if str(exc) else type(exc).__name__})"
+    if images.shape != shape:
+        return f"holds {images.shape}, not {shape}"
+    del images
+    if digest_file.read_text(encoding="utf-8", errors="replace").strip() != sha256_file(cache):
+        return "does not match its recorded sha256 (truncated or overwritten)"
+    return None
 
 
 def make_dataset(
