@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from cxr.errors import CxrError
+from cxr.files import SMALL_FILE, read_bounded
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -648,12 +649,15 @@ def read_params(path: str | Path = DEFAULT_PATH, overrides: Iterable[str] = ()) 
         CxrError: the file is missing, is not YAML, or is not a mapping.
     """
     path = Path(path)
+    if not path.exists():
+        raise CxrError(f"{path}: not found (run from the repository root or pass --params)")
+    text = read_bounded(path, "parameters file", SMALL_FILE).decode("utf-8", errors="replace")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise CxrError(f"{path}: not found (run from the repository root or pass --params)") from exc
+        params = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise CxrError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    except RecursionError:
+        raise CxrError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(params, dict):
         raise CxrError(f"{path}: expected a mapping at the top level")
     return apply_overrides(params, overrides)

@@ -1,4 +1,11 @@
-"""Writing pipeline files so a reader never sees half of one."""
+"""Writing pipeline files so a reader never sees half of one, and reading the small ones with a bound.
+
+Every file the pipeline reads whole (parameters, readers CSV, model cards, the lineage log,
+operating points, JSON records) goes through :func:`read_bounded`: only a regular file (a device
+such as ``/dev/zero`` or a FIFO would exhaust memory or block forever), and only up to a cap that
+the one-line error names. :func:`load_json_bounded` adds a bound on nesting (200,000 ``[`` made
+Python's parser raise ``RecursionError``). Hand-written: ``pathlib`` and ``json`` have neither bound.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,94 @@ import json
 import math
 import numbers
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from cxr.errors import CxrError
+from cxr.safe_text import printable
+
+MB = 1_000_000
+SMALL_FILE = 10 * MB  # cards, records, operating points, parameters: a few kB in practice
+TABLE_FILE = 500 * MB  # readers CSVs, manifests and split tables: 100 bytes a row
+LOG_FILE = 500 * MB  # the lineage log: a few kB a model
+MAX_JSON_DEPTH = 64  # cards nest 4 deep
+
+
+def require_regular(path: str | Path, what: str, cap: int) -> int:
+    """Check that ``path`` is a regular file of at most ``cap`` bytes (links followed); its size.
+
+    Raises:
+        CxrError: one line naming the file: missing, a folder, a device or FIFO, or over the cap.
+    """
+    shown = printable(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CxrError(f"{shown}: no such {what}") from None
+    except OSError as exc:
+        raise CxrError(f"{shown}: cannot read the {what} ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CxrError(f"{shown}: is a folder, not a {what} file")
+    if not stat.S_ISREG(info.st_mode):
+        raise CxrError(f"{shown}: not a regular file (a device, FIFO or socket); give a {what} file")
+    if info.st_size > cap:
+        raise CxrError(f"{shown}: {info.st_size / MB:.1f} MB, over the {cap / MB:g} MB a {what} may have")
+    return info.st_size
+
+
+def read_bounded(path: str | Path, what: str, cap: int = SMALL_FILE) -> bytes:
+    """The bytes of a regular file of at most ``cap`` bytes (:func:`require_regular`), read with that bound."""
+    require_regular(path, what, cap)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(cap + 1)
+    except OSError as exc:
+        raise CxrError(f"{printable(path)}: cannot read the {what} ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > cap:  # it grew while we read it
+        raise CxrError(f"{printable(path)}: over the {cap / MB:g} MB a {what} may have")
+    return data
+
+
+def nesting_depth_over(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when JSON text opens more than ``limit`` arrays or objects at once (strings skipped)."""
+    data = text.encode() if isinstance(text, str) else text
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def parse_json_bounded(data: str | bytes, where: str) -> Any:
+    """``json.loads`` that refuses nesting deeper than :data:`MAX_JSON_DEPTH` with a ValueError."""
+    if nesting_depth_over(data):
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return json.loads(data)
+
+
+def load_json_bounded(path: str | Path, what: str, cap: int = SMALL_FILE) -> Any:
+    """Parsed JSON of a bounded regular file; CxrError naming the file when it is not valid, bounded JSON."""
+    data = read_bounded(path, what, cap)
+    try:
+        return parse_json_bounded(data, str(path))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+        reason = printable(str(exc).splitlines()[0][:80]) if str(exc) else type(exc).__name__
+        raise CxrError(f"{printable(path)}: the {what} is not valid JSON ({reason})") from None
 
 
 def json_safe(obj: Any) -> Any:

@@ -23,7 +23,6 @@ pydantic's frozen models, bounds and error locations are exactly that job.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cxr.errors import CxrError
-from cxr.files import json_safe, write_json
+from cxr.files import SMALL_FILE, json_safe, parse_json_bounded, read_bounded, write_json
 from cxr.safe_text import printable
 
 CARD_VERSION = 1
@@ -206,11 +205,10 @@ def read_card(card_file: str | Path) -> ModelCard:
     shown = printable(card_file)
     if not card_file.is_file():
         raise CxrError(f"{shown}: model card not found; the preprocessing of {printable(card_file.name)} is unknown")
+    data = read_bounded(card_file, "model card", SMALL_FILE)
     try:
-        raw = json.loads(card_file.read_bytes())
-    except OSError as exc:
-        raise CxrError(f"{shown}: cannot read the model card ({exc.strerror or type(exc).__name__})") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raw = parse_json_bounded(data, shown)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
         reason = str(exc).splitlines()[0][:80]
         raise CxrError(f"{shown}: the model card is not valid JSON ({reason}); retrain or restore it") from None
     return parse_card(raw, card_file)

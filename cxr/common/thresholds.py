@@ -16,7 +16,6 @@ Two questions, two entry points:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from cxr.common.metrics import sensitivity_threshold, youden_threshold
 from cxr.common.model_card import ModelCard, OperatingPoint
 from cxr.config import EvaluateConfig, setting
 from cxr.errors import CxrError, DataError
-from cxr.files import write_json
+from cxr.files import load_json_bounded, write_json
 from cxr.safe_text import printable
 from cxr.workspace import HERE
 
@@ -200,12 +199,12 @@ def recorded_point(name: str, eval_dir: str | Path = HERE.eval, model_sha256: st
         DataError: no record, an unreadable one, one without a threshold in [0, 1], or one for other bytes.
     """
     path = record_path(name, eval_dir)
+    if not path.exists():
+        raise DataError(f"{path}: not found; run the evaluate step first (dvc repro evaluate)")
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run the evaluate step first (dvc repro evaluate)") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({printable(exc)}); rerun the evaluate step") from None
+        raw = load_json_bounded(path, "operating-point record")
+    except CxrError as exc:
+        raise DataError(f"{printable(exc)}; rerun the evaluate step") from None
     point = _valid_point(raw)
     if point is None:
         raise DataError(f"{path}: no threshold in [0, 1]; rerun the evaluate step")
@@ -274,8 +273,8 @@ def validation_youden(
         return point.threshold
     record = Path(eval_dir) / name / "metrics.json"
     try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
+        data = load_json_bounded(record, "evaluation record")
+    except CxrError:
         return None
     if not isinstance(data, dict) or data.get("model_sha256") != model_sha256:
         return None

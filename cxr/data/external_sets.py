@@ -26,7 +26,7 @@ from cxr.common.images import probe
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.data.manifest import parse_patient
 from cxr.errors import DataError
-from cxr.files import write_json
+from cxr.files import load_json_bounded, write_json
 from cxr.provenance.hashing import sha256_file, tree_digest
 from cxr.workspace import HERE
 
@@ -236,4 +236,4 @@ def load_external(
 def external_summary(name: str, out_dir: str | Path = EXTERNAL_DIR) -> dict[str, Any]:
     """The summary :func:`index_external` wrote for ``name`` (``<name>.json``); empty when there is none."""
     path = Path(out_dir) / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return load_json_bounded(path, "external-set record") if path.is_file() else {}

@@ -30,6 +30,7 @@ from imutils import paths as imutils_paths
 
 from cxr import CLASS_NAMES, SPLITS
 from cxr.common.images import ImageLimits, probe
+from cxr.files import TABLE_FILE, require_regular
 from cxr.logs import progress
 
 log = logging.getLogger(__name__)
@@ -199,4 +200,5 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     Returns:
         The frame; empty ``patient_id``, ``subtype`` and ``source_split`` stay "" rather than NaN.
     """
+    require_regular(path, "manifest", TABLE_FILE)  # not a device or FIFO, and bounded
     return pd.read_csv(path, dtype={"patient_id": str, "subtype": str, "source_split": str}, keep_default_na=False)

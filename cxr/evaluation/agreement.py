@@ -24,6 +24,7 @@ from cxr.common.metrics import interval
 from cxr.common.thresholds import recorded_point
 from cxr.config import EvaluateConfig, as_section
 from cxr.errors import DataError
+from cxr.files import TABLE_FILE, read_bounded
 from cxr.safe_text import printable
 from cxr.workspace import HERE
 
@@ -81,14 +82,11 @@ def _nan_if_none(value: float | None) -> float:
 def _read_text(path: str | Path) -> str:
     """The readers file as text; DataError naming it when it is missing, a folder, unreadable or binary."""
     shown = printable(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{shown}: no such readers file; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{shown}: is a folder; give a readers CSV file") from None
-    except OSError as exc:
-        raise DataError(f"{shown}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not Path(path).exists():
+        raise DataError(f"{shown}: no such readers file; check the path")
+    if Path(path).is_dir():
+        raise DataError(f"{shown}: is a folder; give a readers CSV file")
+    data = read_bounded(path, "readers CSV", TABLE_FILE)  # not a device or FIFO, and bounded
     if b"\0" in data:
         raise DataError(f"{shown}: binary content, not a CSV text file")
     try:

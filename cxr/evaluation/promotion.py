@@ -30,7 +30,6 @@ summarised in one log line such as ``cxrnet: challenger 3f2a… not promoted: AU
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from cxr.config import Params
 from cxr.data.drift import compare, new_or_changed
 from cxr.data.external_sets import load_external
 from cxr.errors import CxrError, DataError
-from cxr.files import write_json
+from cxr.files import load_json_bounded, write_json
 from cxr.formatting import num
 from cxr.inference.loading import LoadedModel, load, load_image
 from cxr.provenance import lineage_log as audit
@@ -406,8 +405,8 @@ def decision_line(decision: Mapping[str, Any]) -> str:
 def _previous_decision(shipped: Shipped) -> dict[str, Any]:
     path = shipped.reports / DECISION_FILE
     try:
-        previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
+        previous = load_json_bounded(path, "promotion decision") if path.is_file() else {}
+    except CxrError:
         return {}
     return previous if isinstance(previous, dict) else {}
 

@@ -14,7 +14,6 @@ parsed makes the model unverified, with the reason.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Any
 
 from cxr.common.model_card import parse_card
 from cxr.errors import CxrError
-from cxr.files import dumps_json
+from cxr.files import LOG_FILE, SMALL_FILE, dumps_json, load_json_bounded, parse_json_bounded, read_bounded
 from cxr.provenance.hashing import sha256_file
 from cxr.safe_text import printable
 from cxr.workspace import HERE
@@ -75,8 +74,10 @@ def data_lineage(
         ``raw_sha256`` (the fetched tree), ``manifest_sha256``, ``splits_sha256``, ``split_strategy``
         and ``counts`` (images per split and class of the chosen strategy).
     """
-    record = json.loads(fetch_record.read_text()) if fetch_record.is_file() else {}
-    report = json.loads(quality.read_text()) if quality.is_file() else {}
+    record = load_json_bounded(fetch_record, "fetch record") if fetch_record.is_file() else {}
+    report = load_json_bounded(quality, "data-quality report") if quality.is_file() else {}
+    record = record if isinstance(record, dict) else {}
+    report = report if isinstance(report, dict) else {}
     strategy = report.get("split_strategy")
     return {
         "source": record.get("source"),
@@ -160,15 +161,15 @@ def records(log_path: Path = LINEAGE_LOG) -> list[dict[str, Any]]:
     if not log_path.is_file():
         return []
     out = []
-    for number, raw in enumerate(log_path.read_bytes().split(b"\n"), start=1):
+    for number, raw in enumerate(read_bounded(log_path, "lineage log", LOG_FILE).split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw.decode("utf-8"))
+            record = parse_json_bounded(raw.decode("utf-8"), str(log_path))
         except UnicodeDecodeError:
             problem = "not UTF-8"
-        except ValueError:
-            problem = "not valid JSON (a torn line?)"
+        except ValueError as exc:
+            problem = str(exc) if str(exc).startswith("nested") else "not valid JSON (a torn line?)"
         else:
             problem = shape_problem(record)
         if problem:
@@ -200,9 +201,9 @@ def _read_card(card_file: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not card_file.is_file():
         return None, f"its card {printable(card_file)} is not a file"
     try:
-        card = json.loads(card_file.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        return None, f"its card {printable(card_file)} cannot be read ({exc.strerror or type(exc).__name__})"
+        card = parse_json_bounded(read_bounded(card_file, "model card", SMALL_FILE).decode("utf-8"), str(card_file))
+    except CxrError as exc:
+        return None, f"its card cannot be used ({printable(str(exc).split(': ', 1)[-1])})"
     except UnicodeDecodeError:
         return None, f"its card {printable(card_file)} is not UTF-8 text"
     except ValueError as exc:

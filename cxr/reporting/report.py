@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import functools
 import html
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ from markupsafe import Markup
 import cxr
 from cxr.common.intended_use import DATA_CITATION, INTENDED_USE, LIMITATIONS
 from cxr.common.model_card import card_path_for, read_card_if_any
+from cxr.files import load_json_bounded
 from cxr.formatting import MINUS, interval, num
 from cxr.inference.loading import model_file
 from cxr.provenance.versions import code_version
@@ -107,7 +107,7 @@ def _figure(path: Path, caption: str, width: int | None = None) -> dict[str, Any
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return load_json_bounded(path, "pipeline record") if path.is_file() else {}
 
 
 def _card(path: Path) -> dict[str, Any]:

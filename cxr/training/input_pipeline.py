@@ -23,7 +23,7 @@ from cxr.common.images import ImageLimits, ImageRefused, check_image, probe
 from cxr.common.preprocessing import decode_image
 from cxr.config import InputConfig
 from cxr.errors import DataError
-from cxr.files import write_bytes_atomic
+from cxr.files import TABLE_FILE, require_regular, write_bytes_atomic
 from cxr.provenance.hashing import sha256_file
 from cxr.runtime import DECODER_LINE, decoder_messages, native_stderr, pass_on, tensorflow
 from cxr.safe_text import printable
@@ -50,6 +50,7 @@ def read_split(splits_csv: str | Path, split: str) -> tuple[list[str], np.ndarra
     """
     import pandas as pd  # here, not at import: cxr predict and cxr serve load this module and never read a split
 
+    require_regular(splits_csv, "split table", TABLE_FILE)  # not a device or FIFO, and bounded
     frame = pd.read_csv(splits_csv, keep_default_na=False, dtype={"patient_id": str})
     missing = {"path", "label", "split"} - set(frame.columns)
     if missing:
@@ -125,15 +126,15 @@ def check_against_split(paths: list[str], expected: dict[str, str] | None) -> No
             raise DataError(f"{printable(path)}: unreadable ({reason}); rerun prepare") from None
         if actual != recorded:
             raise DataError(
-                f"{printable(path)}: its bytes changed since prepare (sha256 {actual[:12]}, splits.csv records "
-                f"{printable(recorded[:12])}); rerun prepare (dvc repro prepare) before training on it"
+                f"{printable(path)}: changed since prepare: rerun prepare (dvc repro prepare) before training on "
+                f"it (its sha256 is {actual[:12]}, splits.csv records {printable(recorded[:12])})"
             )
 
 
 def _decode_all(paths: list[str], cfg: InputConfig, out: np.ndarray, content_key: str = "") -> None:
     limits = ImageLimits.of(cfg)
+    check_decodable(paths, limits)  # size and header caps first: cheap, and no 3 GB file is hashed
     check_against_split(paths, _EXPECTED_SHA256.get(content_key))
-    check_decodable(paths, limits)
     tf = tensorflow()
     ds = (
         tf.data.Dataset.from_tensor_slices(paths)
