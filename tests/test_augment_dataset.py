@@ -239,7 +239,11 @@ def _images(tmp_path: Path, n: int = 6) -> list[str]:
 
 
 def _cache_entries(cache: Path) -> list[str]:
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    """The cache files; each must have its recorded sha256 beside it (and nothing else may be there)."""
+    names = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    caches = [n for n in names if not n.endswith(".sha256")]
+    assert names == sorted([*caches, *(f"{n}.sha256" for n in caches)]), names
+    return caches
 
 
 def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
@@ -301,7 +305,7 @@ def test_an_interrupted_cache_write_leaves_nothing_behind(tmp_path, monkeypatch,
     cfg = InputConfig(image_size=32, cache="disk", cache_dir=str(cache))
     real = cxr.training.input_pipeline._decode_all
 
-    def half_then_fail(paths, cfg, out):
+    def half_then_fail(paths, cfg, out, content_key=""):
         out[: len(paths) // 2] = 7
         raise interruption("stopped half way")  # Ctrl-C or an unreadable image mid-split
 
