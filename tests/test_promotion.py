@@ -233,7 +233,6 @@ def test_a_mislabelled_retrain_keeps_the_champion_a_better_one_ships_and_a_rollb
         assert code == 0, err
         assert json.loads(out)["promoted"] is False
         decision = _decision(root)
-        print(decision["line"])  # for the record (pytest -s)
         assert decision["challenger"]["health"] == "healthy" and decision["reference"]["name"] == "ref"
         assert decision["reasons"][0].startswith("AUC") and decision["paired_auc"]["ci95"][1] < 0
         assert "not promoted: AUC" in decision["line"] and decision["line"].endswith("stays")
@@ -264,7 +263,6 @@ def test_a_mislabelled_retrain_keeps_the_champion_a_better_one_ships_and_a_rollb
         code, out, _ = cli(["train", "--model", "smallnet", "-S", "train.common.seed=7"])
         assert code == 0 and json.loads(out)["promoted"] is True, _decision(root)["reasons"]
         second = _sha(root / "models/smallnet.keras")
-        print(_decision(root)["line"])
         assert second != first and _decision(root)["line"].endswith("retired")
 
         code, out, _ = cli(["models", "rollback", "smallnet"])
@@ -308,7 +306,6 @@ def test_drift_is_reported_and_hold_keeps_the_champion(project, cli):
         _prepare(root, cli)
         assert cli(["train", "--model", "smallnet"])[0] == 0
         decision = _decision(root)
-        print(decision["line"], decision["drift"]["warnings"])
         warnings = " | ".join(decision["drift"]["warnings"])
         assert "prevalence moved" in warnings and "median image width 32 → 64" in warnings
         assert decision["promoted"] is False and any(r.startswith("data drift") for r in decision["reasons"])
