@@ -199,7 +199,8 @@ def gate(
         failed.append("AUC difference undefined on the reference set (one class, or too few images)")
     elif ci[0] < -cfg.promotion.auc_margin:
         failed.append(
-            f"AUC {diff:+.3f} (95 % CI {ci[0]:+.3f} to {ci[1]:+.3f}; lower bound below -{cfg.promotion.auc_margin:g})"
+            f"AUC {diff:+.3f} (95 % CI {ci[0]:+.3f} to {ci[1]:+.3f}; lower bound {ci[0]:+.4f} "
+            f"below -{cfg.promotion.auc_margin:g})"
         )
     ours, theirs = (challenger["reference"] or {}).get("sensitivity"), (champion["reference"] or {}).get("sensitivity")
     if ours is not None and theirs is not None and ours < theirs - cfg.promotion.sensitivity_margin:
