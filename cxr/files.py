@@ -67,6 +67,8 @@ def read_bounded(path: str | Path, what: str, cap: int = SMALL_FILE) -> bytes:
 def nesting_depth_over(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when JSON text opens more than ``limit`` arrays or objects at once (strings skipped)."""
     data = text.encode() if isinstance(text, str) else text
+    if data.count(b"[") + data.count(b"{") <= limit:  # cannot nest deeper than it opens (cards: ~30)
+        return False
     depth, in_string, escaped = 0, False, False
     for byte in data:
         if in_string:

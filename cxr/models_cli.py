@@ -65,29 +65,25 @@ def _status(
 
 
 def _row(version: Version, status: str) -> dict[str, Any]:
-    card = version.card()
-    return {
-        "model": version.name,
-        "id": version.id,
-        "created": card.created,
-        "health": card.health.status if card.health else None,
-        "val_auc": card.validation.get("auc"),
-        "status": status,
-        "folder": version.folder.as_posix(),
-    }
+    summary = version.summary()
+    del summary["sha256"]
+    return {"model": version.name, **summary, "status": status, "folder": version.folder.as_posix()}
 
 
 def list_versions(name: str | None, models_dir: Path) -> list[dict[str, Any]]:
     """Every stored version (of ``name``), oldest first, with its status."""
+    stored = model_store.versions(name)
+    events = [e for e in audit.events() if name is None or e.get("model") == name]  # the log, read once
+    champions: dict[str, str | None] = {}  # each model's shipped file, hashed once
     rows = []
-    for version in model_store.versions(name):
-        shipped = Shipped(version.name, models_dir)
-        champion_sha = model_store.shipped_sha256(shipped)
-        events = audit.events(version.name)
-        decisions = {e.get("version"): e for e in events if e.get("event") == "promotion"}
-        rolled_back = {str(e.get("rolled_back")) for e in events if e.get("event") == "rollback"}
-        champion_id = champion_sha[: model_store.ID_LENGTH] if champion_sha else None
-        rows.append(_row(version, _status(version, champion_id, decisions, rolled_back)))
+    for version in stored:
+        if version.name not in champions:
+            champion_sha = model_store.shipped_sha256(Shipped(version.name, models_dir))
+            champions[version.name] = champion_sha[: model_store.ID_LENGTH] if champion_sha else None
+        own = [e for e in events if e.get("model") == version.name]
+        decisions = {e.get("version"): e for e in own if e.get("event") == "promotion"}
+        rolled_back = {str(e.get("rolled_back")) for e in own if e.get("event") == "rollback"}
+        rows.append(_row(version, _status(version, champions[version.name], decisions, rolled_back)))
     return rows
 
 

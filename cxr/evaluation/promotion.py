@@ -147,15 +147,7 @@ def _figures(scores: _Scores, ref: Reference) -> dict[str, Any]:
 
 
 def _model_entry(version: Version, figures: Mapping[str, Any] | None) -> dict[str, Any]:
-    card = version.card()
-    return {
-        "id": version.id,
-        "sha256": card.model_sha256,
-        "created": card.created,
-        "health": card.health.status if card.health else None,
-        "val_auc": card.validation.get("auc"),
-        "reference": dict(figures) if figures is not None else None,
-    }
+    return {**version.summary(), "reference": dict(figures) if figures is not None else None}
 
 
 def _drift(cfg: Params, champion: Version, challenger: Version, champion_lm: LoadedModel | None) -> dict[str, Any]:
@@ -278,9 +270,8 @@ def promote(
             decision.update(promoted=True, outcome="promoted (policy always)")
     if decision["promoted"]:
         model_store.install(challenger, shipped)
-    decision["shipped"] = {"id": (challenger if decision["promoted"] else champion or challenger).id}
-    if champion is None and not decision["promoted"]:
-        decision["shipped"] = None
+    shipped_now = challenger if decision["promoted"] else champion
+    decision["shipped"] = {"id": shipped_now.id} if shipped_now else None
     decision["line"] = decision_line(decision)
     previous = _previous_decision(shipped)
     if decision["outcome"] == "already champion" and (previous.get("challenger") or {}).get("id") == challenger.id:

@@ -104,6 +104,17 @@ class Version:
     def sha256(self) -> str:
         return self.card().model_sha256
 
+    def summary(self) -> dict[str, Any]:
+        """What lists and decisions show of a version: id, sha256, creation time, health, validation AUC."""
+        card = self.card()
+        return {
+            "id": self.id,
+            "sha256": card.model_sha256,
+            "created": card.created,
+            "health": card.health.status if card.health else None,
+            "val_auc": card.validation.get("auc"),
+        }
+
 
 @dataclass(frozen=True)
 class Shipped:
@@ -144,6 +155,7 @@ def add_version(
     data_rows: Path | None,
     root: Path | None = None,
     move: bool = False,
+    latest: bool = True,
 ) -> Version:
     """Store a trained model as a version (once: the same bytes again reuse their folder); mark it latest.
 
@@ -159,6 +171,7 @@ def add_version(
         data_rows: the CSV of images it trained on, if known.
         root: the registry (default ``registry/``).
         move: move the files in rather than copy them (training's own staged files).
+        latest: mark it as the newest trained version (False: storing a shipped model after the fact).
 
     Returns:
         The stored version.
@@ -182,7 +195,8 @@ def add_version(
         if data_rows is not None and data_rows.is_file():
             place(data_rows, staging / DATA_FILE)
         os.replace(staging, version.folder)
-    write_bytes_atomic(root / name / LATEST, (version.id + "\n").encode())
+    if latest:
+        write_bytes_atomic(root / name / LATEST, (version.id + "\n").encode())
     return version
 
 
@@ -281,12 +295,11 @@ def champion(shipped: Shipped, root: Path | None = None) -> Version | None:
             f"{printable(shipped.model)}: its bytes differ from its card (sha256 {sha[:12]} vs "
             f"{card.model_sha256[:12]}); restore it (`cxr models rollback {shipped.name}`) before promoting"
         )
-    marker = root / shipped.name / LATEST
-    previous_latest = marker.read_bytes() if marker.is_file() else None
     reports = [p for p in sorted(shipped.reports.glob("*")) if p.is_file()] if shipped.reports.is_dir() else []
-    version = add_version(shipped.name, shipped.model, shipped.card_file, shipped.domain, reports, None, root)
-    if previous_latest is not None:  # storing the champion does not make it the newest trained version
-        write_bytes_atomic(marker, previous_latest)
+    # storing the champion does not make it the newest trained version
+    version = add_version(
+        shipped.name, shipped.model, shipped.card_file, shipped.domain, reports, None, root, latest=False
+    )
     log.info("%s: stored the shipped model as version %s (it predates the registry)", shipped.name, version.id)
     return version
 

@@ -1012,7 +1012,7 @@ def _ship(
             log.warning("%s: the shipped model is not kept as a version: %s", run.name, exc)
             before = None
         model_store.install(version, run.shipped)
-        _record_install(run, card, version.id, before.id if before else None)
+        _record_install(run, card, version, before.id if before else None)
     log.info(
         "%s: version %s (sha256 %s) %s, best epoch %s, val AUC %s, %s",
         run.name,
@@ -1026,10 +1026,10 @@ def _ship(
     return card
 
 
-def _record_install(run: _Run, card: Mapping[str, Any], version: str, before: str | None) -> None:
+def _record_install(run: _Run, card: Mapping[str, Any], version: model_store.Version, before: str | None) -> None:
     """A version installed at training (no gate): its decision file and lineage event, as promotion writes them."""
-    line = f"{run.name}: version {version} installed at training (no comparison)" + (
-        f"; version {before} retired" if before and before != version else ""
+    line = f"{run.name}: version {version.id} installed at training (no comparison)" + (
+        f"; version {before} retired" if before and before != version.id else ""
     )
     write_json(
         run.reports_dir / "promotion.json",
@@ -1039,16 +1039,9 @@ def _record_install(run: _Run, card: Mapping[str, Any], version: str, before: st
             "promoted": True,
             "outcome": "installed at training",
             "reasons": [],
-            "challenger": {
-                "id": version,
-                "sha256": card["model_sha256"],
-                "created": card.get("created"),
-                "health": card["health"]["status"],
-                "val_auc": card["validation"].get("auc"),
-                "reference": None,
-            },
+            "challenger": {**version.summary(), "reference": None},
             "champion": {"id": before} if before else None,
-            "shipped": {"id": version},
+            "shipped": {"id": version.id},
             "line": line,
         },
     )
@@ -1057,12 +1050,12 @@ def _record_install(run: _Run, card: Mapping[str, Any], version: str, before: st
             "event": "promotion",
             "model": run.name,
             "model_sha256": card["model_sha256"],
-            "version": version,
+            "version": version.id,
             "promoted": True,
             "outcome": "installed at training",
             "reasons": [],
             "champion": before,
-            "shipped": version,
+            "shipped": version.id,
             "run": card["run"],
         }
     )
