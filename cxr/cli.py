@@ -271,6 +271,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
         allow_outside_intended_use=args.allow_outside_intended_use,
         watch_s=args.watch,
+        max_memory_mb=args.max_memory_mb,
     )
     return 0
 
@@ -640,6 +641,13 @@ def _add_tools(sub: Any) -> None:
     )
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload accepted, in MB (413 above)")
     p.add_argument("--batch-size", type=int, default=16, help="most images scored in one model call")
+    p.add_argument(
+        "--max-memory-mb",
+        type=float,
+        default=2048.0,
+        help="most memory the server may hold; what the model leaves of it bounds uploads and decodes "
+        "in progress (503 with Retry-After past it)",
+    )
     p.add_argument(
         "--watch",
         type=float,

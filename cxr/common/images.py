@@ -46,6 +46,18 @@ class OverCap(ImageRefused):
     """A file refused because decoding it would pass a cap (``input.max_image_pixels`` / ``max_image_bytes``)."""
 
 
+class NotAFilm(ImageRefused):
+    """An image whose shape no chest film has: a side under :data:`MIN_SIDE` pixels, or a strip."""
+
+
+CMYK_REFUSED = "CMYK JPEG is not supported (convert it to grayscale or RGB)"
+
+# A chest film is neither a dot nor a strip. The smallest images this pipeline reads are
+# PneumoniaMNIST's 28 × 28; radiographs are at most about 1:2.5 (Kermany's extremes are near 1:2.2).
+MIN_SIDE = 16
+MAX_ASPECT = 4.0
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """The most an image may cost to decode: pixels (width × height × frames) and file bytes.
@@ -132,8 +144,18 @@ def check_pixels(width: int, height: int, limits: ImageLimits, frames: int = 1) 
         frames: frames in the file (DICOM), each decoded.
 
     Raises:
+        NotAFilm: a side is under :data:`MIN_SIDE` pixels, or one side is over :data:`MAX_ASPECT`
+            times the other.
         OverCap: the image is over the cap.
     """
+    short, long = sorted((int(width), int(height)))
+    if short < MIN_SIDE:
+        raise NotAFilm(f"{width} × {height} pixels: a side under {MIN_SIDE} px is not a chest film; not decoded")
+    if long > MAX_ASPECT * short:
+        raise NotAFilm(
+            f"{width} × {height} pixels: a {long / short:.3g}:1 strip, beyond the {MAX_ASPECT:g}:1 of any chest "
+            "film; not decoded"
+        )
     pixels = int(width) * int(height) * max(int(frames), 1)
     if pixels > limits.max_pixels:
         shape = f"{width} × {height}" + (f" × {frames} frames" if frames > 1 else "")
@@ -209,7 +231,7 @@ def probe(path: str | Path, limits: ImageLimits | None = None) -> dict[str, Any]
     if header.format not in SUPPORTED_FORMATS:
         return {"bytes": size, "error": f"unsupported format {header.format} (use JPEG or PNG)"}
     if header.mode == "CMYK":
-        return {"bytes": size, "error": "CMYK JPEG is not supported (convert to RGB or grayscale)"}
+        return {"bytes": size, "error": CMYK_REFUSED}
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -261,4 +283,6 @@ def check_image(path: str | Path, limits: ImageLimits) -> Header:
     header = read_header(path, limits)
     if header.format not in SUPPORTED_FORMATS:
         raise ImageRefused(f"unsupported format {header.format} (use JPEG, PNG or BMP)")
+    if header.mode == "CMYK":  # prepare excludes them too (probe): one behaviour everywhere
+        raise ImageRefused(CMYK_REFUSED)
     return header

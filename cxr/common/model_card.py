@@ -238,3 +238,38 @@ def write_card(card_file: str | Path, card: ModelCard | Mapping[str, Any]) -> Mo
     typed = card if isinstance(card, ModelCard) else parse_card(json_safe(dict(card)), card_file)
     write_json(Path(card_file), typed.to_json())
     return typed
+
+
+# The parts of a card that decide a verdict or what a reader believes about the model. The lineage
+# record keeps them flattened beside the card's sha256, so an edited card is refused with the field
+# that changed (``cxr.provenance.lineage_log.card_change``).
+DECISIVE_SECTIONS = ("kind", "model_sha256", "input", "operating_point", "domain", "health", "validation")
+
+
+def decisive_fields(card: ModelCard | Mapping[str, Any]) -> dict[str, Any]:
+    """The card's decisive sections as ``{"operating_point.threshold": 0.43, ...}`` (JSON scalars or lists)."""
+    raw = card.to_json() if isinstance(card, ModelCard) else dict(card)
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        else:
+            flat[prefix] = value
+
+    for section in DECISIVE_SECTIONS:
+        if section in raw:
+            walk(section, raw[section])
+    return flat
+
+
+def field_differences(card: ModelCard | Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
+    """``"field: value (recorded value)"`` for each decisive field that differs from ``recorded``."""
+    now = decisive_fields(card)
+    shown = []
+    for key in sorted(set(now) | set(recorded)):
+        if now.get(key, "<missing>") != recorded.get(key, "<missing>"):
+            value, was = (printable(str(v)[:40]) for v in (now.get(key, "<missing>"), recorded.get(key, "<missing>")))
+            shown.append(f"{key}: {value} (recorded {was})")
+    return shown

@@ -176,7 +176,8 @@ def check_dicom_header(path: str | Path, limits: ImageLimits | None = None) -> N
     if frames > 1:
         raise DataError(f"{shown}: multi-frame DICOM ({frames} frames); export the radiograph as one frame")
     try:
-        check_pixels(columns, rows, limits)
+        if rows or columns:  # an object without pixel data has neither: reading it says so
+            check_pixels(columns, rows, limits)
     except ImageRefused as exc:
         raise DataError(f"{shown}: {exc}") from None
 
@@ -212,7 +213,6 @@ def read_dicom(
             decoded (naming the decoder plugin to install for a compressed transfer syntax).
     """
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     path = Path(path)
     check_dicom_header(path, limits)
@@ -249,16 +249,60 @@ def read_dicom(
     if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour secondary capture: use luminance
         gray = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     elif pixels.ndim == 2:
-        values = apply_modality_lut(pixels, ds)
-        has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-        gray = np.asarray(apply_voi_lut(values, ds) if has_voi else values, dtype=np.float64)  # a new array
-        del values
+        gray = _grayscale(ds, pixels, shown)
         if photometric == "MONOCHROME1":
             np.subtract(gray.max() + gray.min(), gray, out=gray)
     else:
         raise DataError(f"{shown}: unexpected pixel array shape {pixels.shape}")
     del pixels, ds  # a 50-megapixel film: keep one float64 copy alive, not three
+    if not np.isfinite(gray).all():  # float pixel data, or a rescale that overflows
+        raise DataError(f"{shown}: pixel values that are not finite numbers (NaN or infinity); not scored")
     return _stretch(gray, clip_std)
+
+
+# The attributes the Modality and VOI LUT stages compute with: each must hold finite numbers.
+_LUT_NUMBERS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _lut_numbers_problem(ds: Any) -> str | None:
+    """Why the rescale or window attributes cannot be applied (``WindowWidth 0``...), or None."""
+    for keyword in _LUT_NUMBERS:
+        if keyword not in ds:
+            continue
+        raw = ds[keyword].value
+        if raw is None or raw == "":
+            continue
+        items = list(raw) if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
+        shown = printable("\\".join(str(v) for v in items)[:40])
+        try:
+            numbers = [float(v) for v in items]
+        except (TypeError, ValueError):
+            return f"{keyword} {shown} is not a number"
+        if not all(np.isfinite(numbers)):
+            return f"{keyword} {shown} is not a finite number"
+        if keyword == "WindowWidth" and min(numbers) < 1:
+            return f"{keyword} {shown} is under 1 (a window must be at least one value wide)"
+        if keyword == "RescaleSlope" and 0 in numbers:
+            return f"{keyword} {shown} maps every pixel to one value"
+    return None
+
+
+def _grayscale(ds: Any, pixels: np.ndarray, shown: str) -> np.ndarray:
+    """Stored values → Modality LUT → VOI LUT or window, as a new float64 array; DataError when the
+    file's own attributes cannot be applied (a hostile file must not take its batch down with it)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    problem = _lut_numbers_problem(ds)
+    if problem:
+        raise DataError(f"{shown}: {problem}; the file cannot be displayed as its header says")
+    try:
+        with np.errstate(all="ignore"):  # overflow to infinity is checked after, on the result
+            values = apply_modality_lut(pixels, ds)
+            has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+            return np.array(apply_voi_lut(values, ds) if has_voi else values, dtype=np.float64)  # a new array
+    except Exception as exc:  # a malformed LUT sequence fails pydicom in many ways
+        reason = printable((str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:120])
+        raise DataError(f"{shown}: its modality or VOI LUT cannot be applied ({reason})") from None
 
 
 def _undecodable(ds: Any, exc: Exception, native: list[str]) -> str:

@@ -34,13 +34,14 @@ from cxr.common.domain import (
     load_member_domains,
     scoring_model,
 )
-from cxr.common.images import ImageLimits, ImageRefused, OverCap, check_image
+from cxr.common.images import ImageLimits, ImageRefused, NotAFilm, OverCap, check_image
 from cxr.common.model_card import ModelCard, card_path_for, read_card
 from cxr.common.preprocessing import decode_image, resize_image
 from cxr.common.thresholds import Threshold, model_threshold
 from cxr.config import ConfigError, InputConfig, parse_input
 from cxr.errors import CxrError, DataError
 from cxr.inference.dicom import is_dicom, read_dicom
+from cxr.provenance import lineage_log
 from cxr.provenance.hashing import sha256_file
 from cxr.runtime import DECODER_LINE, decoder_messages, native_stderr, pass_on, tensorflow
 from cxr.safe_text import printable
@@ -194,19 +195,23 @@ def _model_sha256(model_path: Path) -> str:
 
 
 def _verify(model_path: Path, card: ModelCard, card_file: Path, allow_unverified: bool) -> tuple[str, bool]:
-    """(the file's sha256, whether it is the card's ``model_sha256``); refuse a mismatch unless allowed."""
+    """(the file's sha256, whether it is the card's ``model_sha256`` and the card the one its lineage
+    record names); refuse a mismatch unless allowed."""
     actual = _model_sha256(model_path)
     claimed = card.model_sha256
-    if claimed == actual:
-        return actual, True
     card_name = printable(card_file.name)
-    if isinstance(claimed, str) and claimed:
+    if claimed == actual:
+        why = lineage_log.card_change(card_file, actual)
+        if why is None:
+            return actual, True
+        why = f"{card_name}: {why}"
+    elif isinstance(claimed, str) and claimed:
         why = f"its sha256 {actual[:12]}… differs from its card's model_sha256 {printable(claimed[:12])}… ({card_name})"
     else:
         why = f"its card {card_name} has no model_sha256"
     if not allow_unverified:
         raise UnverifiedModel(
-            f"{printable(model_path)}: unverified model: {why}; retrain it or restore the file the card describes"
+            f"{printable(model_path)}: unverified model: {why}; retrain it or restore the files the lineage log records"
         )
     log.warning("%s: unverified model used as asked: %s", printable(model_path), why)
     return actual, False
@@ -309,6 +314,21 @@ def _op_message(exc: Any) -> str:
     return re.sub(r"\s*\[Op:\w+\]\s*$", "", text)
 
 
+def _load_dicom(path: Path, shown: str, cfg: InputConfig, limits: ImageLimits, allow_outside: bool) -> np.ndarray:
+    """A DICOM file through :func:`read_dicom` and the training resize. A failure that the reader did
+    not foresee still ends as this file's one line (DataError), so the rest of a batch is scored."""
+    tf = tensorflow()
+    try:
+        pixels = read_dicom(path, limits=limits, allow_outside_intended_use=allow_outside)
+        image = tf.convert_to_tensor(pixels)
+        return resize_image(image, cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+    except (DataError, OSError):
+        raise
+    except Exception as exc:  # hostile DICOM attributes fail pydicom/numpy in many ways
+        reason = printable((str(exc).splitlines()[0] if str(exc).strip() else "")[:120])
+        raise DataError(f"{shown}: the DICOM file cannot be decoded ({type(exc).__name__}: {reason})") from None
+
+
 def load_image(path: str | Path, cfg: InputConfig, allow_outside_intended_use: bool = False) -> np.ndarray:
     """One file → (S, S, 3) uint8 as the model saw its training images; DataError if unreadable.
 
@@ -341,11 +361,9 @@ def load_image(path: str | Path, cfg: InputConfig, allow_outside_intended_use: b
         if not path.is_file():  # missing, or a device, pipe or socket (/dev/zero never ends)
             raise DataError(f"{shown}: {'not a regular file' if path.exists() else 'file not found'}")
         if is_dicom(path):
-            pixels = read_dicom(path, limits=limits, allow_outside_intended_use=allow_outside_intended_use)
-            image = tf.convert_to_tensor(pixels)
-            return resize_image(image, cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+            return _load_dicom(path, shown, cfg, limits, allow_outside_intended_use)
         check_image(path, limits)
-    except OverCap as exc:
+    except (OverCap, NotAFilm) as exc:
         raise DataError(f"{shown}: {exc}") from None
     except ImageRefused as exc:
         reason = str(exc)

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxr.common.model_card import parse_card
+from cxr.common.model_card import field_differences, parse_card, read_card
 from cxr.errors import CxrError
 from cxr.files import LOG_FILE, SMALL_FILE, dumps_json, load_json_bounded, parse_json_bounded, read_bounded
 from cxr.provenance.hashing import sha256_file
@@ -219,6 +219,48 @@ def _read_card(card_file: Path) -> tuple[dict[str, Any] | None, str | None]:
     return card, None
 
 
+def card_change(card_file: Path, model_sha256: str, log_path: Path = LINEAGE_LOG) -> str | None:
+    """Why the card is not the one recorded when ``model_sha256`` was trained, or None when it is.
+
+    Training records the card's sha256 and its decisive fields (:func:`decisive_fields`) beside the
+    model's sha256, so a card edited afterwards (a lowered threshold, another resize rule, a better
+    AUC) is caught even though it still names the right model. A model with no record, or records
+    written before cards were recorded, gives None: nothing to compare with (``audit`` reports the
+    missing record on its own).
+
+    Args:
+        card_file: the card beside the model.
+        model_sha256: the model file's own sha256.
+        log_path: the lineage log.
+
+    Returns:
+        One phrase naming the fields that differ (or the digest, when no decisive field does), or None.
+    """
+    recorded = [
+        r
+        for r in records(log_path)
+        if r["model_sha256"] == model_sha256 and not is_event(r) and isinstance(r.get("card_sha256"), str)
+    ]
+    if not recorded or not card_file.is_file():
+        return None
+    digest = sha256_file(card_file)
+    if any(r["card_sha256"] == digest for r in recorded):
+        return None
+    fields = recorded[-1].get("card_fields")
+    differs: list[str] = []
+    if isinstance(fields, dict):
+        try:
+            differs = field_differences(read_card(card_file), fields)
+        except CxrError:
+            differs = []
+    what = "; ".join(differs[:3]) + (f"; and {len(differs) - 3} more" if len(differs) > 3 else "")
+    return (
+        f"its card differs from the one recorded at training ({what})"
+        if differs
+        else f"its card's sha256 {digest[:12]}… is not the one recorded at training {recorded[-1]['card_sha256'][:12]}…"
+    )
+
+
 def audit_model(model_file: str | Path, log_path: Path = LINEAGE_LOG) -> dict[str, Any]:
     """Everything known about a model file, found from its bytes; ``verified`` says if it checks out.
 
@@ -254,6 +296,8 @@ def audit_model(model_file: str | Path, log_path: Path = LINEAGE_LOG) -> dict[st
         problems.append(card_problem)
     elif card is not None and card["model_sha256"] != digest:
         problems.append("its card names another sha256 (file changed after training)")
+    elif changed := card_change(card_file, digest, log_path):
+        problems.append(changed)
     return {
         "model_file": str(model_file),
         "sha256": digest,

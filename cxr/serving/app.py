@@ -59,6 +59,16 @@ from cxr.inference.dicom import dicom_intended_use, is_dicom
 from cxr.inference.loading import LoadedModel, load_image, predict_images
 from cxr.inference.predict import IMAGE_SUFFIXES, verdict
 from cxr.safe_text import printable
+from cxr.serving.budget import (
+    DEFAULT_MAX_MEMORY_MB,
+    HEADROOM_MB,
+    LARGE_PIXELS,
+    BudgetError,
+    DecodeBudget,
+    decode_cost,
+    resident_mb,
+)
+from cxr.serving.connections import guarded_protocol
 
 log = logging.getLogger("cxr.serve")
 
@@ -240,8 +250,9 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+def _error(status: int, message: str, retry_after: bool = False) -> JSONResponse:
+    headers = {"Retry-After": "1"} if retry_after else None
+    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
 
 
 class _CappedBody:
@@ -310,6 +321,7 @@ def create_app(
     allow_outside_intended_use: bool = False,
     reload: Callable[[], tuple[LoadedModel, float, str]] | None = None,
     watch_s: float = 0.0,
+    budget: DecodeBudget | None = None,
 ) -> FastAPI:
     """The FastAPI application serving one loaded model, swapped for a newer one on reload.
 
@@ -326,11 +338,14 @@ def create_app(
             watcher call it. None: the model is fixed (``POST /reload`` answers 409).
         watch_s: with ``reload``, poll the model's card every this many seconds and reload when it
             changes (a promotion or a rollback writes the card last); 0 = only on ``POST /reload``.
+        budget: the memory uploads and decodes may hold at once, and the decode lanes
+            (:mod:`cxr.serving.budget`); default: 1 GB.
 
     Returns:
         The application; its lifespan starts and stops the model worker threads.
     """
     limits = limits or ImageLimits.of()
+    budget = budget or DecodeBudget(1_000_000_000)
     served = _Served.start(lm, threshold, threshold_source, limits, batch_size)
     holder = _Holder(served)
     model_name = lm.path.name.removesuffix(".keras")
@@ -378,6 +393,7 @@ def create_app(
             if watcher is not None:
                 watcher.cancel()
             holder.close()
+            budget.close()
 
     app = FastAPI(
         title="cxr serve",
@@ -427,6 +443,7 @@ def create_app(
                 "max_upload_bytes": max_upload_bytes,
                 "max_image_pixels": limits.max_pixels,
                 "max_image_bytes": limits.max_bytes,
+                "decode_budget_bytes": budget.total,
             },
             "card": current.lm.card.to_json(),
         }
@@ -439,6 +456,23 @@ def create_app(
         finally:
             holder.release(current)
 
+    async def _upload_to_image(
+        request: Request, body: _CappedBody, name: str | None, cfg: InputConfig
+    ) -> tuple[np.ndarray, str | None, str]:
+        """Read and decode one upload within the decode budget: (image, why outside intended use, name)."""
+        declared = request.headers.get("content-length", "")
+        expected = int(declared) if declared.isdigit() and int(declared) <= max_upload_bytes else max_upload_bytes
+        async with budget.hold(2 * expected, "the upload"):
+            data, filename, content_type = await _read_upload(request, body, name)
+            dicom = _dicom_or_image_suffix(filename, content_type) == ".dcm" or data[128:132] == b"DICM"
+            cost, pixels = await budget.run(False, decode_cost, data, dicom)
+            large = pixels > LARGE_PIXELS
+            async with budget.hold(cost, filename, large):
+                image, outside = await budget.run(
+                    large, _decode, cfg, data, filename, content_type, allow_outside_intended_use
+                )
+        return image, outside, filename
+
     async def _predict(current: _Served, request: Request, name: str | None) -> JSONResponse:
         worker, cfg, threshold = current.worker, current.cfg, current.threshold
         threshold_source, identity = current.threshold_source, current.identity
@@ -446,17 +480,14 @@ def create_app(
         worker.expect()  # from here on, the worker may wait briefly for this image to batch it with others
         try:
             try:
-                data, filename, content_type = await _read_upload(request, body, name)
-                image, outside = await run_in_threadpool(
-                    _decode, cfg, data, filename, content_type, allow_outside_intended_use
-                )
+                image, outside, filename = await _upload_to_image(request, body, name, cfg)
             except BaseException:
                 worker.expect(-1)
                 raise
-        except UploadError as exc:
+        except (UploadError, BudgetError) as exc:
             log.info("refused an upload (%d): %s", exc.status, exc.message)
             await body.discard_rest(request.headers, budget=max(4 * max_upload_bytes, 8_000_000))
-            return _error(exc.status, exc.message)
+            return _error(exc.status, exc.message, retry_after=exc.status == 503)
         except ClientDisconnect:
             return _error(400, "the client closed the connection during the upload")
         probability, domain_score = await asyncio.wrap_future(worker.submit(image, expected=True))
@@ -575,6 +606,23 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+MIN_UPLOAD_MB = 0.1
+MAX_UPLOAD_MB = 1000.0
+
+
+def _decode_budget(max_memory_mb: float) -> DecodeBudget:
+    """The decode budget left by ``--max-memory-mb`` once the model is loaded; refused when none is."""
+    held = resident_mb()
+    left_mb = max_memory_mb - held - HEADROOM_MB
+    if left_mb < 64:
+        raise CxrError(
+            f"--max-memory-mb {max_memory_mb:g}: the loaded model already takes {held:.0f} MB and the server "
+            f"{HEADROOM_MB:.0f} MB beside it; give at least {held + HEADROOM_MB + 64:.0f}"
+        )
+    log.info("decode budget %.0f MB (--max-memory-mb %g, %.0f MB held after loading)", left_mb, max_memory_mb, held)
+    return DecodeBudget(int(left_mb * 1e6))
+
+
 def serve(
     model: str | Path,
     host: str = "127.0.0.1",
@@ -585,6 +633,7 @@ def serve(
     limits: ImageLimits | None = None,
     allow_outside_intended_use: bool = False,
     watch_s: float = 2.0,
+    max_memory_mb: float = DEFAULT_MAX_MEMORY_MB,
 ) -> None:
     """Load the model, refuse it unless verified, and serve it until interrupted; follow promotions.
 
@@ -599,6 +648,9 @@ def serve(
         allow_outside_intended_use: see :func:`create_app`.
         watch_s: poll the model's card this often and serve the new model when a promotion or a
             rollback replaced it (0: only on ``POST /reload``).
+        max_memory_mb: the most memory the server may hold: what the loaded model takes, plus
+            :data:`~cxr.serving.budget.HEADROOM_MB`, plus the decode budget, which is the rest
+            (:mod:`cxr.serving.budget`).
 
     Raises:
         CxrError: a bad option; the model is missing, damaged, unloadable or unverified; or the
@@ -609,8 +661,13 @@ def serve(
     from cxr.inference.loading import load, model_file
     from cxr.inference.predict import check_threshold
 
-    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
-        raise CxrError(f"--max-upload-mb {max_upload_mb}: give a size in MB above 0, e.g. 50")
+    if not math.isfinite(max_upload_mb) or not MIN_UPLOAD_MB <= max_upload_mb <= MAX_UPLOAD_MB:
+        raise CxrError(
+            f"--max-upload-mb {max_upload_mb:g}: give a size from {MIN_UPLOAD_MB:g} to {MAX_UPLOAD_MB:g} MB, e.g. 50 "
+            "(no chest film is smaller; none is larger than the decode cap input.max_image_bytes allows)"
+        )
+    if not math.isfinite(max_memory_mb) or max_memory_mb <= 0:
+        raise CxrError(f"--max-memory-mb {max_memory_mb:g}: give megabytes above 0, e.g. 2048")
     if batch_size < 1:
         raise CxrError(f"--batch-size {batch_size}: give at least 1")
     if not 0 <= port <= 65535:
@@ -621,6 +678,7 @@ def serve(
     if not lm.verified:  # defence in depth: never serve an unverified model
         raise CxrError(f"{printable(path)}: unverified model; retrain it or restore the file its card describes")
     cut, cut_source = lm.threshold(cut_given)
+    budget = _decode_budget(max_memory_mb)
     if not math.isfinite(watch_s) or watch_s < 0:
         raise CxrError(f"--watch {watch_s}: give seconds ≥ 0 (0: reload only on POST /reload)")
 
@@ -641,6 +699,7 @@ def serve(
         allow_outside_intended_use,
         reload=reload_model,
         watch_s=watch_s,
+        budget=budget,
     )
     sock = listen(host, port)
     bound = sock.getsockname()[1]
@@ -656,7 +715,11 @@ def serve(
         shown,
         bound,
     )
-    config = uvicorn.Config(app, log_config=None, server_header=False, limit_concurrency=64, lifespan="on")
+    # The decode budget bounds the work; uvicorn's own limit only bounds sockets. Idle ones are
+    # closed by the guarded protocol, so they cannot fill it (cxr.serving.connections).
+    config = uvicorn.Config(
+        app, http=guarded_protocol(), log_config=None, server_header=False, limit_concurrency=512, lifespan="on"
+    )
     # after Config, which sets uvicorn's levels: cxr's one-line handler; a line per request at INFO
     cxr_logger = logging.getLogger("cxr")
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

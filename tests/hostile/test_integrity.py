@@ -58,3 +58,44 @@ def test_a_truncated_or_overwritten_cache_is_rebuilt_with_one_warning(project: P
     assert np.array_equal(np.load(_cache(project)), good)
     record = json.loads((project / "lineage/models.jsonl").read_text().splitlines()[-1])
     assert record["model"] == "smallnet"
+
+
+def _edit_card(project: Path, edit) -> Path:
+    card_file = project / "models/smallnet.card.json"
+    card = json.loads(card_file.read_text())
+    edit(card)
+    card_file.write_text(json.dumps(card, indent=2))
+    return card_file
+
+
+def _an_image(project: Path) -> str:
+    return _train_rows(project)[0]
+
+
+def test_an_edited_model_card_is_unverified_with_the_field_that_changed(project: Path) -> None:
+    """Issue 19 §1: the card names the model's sha256; the lineage record names the card's."""
+    image = _an_image(project)
+    good = run_cxr(["predict", "--model", "smallnet", "--json", image], project)
+    assert good.rc == 0 and json.loads(good.out.splitlines()[-1])["verified_model"] is True, good.describe()
+
+    original = (project / "models/smallnet.card.json").read_bytes()
+    edits = {
+        "operating_point.threshold": lambda c: c["operating_point"].update(threshold=0.0001),
+        "input.preprocessing.resize": lambda c: c["input"]["preprocessing"].update(resize="pad"),
+        "validation.auc": lambda c: c["validation"].update(auc=0.999),
+    }
+    for field, edit in edits.items():
+        (project / "models/smallnet.card.json").write_bytes(original)
+        _edit_card(project, edit)
+        line = assert_refused(run_cxr(["predict", "--model", "smallnet", image], project), "unverified model", field)
+        assert "recorded" in line
+        allowed = run_cxr(["predict", "--model", "smallnet", "--json", "--allow-unverified", image], project)
+        assert allowed.rc == 0 and json.loads(allowed.out.splitlines()[-1])["verified_model"] is False
+        audit = run_cxr(["audit", "models/smallnet.keras", "--json"], project)
+        assert audit.out.strip(), audit.describe()
+        report = json.loads(audit.out)
+        assert report["verified"] is False and any(field in p for p in report["problems"]), audit.describe()
+
+    (project / "models/smallnet.card.json").write_bytes(original)  # restored: verified again
+    audit = run_cxr(["audit", "models/smallnet.keras", "--json"], project)
+    assert json.loads(audit.out)["verified"] is True, audit.describe()

@@ -238,8 +238,12 @@ def test_a_card_whose_size_is_not_the_models_input_is_refused(project: Path, tmp
     _preprocessing(image_size=64)(project)
     before = _outputs(project)
 
-    outcome = run_cxr(["predict", "--model", MODEL, _png(tmp_path / "dark.png", bright=False)], project)
+    image = _png(tmp_path / "dark.png", bright=False)
+    outcome = run_cxr(["predict", "--model", MODEL, image], project)
+    line = assert_refused(outcome, MODEL, "unverified model")  # the card is not the one recorded at training
+    assert "input.preprocessing.image_size: 64 (recorded 32)" in line, line
 
+    outcome = run_cxr(["predict", "--model", MODEL, "--allow-unverified", image], project)
     line = assert_refused(outcome, CARD)
     assert "image_size=64 but smallnet.keras takes 32×32×3 images" in line, line
     _assert_quiet(outcome)

@@ -1,0 +1,165 @@
+"""How much memory and CPU uploads may cost the server at once: a decode budget in bytes, and two
+decode lanes so that large images cannot starve small ones.
+
+Decoding costs memory in proportion to the pixels an image announces, not to its size on the wire
+(a 380 KB PNG can announce 49 megapixels), and sixteen such decodes at once took 5.3 GB. So before a
+byte of pixel data is decoded, every request reserves what it will cost:
+
+* its body, before it is read: twice the declared ``Content-Length`` (the chunks, then the joined
+  bytes), or twice the upload cap for a chunked body;
+* its decode, from the header alone (:func:`decode_cost`): Rows × Columns × frames × 24 bytes for a
+  DICOM, width × height × 8 bytes for a JPEG/PNG/BMP. Measured peaks on this code: 20.3 bytes per
+  pixel for a 24-megapixel 16-bit DICOM with a window, 3.7 for a 49-megapixel 16-bit RGBA PNG, 1.2
+  for a JPEG.
+
+A reservation that does not fit waits up to ``wait_s``; then the request is answered 503 with
+``Retry-After``. One that could never fit is answered 413. The total is ``cxr serve
+--max-memory-mb`` less what the process holds once the model is loaded.
+
+Images over :data:`LARGE_PIXELS` decode in their own single-thread lane and may hold at most
+``large_share`` of the budget, so a request for a 224-pixel JPEG never queues behind sixteen
+49-megapixel PNGs: it has its own threads and its own share of the memory.
+
+asyncio's primitives do not count bytes (a semaphore counts permits), hence this small condition-based
+budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+log = logging.getLogger("cxr.serve")
+
+LARGE_PIXELS = 4_000_000  # a Kermany JPEG is 1-7.8 MP, a flat-panel DICOM about 9-18 MP
+DICOM_BYTES_PER_PIXEL = 24
+IMAGE_BYTES_PER_PIXEL = 8
+DEFAULT_MAX_MEMORY_MB = 2048.0
+HEADROOM_MB = 256.0  # batches, responses and Python's own allocations beside the decodes
+
+
+class BudgetError(Exception):
+    """A reservation refused: ``status`` 503 (busy, try again) or 413 (never fits)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, in MB (from ``/proc``; 0 where there is none)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def decode_cost(data: bytes, dicom: bool) -> tuple[int, int]:
+    """(bytes, pixels) that decoding ``data`` will cost, from its header alone.
+
+    Args:
+        data: the uploaded file.
+        dicom: it is a DICOM file (by marker, suffix or content type).
+
+    Returns:
+        The estimate; (0, 0) for a header that cannot be parsed (the decoder refuses such a file
+        before decoding a pixel, so it costs nothing to find out).
+    """
+    try:
+        if dicom:
+            import pydicom
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+                frames = int(head.get("NumberOfFrames") or 1)
+                pixels = int(head.get("Rows") or 0) * int(head.get("Columns") or 0) * frames
+            return pixels * DICOM_BYTES_PER_PIXEL, pixels
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        pixels = int(width) * int(height)
+        return pixels * IMAGE_BYTES_PER_PIXEL, pixels
+    except Exception:  # any unparseable header: the decoder refuses it cheaply
+        return 0, 0
+
+
+class DecodeBudget:
+    """Bytes that requests may hold at once, a larger share denied to large images, and the two lanes.
+
+    Args:
+        total_bytes: the budget.
+        wait_s: how long a reservation may wait for room before it is refused (503).
+        large_share: the fraction of the budget large-image decodes may hold together.
+    """
+
+    def __init__(self, total_bytes: int, wait_s: float = 5.0, large_share: float = 0.75) -> None:
+        self.total = int(total_bytes)
+        self.large_cap = int(total_bytes * large_share)
+        self.wait_s = wait_s
+        self.used = 0
+        self.used_large = 0
+        self.peak = 0
+        self._changed: asyncio.Condition | None = None
+        self.small_lane = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="cxr-decode")
+        self.large_lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cxr-decode-large")
+
+    def _fits(self, n: int, large: bool) -> bool:
+        return self.used + n <= self.total and (not large or self.used_large + n <= self.large_cap)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int, what: str, large: bool = False) -> AsyncIterator[None]:
+        """Hold ``n`` bytes of the budget for the block.
+
+        Raises:
+            BudgetError: 413 when ``n`` could never fit; 503 when no room came within ``wait_s``.
+        """
+        cap = self.large_cap if large else self.total
+        if n > cap:
+            raise BudgetError(
+                413,
+                f"{what} needs about {n / 1e6:.0f} MB to decode, more than this server's "
+                f"{cap / 1e6:.0f} MB{' for large images' if large else ''} (cxr serve --max-memory-mb)",
+            )
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        changed = self._changed
+        async with changed:
+            try:
+                await asyncio.wait_for(changed.wait_for(lambda: self._fits(n, large)), self.wait_s)
+            except asyncio.TimeoutError:
+                raise BudgetError(503, f"the server is busy decoding other images; retry {what} shortly") from None
+            self.used += n
+            self.used_large += n if large else 0
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            async with changed:
+                self.used -= n
+                self.used_large -= n if large else 0
+                changed.notify_all()
+
+    async def run(self, large: bool, func: Any, *args: Any) -> Any:
+        """``func(*args)`` in the lane for its size."""
+        lane = self.large_lane if large else self.small_lane
+        return await asyncio.get_running_loop().run_in_executor(lane, func, *args)
+
+    def close(self) -> None:
+        self.small_lane.shutdown(wait=False, cancel_futures=True)
+        self.large_lane.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,139 @@
+"""Connections that a few idle sockets cannot exhaust: uvicorn's HTTP/1.1 protocol with a header
+deadline and a cap on connections waiting for a request.
+
+uvicorn times out an idle connection only after it has answered a request on it (its keep-alive
+timeout). A client that connects and sends nothing, or half a header block, holds its socket
+forever; and uvicorn's ``limit_concurrency`` counts those sockets, so 64 of them made every request,
+``/health`` included, a 503. Neither uvicorn nor Starlette has a header-timeout option (Hypercorn's
+``read_timeout`` would mean another server, with its own logging and lifespan to redo), so this
+module subclasses uvicorn's h11 protocol, adding two rules:
+
+* **Header deadline.** A connection must deliver a complete request header within
+  ``header_timeout_s`` of connecting, or of its previous answer; otherwise it is closed.
+* **Waiting connections are capped**, per client address and in all: when a new connection would
+  pass a cap, the *oldest* waiting connection is closed. A flood of idle sockets therefore evicts
+  itself, and a fresh request (``GET /health``) is always read and answered.
+
+A connection whose request is being read, decoded or scored is not waiting; what bounds those is
+the decode budget (:mod:`cxr.serving.budget`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("cxr.serve")
+
+HEADER_TIMEOUT_S = 10.0
+MAX_WAITING_PER_CLIENT = 16
+MAX_WAITING = 32
+
+
+class _Waiting:
+    """The connections of one server that have not yet sent a complete request header, oldest first."""
+
+    def __init__(self, per_client: int, total: int) -> None:
+        self.per_client = per_client
+        self.total = total
+        self.all: OrderedDict[Any, None] = OrderedDict()
+        self.by_client: dict[str, OrderedDict[Any, None]] = {}
+
+    def add(self, conn: Any, client: str) -> list[Any]:
+        """Register ``conn``; return the connections to close so that both caps hold."""
+        self.all[conn] = None
+        self.by_client.setdefault(client, OrderedDict())[conn] = None
+        evicted = []
+        mine = self.by_client[client]
+        while len(mine) > self.per_client:
+            evicted.append(next(iter(mine)))
+            self.remove(evicted[-1], client)
+        while len(self.all) > self.total:
+            oldest = next(iter(self.all))
+            evicted.append(oldest)
+            self.remove(oldest, oldest.waiting_client)
+        return evicted
+
+    def remove(self, conn: Any, client: str) -> None:
+        self.all.pop(conn, None)
+        mine = self.by_client.get(client)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self.by_client[client]
+
+
+def guarded_protocol(
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    max_waiting_per_client: int = MAX_WAITING_PER_CLIENT,
+    max_waiting: int = MAX_WAITING,
+) -> type[H11Protocol]:
+    """An h11 protocol class for ``uvicorn.Config(http=...)`` with its own registry of waiting connections.
+
+    Args:
+        header_timeout_s: seconds a connection may take to send a complete request header.
+        max_waiting_per_client: waiting connections one client address may hold.
+        max_waiting: waiting connections in all.
+
+    Returns:
+        The protocol class (one per server, so servers in one process do not share caps).
+    """
+    waiting = _Waiting(max_waiting_per_client, max_waiting)
+
+    class GuardedH11Protocol(H11Protocol):
+        waiting_client = ""
+        _deadline: asyncio.TimerHandle | None = None
+        _is_waiting = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.waiting_client = self.client[0] if self.client else ""
+            self._wait()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._stop_waiting()  # a request is in progress: its header arrived
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._wait()  # kept alive: the next request's header has its own deadline
+
+        def _wait(self) -> None:
+            if self._is_waiting:
+                return
+            self._is_waiting = True
+            self._deadline = self.loop.call_later(header_timeout_s, self._expire)
+            for conn in waiting.add(self, self.waiting_client):
+                conn._drop("evicted: too many connections waiting for a request header")
+
+        def _stop_waiting(self) -> None:
+            if not self._is_waiting:
+                return
+            self._is_waiting = False
+            waiting.remove(self, self.waiting_client)
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self._is_waiting:
+                self._drop(f"no complete request header within {header_timeout_s:g} s")
+
+        def _drop(self, why: str) -> None:
+            self._stop_waiting()
+            if not self.transport.is_closing():
+                log.debug("closed a connection from %s: %s", self.waiting_client or "?", why)
+                self.transport.close()
+
+    return GuardedH11Protocol
