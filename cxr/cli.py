@@ -715,6 +715,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CXR_DEBUG"):
             raise
         print(f"cxr: error: {exc}", file=sys.stderr)
+        if type(exc).__name__ == "CheckpointWriteFailed":  # HDF5 crashes at exit after a failed write
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(1)
         return 1
     except BrokenPipeError:
         # the reader went away (`cxr audit ... | head`): stop quietly, as other Unix tools do

@@ -39,6 +39,18 @@ class ConfigError(CxrError, ValueError):
     """A setting that does not exist, has the wrong type or is out of range."""
 
 
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random states take 0 to 2**32 - 1
+
+
+def _seed(default: int = 42) -> Any:
+    return _opt(default, ge=0, le=SEED_MAX, doc="the range numpy and scikit-learn seeds take")
+
+
+def _bound(value: float) -> str:
+    """A range bound in full: ``4294967295``, ``100000``, ``0.5`` (not ``4.29497e+09``)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _opt(
     default: Any,
     *,
@@ -66,7 +78,7 @@ class DataConfig:
     dir: str = "data/inbox"
     npz: str = ""
     medmnist_size: Literal[28, 64, 128, 224] = 28
-    retries: int = _opt(4, ge=0)
+    retries: int = _opt(4, ge=0, le=100)
     retry_backoff_s: float = _opt(2.0, ge=0)
     max_files: int = _opt(100_000, ge=1)
     max_bytes: int = _opt(20_000_000_000, ge=1)
@@ -77,8 +89,8 @@ class DataConfig:
 class PrepareConfig:
     """The manifest and data-quality step (``cxr prepare``)."""
 
-    min_images_per_class: int = _opt(10, ge=1)
-    workers: int = _opt(0, ge=0, doc="0 = all cores")
+    min_images_per_class: int = _opt(10, ge=1, le=1_000_000)
+    workers: int = _opt(0, ge=0, le=512, doc="0 = all cores")
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class SplitConfig:
     """The train / validation / test split."""
 
     strategy: Literal["patient", "seed"] = "patient"
-    seed: int = 42
+    seed: int = _seed()
     test_size: float = _opt(0.2, gt=0, lt=1)
     val_size: float = _opt(0.2, gt=0, lt=1)
 
@@ -146,7 +158,7 @@ class InputConfig:
     image_size: int = _opt(160, ge=32, le=2048)
     resize: Literal["squash", "pad"] = "squash"
     interpolation: Literal["bilinear", "nearest", "area", "bicubic"] = "bilinear"
-    batch_size: int = _opt(32, ge=1)
+    batch_size: int = _opt(32, ge=1, le=4096)
     cache: Literal["disk", "memory", "none"] = "disk"
     cache_dir: str = "data/cache"
     # decode caps (cxr.common.images.ImageLimits): a larger file is excluded by prepare, refused by training and predict
@@ -214,7 +226,7 @@ class EarlyStoppingConfig:
     """Stop when the monitored signal has not improved by ``min_delta`` for ``patience`` epochs."""
 
     enabled: bool = True
-    patience: int = _opt(5, ge=0)
+    patience: int = _opt(5, ge=0, le=10_000)
     min_delta: float = _opt(0.001, ge=0)
     monitor: str | None = None  # None = train.monitor (the checkpoint's signal)
     mode: Literal["min", "max"] | None = None  # None = train.monitor_mode
@@ -226,7 +238,7 @@ class ReduceLRConfig:
 
     monitor: str = "val_loss"
     factor: float = _opt(0.3, gt=0, lt=1)
-    patience: int = _opt(3, ge=0)
+    patience: int = _opt(3, ge=0, le=10_000)
     min_lr: float = _opt(1e-6, ge=0)
 
 
@@ -237,16 +249,16 @@ class TrainConfig:
     ``model`` holds the builder's own options (declared in :mod:`cxr.model_options`).
     """
 
-    epochs: int = _opt(15, ge=1)
+    epochs: int = _opt(15, ge=1, le=10_000)
     learning_rate: float = _opt(1e-3, gt=0, le=10)
-    continue_epochs: int = _opt(0, ge=0)
-    seed: int = 42
+    continue_epochs: int = _opt(0, ge=0, le=10_000)
+    seed: int = _seed()
     deterministic: bool = True
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     class_weight: Literal["balanced", "none"] = "balanced"
-    steps_per_epoch: int | None = _opt(None, ge=1)
-    min_steps_per_epoch: int = _opt(30, ge=1)
-    validation_steps: int | None = _opt(None, ge=1)
+    steps_per_epoch: int | None = _opt(None, ge=1, le=1_000_000)
+    min_steps_per_epoch: int = _opt(30, ge=1, le=1_000_000)
+    validation_steps: int | None = _opt(None, ge=1, le=1_000_000)
     monitor: str = "val_auc"
     monitor_mode: Literal["min", "max"] = "max"
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -258,7 +270,7 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, ge=0, lt=0.5)
     ema: bool = True
     schedule: Literal["plateau", "cosine"] = "plateau"
-    warmup_epochs: int = _opt(0, ge=0)
+    warmup_epochs: int = _opt(0, ge=0, le=10_000)
     checkpoint: Literal["best", "last"] = "best"
     mixup: float = _opt(0.0, ge=0, le=1)
     domain_check: bool = True
@@ -392,7 +404,7 @@ class EnsembleConfig:
 class OrchestrationConfig:
     """How the Prefect flow schedules work."""
 
-    max_parallel_training: int = _opt(1, ge=1)
+    max_parallel_training: int = _opt(1, ge=1, le=64)
 
 
 @dataclass(frozen=True)
@@ -405,9 +417,9 @@ class EvaluateConfig:
     allow_outside_intended_use: bool = False
     threshold_source: str = "validation"
     threshold: float = _opt(0.5, gt=0, lt=1)
-    bootstrap: int = _opt(1000, ge=0)
-    seed: int = 42
-    gradcam_per_outcome: int = _opt(2, ge=0)
+    bootstrap: int = _opt(1000, ge=0, le=100_000, doc="resamples; 100,000 already takes minutes")
+    seed: int = _seed()
+    gradcam_per_outcome: int = _opt(2, ge=0, le=1000)
     gradcam_layer: str | None = None
     border_margin: float = _opt(0.125, gt=0, lt=0.5)
 
@@ -529,8 +541,8 @@ class PromotionConfig:
     auc_margin: float = _opt(0.01, ge=0, le=1)
     sensitivity_margin: float = _opt(0.05, ge=0, le=1)
     ood_margin: float = _opt(0.02, ge=0, le=1)
-    bootstrap: int = _opt(1000, ge=100)
-    seed: int = 42
+    bootstrap: int = _opt(1000, ge=100, le=100_000)
+    seed: int = _seed()
 
     def __post_init__(self) -> None:
         _check(self, "promotion")
@@ -880,10 +892,12 @@ def _check_values(cls: type, values: Mapping[str, Any], where: str) -> None:
         bad_hi = hi and (value >= hi[1] if hi[0] == "<" else value > hi[1])
         if bad_lo or bad_hi:
             if lo and hi:
-                rule = f"must be in {'(' if lo[0] == '>' else '['}{lo[1]:g}, {hi[1]:g}{')' if hi[0] == '<' else ']'}"
+                opening, closing = "(" if lo[0] == ">" else "[", ")" if hi[0] == "<" else "]"
+                rule = f"must be in {opening}{_bound(lo[1])}, {_bound(hi[1])}{closing}"
             else:
-                rule = f"must be {(lo or hi)[0]} {(lo or hi)[1]:g}"
-            raise ConfigError(f"{where}.{f.name}={value!r}: {rule}")
+                rule = f"must be {(lo or hi)[0]} {_bound((lo or hi)[1])}"
+            doc = f" ({meta['doc']})" if meta.get("doc") else ""
+            raise ConfigError(f"{where}.{f.name}={value!r}: {rule}{doc}")
 
 
 def as_plain(value: Any) -> Any:

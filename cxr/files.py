@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,7 +157,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        # Neither name is written through a link: whatever sits at the temporary name is removed and
+        # the file created anew (O_EXCL | O_NOFOLLOW), and the rename replaces a link at ``path``
+        # itself, never its target.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -202,3 +209,37 @@ def write_csv_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[An
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether another process with this id exists (a scratch file of a live run is not stale)."""
+    if pid == os.getpid():
+        return False  # ours from before (a reused id): nothing of this run exists yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """Delete ``folder/<prefix><pid><suffix>`` files and folders whose process is gone.
+
+    Scratch names carry the writer's process id (``.ensemble.tmp-4242``): a killed writer leaves
+    one, which the next run deletes here, while a running writer's stays.
+
+    Returns:
+        What was deleted.
+    """
+    removed = []
+    for path in folder.glob(f"{prefix}*{suffix}") if folder.is_dir() else []:
+        pid = path.name.removeprefix(prefix).removesuffix(suffix)
+        if pid.isdigit() and not pid_alive(int(pid)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

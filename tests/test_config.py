@@ -48,14 +48,24 @@ def test_the_shipped_params_yaml_loads_strictly_and_equals_the_defaults():
         ("prepare=5", r"prepare is a section; set one of its keys"),
         ("data.max_files=abc", r"data\.max_files='abc': expected a whole number"),
         ("split.test_size=-0.1", r"split\.test_size=-0\.1: must be in \(0, 1\)"),
-        ("train.smallnet.epochs=-1", r"train\.smallnet\.epochs=-1: must be ≥ 1"),
+        ("train.smallnet.epochs=-1", r"train\.smallnet\.epochs=-1: must be in \[1, 10000\]"),
         ("input.image_size=0", r"input\.image_size=0: must be in \[32, 2048\]"),
-        ("prepare.min_images_per_class=-5", r"prepare\.min_images_per_class=-5: must be ≥ 1"),
-        ("prepare.workers=-3", r"prepare\.workers=-3: must be ≥ 0"),
+        ("prepare.min_images_per_class=-5", r"prepare\.min_images_per_class=-5: must be in \[1, 1000000\]"),
+        ("prepare.workers=-3", r"prepare\.workers=-3: must be in \[0, 512\]"),
         ("data.source=ftp", r"data\.source='ftp': choose one of kaggle, dir, medmnist"),
         ("train.models=[nasnet]", r"unknown model 'nasnet'"),
         ("evaluate.threshold_source=external:x", r"no external set named 'x' in evaluate\.external"),
-        ("train.common.early_stopping.patience=-1", r"train\.common\.early_stopping\.patience=-1: must be ≥ 0"),
+        (
+            "train.common.early_stopping.patience=-1",
+            r"train\.common\.early_stopping\.patience=-1: must be in \[0, 10000\]",
+        ),
+        # every integer is bounded by what its consumer takes (issue 19): numpy seeds, bootstrap memory
+        ("split.seed=-1", r"split\.seed=-1: must be in \[0, 4294967295\] \(the range numpy"),
+        ("split.seed=4294967296", r"split\.seed=4294967296: must be in \[0, 4294967295\]"),
+        ("train.common.seed=-1", r"train\.common\.seed=-1: must be in \[0, 4294967295\]"),
+        ("evaluate.seed=-1", r"evaluate\.seed=-1: must be in \[0, 4294967295\]"),
+        ("evaluate.bootstrap=1000000000000", r"evaluate\.bootstrap=1000000000000: must be in \[0, 100000\]"),
+        ("input.batch_size=100000000", r"input\.batch_size=100000000: must be in \[1, 4096\]"),
         ("train.common.tensorboard=maybe", r"train\.common\.tensorboard='maybe': expected true or false"),
     ],
 )
@@ -123,7 +133,7 @@ def test_the_flow_refuses_a_bad_flow_parameter_before_any_task(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")},
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().endswith("train.smallnet.epochs=-1: must be ≥ 1")
+    assert proc.stderr.strip().endswith("train.smallnet.epochs=-1: must be in [1, 10000]")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()
 

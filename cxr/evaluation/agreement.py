@@ -10,6 +10,7 @@ class): it is then None (``null`` in JSON, "undefined" in text), never NaN.
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import json
@@ -95,6 +96,16 @@ def _read_text(path: str | Path) -> str:
         raise DataError(f"{shown}: not UTF-8 text; save the readers CSV as UTF-8") from None
 
 
+def _refuse_duplicate_columns(text: str, shown: str) -> None:
+    """pandas renames a repeated header (``r1``, ``r1.1``): a reader counted twice. Refuse it instead."""
+    header = next(csv.reader(io.StringIO(text)), [])
+    seen: set[str] = set()
+    for name in (h.strip() for h in header):
+        if name.lower() in seen:
+            raise DataError(f"{shown}: column {printable(name)!r} appears twice in the header; name each reader once")
+        seen.add(name.lower())
+
+
 def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.DataFrame]:
     """(image keys, readers' 0/1 labels) from a readers CSV; DataError on anything ambiguous.
 
@@ -126,9 +137,17 @@ def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.
     except (pd.errors.ParserError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{shown}: not a readable CSV ({printable(reason)})") from None
+    _refuse_duplicate_columns(text, shown)
     key = next((c for c in frame.columns if str(c).lower() in KEY_COLUMNS), None)
     if key is None:
         raise DataError(f"{shown}: needs a key column named one of {', '.join(KEY_COLUMNS)}")
+    repeated = frame[key].str.strip().duplicated(keep=False)
+    if repeated.any():
+        rows = [int(i) + 2 for i in np.flatnonzero(repeated.to_numpy())[:4]]
+        raise DataError(
+            f"{shown}: image {printable(frame[key][repeated].iloc[0])!r} appears in more than one row "
+            f"(rows {', '.join(map(str, rows))}); keep one row per image, or it is counted twice"
+        )
     readers = [c for c in frame.columns if c != key]
     if not readers:
         raise DataError(f"{shown}: no reader columns besides {printable(key)!r}")

@@ -10,6 +10,7 @@ JSON output is strict (never a bare ``NaN``).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import re
@@ -24,7 +25,7 @@ import numpy as np
 from cxr import CLASS_NAMES
 from cxr.common.images import ImageLimits
 from cxr.errors import CxrError, DataError
-from cxr.files import dumps_json
+from cxr.files import dumps_json, write_bytes_atomic
 from cxr.inference.dicom import dicom_intended_use, is_dicom
 from cxr.inference.loading import LoadedModel, UnverifiedModel, load, load_image
 from cxr.safe_text import printable
@@ -291,6 +292,9 @@ def _write_overlay(lm: Any, image: np.ndarray, path: Path, folder: Path, label: 
     ax.axis("off")
     ax.set_title(f"prediction: {label}  P(Pneumonia): {probability:.4f}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(target, dpi=90, metadata={"Software": None})
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
+    # a temporary file renamed over the name: a link planted there is replaced, never written through
+    write_bytes_atomic(target, png.getvalue())
     return target.as_posix()

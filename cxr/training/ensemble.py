@@ -26,12 +26,13 @@ from cxr.common.domain import SUFFIX as DOMAIN_SUFFIX
 from cxr.common.domain import DomainModel, MemberDomains
 from cxr.common.model_card import decisive_fields, write_card
 from cxr.errors import CxrError
-from cxr.files import save_keras, write_json
+from cxr.files import save_keras, sweep_stale, write_json
 from cxr.formatting import num
 from cxr.inference.loading import ENSEMBLE, LoadedModel, load, model_file
 from cxr.provenance import lineage_log as audit
 from cxr.provenance.hashing import sha256_file
 from cxr.provenance.versions import code_version, library_versions
+from cxr.safe_text import printable
 from cxr.workspace import HERE
 
 if TYPE_CHECKING:  # for annotations only
@@ -275,6 +276,8 @@ def build_ensemble(
     """
     members = members_of(params)
     out_dir = model_file(ENSEMBLE, models_dir).parent
+    for path in sweep_stale(out_dir.parent, f".{out_dir.name}.tmp-"):
+        log.info("removed %s left by an interrupted ensemble run", printable(path))
     if not members:
         _write_disabled(out_dir)
         return None

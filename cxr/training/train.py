@@ -57,7 +57,7 @@ from cxr.common.model_card import decisive_fields, read_card, write_card
 from cxr.common.thresholds import validation_operating_point
 from cxr.config import InputConfig, Params, TrainConfig, as_plain
 from cxr.errors import CxrError, DataError
-from cxr.files import save_keras, write_bytes_atomic, write_csv_rows, write_json
+from cxr.files import save_keras, sweep_stale, write_bytes_atomic, write_csv_rows, write_json
 from cxr.formatting import num
 from cxr.logs import interactive
 from cxr.provenance import lineage_log as audit
@@ -65,6 +65,14 @@ from cxr.provenance import model_store
 from cxr.provenance.hashing import sha256_file
 from cxr.provenance.versions import code_version, library_versions
 from cxr.runtime import configure, distribution
+from cxr.training.disk import (
+    check_room,
+    discard_torn,
+    failure,
+    is_write_failure,
+    quiet_hdf5_teardown,
+    readable_h5,
+)
 from cxr.training.health import Health, assess
 from cxr.training.input_pipeline import load_images, make_dataset, read_split
 from cxr.workspace import HERE
@@ -149,21 +157,11 @@ def _run_key(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_sha: st
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _readable_h5(path: Path) -> bool:
-    import h5py
-
-    try:
-        with h5py.File(path, "r"):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def _usable_backup(backup_dir: Path) -> bool:
     """True when an interrupted run left a readable backup; an unreadable one is removed (start over)."""
     if not backup_dir.is_dir() or not any(backup_dir.iterdir()):
         return False
-    if any(_readable_h5(backup_dir / name) for name in ("latest.weights.h5", "latest.weights.h5.bkp")):
+    if any(readable_h5(backup_dir / name) for name in ("latest.weights.h5", "latest.weights.h5.bkp")):
         return True
     log.warning("backup in %s is unreadable (killed while writing?); starting the run over", backup_dir)
     shutil.rmtree(backup_dir, ignore_errors=True)
@@ -174,7 +172,7 @@ def _trim_history(history_csv: Path, backup_dir: Path) -> None:
     """Drop history rows of epochs the backup does not hold (they are about to be trained again)."""
     import pandas as pd
 
-    use_previous = not _readable_h5(backup_dir / "latest.weights.h5")  # Keras falls back to the .bkp too
+    use_previous = not readable_h5(backup_dir / "latest.weights.h5")  # Keras falls back to the .bkp too
     meta = backup_dir / ("training_metadata.json.bkp" if use_previous else "training_metadata.json")
     if not (meta.is_file() and history_csv.is_file()):
         return
@@ -509,31 +507,10 @@ def _setup_run(
 
 def _remove_stale_scratch(run: _Run) -> None:
     """Remove the staging folder and temporary model a killed run of this model left (its process is gone)."""
-    stale = [
-        *run.reports_dir.parent.glob(f".{run.name}.tmp-*"),
-        *run.models_dir.glob(f".{run.name}.tmp-*.keras"),
-    ]
-    for path in stale:
-        pid = path.name.removeprefix(f".{run.name}.tmp-").removesuffix(".keras")
-        if pid.isdigit() and not _running(int(pid)):
-            log.info("%s: removing %s left by an interrupted run", run.name, path)
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    """Whether a process with this id exists (a scratch file of a live run is not stale)."""
-    if pid == os.getpid():
-        return False  # ours from before (a reused id): nothing of this run exists yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    for path in sweep_stale(run.reports_dir.parent, f".{run.name}.tmp-") + sweep_stale(
+        run.models_dir, f".{run.name}.tmp-", ".keras"
+    ):
+        log.info("%s: removed %s left by an interrupted run", run.name, path)
 
 
 def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
@@ -548,7 +525,17 @@ def _train_once(run: _Run) -> tuple[Any, dict[str, Any], Health]:
     scratch = _resume_or_reset(run, splits_sha, start.previous)
     verbose = 1 if interactive() else 0
     callbacks = _callbacks(run, scratch, start.epochs, verbose)
-    fit_seconds = _fit(run, start, data, callbacks, verbose, policy)
+    check_room(run.models_dir, int(start.model.count_params()) * 4)
+    quiet_hdf5_teardown()
+    try:
+        fit_seconds = _fit(run, start, data, callbacks, verbose, policy)
+    except (OSError, RuntimeError) as exc:
+        if not is_write_failure(exc):
+            raise
+        discard_torn(scratch.backup_dir, scratch.best_path)
+        if not scratch.backup_dir.exists():  # nothing to resume from: its history is of no use either
+            scratch.history_csv.unlink(missing_ok=True)
+        raise failure(exc, run.models_dir) from None
     outcome = _assess(run, start, data, scratch)
     card = _card(
         run, splits_sha, policy, int(strategy.num_replicas_in_sync), data, start, scratch, outcome, fit_seconds

@@ -39,6 +39,12 @@ class Outcome:
         return f"cxr {' '.join(self.args)} → rc {self.rc}\n--- stdout\n{self.out}\n--- stderr\n{self.err}"
 
 
+def _limit_file_size(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
 def run_cxr(
     args: Iterable[str | os.PathLike[str]],
     cwd: Path,
@@ -47,6 +53,7 @@ def run_cxr(
     timeout: float = 600,
     stdin: bytes | None = None,
     unprivileged: bool = False,
+    file_size_limit: int | None = None,
 ) -> Outcome:
     """Run ``python -m cxr ARGS`` in ``cwd`` and measure its peak resident memory.
 
@@ -54,7 +61,8 @@ def run_cxr(
     sets, so stderr is what a user's shell would show; ``env`` adds or replaces variables.
     ``unprivileged`` runs it as an ordinary user even when the tests run as root (see
     :func:`unprivileged_prefix`), so file modes bind it; call ``unprivileged_prefix()`` first to skip
-    where that is impossible.
+    where that is impossible. ``file_size_limit`` caps every file the run writes (``RLIMIT_FSIZE``, in
+    bytes): a write past it fails as a full disk's would (EFBIG; Python ignores SIGXFSZ).
     """
     args = tuple(str(a) for a in args)
     full_env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CXR_DEBUG")}
@@ -71,6 +79,7 @@ def run_cxr(
             stdout=out,
             stderr=err,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            preexec_fn=None if file_size_limit is None else functools.partial(_limit_file_size, file_size_limit),
         )
         if stdin is not None:
             assert proc.stdin is not None

@@ -151,6 +151,8 @@ BROKEN_READERS = [
     ("latin1.csv", "path,r\xe9ader,r2\na.jpeg,0,1\n".encode("latin-1"), "not UTF-8"),
     ("missing.csv", None, "no such readers file"),
     ("folder.csv", "folder", "is a folder"),
+    ("dup-reader.csv", b"path,r1,r1\na.jpeg,0,1\nb.jpeg,1,0\n", "column 'r1' appears twice in the header"),
+    ("dup-image.csv", b"path,r1,r2\na.jpeg,0,1\nb.jpeg,1,0\na.jpeg,0,1\n", "'a.jpeg' appears in more than one row"),
 ]
 
 
