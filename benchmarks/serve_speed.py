@@ -29,13 +29,15 @@ from imutils import paths as imutils_paths
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(model: str, log_file: Path) -> tuple[subprocess.Popen[bytes], str, float]:
-    """``cxr serve`` on a free port; (process, base URL, seconds until ``/health`` answered)."""
+def start_server(
+    model: str, log_file: Path, extra: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, float]:
+    """``cxr serve`` on a free port, with ``extra`` options; (process, URL, seconds until ``/health`` answered)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     started = time.perf_counter()
     with open(log_file, "wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr", "serve", "--model", model, "--port", "0"],
+            [sys.executable, "-m", "cxr", "serve", "--model", model, "--port", "0", *(extra or [])],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=env,

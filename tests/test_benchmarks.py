@@ -117,3 +117,15 @@ def test_recipes_then_the_preregistered_comparison(tmp_path: Path, images: Path)
     assert set(compared) == {"a", "b", "ab"} and compared["ab"]["members"] == ["a", "b"]
     assert compared["a"]["passes_rule"] is False  # the baseline never "beats" itself
     assert "| ab |" in proc.stdout
+
+
+def test_hostile_memory_benchmark(trained: Path) -> None:
+    rows = _bench(
+        "hostile_memory.py",
+        *("--project", str(trained), "--model", "smallnet", "--clients", "3", "--dicom-side", "400"),
+    )
+    by = {(r["tool"], r["input"]): r for r in rows}
+    assert by[("predict", "dicom")]["rc"] == 0 and by[("predict", "png_bomb")]["rc"] == 1
+    assert by[("predict", "over_byte_cap")]["rc"] == 1
+    assert sum(by[("serve", "dicom")]["statuses"].values()) == 3 and by[("serve", "dicom")]["peak_mb"] > 0
+    assert by[("serve", "png_bomb")]["statuses"] == {"422": 3}
