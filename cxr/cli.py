@@ -281,8 +281,8 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
     from cxr.files import dumps_json
     from cxr.formatting import interval, num
 
-    if args.bootstrap < 0:
-        raise CxrError(f"--bootstrap {args.bootstrap}: give a number of resamples ≥ 0 (e.g. 1000)")
+    if not 0 <= args.bootstrap <= 100_000:
+        raise CxrError(f"--bootstrap {args.bootstrap}: give a number of resamples from 0 to 100000 (e.g. 1000)")
     _, readers = read_readers(args.readers, min_readers=2)
     result = agreement(readers, n_boot=args.bootstrap)
     if args.json:

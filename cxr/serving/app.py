@@ -668,8 +668,8 @@ def serve(
         )
     if not math.isfinite(max_memory_mb) or max_memory_mb <= 0:
         raise CxrError(f"--max-memory-mb {max_memory_mb:g}: give megabytes above 0, e.g. 2048")
-    if batch_size < 1:
-        raise CxrError(f"--batch-size {batch_size}: give at least 1")
+    if not 1 <= batch_size <= 1024:
+        raise CxrError(f"--batch-size {batch_size}: give 1 to 1024 images per model call")
     if not 0 <= port <= 65535:
         raise CxrError(f"--port {port}: give a TCP port from 0 to 65535 (0: any free port)")
     cut_given = None if threshold is None else check_threshold(threshold)
