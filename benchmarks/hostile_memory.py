@@ -101,7 +101,11 @@ def serve_phase(url: str, pid: int, payload: bytes, name: str, clients: int) -> 
         thread.start()
     for thread in threads:
         thread.join()
-    return {"statuses": dict(counts), "seconds": round(time.perf_counter() - started, 1), "peak_mb": round(_vm_hwm(pid))}
+    return {
+        "statuses": dict(counts),
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_mb": round(_vm_hwm(pid)),
+    }
 
 
 def main() -> None:

@@ -81,6 +81,23 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cxr.inference.export import export_model, write_index
+
+    cfg = load_config(args.params, args.set)
+    formats = [args.format] if args.format else list(cfg.export.formats)
+    names = args.model or list(cfg.train.models)
+    if args.out and (len(formats) != 1 or len(names) != 1):
+        raise CxrError("--out: give it with one --model and one --format (the default is exports/<model>/<format>)")
+    for name in names:
+        for fmt in formats:
+            record = export_model(name, fmt, args.out)
+            print(json.dumps({k: record[k] for k in ("model", "format", "folder", "file", "sha256", "threshold")}))
+    if not args.out:
+        write_index()
+    return 0
+
+
 def _cmd_preview(args: argparse.Namespace) -> int:
     from cxr.training.preview import augmented_batch
 
@@ -456,6 +473,10 @@ EXAMPLES = {
         "cxr models show 3f2a9c1b",
         "cxr models rollback cxrnet",
     ],
+    "export": [
+        "cxr export                                   # every model of train.models, in export.formats",
+        "cxr export --model cxrnet --format savedmodel --out /tmp/cxrnet-savedmodel",
+    ],
     "preview": ["cxr preview --out reports/augmented_batch.png"],
     "evaluate": [
         "cxr evaluate                # every model of train.models: test split and external sets",
@@ -567,6 +588,15 @@ def _add_model_steps(sub: Any) -> None:
     p.add_argument("--models", default=str(HERE.models), help="the shipped models' folder")
     p.add_argument("--reports", default=str(HERE.reports / "train"), help="the shipped models' reports folder")
     p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser(
+        "export", help="export shipped models to ONNX, SavedModel or LiteRT with their card, checked against Keras"
+    )
+    common(p)
+    p.add_argument("--model", action="append", help="model name or .keras file (repeatable); default: train.models")
+    p.add_argument("--format", choices=("onnx", "savedmodel", "litert"), help="default: export.formats")
+    p.add_argument("--out", help="the folder to write (default: exports/<model>/<format>)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("preview", help="plot one augmented training batch (and warm the image cache)")
     common(p)

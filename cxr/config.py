@@ -567,6 +567,24 @@ class MonitoringConfig:
         _check(self, "monitoring")
 
 
+EXPORT_FORMATS = ("onnx", "savedmodel", "litert")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Portable copies of the shipped models (``cxr export``, the export stage)."""
+
+    formats: tuple[str, ...] = ("onnx",)  # onnx | savedmodel | litert; () = none
+
+    def __post_init__(self) -> None:
+        _check(self, "export")
+        for fmt in self.formats:
+            if fmt not in EXPORT_FORMATS:
+                raise ConfigError(f"export.formats: {fmt!r}: choose from {', '.join(EXPORT_FORMATS)}")
+        if len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"export.formats={list(self.formats)}: each format once")
+
+
 @dataclass(frozen=True)
 class Params:
     """Every section of ``params.yaml``, parsed."""
@@ -582,6 +600,7 @@ class Params:
     report: ReportConfig = field(default_factory=ReportConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         reference = self.promotion.reference

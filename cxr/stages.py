@@ -200,6 +200,15 @@ STAGES: tuple[Stage, ...] = (
         comment="champion/challenger: ship the newest version only if it is no worse (a loser changes nothing)",
     ),
     Stage(
+        "export",
+        "cxr.inference.export:export_model",
+        "cxr export",
+        params=("export", "train.models"),
+        inputs=("models",),
+        outputs=(Output("exports"),),
+        comment="portable copies of each shipped model (export.formats), each checked against the Keras model",
+    ),
+    Stage(
         "ensemble",
         "cxr.training.ensemble:build_ensemble",
         "cxr ensemble",

@@ -88,6 +88,10 @@ class Workspace:
         return self.models / f"{name}.card.json"
 
     @property
+    def exports(self) -> Path:
+        return self._p("exports")
+
+    @property
     def ensemble(self) -> Path:
         return self._p("ensemble")
 

@@ -1,5 +1,5 @@
 """The pipeline flow: fetch → prepare → preview → external sets → train (one task per model) → promote
-(champion/challenger, per model) → ensemble → evaluate → explain → report.
+(champion/challenger, per model) → export → ensemble → evaluate → explain → report.
 
 Run it with ``python -m flows.pipeline [-S key=value ...]``. With no ``PREFECT_API_URL`` Prefect
 starts a temporary local server for the run; with one, the run is recorded on that server.
@@ -31,6 +31,7 @@ from cxr.stages import inputs_of, settings_of, write_fingerprints
 from cxr.training.ensemble import members_of
 from tasks.caching import outputs_intact
 from tasks.evaluate import ensemble_task, evaluate_task, explain_task, external_task, report_task
+from tasks.export import export_task
 from tasks.fetch import fetch_task
 from tasks.prepare import prepare_task
 from tasks.runner import one_line
@@ -156,6 +157,9 @@ def pipeline(
         raise CxrError("training failed for " + "; ".join(failures) + " (other models were kept)")
     names = list(models)
     scored_names = list(names)
+    states["export"], _ = run_verified(
+        export_task, inputs=inputs("export"), params_path=params_path, settings=settings("export")
+    )
     states["ensemble"], _ = run_verified(
         ensemble_task, inputs=inputs("ensemble"), params_path=params_path, settings=settings("ensemble")
     )

@@ -97,6 +97,7 @@ _KEYS_SCRIPT = textwrap.dedent("""
     from cxr.config import load_params
     from cxr.stages import inputs_of, settings_of
     from tasks.evaluate import ensemble_task, evaluate_task, explain_task, report_task
+    from tasks.export import export_task
     from tasks.fetch import fetch_task
     from tasks.prepare import prepare_task
     from tasks.train import preview_task, promote_task, train_task
@@ -114,6 +115,8 @@ _KEYS_SCRIPT = textwrap.dedent("""
         f"promote@{model}": (promote_task, dict(model=model, inputs=inputs_of("promote", params, model),
                                                 params_path="params.yaml",
                                                 settings=settings_of("promote", params, model))),
+        "export": (export_task, dict(inputs=inputs_of("export", params), params_path="params.yaml",
+                                     settings=settings_of("export", params))),
         "ensemble": (ensemble_task, dict(inputs=inputs_of("ensemble", params), params_path="params.yaml",
                                          settings=settings_of("ensemble", params))),
         "evaluate": (evaluate_task, dict(models=[model], inputs=inputs_of("evaluate", params),
@@ -137,6 +140,7 @@ def _placeholders(root: Path) -> None:
         "models",
         "registry/smallnet",
         "ensemble",
+        "exports",
         "data/external",
         "reports/eval",
         "reports/gradcam",
@@ -262,6 +266,7 @@ def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(lock
             "preview",
             "train@smallnet",
             "promote@smallnet",
+            "export",
             "ensemble",
             "evaluate",
             "explain",

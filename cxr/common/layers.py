@@ -49,7 +49,10 @@ class IntensityNormalization(keras.layers.Layer):
             tf.reshape(levels + offsets, [-1]), minlength=256 * batch, maxlength=256 * batch, dtype=tf.float32
         )
         cdf = tf.cumsum(tf.reshape(hist, [batch, 256]), axis=1)
-        cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, tf.fill(tf.shape(cdf), np.inf)), axis=1, keepdims=True)
+        # the largest float32, not infinity: the same minimum (some level always has pixels), and an
+        # exported ONNX graph computes inf arithmetic into NaN (cxr/inference/export.py)
+        never = tf.fill(tf.shape(cdf), float(np.finfo(np.float32).max))
+        cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, never), axis=1, keepdims=True)
         total = cdf[:, -1:]
         lut = tf.clip_by_value((cdf - cdf_min) / tf.maximum(total - cdf_min, 1.0), 0.0, 1.0)
         out = tf.gather(lut, levels, batch_dims=1)  # (B, H, W)
