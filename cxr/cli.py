@@ -171,7 +171,8 @@ def _evaluate_line(what: str, m: dict[str, Any], rule: str | None) -> str:
 def _cmd_external(args: argparse.Namespace) -> int:
     from cxr.data.external_sets import external_sets, index_external
 
-    sets = external_sets(load_config(args.params, args.set).evaluate)
+    cfg = load_config(args.params, args.set)
+    sets = external_sets(cfg.evaluate)
     names = args.name or list(sets)
     unknown = [n for n in names if n not in sets]
     if unknown:
@@ -179,7 +180,7 @@ def _cmd_external(args: argparse.Namespace) -> int:
             f"no external set named {', '.join(unknown)} in evaluate.external (configured: {', '.join(sets) or 'none'})"
         )
     for name in names:
-        summary = index_external(name, sets[name], out_dir=args.out)
+        summary = index_external(name, sets[name], out_dir=args.out, extra_roots=cfg.data.link_roots)
         print(json.dumps({k: summary[k] for k in ("name", "images", "class_counts", "content_sha256")}))
     return 0
 

@@ -76,6 +76,9 @@ class DataConfig:
     source: Literal["kaggle", "dir", "medmnist", "sample", "auto"] = "auto"
     kaggle_dataset: str = "paultimothymooney/chest-xray-pneumonia"
     dir: str = "data/inbox"
+    # folders that links in data.dir (and external sets) may lead into, besides the folder itself and
+    # its DVC cache (cxr.data.links)
+    link_roots: tuple[str, ...] = ()
     npz: str = ""
     medmnist_size: Literal[28, 64, 128, 224] = 28
     retries: int = _opt(4, ge=0, le=100)

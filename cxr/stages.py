@@ -166,6 +166,7 @@ STAGES: tuple[Stage, ...] = (
         "external",
         "cxr.data.external_sets:index_external",
         "cxr external --name ${key}",
+        params=("data.link_roots",),
         inputs=("${item}", "data/prepared/splits.csv"),
         outputs=_report_outs("data/external/${key}.csv", "data/external/${key}.json"),
         foreach="evaluate.external",

@@ -140,7 +140,10 @@ def pipeline(
     )
     for set_name, folder in external_sets(params["evaluate"]).items():  # before promotion: a set may be its reference
         states[f"external@{set_name}"], _ = run_verified(
-            external_task, name=set_name, inputs=inputs("external", folder, set_name)
+            external_task,
+            name=set_name,
+            inputs=inputs("external", folder, set_name),
+            settings=settings("external", folder),
         )
     trained, failures = _train_all(params, params_path, settings, inputs, states)
     models = {}

@@ -24,8 +24,9 @@ from typing import Any
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
+from cxr.data.links import hash_linked_tree
 from cxr.provenance.code_closure import source_fingerprint
-from cxr.provenance.hashing import hash_tree, sha256_file
+from cxr.provenance.hashing import sha256_file
 from cxr.stages import stage
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 def digest_path(path: str | Path) -> str:
     """sha256 of a file, tree digest of a folder, 'missing' when absent."""
     path = Path(path)
-    if path.is_dir():
-        return "tree:" + hash_tree(path)
+    if path.is_dir():  # links followed: a folder DVC checked out as links keys like its copy
+        return "tree:" + hash_linked_tree(path)
     if path.is_file():
         return sha256_file(path)
     return "missing"

@@ -26,19 +26,20 @@ from tasks.runner import run_cxr
     persist_result=True,
     task_run_name="external-{name}",
 )
-def external_task(name: str, inputs: list[str]) -> dict[str, Any]:
+def external_task(name: str, inputs: list[str], settings: dict[str, Any]) -> dict[str, Any]:
     """Index one external validation set.
 
     Args:
         name: the set's name (a key of ``evaluate.external``).
         inputs: its folder, then the splits file (against whose train and validation images
             identical files and shared patients are reported).
+        settings: ``data.link_roots`` (where links in the folder may lead).
 
     Returns:
         The index path, its hash and the image count.
     """
     folder, splits = inputs
-    summary = index_external(name, folder, splits_csv=splits)
+    summary = index_external(name, folder, splits_csv=splits, extra_roots=settings["data.link_roots"] or ())
     index = HERE.external_index(name).as_posix()
     return {"index": index, "index_sha256": sha256_file(index), "images": summary["images"]}
 

@@ -6,11 +6,11 @@ an entry ``{"path", "reason"}`` in ``fetch.json``'s ``skipped`` list):
 - regular files are copied by content. The copy's group and other permission bits are never wider
   than the source's (a 640 file stays 640, the umask applies too); the owner, the user running the
   pipeline, gets read and write on its own copy so later runs and DVC can replace it;
-- a symbolic link to a regular file is followed only when its target lies inside the dataset folder
-  (the folder holding the class or split folders, with links above it resolved). A link whose target
-  leaves it (``NORMAL/shadow.jpeg → /etc/shadow``), a broken link and a link loop are left out;
-- links to folders are never followed below a class folder (no cycles, no second copy of the data); a
-  class folder that is itself a link is used when its target lies inside the dataset folder;
+- a symbolic link, to a file or to a folder (a split or class folder too), is followed only when its
+  target lies inside an allowed root: the dataset folder, the DVC cache of the repository that holds
+  it, or a folder of ``data.link_roots`` (:mod:`cxr.data.links`). A link whose target leaves them
+  (``NORMAL/shadow.jpeg → /etc/shadow``), a broken link and a link loop are left out; a folder reached
+  twice through links is copied once;
 - sockets, FIFOs and devices are left out;
 - a name that is not valid UTF-8 (``b"\\xff.jpeg"``) is left out: later steps, CSV and JSON files and
   DVC all need text names. The record shows it with its bad bytes escaped (``\\xff.jpeg``);
@@ -23,17 +23,18 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from cxr.data.kaggle_layout import ClassFolder, find_class_folders
+from cxr.data.links import BROKEN_LINK, OUTSIDE_FILE, LinkRoots, link_roots, walk_files
 from cxr.safe_text import is_utf8, printable
 
 log = logging.getLogger(__name__)
 
-OUTSIDE_LINK = "symbolic link to a file outside the source folder: not copied"
-FOLDER_LINK = "symbolic link to a folder: links to folders are not followed"
-OUTSIDE_FOLDER = "class folder is a symbolic link to outside the source folder: not copied"
-BROKEN_LINK = "broken symbolic link (or a link loop)"
+OUTSIDE_CLASS_FOLDER = (
+    "class folder is a symbolic link to outside the dataset folder, its DVC cache and data.link_roots: not copied"
+)
 NOT_REGULAR = "not a regular file (socket, FIFO or device)"
 NOT_UTF8 = "file name is not valid UTF-8: rename it"
 
@@ -46,25 +47,17 @@ def _dataset_root(folder: ClassFolder) -> Path:
     return folder.path.parent if folder.split is None else folder.path.parent.parent
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _raise(exc: OSError) -> None:
-    raise exc
-
-
-def _copy_file(path: Path, target: Path, base: Path) -> str | None:
+def _copy_file(path: Path, target: Path, roots: LinkRoots) -> str | None:
     """Copy ``path`` to ``target`` (a new file); the reason it was left out instead, if any."""
     info = path.lstat()
     source = path
-    if stat.S_ISLNK(info.st_mode):
+    if stat.S_ISLNK(info.st_mode):  # checked again here: the link may have changed since the walk
         try:
             source = path.resolve(strict=True)
         except (OSError, RuntimeError):
             return BROKEN_LINK
-        if not _inside(source, base):
-            return OUTSIDE_LINK
+        if not roots.admits(source):
+            return OUTSIDE_FILE
         info = source.stat()
     if not stat.S_ISREG(info.st_mode):
         return NOT_REGULAR
@@ -81,12 +74,16 @@ def _copy_file(path: Path, target: Path, base: Path) -> str | None:
     return None
 
 
-def copy_dataset_folder(src: str | Path, raw: str | Path) -> list[dict[str, str]]:
+def copy_dataset_folder(
+    src: str | Path, raw: str | Path, extra_roots: Sequence[str | Path] = ()
+) -> list[dict[str, str]]:
     """Copy the class folders of ``src`` (Kaggle layout) into ``raw``, file by file.
 
     Args:
         src: the dataset folder (``data.dir``); read, never written.
         raw: the staged tree to fill: ``[<split>/]<CLASS>/...``.
+        extra_roots: ``data.link_roots``: folders links may lead into, besides the dataset folder and
+            its DVC cache.
 
     Returns:
         The entries left out, ``{"path": <path below src, escaped>, "reason": ...}``, in listing order;
@@ -98,7 +95,7 @@ def copy_dataset_folder(src: str | Path, raw: str | Path) -> list[dict[str, str]
     """
     src, raw = Path(src), Path(raw)
     folders = find_class_folders(src)
-    base = _dataset_root(folders[0]).resolve()
+    roots = link_roots(_dataset_root(folders[0]), extra_roots)
     skipped: list[dict[str, str]] = []
 
     def skip(path: Path, reason: str) -> None:
@@ -107,25 +104,14 @@ def copy_dataset_folder(src: str | Path, raw: str | Path) -> list[dict[str, str]
         log.warning("skipped %s: %s", shown, reason)
 
     for folder in folders:
-        if not _inside(folder.path.resolve(), base):
-            skip(folder.path, OUTSIDE_FOLDER)
+        if not roots.admits(folder.path.resolve()):
+            skip(folder.path, OUTSIDE_CLASS_FOLDER)
             continue
         target_root = _dest(raw, folder)
         target_root.mkdir(parents=True, exist_ok=True)
-        for dirpath, dirnames, filenames in os.walk(folder.path, onerror=_raise):
-            here = Path(dirpath)
-            for name in sorted(dirnames):
-                if name.startswith(".") or os.path.islink(here / name):
-                    dirnames.remove(name)
-                    if not name.startswith("."):
-                        skip(here / name, FOLDER_LINK)
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                path = here / name
-                rel = path.relative_to(folder.path)
-                reason = NOT_UTF8 if not is_utf8(str(rel)) else _copy_file(path, target_root / rel, base)
-                if reason:
-                    skip(path, reason)
+        for path, why in walk_files(folder.path, roots):
+            rel = path.relative_to(folder.path)
+            reason = why or (NOT_UTF8 if not is_utf8(str(rel)) else _copy_file(path, target_root / rel, roots))
+            if reason:
+                skip(path, reason)
     return skipped

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from cxr import CLASS_NAMES
 from cxr.config import EvaluateConfig, check_external_sets, setting
 from cxr.common.images import probe
 from cxr.data.kaggle_layout import find_class_folders
+from cxr.data.links import OUTSIDE_FOLDER, link_roots, walk_files
 from cxr.data.manifest import parse_patient
 from cxr.errors import DataError
 from cxr.files import load_json_bounded, write_json
@@ -87,24 +88,33 @@ def _training_overlap(rows: list[dict[str, Any]], splits_csv: Path) -> dict[str,
     }
 
 
-def _index_rows(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """One row per readable image of ``folder`` (its ``COLUMNS``), and the unreadable files with their reasons."""
-    from imutils import paths as imutils_paths
+def _index_rows(folder: Path, extra_roots: Sequence[str] = ()) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """One row per readable image of ``folder`` (its ``COLUMNS``), and the files left out with their
+    reasons: unreadable ones, and links that lead outside the folder, its DVC cache and
+    ``data.link_roots`` (:mod:`cxr.data.links`)."""
+    from imutils.paths import image_types
 
     rows: list[dict[str, Any]] = []
     excluded: list[dict[str, str]] = []
-    for class_folder in find_class_folders(folder):
-        for file in sorted(imutils_paths.list_images(str(class_folder.path))):
-            info = probe(file)
+    folders = find_class_folders(folder)
+    roots = link_roots(folder, extra_roots)
+    for class_folder in folders:
+        if not roots.admits(class_folder.path.resolve()):
+            excluded.append({"path": class_folder.path.as_posix(), "reason": OUTSIDE_FOLDER})
+            continue
+        for path, reason in walk_files(class_folder.path, roots):
+            if not path.name.lower().endswith(image_types):  # what imutils.paths.list_images lists
+                continue
+            info = {"error": reason} if reason else probe(path)
             if "error" in info:
-                excluded.append({"path": file, "reason": info["error"]})
+                excluded.append({"path": path.as_posix(), "reason": info["error"]})
                 continue
             rows.append(
                 {
-                    "path": Path(file).as_posix(),
+                    "path": path.as_posix(),
                     "label": CLASS_NAMES.index(class_folder.class_name),
                     "class_name": class_folder.class_name,
-                    "patient_id": parse_patient(Path(file).name)[0],
+                    "patient_id": parse_patient(path.name)[0],
                     "sha256": info["sha256"],
                 }
             )
@@ -138,6 +148,7 @@ def index_external(
     folder: str | Path,
     out_dir: str | Path = EXTERNAL_DIR,
     splits_csv: str | Path = HERE.splits,
+    extra_roots: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Index one labelled folder: every image decode-checked and hashed; unreadable files listed.
 
@@ -147,12 +158,14 @@ def index_external(
         out_dir: where ``<name>.csv`` and ``<name>.json`` are written.
         splits_csv: the split file, to report identical files and shared patients with the train
             and validation splits.
+        extra_roots: ``data.link_roots``: where links in the folder may lead, besides the folder
+            and its DVC cache.
 
     Returns:
         The summary written to ``<name>.json``.
     """
     folder, out_dir = Path(folder), Path(out_dir)
-    rows, excluded = _index_rows(folder)
+    rows, excluded = _index_rows(folder, extra_roots)
     counts = _class_counts(name, folder, rows, excluded)
     csv_path = out_dir / f"{name}.csv"
     _write_index(rows, csv_path)

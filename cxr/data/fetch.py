@@ -25,6 +25,7 @@ from cxr.data import medmnist as medmnist_source
 from cxr.data import sample as sample_source
 from cxr.data.archive import ExtractLimits, safe_extract
 from cxr.data.dir_copy import copy_dataset_folder
+from cxr.data.links import hash_linked_tree, link_roots
 from cxr.data.kaggle_layout import ClassFolder, find_class_folders
 from cxr.data.staging import SCRATCH_PREFIX, install, recover, remove_tree
 from cxr.errors import CxrError, DataError
@@ -39,9 +40,9 @@ def _dest(raw: Path, folder: ClassFolder) -> Path:
     return raw / folder.split / folder.class_name if folder.split else raw / folder.class_name
 
 
-def _copy_dir_source(src: Path, raw: Path) -> list[dict[str, str]]:
+def _copy_dir_source(src: Path, raw: Path, extra_roots: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Copy a local folder in Kaggle layout; the entries left out, with reasons (:mod:`cxr.data.dir_copy`)."""
-    return copy_dataset_folder(src, raw)
+    return copy_dataset_folder(src, raw, extra_roots)
 
 
 def _move_class_folders(extracted: Path, raw: Path) -> None:
@@ -76,7 +77,7 @@ def _fetch_dir(data: DataConfig, ws: _Workspace) -> dict[str, Any]:
         raise CxrError("data.source=dir needs data.dir: the folder in Kaggle layout to read")
     if src.resolve() == ws.raw_dir.resolve() or ws.raw_dir.resolve() in src.resolve().parents:
         raise CxrError(f"data.dir={src} is inside {ws.raw_dir}: point it at the original folder")
-    skipped = _copy_dir_source(src, ws.staged)
+    skipped = _copy_dir_source(src, ws.staged, data.link_roots)
     if skipped:
         log.warning("%d file(s) of %s were not copied (listed under 'skipped' in the fetch record)", len(skipped), src)
     return {"origin": str(src), "skipped": skipped}
@@ -249,8 +250,8 @@ def source_digest(data: DataConfig | Mapping[str, Any]) -> str | None:
     if data.source in ("sample", "auto") and resolve_source(data) == "sample":
         return "sample:" + hash_tree(sample_source.sample_dir())
     if data.source == "dir" and data.dir:
-        src = Path(data.dir)
-        return hash_tree(src) if src.is_dir() else None
+        src = Path(data.dir)  # its links followed as the copy follows them (cxr.data.links)
+        return hash_linked_tree(src, link_roots(src, data.link_roots)) if src.is_dir() else None
     if data.source == "medmnist" and data.npz:
         npz = Path(data.npz)
         return sha256_file(npz) if npz.is_file() else None

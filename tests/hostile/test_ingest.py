@@ -125,7 +125,7 @@ def test_links_out_of_the_source_are_skipped_and_modes_never_widen(tmp_path: Pat
     secret.chmod(0o640)
     (src / "NORMAL/shadow.jpeg").symlink_to(secret)
     (src / "NORMAL/alias.jpeg").symlink_to("IM-0000-0001.jpeg")  # inside the tree: followed
-    (src / "PNEUMONIA/elsewhere").symlink_to(tmp_path, target_is_directory=True)  # folders: never followed
+    (src / "PNEUMONIA/elsewhere").symlink_to(tmp_path, target_is_directory=True)  # a folder outside: skipped
     (src / "NORMAL/dangling.jpeg").symlink_to(tmp_path / "missing.jpeg")
     os.mkfifo(src / "NORMAL/pipe.jpeg")
     os.chmod(src / "NORMAL/IM-0001-0001.jpeg", 0o640)
@@ -140,10 +140,12 @@ def test_links_out_of_the_source_are_skipped_and_modes_never_widen(tmp_path: Pat
     assert_no_traceback(outcome)
     record = json.loads((ws / "data/fetch.json").read_text())
     assert {e["path"]: e["reason"].split(":")[0] for e in record["skipped"]} == {
-        "NORMAL/shadow.jpeg": "symbolic link to a file outside the source folder",
+        "NORMAL/shadow.jpeg": "symbolic link to a file outside the dataset folder, its DVC cache and data.link_roots",
         "NORMAL/dangling.jpeg": "broken symbolic link (or a link loop)",
         "NORMAL/pipe.jpeg": "not a regular file (socket, FIFO or device)",
-        "PNEUMONIA/elsewhere": "symbolic link to a folder",
+        "PNEUMONIA/elsewhere": (
+            "symbolic link to a folder outside the dataset folder, its DVC cache and data.link_roots"
+        ),
         "PNEUMONIA/\\xff.jpeg": "file name is not valid UTF-8",
     }
     skipped_lines = [line for line in outcome.err.splitlines() if "WARNING cxr.data.dir_copy: skipped" in line]
@@ -180,11 +182,108 @@ def test_a_class_folder_linked_out_of_the_source_is_not_copied(tmp_path: Path) -
     assert record["skipped"] == [
         {
             "path": "train/PNEUMONIA",
-            "reason": "class folder is a symbolic link to outside the source folder: not copied",
+            "reason": "class folder is a symbolic link to outside the dataset folder, its DVC cache and "
+            "data.link_roots: not copied",
         }
     ]
     assert record["counts"] == {"train/NORMAL": 4}
     assert scratch(ws) == []
+
+
+def _kaggle_layout(root: Path, seed: int = 0) -> Path:
+    """``root/{train,test}/{NORMAL,PNEUMONIA}`` of tiny distinct images."""
+    for split, offset in (("train", 0), ("test", 50)):
+        make_source(root / split, n=3, seed=seed + offset)
+    return root
+
+
+def _fetched(ws: Path) -> dict:
+    outcome = run_cxr(["fetch"], ws)
+    assert outcome.rc == 0, outcome.describe()
+    assert_no_traceback(outcome)
+    return json.loads((ws / "data/fetch.json").read_text())
+
+
+def _with_link_roots(ws: Path, roots: list[str]) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["data"]["link_roots"] = roots
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_split_folders_linked_into_a_listed_root_fetch_like_the_plain_folder(tmp_path: Path) -> None:
+    plain = _kaggle_layout(tmp_path / "plain")
+    store = tmp_path / "store"  # shared storage holding the real split folders
+    shutil.copytree(plain, store)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for split in ("train", "test"):
+        (linked / split).symlink_to(store / split, target_is_directory=True)
+    expected = _fetched(make_workspace(tmp_path / "ws-plain", plain))
+
+    ws = make_workspace(tmp_path / "ws-linked", linked)
+    refused = run_cxr(["fetch"], ws)  # without the root listed: each class folder skipped with its reason
+    assert_refused(refused, "the class folders hold no files")
+    skipped = [line for line in refused.err.splitlines() if "skipped" in line and "data.link_roots" in line]
+    assert len(skipped) == 4, refused.describe()
+
+    _with_link_roots(ws, [str(store)])
+    record = _fetched(ws)
+    assert record["skipped"] == []
+    assert record["tree_sha256"] == expected["tree_sha256"] and record["counts"] == expected["counts"]
+    assert source_digest({"source": "dir", "dir": str(linked), "link_roots": [str(store)]}) == source_digest(
+        {"source": "dir", "dir": str(plain)}
+    )
+
+
+def test_a_dvc_checkout_made_of_links_fetches_like_the_plain_folder(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    plain = _kaggle_layout(tmp_path / "plain")
+    shutil.copytree(plain, repo / "inbox")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env["GIT_COMMITTER_EMAIL"] = "t@t"
+    for command in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "cache.type", "symlink"],
+        [sys.executable, "-m", "dvc", "add", "-q", "inbox"],
+    ):
+        proc = subprocess.run(command, cwd=repo, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+    linked = sorted(p for p in (repo / "inbox").rglob("*.jpeg"))
+    assert linked and all(p.is_symlink() for p in linked)  # DVC replaced every file by a link into its cache
+    assert all(".dvc/cache" in os.readlink(p) or "cache" in os.path.realpath(p) for p in linked)
+
+    expected = _fetched(make_workspace(tmp_path / "ws-plain", plain))
+    record = _fetched(make_workspace(repo / "project", repo / "inbox"))
+    assert record["skipped"] == []
+    assert record["tree_sha256"] == expected["tree_sha256"] and record["counts"] == expected["counts"]
+
+
+def test_links_outside_the_roots_and_loops_stay_refused(tmp_path: Path) -> None:
+    src = _kaggle_layout(tmp_path / "src")
+    store = tmp_path / "store"
+    make_source(store / "extra", n=1, seed=90)
+    secret = tmp_path / "secret.jpeg"
+    secret.write_bytes(b"root:$6$secret\n")
+    (src / "train/NORMAL/shadow.jpeg").symlink_to(secret)  # a file outside every root
+    (src / "train/NORMAL/devnull.jpeg").symlink_to("/dev/null")  # a device outside every root
+    (src / "train/NORMAL/loop").symlink_to(src / "train", target_is_directory=True)  # inside, but a loop
+    (src / "train/PNEUMONIA/more").symlink_to(store / "extra/PNEUMONIA", target_is_directory=True)
+    os.mkfifo(store / "extra/PNEUMONIA/pipe.jpeg")
+    ws = make_workspace(tmp_path / "ws", src)
+    _with_link_roots(ws, [str(store)])  # the store is listed: its folder is followed, its FIFO is not copied
+
+    record = _fetched(ws)
+
+    reasons = {e["path"]: e["reason"] for e in record["skipped"]}
+    assert "outside the dataset folder" in reasons["train/NORMAL/shadow.jpeg"]
+    assert "outside the dataset folder" in reasons["train/NORMAL/devnull.jpeg"]
+    assert "not a regular file" in reasons["train/PNEUMONIA/more/pipe.jpeg"]
+    raw = ws / "data/raw"
+    assert (raw / "train/PNEUMONIA/more/person90_virus_0.jpeg").is_file()  # the listed store's image came
+    assert b"secret" not in b"".join(p.read_bytes() for p in raw.rglob("*") if p.is_file())
+    # the loop: train/NORMAL/loop → train: its folders are copied once more at most, never forever
+    assert len(list(raw.rglob("*.jpeg"))) < 40
 
 
 # ------------------------------------------------------------------- 11. names that are not UTF-8
@@ -676,3 +775,34 @@ def test_two_prepares_at_once_leave_one_pair(ws: Path) -> None:
     printed = [json.loads(o.out) for o in (a, b) if o.rc == 0]
     assert {"manifest_sha256": quality["manifest_sha256"], "splits_sha256": quality["splits_sha256"]} in printed
     assert scratch(ws) == []
+
+
+def test_an_external_set_made_of_links_into_a_listed_root_is_indexed_like_its_copy(tmp_path: Path) -> None:
+    from cxr.data.external_sets import index_external
+
+    plain = make_source(tmp_path / "plain", n=3, seed=70)
+    store = tmp_path / "store"
+    shutil.copytree(plain, store)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("NORMAL", "PNEUMONIA"):
+        (linked / name).symlink_to(store / name, target_is_directory=True)
+    (store / "NORMAL/shadow.jpeg").symlink_to(tmp_path / "secret")  # inside the store, pointing out of it
+    (tmp_path / "secret").write_bytes(b"secret")
+
+    expected = index_external("plain", plain, out_dir=tmp_path / "out-plain", splits_csv=tmp_path / "none.csv")
+    with pytest.raises(DataError, match="NORMAL"):  # not listed: both class folders excluded, no images
+        index_external("linked", linked, out_dir=tmp_path / "out-refused", splits_csv=tmp_path / "none.csv")
+    summary = index_external(
+        "linked", linked, out_dir=tmp_path / "out-linked", splits_csv=tmp_path / "none.csv", extra_roots=[str(store)]
+    )
+
+    def images(out: str) -> list[tuple[str, str]]:
+        frame = pd.read_csv(next((tmp_path / out).glob("*.csv")))
+        return sorted(zip(frame["class_name"], frame["sha256"], strict=True))
+
+    assert images("out-linked") == images("out-plain")  # the same images, reached through links
+    assert summary["class_counts"] == expected["class_counts"]
+    assert [e["reason"] for e in summary["excluded"]] == [
+        "symbolic link to a file outside the dataset folder, its DVC cache and data.link_roots"
+    ]
