@@ -8,9 +8,13 @@ Endpoints:
   ``?name=scan.png`` for the record). The answer is ``cxr predict --json``'s record for that file:
   ``path`` (the upload's name), ``label``, ``probability``, ``threshold``, ``threshold_source``,
   ``model_sha256`` (the file's), ``card_model_sha256`` and ``verified_model``.
+* ``POST /predict/batch`` scores several files sent as repeated multipart fields ``files``: one
+  record per file, in order; a file that fails is that record's ``{path, error, status}``.
 * ``GET /health``: ``{"status": "ok", ...}`` once the model is loaded and warmed up.
 * ``GET /model``: the model card (with its intended use), the file, its sha256 and verification,
   the threshold in use and the upload limits.
+* ``GET /openapi.json`` and ``GET /docs``: the schema of all of this (:mod:`cxr.serving.schemas`),
+  errors included.
 
 Every error is a JSON object with one line, ``{"error": "..."}``: 413 for an upload over the size
 cap (refused from ``Content-Length`` before the body is read, or as soon as a chunked body passes
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -69,22 +73,35 @@ from cxr.serving.budget import (
     resident_mb,
 )
 from cxr.serving.connections import guarded_protocol
+from cxr.serving.schemas import (
+    BATCH_BODY,
+    UPLOAD_BODY,
+    BatchResult,
+    Health,
+    ModelInfo,
+    Prediction,
+    Reloaded,
+    errors,
+)
 
 log = logging.getLogger("cxr.serve")
 
 DEFAULT_MAX_UPLOAD_MB = 50.0
 DEFAULT_BATCH_SIZE = 16
+MAX_BATCH_FILES = 64  # files in one POST /predict/batch
+BATCH_UPLOAD_FACTOR = 4  # a batch's body may be this many times --max-upload-mb
 FORM_FIELD = "file"
 DICOM_TYPES = {"application/dicom", "application/dicom+binary"}
 
 
 class UploadError(Exception):
-    """A bad upload: answered with ``status`` and ``{"error": message}``."""
+    """A bad upload: answered with ``status`` and ``{"error": message}`` (``name``: the file, in a batch)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, name: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.name = name
 
 
 class _TooLarge(Exception):
@@ -398,10 +415,11 @@ def create_app(
     app = FastAPI(
         title="cxr serve",
         summary=f"P(pneumonia) for chest radiographs from {model_name}",
+        version=_version(),
         lifespan=lifespan,
-        docs_url=None,
+        docs_url="/docs",
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
 
     @app.exception_handler(StarletteHTTPException)
@@ -419,19 +437,22 @@ def create_app(
         log.error("internal error: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
+        """The model is loaded and warmed up; which file it is."""
         return {"status": "ok", "model": model_name, **holder.current.identity}
 
-    @app.post("/reload")
+    @app.post("/reload", response_model=Reloaded, responses=errors(409, 503))
     async def reload_model() -> JSONResponse:
+        """Load the model file again and serve it if its bytes changed (a promotion or a rollback)."""
         try:
             return JSONResponse(await swap())
         except UploadError as exc:
             return _error(exc.status, exc.message)
 
-    @app.get("/model")
+    @app.get("/model", response_model=ModelInfo)
     async def model_card() -> dict[str, Any]:
+        """The model card, the threshold in use and the upload limits."""
         current = holder.current
         return {
             "model": model_name,
@@ -441,6 +462,7 @@ def create_app(
             "threshold_source": current.threshold_source,
             "limits": {
                 "max_upload_bytes": max_upload_bytes,
+                "max_batch_files": MAX_BATCH_FILES,
                 "max_image_pixels": limits.max_pixels,
                 "max_image_bytes": limits.max_bytes,
                 "decode_budget_bytes": budget.total,
@@ -448,65 +470,154 @@ def create_app(
             "card": current.lm.card.to_json(),
         }
 
-    @app.post("/predict")
-    async def predict(request: Request, name: str | None = None) -> JSONResponse:
+    @app.post("/predict", response_model=Prediction, responses=errors(400, 413, 422, 503), openapi_extra=UPLOAD_BODY)
+    async def predict(
+        request: Request, name: str | None = Query(None, max_length=255, description="the file's name for the record")
+    ) -> JSONResponse:
+        """Score one image: ``cxr predict --json``'s record."""
         current = holder.acquire()  # this request finishes on this model, whatever a reload does meanwhile
         try:
             return await _predict(current, request, name)
         finally:
             holder.release(current)
 
-    async def _upload_to_image(
-        request: Request, body: _CappedBody, name: str | None, cfg: InputConfig
-    ) -> tuple[np.ndarray, str | None, str]:
-        """Read and decode one upload within the decode budget: (image, why outside intended use, name)."""
+    @app.post("/predict/batch", response_model=BatchResult, responses=errors(400, 413, 503), openapi_extra=BATCH_BODY)
+    async def predict_batch(request: Request) -> JSONResponse:
+        """Score several images sent together: one record per file, in order; a file that fails is
+        that record's error, not the request's."""
+        current = holder.acquire()
+        try:
+            return await _predict_batch(current, request)
+        finally:
+            holder.release(current)
+
+    async def _decode_within_budget(
+        cfg: InputConfig, data: bytes, filename: str, content_type: str
+    ) -> tuple[np.ndarray, str | None]:
+        """Decode one file in the lane for its size, holding what its decode will cost."""
+        dicom = _dicom_or_image_suffix(filename, content_type) == ".dcm" or data[128:132] == b"DICM"
+        cost, pixels = await budget.run(False, decode_cost, data, dicom)
+        large = pixels > LARGE_PIXELS
+        async with budget.hold(cost, filename, large):
+            return await budget.run(large, _decode, cfg, data, filename, content_type, allow_outside_intended_use)
+
+    def _body_reservation(request: Request, cap: int) -> int:
         declared = request.headers.get("content-length", "")
-        expected = int(declared) if declared.isdigit() and int(declared) <= max_upload_bytes else max_upload_bytes
-        async with budget.hold(2 * expected, "the upload"):
-            data, filename, content_type = await _read_upload(request, body, name)
-            dicom = _dicom_or_image_suffix(filename, content_type) == ".dcm" or data[128:132] == b"DICM"
-            cost, pixels = await budget.run(False, decode_cost, data, dicom)
-            large = pixels > LARGE_PIXELS
-            async with budget.hold(cost, filename, large):
-                image, outside = await budget.run(
-                    large, _decode, cfg, data, filename, content_type, allow_outside_intended_use
-                )
-        return image, outside, filename
+        return 2 * (int(declared) if declared.isdigit() and int(declared) <= cap else cap)
+
+    async def _score(current: _Served, image: np.ndarray, filename: str, outside: str | None) -> dict[str, Any]:
+        """The record of one decoded image (its worker was told to expect it)."""
+        probability, domain_score = await asyncio.wrap_future(current.worker.submit(image, expected=True))
+        if not math.isfinite(probability):
+            log.error("%s: the model returned %s", filename, probability)
+            raise UploadError(500, f"{filename}: the model returned {probability} for this image; retrain it")
+        record = {  # cxr predict --json's record (tests/test_serve.py compares the two)
+            "path": filename,
+            **verdict(probability, current.threshold, domain_score, allow_outside_intended_use),
+            "threshold": current.threshold,
+            "threshold_source": current.threshold_source,
+            **current.identity,
+            "intended_use": outside is None,
+        }
+        if outside is not None:
+            record["outside_intended_use"] = outside
+        return record
 
     async def _predict(current: _Served, request: Request, name: str | None) -> JSONResponse:
-        worker, cfg, threshold = current.worker, current.cfg, current.threshold
-        threshold_source, identity = current.threshold_source, current.identity
         body = _CappedBody(request.receive, max_upload_bytes)
-        worker.expect()  # from here on, the worker may wait briefly for this image to batch it with others
+        current.worker.expect()  # from here on, the worker may wait briefly to batch this image with others
         try:
             try:
-                image, outside, filename = await _upload_to_image(request, body, name, cfg)
+                async with budget.hold(_body_reservation(request, max_upload_bytes), "the upload"):
+                    data, filename, content_type = await _read_upload(request, body, name)
+                    image, outside = await _decode_within_budget(current.cfg, data, filename, content_type)
             except BaseException:
-                worker.expect(-1)
+                current.worker.expect(-1)
                 raise
+            return JSONResponse(await _score(current, image, filename, outside))
         except (UploadError, BudgetError) as exc:
             log.info("refused an upload (%d): %s", exc.status, exc.message)
             await body.discard_rest(request.headers, budget=max(4 * max_upload_bytes, 8_000_000))
             return _error(exc.status, exc.message, retry_after=exc.status == 503)
         except ClientDisconnect:
             return _error(400, "the client closed the connection during the upload")
-        probability, domain_score = await asyncio.wrap_future(worker.submit(image, expected=True))
-        if not math.isfinite(probability):
-            log.error("%s: the model returned %s", filename, probability)
-            return _error(500, f"{filename}: the model returned {probability} for this image; retrain it")
-        record = {  # cxr predict --json's record (tests/test_serve.py compares the two)
-            "path": filename,
-            **verdict(probability, threshold, domain_score, allow_outside_intended_use),
-            "threshold": threshold,
-            "threshold_source": threshold_source,
-            **identity,
-            "intended_use": outside is None,
-        }
-        if outside is not None:
-            record["outside_intended_use"] = outside
-        return JSONResponse(record)
+
+    async def _predict_batch(current: _Served, request: Request) -> JSONResponse:
+        cap = BATCH_UPLOAD_FACTOR * max_upload_bytes
+        body = _CappedBody(request.receive, cap)
+        try:
+            async with budget.hold(_body_reservation(request, cap), "the batch"):
+                files = await _read_batch(request, body, max_upload_bytes)
+                current.worker.expect(sum(1 for f in files if not isinstance(f, UploadError)))
+                results = await asyncio.gather(*(_batch_item(current, f) for f in files))
+        except (UploadError, BudgetError) as exc:
+            log.info("refused a batch (%d): %s", exc.status, exc.message)
+            await body.discard_rest(request.headers, budget=max(2 * cap, 8_000_000))
+            return _error(exc.status, exc.message, retry_after=exc.status == 503)
+        except ClientDisconnect:
+            return _error(400, "the client closed the connection during the upload")
+        return JSONResponse({"results": list(results)})
+
+    async def _batch_item(current: _Served, item: tuple[bytes, str, str] | UploadError) -> dict[str, Any]:
+        if isinstance(item, UploadError):
+            return {"path": item.name, "error": item.message, "status": item.status}
+        data, filename, content_type = item
+        try:
+            try:
+                image, outside = await _decode_within_budget(current.cfg, data, filename, content_type)
+            except BaseException:
+                current.worker.expect(-1)
+                raise
+            return await _score(current, image, filename, outside)
+        except (UploadError, BudgetError) as exc:
+            return {"path": filename, "error": exc.message, "status": exc.status}
 
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+async def _read_batch(request: Request, body: _CappedBody, file_cap: int) -> list[tuple[bytes, str, str] | UploadError]:
+    """The files of a batch, in order: ``(bytes, name, content type)``, or the error of one that is
+    empty or over ``file_cap`` (it becomes that file's record).
+
+    Raises:
+        UploadError: 413 over the batch's limit; 400 not multipart, malformed, or without files.
+    """
+    declared = request.headers.get("content-length")
+    too_large = UploadError(413, f"batch larger than the {body.limit} byte limit (4 × cxr serve --max-upload-mb)")
+    if declared and declared.isdigit() and int(declared) > body.limit:
+        raise too_large
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise UploadError(400, "send a batch as multipart/form-data, one field 'files' per image")
+    capped = Request(request.scope, body)
+    items: list[tuple[bytes, str, str] | UploadError] = []
+    try:
+        async with capped.form(max_files=MAX_BATCH_FILES, max_fields=16) as form:
+            uploads = [v for v in form.values() if isinstance(v, UploadFile)]
+            if not uploads:
+                raise UploadError(400, "a batch without files: send each image as a multipart field 'files'")
+            for index, upload in enumerate(uploads):
+                name = printable(upload.filename or f"file{index}")
+                data = await upload.read(file_cap + 1)
+                if not data:
+                    items.append(UploadError(400, f"{name}: empty file (0 bytes)", name))
+                elif len(data) > file_cap:
+                    items.append(UploadError(413, f"{name}: larger than the {file_cap} byte limit per file", name))
+                else:
+                    items.append((data, name, upload.content_type or ""))
+    except _TooLarge:
+        raise too_large from None
+    except StarletteHTTPException as exc:  # the form parser's refusals (malformed, too many files or fields)
+        raise UploadError(exc.status_code, str(exc.detail)) from None
+    return items
 
 
 async def _read_upload(request: Request, body: _CappedBody, name: str | None) -> tuple[bytes, str, str]:
