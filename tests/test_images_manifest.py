@@ -39,9 +39,9 @@ def test_classify_path():
 
 def test_probe_reads_geometry_and_hash(tmp_path):
     gray = probe(write_image(tmp_path / "g.jpeg", 1, size=(50, 30), mode="L", fmt="JPEG"))
-    rgb = probe(write_image(tmp_path / "c.png", 2, size=(20, 10), mode="RGB", fmt="PNG"))
+    rgb = probe(write_image(tmp_path / "c.png", 2, size=(40, 20), mode="RGB", fmt="PNG"))
     assert (gray["width"], gray["height"], gray["channels"], gray["format"]) == (50, 30, 1, "jpeg")
-    assert (rgb["width"], rgb["height"], rgb["channels"], rgb["format"]) == (20, 10, 3, "png")
+    assert (rgb["width"], rgb["height"], rgb["channels"], rgb["format"]) == (40, 20, 3, "png")
     assert len(gray["sha256"]) == 64 and gray["bytes"] == (tmp_path / "g.jpeg").stat().st_size
 
 

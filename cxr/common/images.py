@@ -144,9 +144,20 @@ def check_pixels(width: int, height: int, limits: ImageLimits, frames: int = 1) 
         frames: frames in the file (DICOM), each decoded.
 
     Raises:
+        OverCap: the image is over the cap.
+    """
+    pixels = int(width) * int(height) * max(int(frames), 1)
+    if pixels > limits.max_pixels:
+        shape = f"{width} × {height}" + (f" × {frames} frames" if frames > 1 else "")
+        raise OverCap(f"{shape} = {pixels:,} pixels, over {_pixel_cap(limits)}; not decoded")
+
+
+def check_shape(width: int, height: int) -> None:
+    """Refuse a shape no chest film has (checked after the format: an unsupported file says so first).
+
+    Raises:
         NotAFilm: a side is under :data:`MIN_SIDE` pixels, or one side is over :data:`MAX_ASPECT`
             times the other.
-        OverCap: the image is over the cap.
     """
     short, long = sorted((int(width), int(height)))
     if short < MIN_SIDE:
@@ -156,10 +167,6 @@ def check_pixels(width: int, height: int, limits: ImageLimits, frames: int = 1) 
             f"{width} × {height} pixels: a {long / short:.3g}:1 strip, beyond the {MAX_ASPECT:g}:1 of any chest "
             "film; not decoded"
         )
-    pixels = int(width) * int(height) * max(int(frames), 1)
-    if pixels > limits.max_pixels:
-        shape = f"{width} × {height}" + (f" × {frames} frames" if frames > 1 else "")
-        raise OverCap(f"{shape} = {pixels:,} pixels, over {_pixel_cap(limits)}; not decoded")
 
 
 def read_header(path: str | Path, limits: ImageLimits) -> Header:
@@ -233,6 +240,10 @@ def probe(path: str | Path, limits: ImageLimits | None = None) -> dict[str, Any]
     if header.mode == "CMYK":
         return {"bytes": size, "error": CMYK_REFUSED}
     try:
+        check_shape(header.width, header.height)
+    except NotAFilm as exc:
+        return {"bytes": size, "error": str(exc)}
+    try:
         data = path.read_bytes()
     except OSError as exc:
         return {"bytes": size, "error": f"unreadable file ({exc.strerror or type(exc).__name__})"}
@@ -245,6 +256,7 @@ def probe(path: str | Path, limits: ImageLimits | None = None) -> dict[str, Any]
             if fmt not in SUPPORTED_FORMATS:
                 return {**result, "error": f"unsupported format {fmt} (use JPEG or PNG)"}
             check_pixels(width, height, limits)
+            check_shape(width, height)
             image.load()
     except ImageRefused as exc:
         return {**result, "error": str(exc)}
@@ -285,4 +297,5 @@ def check_image(path: str | Path, limits: ImageLimits) -> Header:
         raise ImageRefused(f"unsupported format {header.format} (use JPEG, PNG or BMP)")
     if header.mode == "CMYK":  # prepare excludes them too (probe): one behaviour everywhere
         raise ImageRefused(CMYK_REFUSED)
+    check_shape(header.width, header.height)
     return header

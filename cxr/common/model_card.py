@@ -241,9 +241,30 @@ def write_card(card_file: str | Path, card: ModelCard | Mapping[str, Any]) -> Mo
 
 
 # The parts of a card that decide a verdict or what a reader believes about the model. The lineage
-# record keeps them flattened beside the card's sha256, so an edited card is refused with the field
+# record keeps them flattened beside the card's digest, so an edited card is refused with the field
 # that changed (``cxr.provenance.lineage_log.card_change``).
 DECISIVE_SECTIONS = ("kind", "model_sha256", "input", "operating_point", "domain", "health", "validation")
+
+
+def card_digest(card_file: str | Path) -> str:
+    """sha256 of the card's canonical JSON (keys sorted, no whitespace): what the lineage record keeps.
+
+    The content, not the bytes: a card rewritten with other indentation is the same card; any changed
+    value is not.
+
+    Raises:
+        CxrError: the card cannot be read or is not JSON.
+    """
+    import hashlib
+    import json
+
+    card_file = Path(card_file)
+    try:
+        raw = parse_json_bounded(read_bounded(card_file, "model card", SMALL_FILE), printable(card_file))
+    except ValueError as exc:
+        raise CxrError(f"{printable(card_file)}: the model card is not valid JSON ({str(exc)[:80]})") from None
+    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def decisive_fields(card: ModelCard | Mapping[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.common.images import ImageLimits, ImageRefused, check_bytes, check_pixels
+from cxr.common.images import ImageLimits, ImageRefused, check_bytes, check_pixels, check_shape
 from cxr.errors import DataError
 from cxr.runtime import native_stderr
 from cxr.safe_text import printable
@@ -178,6 +178,7 @@ def check_dicom_header(path: str | Path, limits: ImageLimits | None = None) -> N
     try:
         if rows or columns:  # an object without pixel data has neither: reading it says so
             check_pixels(columns, rows, limits)
+            check_shape(columns, rows)
     except ImageRefused as exc:
         raise DataError(f"{shown}: {exc}") from None
 

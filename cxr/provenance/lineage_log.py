@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxr.common.model_card import field_differences, parse_card, read_card
+from cxr.common.model_card import card_digest, field_differences, parse_card, read_card
 from cxr.errors import CxrError
 from cxr.files import LOG_FILE, SMALL_FILE, dumps_json, load_json_bounded, parse_json_bounded, read_bounded
 from cxr.provenance.hashing import sha256_file
@@ -219,32 +219,38 @@ def _read_card(card_file: Path) -> tuple[dict[str, Any] | None, str | None]:
     return card, None
 
 
-def card_change(card_file: Path, model_sha256: str, log_path: Path = LINEAGE_LOG) -> str | None:
+def card_change(
+    card_file: Path, model_sha256: str, log_path: Path = LINEAGE_LOG, known: list[dict[str, Any]] | None = None
+) -> str | None:
     """Why the card is not the one recorded when ``model_sha256`` was trained, or None when it is.
 
-    Training records the card's sha256 and its decisive fields (:func:`decisive_fields`) beside the
-    model's sha256, so a card edited afterwards (a lowered threshold, another resize rule, a better
-    AUC) is caught even though it still names the right model. A model with no record, or records
-    written before cards were recorded, gives None: nothing to compare with (``audit`` reports the
-    missing record on its own).
+    Training records the card's digest (of its canonical JSON) and its decisive fields
+    (:func:`decisive_fields`) beside the model's sha256, so a card edited afterwards (a lowered
+    threshold, another resize rule, a better AUC) is caught even though it still names the right
+    model. A model with no record, or records written before cards were recorded, gives None:
+    nothing to compare with (``audit`` reports the missing record on its own).
 
     Args:
         card_file: the card beside the model.
         model_sha256: the model file's own sha256.
         log_path: the lineage log.
+        known: its records, when the caller has read them already (each broken line warns once).
 
     Returns:
         One phrase naming the fields that differ (or the digest, when no decisive field does), or None.
     """
     recorded = [
         r
-        for r in records(log_path)
-        if r["model_sha256"] == model_sha256 and not is_event(r) and isinstance(r.get("card_sha256"), str)
+        for r in (records(log_path) if known is None else known)
+        if r["model_sha256"] == model_sha256 and not is_event(r) and isinstance(r.get("card_digest"), str)
     ]
     if not recorded or not card_file.is_file():
         return None
-    digest = sha256_file(card_file)
-    if any(r["card_sha256"] == digest for r in recorded):
+    try:
+        digest = card_digest(card_file)
+    except CxrError as exc:
+        return f"its card cannot be read ({printable(str(exc).split(': ', 1)[-1])})"
+    if any(r["card_digest"] == digest for r in recorded):
         return None
     fields = recorded[-1].get("card_fields")
     differs: list[str] = []
@@ -257,7 +263,7 @@ def card_change(card_file: Path, model_sha256: str, log_path: Path = LINEAGE_LOG
     return (
         f"its card differs from the one recorded at training ({what})"
         if differs
-        else f"its card's sha256 {digest[:12]}… is not the one recorded at training {recorded[-1]['card_sha256'][:12]}…"
+        else f"its card's digest {digest[:12]}… is not the one recorded at training {recorded[-1]['card_digest'][:12]}…"
     )
 
 
@@ -296,7 +302,7 @@ def audit_model(model_file: str | Path, log_path: Path = LINEAGE_LOG) -> dict[st
         problems.append(card_problem)
     elif card is not None and card["model_sha256"] != digest:
         problems.append("its card names another sha256 (file changed after training)")
-    elif changed := card_change(card_file, digest, log_path):
+    elif changed := card_change(card_file, digest, log_path, known=found):
         problems.append(changed)
     return {
         "model_file": str(model_file),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from cxr.common.domain import SUFFIX as DOMAIN_SUFFIX
 from cxr.common.domain import DomainModel, MemberDomains
-from cxr.common.model_card import decisive_fields, write_card
+from cxr.common.model_card import card_digest, decisive_fields, write_card
 from cxr.errors import CxrError
 from cxr.files import save_keras, sweep_stale, write_json
 from cxr.formatting import num
@@ -209,7 +209,7 @@ def _save(
 ) -> str:
     """Write the model, its card and ``ensemble.json`` into ``out_dir`` at once; completes ``card``.
 
-    Returns the card file's sha256 (the lineage record keeps it).
+    Returns the card's digest (:func:`cxr.common.model_card.card_digest`; the lineage record keeps it).
     """
     tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -224,23 +224,23 @@ def _save(
             sidecar = model_file(ENSEMBLE, out_dir.parent / "models").with_name(f"ensemble{DOMAIN_SUFFIX}")
             card["domain"].update(file=sidecar.as_posix(), sha256=sha256_file(tmp_dir / f"ensemble{DOMAIN_SUFFIX}"))
         card.update(write_card(tmp_dir / "ensemble.card.json", card).to_json())
-        card_sha256 = sha256_file(tmp_dir / "ensemble.card.json")
+        digest = card_digest(tmp_dir / "ensemble.card.json")
         write_json(tmp_dir / "ensemble.json", {"enabled": True, "members": list(members)})
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp_dir, out_dir)  # the model and its card appear together
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # gone after the rename; a failed save leaves no scratch
-    return card_sha256
+    return digest
 
 
-def _record(card: Mapping[str, Any], card_sha256: str, members: Sequence[str], metrics: Mapping[str, Any]) -> None:
+def _record(card: Mapping[str, Any], digest: str, members: Sequence[str], metrics: Mapping[str, Any]) -> None:
     """Append the ensemble to the lineage log and log its validation figures."""
     audit.append(
         {
             "model": ENSEMBLE,
             "model_file": card["model_file"],
             "model_sha256": card["model_sha256"],
-            "card_sha256": card_sha256,
+            "card_digest": digest,
             "card_fields": decisive_fields(card),
             "data": card["lineage_data"],
             "params": {"ensemble": {"members": members}},
@@ -287,6 +287,6 @@ def build_ensemble(
     val = _validate(model, loaded, members, params, splits_csv)
     card = _card(model, loaded, models_dir, val)
     domain = _domain_bytes(loaded) if card.get("domain") else None
-    card_sha256 = _save(model, card, members, out_dir, splits_csv, domain)
-    _record(card, card_sha256, members, val.health.metrics)
+    digest = _save(model, card, members, out_dir, splits_csv, domain)
+    _record(card, digest, members, val.health.metrics)
     return card

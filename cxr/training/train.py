@@ -53,7 +53,7 @@ from cxr.common.domain import (
     no_domain_bytes,
     scoring_model,
 )
-from cxr.common.model_card import decisive_fields, read_card, write_card
+from cxr.common.model_card import card_digest, decisive_fields, read_card, write_card
 from cxr.common.thresholds import validation_operating_point
 from cxr.config import InputConfig, Params, TrainConfig, as_plain
 from cxr.errors import CxrError, DataError
@@ -990,7 +990,7 @@ def _ship(
         root=run.registry_dir,
         move=True,
     )
-    audit.append(_lineage_record(run, card, version.id, sha256_file(version.card_file)))
+    audit.append(_lineage_record(run, card, version.id, card_digest(version.card_file)))
     shutil.rmtree(run.work_dir, ignore_errors=True)
     if run.install:
         try:
@@ -1062,13 +1062,13 @@ def _data_quality(splits_csv: Path) -> dict[str, Any] | None:
     return {k: report.get(k) for k in ("images_listed", "excluded_count") if isinstance(report.get(k), int)}
 
 
-def _lineage_record(run: _Run, card: Mapping[str, Any], version: str, card_sha256: str) -> dict[str, Any]:
+def _lineage_record(run: _Run, card: Mapping[str, Any], version: str, digest: str) -> dict[str, Any]:
     return {
         "model": run.name,
         "version": version,
         "model_file": run.model_path.as_posix(),
         "model_sha256": card["model_sha256"],
-        "card_sha256": card_sha256,  # the card is checked against these two (lineage_log.card_change)
+        "card_digest": digest,  # the card is checked against these two (lineage_log.card_change)
         "card_fields": decisive_fields(card),
         "data": card["lineage_data"],
         "params": {"train": card["train_config"], "input": card["input"]},
