@@ -132,4 +132,7 @@ def test_pydicom_s_own_test_files_sweep_through_predict(trained: Path) -> None:
         "JPEG-lossy.dcm",
         "JPEG2000-embedded-sequence-delimiter.dcm",
     ]
-    assert len(records) >= 45 and all(r["intended_use"] is False for r in records)
+    # 3 × 3 secondary captures, 10 × 10 dose grids and 45 × 10 strips are no film, allowed or not
+    not_films = [line for line in errors if "is not a chest film" in line or ":1 strip" in line]
+    assert len(not_films) >= 8, not_films
+    assert len(records) >= 38 and all(r["intended_use"] is False for r in records)

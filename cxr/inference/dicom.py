@@ -178,7 +178,6 @@ def check_dicom_header(path: str | Path, limits: ImageLimits | None = None) -> N
     try:
         if rows or columns:  # an object without pixel data has neither: reading it says so
             check_pixels(columns, rows, limits)
-            check_shape(columns, rows)
     except ImageRefused as exc:
         raise DataError(f"{shown}: {exc}") from None
 
@@ -235,6 +234,10 @@ def read_dicom(
     problem = intended_use_problem(ds)
     if problem and not allow_outside_intended_use:
         raise OutsideIntendedUse(f"{shown}: {problem}: outside intended use ({_EXPECTS})")
+    try:  # after the intended use: "Modality CT" says more about a 16 × 16 dose grid than its size
+        check_shape(int(ds.get("Columns") or 0), int(ds.get("Rows") or 0))
+    except ImageRefused as exc:
+        raise DataError(f"{shown}: {exc}") from None
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     colour = ("RGB", "YBR_FULL", "YBR_FULL_422")
     if not photometric.startswith("MONOCHROME") and photometric not in colour:
