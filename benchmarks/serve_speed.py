@@ -6,7 +6,8 @@ Starts the real server (``python -m cxr serve --port 0``) in a subprocess, waits
 warms it up, then posts ``-n`` images spread over the folder (one image per request, multipart, as
 ``curl -F file=@…`` does) from 1 client and from each ``--clients`` count, each client on its own
 keep-alive connection. Prints one JSON object per client count: requests/s over the whole run and
-the p50 / p95 latency of a request, in milliseconds, plus the server's start-up time.
+the p50 / p95 latency of a request, in milliseconds, plus the server's start-up time. Then the
+same images through ``POST /predict/batch``, ``--batch-files`` a request, from one and two clients.
 """
 
 from __future__ import annotations
@@ -100,12 +101,50 @@ def run(url: str, payloads: list[tuple[str, bytes]], clients: int) -> dict[str, 
     }
 
 
+def run_batches(url: str, payloads: list[tuple[str, bytes]], per_batch: int, clients: int) -> dict[str, float | int]:
+    """Post the payloads through ``POST /predict/batch``, ``per_batch`` files a request, from ``clients``
+    threads; images per second and the latency of one batch."""
+    batches = [payloads[i : i + per_batch] for i in range(0, len(payloads), per_batch)]
+    shares = [batches[i::clients] for i in range(clients)]
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(share: list[list[tuple[str, bytes]]]) -> None:
+        mine = []
+        with httpx.Client(base_url=url, timeout=300) as http:
+            for batch in share:
+                began = time.perf_counter()
+                response = http.post("/predict/batch", files=[("files", (n, d)) for n, d in batch])
+                mine.append(time.perf_counter() - began)
+                if response.status_code != 200 or any("error" in r for r in response.json()["results"]):
+                    raise SystemExit(f"batch: {response.status_code} {response.text[:300]}")
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    return {
+        "endpoint": "/predict/batch",
+        "files_per_request": per_batch,
+        "clients": clients,
+        "images": len(payloads),
+        "images_per_s": round(len(payloads) / wall, 1),
+        "batch_latency_ms_p50": round(1000 * statistics.median(latencies), 1),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model name or .keras file (with its card)")
     parser.add_argument("--data", required=True, help="a folder of images")
     parser.add_argument("-n", type=int, default=200, help="requests per run (images spread over the folder)")
     parser.add_argument("--clients", type=int, nargs="+", default=[4, 8], help="concurrent client counts")
+    parser.add_argument("--batch-files", type=int, default=16, help="files per /predict/batch request (0: skip)")
     args = parser.parse_args()
     files = sorted(imutils_paths.list_images(args.data))
     step = max(1, len(files) // args.n)
@@ -119,6 +158,9 @@ def main() -> int:
             print(json.dumps({"model": args.model, "startup_s": round(startup_s, 1), "mean_upload_kb": round(mean_kb)}))
             for clients in [1, *args.clients]:
                 print(json.dumps(run(url, payloads, clients)), flush=True)
+            if args.batch_files:
+                for clients in (1, 2):
+                    print(json.dumps(run_batches(url, payloads, args.batch_files, clients)), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -73,8 +73,11 @@ def test_predict_and_serve_speed_benchmarks(trained: Path, images: Path) -> None
     model = str(trained / "models/smallnet.keras")
     [row] = _bench("predict_speed.py", "--model", model, "--data", str(images), "-n", "4", "--repeats", "1")
     assert any(isinstance(v, int | float) and v > 0 for v in row.values())
-    rows = _bench("serve_speed.py", "--model", model, "--data", str(images), "-n", "4", "--clients", "2")
-    assert rows[0]["startup_s"] > 0 and len(rows) == 3  # start-up, then 1 client and 2 clients
+    rows = _bench(
+        "serve_speed.py", "--model", model, "--data", str(images), "-n", "4", "--clients", "2", "--batch-files", "2"
+    )
+    assert rows[0]["startup_s"] > 0 and len(rows) == 5  # start-up, 1 client, 2 clients, then 2 batch runs
+    assert all(r["images_per_s"] > 0 for r in rows[3:])
 
 
 def test_domain_check_benchmark(trained: Path, images: Path, tmp_path: Path) -> None:

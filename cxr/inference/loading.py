@@ -75,6 +75,7 @@ class LoadedModel:
     sha256: str = ""
     domain: DomainModel | MemberDomains | None = None  # the content check's statistics, when the card has one
     _scorer: Any = None
+    _call: Any = None
 
     @property
     def name(self) -> str:
@@ -98,18 +99,23 @@ class LoadedModel:
         Returns:
             ((N,) probabilities, (N,) domain scores or None).
         """
+        if self._call is None:
+            self._call = compiled(self.model, self.input.image_size)
         if self.domain is None:
-            return predict_images(self.model, images, batch_size), None
+            return predict_images(self._call, images, batch_size), None
         if isinstance(self.domain, MemberDomains):  # an ensemble: each member's check, the worst score
             if self._scorer is None:
-                self._scorer = {name: scoring_model(self.model.get_layer(name)) for name in self.domain.members}
+                size = self.input.image_size
+                self._scorer = {
+                    name: compiled(scoring_model(self.model.get_layer(name)), size) for name in self.domain.members
+                }
             scores = [
                 self.domain.members[name].scores(features_and_probabilities(scorer, images, batch_size)[0])
                 for name, scorer in self._scorer.items()
             ]
-            return predict_images(self.model, images, batch_size), np.max(scores, axis=0)
+            return predict_images(self._call, images, batch_size), np.max(scores, axis=0)
         if self._scorer is None:
-            self._scorer = scoring_model(self.model)
+            self._scorer = compiled(scoring_model(self.model), self.input.image_size)
         features, probabilities = features_and_probabilities(self._scorer, images, batch_size)
         return probabilities, self.domain.scores(features) if len(features) else np.zeros(0)
 
@@ -404,6 +410,25 @@ def iter_images(
             yield Path(path), load_image(path, cfg, allow_outside_intended_use), None
         except DataError as exc:
             yield Path(path), None, str(exc)
+
+
+def compiled(model: Any, image_size: int) -> Any:
+    """``model(x, training=False)`` as one traced TensorFlow graph for (N, S, S, 3) float32 batches.
+
+    Called eagerly, a Keras functional model pays Python overhead per layer: 52 ms for one 160-px
+    image through cxrnet on this 2-core VM, against 6.9 ms for the same call traced once (batch of
+    eight: 76 against 24 ms). The batch dimension is left open, so batches of any size share the
+    one trace. The result is called like the model (``training`` is accepted and ignored: always
+    inference).
+    """
+    tf = tensorflow()
+    spec = tf.TensorSpec((None, image_size, image_size, 3), tf.float32)
+    traced = tf.function(lambda batch: model(batch, training=False), input_signature=[spec])
+
+    def call(batch: Any, training: bool = False) -> Any:
+        return traced(tf.convert_to_tensor(batch, tf.float32))
+
+    return call
 
 
 def predict_images(model: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -601,7 +601,7 @@ async def _read_batch(request: Request, body: _CappedBody, file_cap: int) -> lis
     items: list[tuple[bytes, str, str] | UploadError] = []
     try:
         async with capped.form(max_files=MAX_BATCH_FILES, max_fields=16) as form:
-            uploads = [v for v in form.values() if isinstance(v, UploadFile)]
+            uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]  # repeated fields, in order
             if not uploads:
                 raise UploadError(400, "a batch without files: send each image as a multipart field 'files'")
             for index, upload in enumerate(uploads):
