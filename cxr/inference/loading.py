@@ -36,7 +36,7 @@ from cxr.common.domain import (
 )
 from cxr.common.images import ImageLimits, ImageRefused, NotAFilm, OverCap, check_image
 from cxr.common.model_card import ModelCard, card_path_for, read_card
-from cxr.common.preprocessing import decode_image, resize_image
+from cxr.common.preprocessing import resize_image, traced_decoder
 from cxr.common.thresholds import Threshold, model_threshold
 from cxr.config import ConfigError, InputConfig, parse_input
 from cxr.errors import CxrError, DataError
@@ -380,7 +380,8 @@ def load_image(path: str | Path, cfg: InputConfig, allow_outside_intended_use: b
         raise DataError(f"{shown}: unreadable ({exc.strerror or type(exc).__name__})") from None
     try:
         with native_stderr(quiet_on=(tf.errors.OpError,)) as noise:
-            image = decode_image(tf.constant(os.fsencode(path)), cfg.image_size, cfg.resize, cfg.interpolation).numpy()
+            decode = traced_decoder(cfg.image_size, cfg.resize, cfg.interpolation)
+            image = decode(tf.constant(os.fsencode(path))).numpy()
     except tf.errors.OpError as exc:
         reason = "; ".join(decoder_messages(noise)) or _op_message(exc)
         raise DataError(f"{shown}: not a readable JPEG/PNG/BMP image ({printable(reason)})") from None
