@@ -30,6 +30,7 @@ TASKS = [
     "preview",
     "train@smallnet",
     "promote@smallnet",
+    "export",
     "ensemble",
     "evaluate",
     "explain",
