@@ -22,7 +22,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from imutils import paths as imutils_paths
@@ -67,6 +69,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
 
 
+def run_threads(client: Callable[[Any], None], shares: list[Any]) -> float:
+    """Run ``client(share)`` in one thread per share, all at once; the wall-clock seconds until all end."""
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - began
+
+
 def run(url: str, payloads: list[tuple[str, bytes]], clients: int) -> dict[str, float | int]:
     """Post every payload once, spread over ``clients`` threads; throughput and latency figures."""
     latencies: list[float] = []
@@ -85,13 +98,7 @@ def run(url: str, payloads: list[tuple[str, bytes]], clients: int) -> dict[str, 
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
+    wall = run_threads(client, shares)
     return {
         "clients": clients,
         "requests": len(latencies),
@@ -121,13 +128,7 @@ def run_batches(url: str, payloads: list[tuple[str, bytes]], per_batch: int, cli
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
+    wall = run_threads(client, shares)
     return {
         "endpoint": "/predict/batch",
         "files_per_request": per_batch,

@@ -10,12 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +25,13 @@ import pytest
 from PIL import Image
 
 from tests.factories import REPO_ROOT, synthetic, write_dicom
-from tests.hostile.harness import assert_refused, run_cxr
+from tests.hostile.harness import assert_refused, run_cxr, running_server
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("python_multipart")
 
 UPLOAD_CAP_MB = 0.2  # 200 kB (the server's --max-upload-mb): the oversize upload stays cheap
-STARTUP_S = 180
 
 
 def _png_bomb(width: int, height: int, complete: bool = False) -> bytes:
@@ -102,46 +99,10 @@ def cli_run(project: Path) -> Iterator[subprocess.Popen[str]]:
 @pytest.fixture(scope="module")
 def server(project: Path, cli_run: subprocess.Popen[str]) -> Iterator[str]:
     """``cxr serve`` on a free loopback port (``--port 0``); its base URL once ``/health`` answers."""
-    log_path = project / "serve.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr", "serve", "--model", "smallnet", "--port", "0", "--max-upload-mb", "0.2"],
-            cwd=project,
-            env=_env(),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        url = _wait_for_health(proc, log_path)
+    with running_server(project, "--model", "smallnet", "--max-upload-mb", str(UPLOAD_CAP_MB)) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log = log_path.read_text(errors="replace")
+    log = (project / "serve.log").read_text(errors="replace")
     assert "Traceback" not in log, log
-
-
-def _wait_for_health(proc: subprocess.Popen[bytes], log_path: Path) -> str:
-    deadline = time.monotonic() + STARTUP_S
-    url = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"cxr serve exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-        if url is None:
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", log_path.read_text(errors="replace"))
-            url = found.group(1) if found else None
-        if url is not None:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-        time.sleep(0.3)
-    pytest.fail(f"cxr serve did not answer /health within {STARTUP_S} s:\n{log_path.read_text(errors='replace')}")
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,9 @@ against that schema (loopback, a bounded number of examples), and ``POST /predic
 from __future__ import annotations
 
 import io
-import os
-import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.factories import REPO_ROOT, synthetic, write_dicom
+from tests.factories import synthetic, write_dicom
+from tests.hostile.harness import running_server
 
 httpx = pytest.importorskip("httpx")
 schemathesis = pytest.importorskip("schemathesis")
@@ -30,26 +28,9 @@ EXAMPLES = 25  # per operation: bounded, so the run stays about a minute
 def server(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("serve-openapi") / "project"
     shutil.copytree(trained, root)
-    log_path = root / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CXR_NO_PROGRESS": "1"}
-    command = [sys.executable, "-m", "cxr", "serve", "--model", "smallnet", "--port", "0", "--max-upload-mb", "0.5"]
-    with open(log_path, "wb") as sink:
-        proc = subprocess.Popen(command, cwd=root, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        deadline, url = time.monotonic() + 180, None
-        while url is None and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", log_path.read_text(errors="replace"))
-            url = found.group(1) if found else None
-            time.sleep(0.3)
-        assert url, log_path.read_text(errors="replace")
-        while httpx.get(f"{url}/health", timeout=30).status_code != 200:
-            time.sleep(0.3)
+    with running_server(root, "--model", "smallnet", "--max-upload-mb", "0.5") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    log = log_path.read_text(errors="replace")
+    log = (root / "serve.log").read_text(errors="replace")
     assert "Traceback" not in log and "internal error" not in log, log
 
 

@@ -86,18 +86,23 @@ def probe_images(size: int, count: int = 16, seed: int = 0) -> np.ndarray:
     return np.stack(images).astype(np.float32)
 
 
-def _runner(fmt: str, path: Path) -> Any:
-    """A function (N, S, S, 3) float32 → (N,) probabilities for the exported file."""
+def _runner(fmt: str, path: Path) -> tuple[Any, tuple[str, str]]:
+    """A function (N, S, S, 3) float32 → (N,) probabilities for the exported file, and the names of
+    its input and output (as ``export.json`` records them)."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return lambda x: np.asarray(session.run(None, {name: x})[0]).reshape(-1)
+        names = (name, session.get_outputs()[0].name)
+        return (lambda x: np.asarray(session.run(None, {name: x})[0]).reshape(-1)), names
     tf = tensorflow()
     if fmt == "savedmodel":
         loaded = tf.saved_model.load(str(path))
-        return lambda x: np.asarray(loaded.serve(tf.constant(x))).reshape(-1)
+        return (lambda x: np.asarray(loaded.serve(tf.constant(x))).reshape(-1)), (
+            "serve (positional input)",
+            "output 0",
+        )
     with warnings.catch_warnings():  # "tf.lite.Interpreter is deprecated": ai_edge_litert is not a dependency
         warnings.simplefilter("ignore")
         interpreter = tf.lite.Interpreter(model_path=str(path))
@@ -112,7 +117,7 @@ def _runner(fmt: str, path: Path) -> Any:
             out.append(float(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).reshape(-1)[0]))
         return np.asarray(out)
 
-    return run
+    return run, ("input 0", "output 0")
 
 
 def _convert(model: Any, size: int, fmt: str, path: Path) -> None:
@@ -153,15 +158,6 @@ def tree_sha256(path: Path) -> str:
     for item in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_file(item)}\n".encode())
     return digest.hexdigest()
-
-
-def _io_names(fmt: str, path: Path) -> tuple[str, str]:
-    if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return session.get_inputs()[0].name, session.get_outputs()[0].name
-    return "serve (positional input)" if fmt == "savedmodel" else "input 0", "output 0"
 
 
 def _versions(fmt: str) -> dict[str, str]:
@@ -232,7 +228,8 @@ def _export_into(lm: LoadedModel, name: str, fmt: str, folder: Path) -> dict[str
     try:
         with native_stderr(quiet_on=(Exception,)):
             _convert(model, size, fmt, path)
-            exported_p = _runner(fmt, path)(probes)
+            run, (input_name, output_name) = _runner(fmt, path)
+            exported_p = run(probes)
     except ImportError as exc:
         raise CxrError(f"--format {fmt}: {printable(exc)}; install it (pip install -e .) and rerun") from None
     except Exception as exc:
@@ -246,7 +243,6 @@ def _export_into(lm: LoadedModel, name: str, fmt: str, folder: Path) -> dict[str
         )
     shutil.copyfile(lm.path.with_name(f"{name}.card.json"), folder / f"{name}.card.json")
     threshold, source = lm.threshold(None)
-    input_name, output_name = _io_names(fmt, path)
     record = {
         "model": name,
         "format": fmt,

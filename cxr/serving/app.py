@@ -535,12 +535,8 @@ def create_app(
                 current.worker.expect(-1)
                 raise
             return JSONResponse(await _score(current, image, filename, outside))
-        except (UploadError, BudgetError) as exc:
-            log.info("refused an upload (%d): %s", exc.status, exc.message)
-            await body.discard_rest(request.headers, budget=max(4 * max_upload_bytes, 8_000_000))
-            return _error(exc.status, exc.message, retry_after=exc.status == 503)
-        except ClientDisconnect:
-            return _error(400, "the client closed the connection during the upload")
+        except (UploadError, BudgetError, ClientDisconnect) as exc:
+            return await _refused(exc, "an upload", body, request, 4 * max_upload_bytes)
 
     async def _predict_batch(current: _Served, request: Request) -> JSONResponse:
         cap = BATCH_UPLOAD_FACTOR * max_upload_bytes
@@ -550,12 +546,8 @@ def create_app(
                 files = await _read_batch(request, body, max_upload_bytes)
                 current.worker.expect(sum(1 for f in files if not isinstance(f, UploadError)))
                 results = await asyncio.gather(*(_batch_item(current, f) for f in files))
-        except (UploadError, BudgetError) as exc:
-            log.info("refused a batch (%d): %s", exc.status, exc.message)
-            await body.discard_rest(request.headers, budget=max(2 * cap, 8_000_000))
-            return _error(exc.status, exc.message, retry_after=exc.status == 503)
-        except ClientDisconnect:
-            return _error(400, "the client closed the connection during the upload")
+        except (UploadError, BudgetError, ClientDisconnect) as exc:
+            return await _refused(exc, "a batch", body, request, 2 * cap)
         return JSONResponse({"results": list(results)})
 
     async def _batch_item(current: _Served, item: tuple[bytes, str, str] | UploadError) -> dict[str, Any]:
@@ -573,6 +565,18 @@ def create_app(
             return {"path": filename, "error": exc.message, "status": exc.status}
 
     return app
+
+
+async def _refused(
+    exc: UploadError | BudgetError | ClientDisconnect, what: str, body: _CappedBody, request: Request, drain: int
+) -> JSONResponse:
+    """The one-line answer to a refused request; what the client still sends is read and dropped
+    (up to ``drain`` bytes) so that it receives the answer instead of a reset connection."""
+    if isinstance(exc, ClientDisconnect):
+        return _error(400, "the client closed the connection during the upload")
+    log.info("refused %s (%d): %s", what, exc.status, exc.message)
+    await body.discard_rest(request.headers, budget=max(drain, 8_000_000))
+    return _error(exc.status, exc.message, retry_after=exc.status == 503)
 
 
 def _version() -> str:

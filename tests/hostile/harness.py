@@ -7,13 +7,16 @@ The helpers here are plain functions; test modules import them from ``tests.host
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,3 +204,48 @@ def leftovers(root: Path) -> list[str]:
             if any(marker in name for marker in TEMP_MARKERS):
                 left.append(str(Path(dirpath, name).relative_to(root)))
     return sorted(left)
+
+
+@contextlib.contextmanager
+def running_server(root: Path, *options: str, startup_s: float = 180) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``python -m cxr serve --port 0 OPTIONS`` in ``root``: (base URL, process) once ``/health``
+    answers 200; terminated on exit. Its output goes to ``root/serve.log`` (the caller checks it)."""
+    import httpx
+
+    log_path = root / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env["CXR_NO_PROGRESS"] = "1"
+    with open(log_path, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cxr", "serve", "--port", "0", *options],
+            cwd=root,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline, url = time.monotonic() + startup_s, None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (
+                f"cxr serve exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}"
+            )
+            if url is None:
+                found = re.search(r"on (http://127\.0\.0\.1:\d+)", log_path.read_text(errors="replace"))
+                url = found.group(1) if found else None
+            if url is not None:
+                try:
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"cxr serve did not answer /health within {startup_s} s:\n{log_path.read_text()}")
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

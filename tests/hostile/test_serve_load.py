@@ -9,12 +9,8 @@ not starve a small request.
 from __future__ import annotations
 
 import io
-import os
-import re
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.factories import REPO_ROOT, synthetic, write_dicom
+from tests.factories import synthetic, write_dicom
+from tests.hostile.harness import running_server
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -40,34 +37,10 @@ def served(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """(base URL, server pid, project) of ``cxr serve`` on a copy of the trained project."""
     root = tmp_path_factory.mktemp("serve-load") / "project"
     shutil.copytree(trained, root)
-    log_path = root / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CXR_NO_PROGRESS": "1"}
-    args = ["serve", "--model", "smallnet", "--port", "0", "--max-upload-mb", "60", "--max-memory-mb", "2048"]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr", *args], cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        url = None
-        while time.monotonic() < deadline and url is None:
-            assert proc.poll() is None, log_path.read_text(errors="replace")
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", log_path.read_text(errors="replace"))
-            if found:
-                url = found.group(1)
-            time.sleep(0.3)
-        assert url, log_path.read_text(errors="replace")
-        while httpx.get(f"{url}/health", timeout=30).status_code != 200:
-            time.sleep(0.3)
+    options = ("--model", "smallnet", "--max-upload-mb", "60", "--max-memory-mb", str(MAX_MEMORY_MB))
+    with running_server(root, *options) as (url, proc):
         yield url, proc.pid, root
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log = log_path.read_text(errors="replace")
+    log = (root / "serve.log").read_text(errors="replace")
     assert "Traceback" not in log, log
 
 
