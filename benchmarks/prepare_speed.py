@@ -20,13 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from cxr.config import DataConfig
 from cxr.data.fetch import fetch
 
 CHILD = """
 import resource, sys, time
+from cxr.config import PrepareConfig, SplitConfig
 from cxr.data.prepare import prepare
 t = time.perf_counter()
-prepare("data/raw", {"strategy": "patient", "seed": 42}, {"min_images_per_class": 1})
+prepare("data/raw", SplitConfig(strategy="patient", seed=42), PrepareConfig(min_images_per_class=1))
 wall = time.perf_counter() - t
 print(wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
@@ -53,7 +55,7 @@ def main() -> int:
     runs: dict[int, list[tuple[float, float]]] = {}  # file count -> [(prepare_s, peak_rss_mb)]
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "all"
-        fetch({"source": "dir", "dir": args.data}, raw_dir=staged, record_path=Path(tmp) / "f.json")
+        fetch(DataConfig(source="dir", dir=args.data), raw_dir=staged, record_path=Path(tmp) / "f.json")
         for fraction in (0.25, 0.5, 1.0):
             work = Path(tmp) / f"w{fraction}"
             n = subset(staged, work / "data/raw", fraction)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr import __version__, models_cli
-from cxr.config import load_config, load_params
+from cxr.config import Params, load_config
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
 from cxr.safe_text import printable
@@ -107,10 +107,10 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(params: dict, given: list[str] | None) -> list[str]:
+def _models(cfg: Params, given: list[str] | None, with_ensemble: bool = True) -> list[str]:
     from cxr.training.ensemble import evaluated_models
 
-    models = given or evaluated_models(params)
+    models = given or (evaluated_models(cfg) if with_ensemble else list(cfg.train.models))
     if not models:
         raise CxrError("no model given: pass --model NAME or list train.models in params.yaml")
     return models
@@ -121,7 +121,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cxr.files import dumps_json
 
     cfg = load_config(args.params, args.set)
-    params, eval_cfg = cfg.as_params(), cfg.evaluate
+    eval_cfg = cfg.evaluate
     if args.data:  # one saved model on any labelled folder
         if not args.model or len(args.model) != 1:
             raise CxrError("--data needs exactly one --model (a .keras file or a model name)")
@@ -144,7 +144,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             if result["skipped"]:
                 print(f"{len(result['skipped'])} unreadable file(s) skipped", file=sys.stderr)
         return 0
-    summary = evaluate_models(_models(params, args.model), eval_cfg, cfg.input)
+    summary = evaluate_models(_models(cfg, args.model), eval_cfg, cfg.input)
     if args.json:
         print(dumps_json(summary))
         return 0
@@ -188,8 +188,8 @@ def _cmd_external(args: argparse.Namespace) -> int:
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from cxr.training.ensemble import build_ensemble
 
-    params = load_params(args.params, args.set)
-    card = build_ensemble(params, splits_csv=args.splits, models_dir=args.models)
+    cfg = load_config(args.params, args.set)
+    card = build_ensemble(cfg, splits_csv=args.splits, models_dir=args.models)
     print(
         json.dumps(
             {"model": "ensemble", "enabled": card is not None, "model_sha256": card["model_sha256"] if card else None}
@@ -202,7 +202,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from cxr.evaluation.explain import explain_models
 
     cfg = load_config(args.params, args.set)
-    models = _models({"train": {"models": list(cfg.train.models)}}, args.model)  # Grad-CAM: one network, no ensemble
+    models = _models(cfg, args.model, with_ensemble=False)  # Grad-CAM: one network, no ensemble
     summary = explain_models(models, cfg.evaluate, cfg.input)
     from cxr.files import dumps_json
 
@@ -214,7 +214,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from cxr.reporting.report import build
 
     cfg = load_config(args.params, args.set)
-    result = build(_models(cfg.as_params(), args.model), cfg.report.readers, cfg.evaluate)
+    result = build(_models(cfg, args.model), cfg.report.readers, cfg.evaluate)
     print(json.dumps({"html": result["html"]}))
     return 0
 
@@ -320,30 +320,17 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(value: object, width: int | None = None) -> str:
+    """A lineage record's text, escaped for one terminal line (its first ``width`` characters when given)."""
+    return printable(str(value)[:width] if width else value)
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from cxr.files import dumps_json
-    from cxr.provenance.lineage_log import audit_model, models_for_data
-
-    def show(value: Any, width: int | None = None) -> str:  # a record's text, escaped for one terminal line
-        return printable(str(value)[:width] if width else value)
+    from cxr.provenance.lineage_log import audit_model
 
     if args.data:
-        found = models_for_data(args.data)
-        if not found:
-            raise CxrError(
-                f"no model in the lineage log was trained on data {show(args.data)}; "
-                "check the hash (cxr audit MODEL_FILE prints a model's data hashes)"
-            )
-        if args.json:
-            print(dumps_json(found))
-            return 0
-        for r in found:
-            d = r.get("data") or {}
-            print(
-                f"{show(r['model'])}  {show(r['model_sha256'], 12)}  manifest {show(d.get('manifest_sha256'), 12)}  "
-                f"created {show(r.get('created'))}  run {show((r.get('run') or {}).get('driver'))}"
-            )
-        return 0
+        return _audit_data(args.data, args.json)
     if not args.model_file:
         raise CxrError("give a MODEL_FILE, or --data HASH")
     result = audit_model(args.model_file)
@@ -351,43 +338,70 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(dumps_json(result))
         return 0 if result["verified"] else 1
     status = "verified" if result["verified"] else "unverified: " + "; ".join(result["problems"])
-    print(f"{show(result['model_file'])}  sha256 {result['sha256'][:12]}  {status}")
-    r = result["record"]
-    if r:
-        d = r.get("data") or {}
-        print(
-            f"  data     source {show(d.get('source'))} {show(d.get('origin') or '')}  kaggle version "
-            f"{show(d.get('kaggle_version') or 'n/a')}  raw {show(d.get('raw_sha256'), 12)}"
-        )
-        print(
-            f"  manifest {show(d.get('manifest_sha256'), 12)}  splits {show(d.get('splits_sha256'), 12)}  "
-            f"strategy {show(d.get('split_strategy'))}"
-        )
-        for split, counts in (d.get("counts") or {}).items():
-            print(f"  {show(split):<8} " + "  ".join(f"{show(c)} {show(n)}" for c, n in counts.items()))
-        code = r.get("code") or {}
-        print(f"  code     {show(code.get('commit'))}{' (dirty)' if code.get('dirty') else ''}")
-        run = r.get("run") or {}
-        print(
-            f"  run      {show(run.get('driver'))} {show(run.get('flow_run_id') or run.get('stage') or '')}  created "
-            f"{show(r.get('created'))}"
-        )
-        val = (r.get("metrics") or {}).get("validation") or {}
-        print(
-            f"  metrics  validation AUC {show(val.get('auc'))}  sensitivity {show(val.get('sensitivity'))}  "
-            f"specificity {show(val.get('specificity'))}"
-        )
-        t = (r.get("params") or {}).get("train") or {}
-        print(
-            f"  params   epochs {show(t.get('epochs'))} lr {show(t.get('learning_rate'))} "
-            f"class_weight {show(t.get('class_weight'))} seed {show(t.get('seed'))}"
-        )
+    print(f"{_show(result['model_file'])}  sha256 {result['sha256'][:12]}  {status}")
+    if result["record"]:
+        _print_lineage_record(result["record"])
     for event in result.get("events") or []:  # promotions, rollbacks and manual promotions of these bytes
         print(
-            f"  event    {show(event.get('event'))} {show(event.get('outcome') or '')}  shipped "
-            f"{show(event.get('shipped'))}  logged {show(event.get('logged'))}"
+            f"  event    {_show(event.get('event'))} {_show(event.get('outcome') or '')}  shipped "
+            f"{_show(event.get('shipped'))}  logged {_show(event.get('logged'))}"
         )
     return 0 if result["verified"] else 1
+
+
+def _audit_data(data: str, as_json: bool) -> int:
+    """``cxr audit --data HASH``: the models the lineage log says were trained on that data, one a line."""
+    from cxr.files import dumps_json
+    from cxr.provenance.lineage_log import models_for_data
+
+    found = models_for_data(data)
+    if not found:
+        raise CxrError(
+            f"no model in the lineage log was trained on data {_show(data)}; "
+            "check the hash (cxr audit MODEL_FILE prints a model's data hashes)"
+        )
+    if as_json:
+        print(dumps_json(found))
+        return 0
+    for r in found:
+        d = r.get("data") or {}
+        print(
+            f"{_show(r['model'])}  {_show(r['model_sha256'], 12)}  manifest {_show(d.get('manifest_sha256'), 12)}  "
+            f"created {_show(r.get('created'))}  run {_show((r.get('run') or {}).get('driver'))}"
+        )
+    return 0
+
+
+def _print_lineage_record(r: dict[str, Any]) -> None:
+    """A model's lineage record, one indented line per part: data, manifest, counts, code, run, metrics, params."""
+    d = r.get("data") or {}
+    print(
+        f"  data     source {_show(d.get('source'))} {_show(d.get('origin') or '')}  kaggle version "
+        f"{_show(d.get('kaggle_version') or 'n/a')}  raw {_show(d.get('raw_sha256'), 12)}"
+    )
+    print(
+        f"  manifest {_show(d.get('manifest_sha256'), 12)}  splits {_show(d.get('splits_sha256'), 12)}  "
+        f"strategy {_show(d.get('split_strategy'))}"
+    )
+    for split, counts in (d.get("counts") or {}).items():
+        print(f"  {_show(split):<8} " + "  ".join(f"{_show(c)} {_show(n)}" for c, n in counts.items()))
+    code = r.get("code") or {}
+    print(f"  code     {_show(code.get('commit'))}{' (dirty)' if code.get('dirty') else ''}")
+    run = r.get("run") or {}
+    print(
+        f"  run      {_show(run.get('driver'))} {_show(run.get('flow_run_id') or run.get('stage') or '')}  created "
+        f"{_show(r.get('created'))}"
+    )
+    val = (r.get("metrics") or {}).get("validation") or {}
+    print(
+        f"  metrics  validation AUC {_show(val.get('auc'))}  sensitivity {_show(val.get('sensitivity'))}  "
+        f"specificity {_show(val.get('specificity'))}"
+    )
+    t = (r.get("params") or {}).get("train") or {}
+    print(
+        f"  params   epochs {_show(t.get('epochs'))} lr {_show(t.get('learning_rate'))} "
+        f"class_weight {_show(t.get('class_weight'))} seed {_show(t.get('seed'))}"
+    )
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
@@ -545,7 +559,7 @@ def common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_data_steps(sub: Any) -> None:
+def _add_data_steps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fetch", help="bring the configured data source into data/raw")
     common(p)
     p.add_argument("--out", default=str(HERE.raw), help="folder to fill with the images")
@@ -566,7 +580,8 @@ def _add_data_steps(sub: Any) -> None:
     p.set_defaults(func=_cmd_external)
 
 
-def _add_model_steps(sub: Any) -> None:
+def _add_model_steps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``train``, ``promote``, ``export`` and ``preview``, then the evaluation steps."""
     p = sub.add_parser("train", help="train models of the registry (default: train.models)")
     common(p)
     p.add_argument("--model", action="append", help="model name (repeatable); default: train.models")
@@ -604,7 +619,11 @@ def _add_model_steps(sub: Any) -> None:
     p.add_argument("--splits", default=str(HERE.splits), help="the split table written by prepare")
     p.add_argument("--out", default=str(HERE.preview_plot), help="the plot to write (PNG)")
     p.set_defaults(func=_cmd_preview)
+    _add_evaluation_steps(sub)
 
+
+def _add_evaluation_steps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``evaluate``, ``ensemble``, ``explain`` and ``report``."""
     p = sub.add_parser("evaluate", help="test-split and external-set metrics of the models, or one model on a folder")
     common(p)
     p.add_argument(
@@ -634,7 +653,40 @@ def _add_model_steps(sub: Any) -> None:
     p.set_defaults(func=_cmd_report)
 
 
-def _add_tools(sub: Any) -> None:
+def _add_tools(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``predict``, ``serve``, ``stages``, ``agreement`` and ``audit``."""
+    _add_predict(sub)
+    _add_serve(sub)
+
+    p = sub.add_parser("stages", help="the stage registry: list each step's code and settings, or write dvc.yaml")
+    p.add_argument("--write", action="store_true", help="regenerate dvc.yaml from the registry")
+    p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml disagrees with the registry")
+    p.add_argument(
+        "--fingerprints",
+        action="store_true",
+        help="write data/code/<step>.sha256: what each step's code computes (the code stage of dvc.yaml)",
+    )
+    p.add_argument("--dvc-yaml", default=str(HERE.dvc_yaml), help="the DVC pipeline file to write or check")
+    p.set_defaults(func=_cmd_stages)
+
+    p = sub.add_parser("agreement", help="Cohen's and Fleiss' kappa for a readers CSV")
+    p.add_argument("readers", help="CSV: a key column (path/image) and one 0/1 column per reader")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (under 10: no CI)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line per pair")
+    p.set_defaults(func=_cmd_agreement)
+
+    p = sub.add_parser("audit", help="which data, params, code and run produced a model file")
+    p.add_argument("model_file", nargs="?", help="a .keras file")
+    p.add_argument(
+        "--data",
+        metavar="HASH",
+        help="list the models trained on data with this hash (prefix); default: audit MODEL_FILE",
+    )
+    p.add_argument("--json", action="store_true", help="print the audit (or the models found) as JSON")
+    p.set_defaults(func=_cmd_audit)
+
+
+def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("predict", help="label and P(pneumonia) for images, folders or DICOM files")
     p.add_argument("--model", required=True, help="model name (models/NAME.keras) or a .keras file")
     p.add_argument("paths", nargs="+", help="image files or folders (JPEG, PNG, BMP, DICOM)")
@@ -660,6 +712,8 @@ def _add_tools(sub: Any) -> None:
     )
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="serve a verified model over HTTP: POST /predict, GET /health, GET /model")
     p.add_argument("--model", required=True, help="model name (models/NAME.keras) or a .keras file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine only)")
@@ -695,33 +749,6 @@ def _add_tools(sub: Any) -> None:
         "(default: ./params.yaml when present, else the built-in caps)",
     )
     p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("stages", help="the stage registry: list each step's code and settings, or write dvc.yaml")
-    p.add_argument("--write", action="store_true", help="regenerate dvc.yaml from the registry")
-    p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml disagrees with the registry")
-    p.add_argument(
-        "--fingerprints",
-        action="store_true",
-        help="write data/code/<step>.sha256: what each step's code computes (the code stage of dvc.yaml)",
-    )
-    p.add_argument("--dvc-yaml", default=str(HERE.dvc_yaml), help="the DVC pipeline file to write or check")
-    p.set_defaults(func=_cmd_stages)
-
-    p = sub.add_parser("agreement", help="Cohen's and Fleiss' kappa for a readers CSV")
-    p.add_argument("readers", help="CSV: a key column (path/image) and one 0/1 column per reader")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (under 10: no CI)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line per pair")
-    p.set_defaults(func=_cmd_agreement)
-
-    p = sub.add_parser("audit", help="which data, params, code and run produced a model file")
-    p.add_argument("model_file", nargs="?", help="a .keras file")
-    p.add_argument(
-        "--data",
-        metavar="HASH",
-        help="list the models trained on data with this hash (prefix); default: audit MODEL_FILE",
-    )
-    p.add_argument("--json", action="store_true", help="print the audit (or the models found) as JSON")
-    p.set_defaults(func=_cmd_audit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,11 +1,20 @@
-"""``params.yaml``, strictly: one typed, frozen dataclass per section, and every default in one place.
+"""``params.yaml``, strictly: one frozen pydantic model per section, and every default in one place.
 
 Every entry point (the ``cxr`` command, ``dvc repro`` through it, the Prefect flow and its
 parameters) reads settings through :func:`load_config` / :func:`load_params`, so a misspelled key,
 a value of the wrong type or one out of range stops the run with one line, before any work starts:
 
-    params.yaml: split.seeed: unknown key (section split allows seed, strategy, test_size, val_size); did you mean seed?
-    params.yaml: train.smallnet.epochs=-1: must be ≥ 1
+    params.yaml: split.seeed: unknown key in section split (known keys: strategy, seed, ...); did you mean seed?
+    params.yaml with -S train.smallnet.epochs=-1: train.smallnet.epochs=-1: must be in [1, 10000]
+
+Why pydantic: each section is declared once, as typed fields with their ranges (``Field(ge=...)``),
+their choices (``Literal``) and their cross-field rules (validators), and pydantic does the
+checking, for ``params.yaml``, ``-S`` overrides and sections built in code alike. Only the wording
+is ours: :func:`parse_section` turns pydantic's first error into the line above (the dotted key, the
+value, the rule, and for an unknown key the section's keys and the closest one).
+
+Numbers are read as people write them in YAML: ``1e-6`` (text to YAML 1.1) is a number, ``64.0``
+and ``"1e3"`` are whole numbers, ``1.5`` is not; ``true`` is no number and ``1`` is not ``true``.
 
 The defaults below are the shipped recipe; ``params.yaml`` repeats them so DVC can track each one
 (a guard test keeps the two equal).
@@ -18,16 +27,27 @@ import dataclasses
 import difflib
 import functools
 import json
-import math
 import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticKnownError
 
 from cxr.errors import CxrError
 from cxr.files import SMALL_FILE, read_bounded
@@ -39,76 +59,120 @@ class ConfigError(CxrError, ValueError):
     """A setting that does not exist, has the wrong type or is out of range."""
 
 
+# ---------------------------------------------------------------- the value types of every section
+def _whole(value: Any) -> Any:
+    """YAML 1.1 reads ``1e3`` as text: whole-number text becomes the number; a boolean is no number."""
+    if isinstance(value, bool):
+        raise PydanticKnownError("int_type")
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value  # pydantic words the refusal
+        return int(number) if number.is_integer() else number
+    return value
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-6`` as text: number text becomes the number; a boolean is no number."""
+    if isinstance(value, bool):
+        raise PydanticKnownError("float_type")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_whole)]  # 64, 64.0, "1e3"; not 1.5, not true
+Number = Annotated[float, BeforeValidator(_number)]  # finite (allow_inf_nan=False below)
+Flag = Annotated[bool, Strict()]  # true or false, not 1 or "on"
+Text = Annotated[str, Strict()]
+
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's random states take 0 to 2**32 - 1
+Seed = Annotated[Whole, Field(ge=0, le=SEED_MAX, description="the range numpy and scikit-learn seeds take")]
 
 
-def _seed(default: int = 42) -> Any:
-    return _opt(default, ge=0, le=SEED_MAX, doc="the range numpy and scikit-learn seeds take")
+class Section(BaseModel):
+    """A section of ``params.yaml``: frozen, no unknown keys; built in code, it is checked the same way.
+
+    ``location`` is the section's dotted name, for the messages of a section built in code.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    location: ClassVar[str] = ""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _Invalid(exc, type(self)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, raw: Any) -> Any:
+        return {} if raw is None else raw  # "augment:" with nothing under it: every default
 
 
-def _bound(value: float) -> str:
-    """A range bound in full: ``4294967295``, ``100000``, ``0.5`` (not ``4.29497e+09``)."""
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+class _Invalid(ConfigError):
+    """A section's errors, worded for the section built in code.
 
+    Pydantic builds a nested section through its ``__init__`` too, and hands this on as the cause of
+    a ``value_error`` at the section's key: :func:`_config_error` then words it again under the full path.
+    """
 
-def _opt(
-    default: Any,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    doc: str = "",
-) -> Any:
-    """A field with a default and an allowed range (checked by :func:`parse_section`)."""
-    meta = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}.items() if v not in (None, "")}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    def __init__(self, exc: ValidationError, cls: type[Section]) -> None:
+        super().__init__(str(_config_error(exc, cls, cls.location)))
+        self.errors, self.cls = exc, cls
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return ConfigError, (str(self),)  # across processes: the line
 
 
 # ---------------------------------------------------------------- data, prepare, split
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Where the images come from (``cxr fetch``)."""
 
+    location: ClassVar[str] = "data"
     # auto: kaggle when credentials are configured, else the embedded demo sample (cxr.data.fetch.resolve_source)
     source: Literal["kaggle", "dir", "medmnist", "sample", "auto"] = "auto"
-    kaggle_dataset: str = "paultimothymooney/chest-xray-pneumonia"
-    dir: str = "data/inbox"
+    kaggle_dataset: Text = "paultimothymooney/chest-xray-pneumonia"
+    dir: Text = "data/inbox"
     # folders that links in data.dir (and external sets) may lead into, besides the folder itself and
     # its DVC cache (cxr.data.links)
-    link_roots: tuple[str, ...] = ()
-    npz: str = ""
+    link_roots: tuple[Text, ...] = ()
+    npz: Text = ""
     medmnist_size: Literal[28, 64, 128, 224] = 28
-    retries: int = _opt(4, ge=0, le=100)
-    retry_backoff_s: float = _opt(2.0, ge=0)
-    max_files: int = _opt(100_000, ge=1)
-    max_bytes: int = _opt(20_000_000_000, ge=1)
-    max_ratio: float = _opt(200.0, gt=1, doc="zip-bomb guard: uncompressed/compressed, per entry over 1 MiB")
+    retries: Whole = Field(default=4, ge=0, le=100)
+    retry_backoff_s: Number = Field(default=2.0, ge=0)
+    max_files: Whole = Field(default=100_000, ge=1)
+    max_bytes: Whole = Field(default=20_000_000_000, ge=1)
+    max_ratio: Number = Field(
+        default=200.0, gt=1, description="zip-bomb guard: uncompressed/compressed, per entry over 1 MiB"
+    )
 
 
-@dataclass(frozen=True)
-class PrepareConfig:
+class PrepareConfig(Section):
     """The manifest and data-quality step (``cxr prepare``)."""
 
-    min_images_per_class: int = _opt(10, ge=1, le=1_000_000)
-    workers: int = _opt(0, ge=0, le=512, doc="0 = all cores")
+    location: ClassVar[str] = "prepare"
+    min_images_per_class: Whole = Field(default=10, ge=1, le=1_000_000)
+    workers: Whole = Field(default=0, ge=0, le=512, description="0 = all cores")
 
 
-@dataclass(frozen=True)
-class SplitConfig:
+class SplitConfig(Section):
     """The train / validation / test split."""
 
+    location: ClassVar[str] = "split"
     strategy: Literal["patient", "seed"] = "patient"
-    seed: int = _seed()
-    test_size: float = _opt(0.2, gt=0, lt=1)
-    val_size: float = _opt(0.2, gt=0, lt=1)
+    seed: Seed = 42
+    test_size: Number = Field(default=0.2, gt=0, lt=1)
+    val_size: Number = Field(default=0.2, gt=0, lt=1)
 
 
 # ---------------------------------------------------------------- input pipeline
-@dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(Section):
     """Ranges of the random changes applied to each training image (0 = off).
 
     Args:
@@ -127,53 +191,59 @@ class AugmentConfig:
             (0 = off).
     """
 
-    rotation_deg: float = _opt(15.0, ge=0, le=180)
-    width_shift: float = _opt(0.1, ge=0, lt=1)
-    height_shift: float = _opt(0.1, ge=0, lt=1)
+    location: ClassVar[str] = "input.augment"
+    rotation_deg: Number = Field(default=15.0, ge=0, le=180)
+    width_shift: Number = Field(default=0.1, ge=0, lt=1)
+    height_shift: Number = Field(default=0.1, ge=0, lt=1)
     fill_mode: Literal["nearest", "constant", "reflect", "wrap"] = "constant"
-    zoom: float = _opt(0.2, ge=0, lt=1)
-    shear_deg: float = _opt(0.0, ge=0, lt=90)
-    horizontal_flip: bool = False
-    brightness: float = _opt(0.1, ge=0, le=1)
-    contrast: float = _opt(0.3, ge=0, le=1)
-    gamma: float = _opt(0.3, ge=0, lt=1)
-    blur_sigma: float = _opt(0.0, ge=0)
-    noise_std: float = _opt(0.0, ge=0, le=1)
-    jpeg_quality: int = _opt(0, ge=0, le=95)
-
-    def __post_init__(self) -> None:
-        _check(self, "input.augment")
+    zoom: Number = Field(default=0.2, ge=0, lt=1)
+    shear_deg: Number = Field(default=0.0, ge=0, lt=90)
+    horizontal_flip: Flag = False
+    brightness: Number = Field(default=0.1, ge=0, le=1)
+    contrast: Number = Field(default=0.3, ge=0, le=1)
+    gamma: Number = Field(default=0.3, ge=0, lt=1)
+    blur_sigma: Number = Field(default=0.0, ge=0)
+    noise_std: Number = Field(default=0.0, ge=0, le=1)
+    jpeg_quality: Whole = Field(default=0, ge=0, le=95)
 
     @property
     def is_identity(self) -> bool:
         """True when every range is zero (the batch comes back unchanged)."""
-        return not any(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "fill_mode")
+        return not any(getattr(self, name) for name in type(self).model_fields if name != "fill_mode")
 
 
-@dataclass(frozen=True)
-class InputConfig:
+class InputConfig(Section):
     """The tf.data input pipeline (decode, cache, resize, batch, augment).
 
     ``augment_validation`` is written under ``input.augment`` in ``params.yaml`` (where the
-    notebook's generator had it) and lifted here by :func:`parse_input`.
+    notebook's generator had it) and lifted here when the section is read.
     """
 
-    image_size: int = _opt(160, ge=32, le=2048)
+    location: ClassVar[str] = "input"
+    image_size: Whole = Field(default=160, ge=32, le=2048)
     resize: Literal["squash", "pad"] = "squash"
     interpolation: Literal["bilinear", "nearest", "area", "bicubic"] = "bilinear"
-    batch_size: int = _opt(32, ge=1, le=4096)
+    batch_size: Whole = Field(default=32, ge=1, le=4096)
     cache: Literal["disk", "memory", "none"] = "disk"
-    cache_dir: str = "data/cache"
+    cache_dir: Text = "data/cache"
     # decode caps (cxr.common.images.ImageLimits): a larger file is excluded by prepare, refused by training and predict
-    max_image_pixels: int = _opt(50_000_000, ge=1, doc="width × height × frames; the largest chest film is ~18.5 M")
-    max_image_bytes: int = _opt(200_000_000, ge=1, doc="file size, checked before a byte is read")
+    max_image_pixels: Whole = Field(
+        default=50_000_000, ge=1, description="width × height × frames; the largest chest film is ~18.5 M"
+    )
+    max_image_bytes: Whole = Field(default=200_000_000, ge=1, description="file size, checked before a byte is read")
     normalize: Literal["none", "standardize", "equalize"] = "equalize"
-    center_crop: float = _opt(0.0, ge=0, lt=0.4)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    augment_validation: bool = False
+    center_crop: Number = Field(default=0.0, ge=0, lt=0.4)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment_validation: Flag = False
 
-    def __post_init__(self) -> None:
-        _check(self, "input")
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_augment_validation(cls, raw: Any) -> Any:
+        augment = raw.get("augment") if isinstance(raw, Mapping) else None
+        if not isinstance(augment, Mapping) or "augment_validation" not in augment:
+            return raw
+        rest = {k: v for k, v in augment.items() if k != "augment_validation"}
+        return {**raw, "augment": rest, "augment_validation": augment["augment_validation"]}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> InputConfig:
@@ -194,7 +264,7 @@ class InputConfig:
         }  # normalize and center_crop run inside the model
 
 
-def parse_input(raw: Mapping[str, Any], where: str = "input") -> InputConfig:
+def parse_input(raw: Any, where: str = "input") -> InputConfig:
     """Strictly parse the ``input`` section (``augment.augment_validation`` moves up a level).
 
     Args:
@@ -204,86 +274,77 @@ def parse_input(raw: Mapping[str, Any], where: str = "input") -> InputConfig:
     Returns:
         The frozen :class:`InputConfig`.
     """
-    raw = _mapping(raw, where)
-    augment = dict(_mapping(raw.get("augment"), f"{where}.augment"))
-    lifted = {"augment_validation": augment.pop("augment_validation")} if "augment_validation" in augment else {}
-    return parse_section(InputConfig, {**raw, "augment": augment, **lifted}, where)
+    return parse_section(InputConfig, raw, where)
 
 
 # ---------------------------------------------------------------- training
-@dataclass(frozen=True)
-class HealthConfig:
+class HealthConfig(Section):
     """The post-training collapse check and what to do when it fails."""
 
+    location: ClassVar[str] = "train.common.health"
     on_collapse: Literal["fail", "warn", "fallback"] = "fail"
-    min_val_auc: float = _opt(0.6, ge=0, le=1)
-    min_prediction_std: float = _opt(0.01, ge=0)
-    fallback_lr_factor: float = _opt(0.1, gt=0, lt=1)
-
-    def __post_init__(self) -> None:
-        _check(self, "train.common.health")
+    min_val_auc: Number = Field(default=0.6, ge=0, le=1)
+    min_prediction_std: Number = Field(default=0.01, ge=0)
+    fallback_lr_factor: Number = Field(default=0.1, gt=0, lt=1)
 
 
-@dataclass(frozen=True)
-class EarlyStoppingConfig:
+class EarlyStoppingConfig(Section):
     """Stop when the monitored signal has not improved by ``min_delta`` for ``patience`` epochs."""
 
-    enabled: bool = True
-    patience: int = _opt(5, ge=0, le=10_000)
-    min_delta: float = _opt(0.001, ge=0)
-    monitor: str | None = None  # None = train.monitor (the checkpoint's signal)
+    location: ClassVar[str] = "train.common.early_stopping"
+    enabled: Flag = True
+    patience: Whole = Field(default=5, ge=0, le=10_000)
+    min_delta: Number = Field(default=0.001, ge=0)
+    monitor: Text | None = None  # None = train.monitor (the checkpoint's signal)
     mode: Literal["min", "max"] | None = None  # None = train.monitor_mode
 
 
-@dataclass(frozen=True)
-class ReduceLRConfig:
+class ReduceLRConfig(Section):
     """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement."""
 
-    monitor: str = "val_loss"
-    factor: float = _opt(0.3, gt=0, lt=1)
-    patience: int = _opt(3, ge=0, le=10_000)
-    min_lr: float = _opt(1e-6, ge=0)
+    location: ClassVar[str] = "train.common.reduce_lr"
+    monitor: Text = "val_loss"
+    factor: Number = Field(default=0.3, gt=0, lt=1)
+    patience: Whole = Field(default=3, ge=0, le=10_000)
+    min_lr: Number = Field(default=1e-6, ge=0)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """How one model trains: ``train.common`` overlaid with ``train.<model>``.
 
     ``model`` holds the builder's own options (declared in :mod:`cxr.model_options`).
     """
 
-    epochs: int = _opt(15, ge=1, le=10_000)
-    learning_rate: float = _opt(1e-3, gt=0, le=10)
-    continue_epochs: int = _opt(0, ge=0, le=10_000)
-    seed: int = _seed()
-    deterministic: bool = True
+    location: ClassVar[str] = "train"
+    epochs: Whole = Field(default=15, ge=1, le=10_000)
+    learning_rate: Number = Field(default=1e-3, gt=0, le=10)
+    continue_epochs: Whole = Field(default=0, ge=0, le=10_000)
+    seed: Seed = 42
+    deterministic: Flag = True
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     class_weight: Literal["balanced", "none"] = "balanced"
-    steps_per_epoch: int | None = _opt(None, ge=1, le=1_000_000)
-    min_steps_per_epoch: int = _opt(30, ge=1, le=1_000_000)
-    validation_steps: int | None = _opt(None, ge=1, le=1_000_000)
-    monitor: str = "val_auc"
+    steps_per_epoch: Whole | None = Field(default=None, ge=1, le=1_000_000)
+    min_steps_per_epoch: Whole = Field(default=30, ge=1, le=1_000_000)
+    validation_steps: Whole | None = Field(default=None, ge=1, le=1_000_000)
+    monitor: Text = "val_auc"
     monitor_mode: Literal["min", "max"] = "max"
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    reduce_lr: ReduceLRConfig = field(default_factory=ReduceLRConfig)
-    tensorboard: bool = True
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    reduce_lr: ReduceLRConfig = Field(default_factory=ReduceLRConfig)
+    tensorboard: Flag = True
     distribute: Literal["auto", "mirrored", "none"] = "auto"
     optimizer: Literal["adam", "adamw"] = "adamw"
-    weight_decay: float = _opt(1e-4, ge=0)
-    label_smoothing: float = _opt(0.1, ge=0, lt=0.5)
-    ema: bool = True
+    weight_decay: Number = Field(default=1e-4, ge=0)
+    label_smoothing: Number = Field(default=0.1, ge=0, lt=0.5)
+    ema: Flag = True
     schedule: Literal["plateau", "cosine"] = "plateau"
-    warmup_epochs: int = _opt(0, ge=0, le=10_000)
+    warmup_epochs: Whole = Field(default=0, ge=0, le=10_000)
     checkpoint: Literal["best", "last"] = "best"
-    mixup: float = _opt(0.0, ge=0, le=1)
-    domain_check: bool = True
-    domain_percentile: float = _opt(99.5, gt=50, le=100)
-    target_sensitivity: float | None = _opt(0.9, gt=0, lt=1)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    model: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _check(self, "train")
+    mixup: Number = Field(default=0.0, ge=0, le=1)
+    domain_check: Flag = True
+    domain_percentile: Number = Field(default=99.5, gt=50, le=100)
+    target_sensitivity: Number | None = Field(default=0.9, gt=0, lt=1)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    model: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def from_params(cls, train_params: Mapping[str, Any], name: str) -> TrainConfig:
@@ -322,7 +383,7 @@ def model_config(train: Mapping[str, Any], name: str) -> TrainConfig:
     own = dict(_mapping(train.get(name), f"train.{name}"))
     if "model" in common or "model" in own:
         raise ConfigError(f"train.{name}: 'model' is not a setting (builder options go directly under train.{name})")
-    _known_keys(common, _train_keys(), "train.common")
+    _check_keys(common, _train_keys(), "train.common")
     architecture = own.pop("architecture", None) or name
     if not isinstance(architecture, str):
         raise ConfigError(f"train.{name}.architecture={architecture!r}: expected a model name")
@@ -332,27 +393,50 @@ def model_config(train: Mapping[str, Any], name: str) -> TrainConfig:
         raise ConfigError(str(exc)) from None
     own_train = {k: v for k, v in own.items() if k in _train_keys()}
     builder = {k: v for k, v in own.items() if k not in _train_keys()}
-    _known_keys(builder, _train_keys() + _names(options_cls) + _MODEL_KEYS, f"train.{name}")
-    options = parse_section(options_cls, builder, f"train.{name}")
+    options_model = _options_model(options_cls)
+    _check_keys(builder, _train_keys() + tuple(options_model.model_fields) + _MODEL_KEYS, f"train.{name}")
+    options = parse_section(options_model, builder, f"train.{name}").model_dump()
+    try:
+        options_cls(**options)  # the builder's own checks (widths per block, ...)
+    except CxrError as exc:
+        raise ConfigError(f"train.{name}: {exc}") from None
     merged = {**common, **own_train}
     for nested in ("early_stopping", "reduce_lr", "health"):  # a model's block overrides single keys
         if isinstance(common.get(nested), Mapping) and isinstance(own_train.get(nested), Mapping):
             merged[nested] = {**common[nested], **own_train[nested]}
-    model_opts = {**dataclasses.asdict(options), **({"architecture": architecture} if architecture != name else {})}
+    model_opts = {**options, **({"architecture": architecture} if architecture != name else {})}
     return parse_section(TrainConfig, {**merged, "model": model_opts}, f"train.{name}")
 
 
+_AS_STRICT: dict[Any, Any] = {int: Whole, float: Number, bool: Flag, str: Text, list[int]: list[Whole]}
+
+
+@functools.cache
+def _options_model(options_cls: type) -> type[Section]:
+    """A builder's options dataclass (:mod:`cxr.model_options`) as a section model, its fields typed as strictly."""
+    hints = typing.get_type_hints(options_cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(options_cls):
+        factory = f.default_factory
+        default = f.default if factory is dataclasses.MISSING else Field(default_factory=factory)
+        fields[f.name] = (_AS_STRICT.get(hints[f.name], hints[f.name]), default)
+    return create_model(options_cls.__name__, __base__=Section, **fields)
+
+
 def _train_keys() -> tuple[str, ...]:
-    return tuple(n for n in _names(TrainConfig) if n != "model")
+    return tuple(n for n in TrainConfig.model_fields if n != "model")
 
 
-@dataclass(frozen=True)
-class TrainSection:
-    """The ``train`` section: which models to train, shared settings, and each model's own block."""
+class TrainSection(Section):
+    """The ``train`` section: which models to train, shared settings, and each model's own block.
 
-    models: tuple[str, ...] = ("smallnet", "cxrnet")
-    common: Mapping[str, Any] = field(default_factory=lambda: _filled_common(TrainConfig()))
-    blocks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    Read from ``params.yaml`` by :func:`parse_train`, which checks every model's settings.
+    """
+
+    location: ClassVar[str] = "train"
+    models: tuple[Text, ...] = ("smallnet", "cxrnet")
+    common: dict[str, Any] = Field(default_factory=lambda: _filled_common(TrainConfig()))
+    blocks: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def model(self, name: str) -> TrainConfig:
         """The full settings of model ``name``."""
@@ -367,7 +451,7 @@ class TrainSection:
         }
 
 
-def parse_train(raw: Mapping[str, Any]) -> TrainSection:
+def parse_train(raw: Any) -> TrainSection:
     """Validate the ``train`` section: every listed model and every block parses.
 
     Args:
@@ -377,11 +461,11 @@ def parse_train(raw: Mapping[str, Any]) -> TrainSection:
         The :class:`TrainSection` (common settings with every default filled in).
     """
     raw = dict(_mapping(raw, "train"))
-    models = raw.pop("models", list(TrainSection.models))
+    models = raw.pop("models", list(TrainSection.model_fields["models"].default))
     if not isinstance(models, list | tuple) or not all(isinstance(m, str) and m for m in models):
         raise ConfigError(f"train.models={models!r}: expected a list of model names")
     common = dict(_mapping(raw.pop("common", None), "train.common"))
-    _known_keys(common, _train_keys(), "train.common")
+    _check_keys(common, _train_keys(), "train.common")
     blocks = {k: dict(_mapping(v, f"train.{k}")) for k, v in raw.items()}
     full = {"common": common, **blocks}
     filled = _filled_common(parse_section(TrainConfig, common, "train.common"))
@@ -396,39 +480,58 @@ def _filled_common(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- ensemble, evaluation, report
-@dataclass(frozen=True)
-class EnsembleConfig:
+class EnsembleConfig(Section):
     """Members whose mean P(pneumonia) becomes ``ensemble/ensemble.keras`` ([] = no ensemble)."""
 
-    members: tuple[str, ...] = ("smallnet", "cxrnet")
+    location: ClassVar[str] = "ensemble"
+    members: tuple[Text, ...] = ("smallnet", "cxrnet")
 
 
-@dataclass(frozen=True)
-class OrchestrationConfig:
+class OrchestrationConfig(Section):
     """How the Prefect flow schedules work."""
 
-    max_parallel_training: int = _opt(1, ge=1, le=64)
+    location: ClassVar[str] = "orchestration"
+    max_parallel_training: Whole = Field(default=1, ge=1, le=64)
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Scoring, operating point, confidence intervals and Grad-CAM."""
+_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+RESERVED_SET_NAMES = ("train", "val", "test")
 
-    external: Mapping[str, str] = field(default_factory=dict)
-    roles: Mapping[str, str] = field(default_factory=dict)
-    compared: Mapping[str, int] = field(default_factory=dict)
-    allow_outside_intended_use: bool = False
-    threshold_source: str = "validation"
-    threshold: float = _opt(0.5, gt=0, lt=1)
-    bootstrap: int = _opt(1000, ge=0, le=100_000, doc="resamples; 100,000 already takes minutes")
-    seed: int = _seed()
-    gradcam_per_outcome: int = _opt(2, ge=0, le=1000)
-    gradcam_layer: str | None = None
-    border_margin: float = _opt(0.125, gt=0, lt=0.5)
 
-    def __post_init__(self) -> None:
-        _check(self, "evaluate")
-        check_external_sets(self.external)
+class EvaluateConfig(Section):
+    """Scoring, operating point, confidence intervals and Grad-CAM.
+
+    ``roles`` and ``compared`` describe the external sets: a **selection** set chooses among
+    configurations (``compared`` says how many were compared on it); a **confirmation** set is
+    scored, never chosen on, and flagged when settings change after its first scoring. A set without
+    a role is a selection set: its figures are not confirmatory.
+    """
+
+    location: ClassVar[str] = "evaluate"
+    external: dict[str, str] = Field(default_factory=dict)
+    roles: dict[str, Literal["selection", "confirmation"]] = Field(default_factory=dict)
+    compared: dict[str, Annotated[int, Strict()]] = Field(default_factory=dict)
+    allow_outside_intended_use: Flag = False
+    threshold_source: Text = "validation"  # validation | fixed | external:<name>
+    threshold: Number = Field(default=0.5, gt=0, lt=1)
+    bootstrap: Whole = Field(default=1000, ge=0, le=100_000, description="resamples; 100,000 already takes minutes")
+    seed: Seed = 42
+    gradcam_per_outcome: Whole = Field(default=2, ge=0, le=1000)
+    gradcam_layer: Text | None = None
+    border_margin: Number = Field(default=0.125, gt=0, lt=0.5)
+
+    @field_validator("external", mode="before")
+    @classmethod
+    def _external_sets(cls, value: Any) -> Any:
+        return check_external_sets({} if value is None else value)
+
+    @field_validator("roles", "compared", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _sets_and_threshold_rule(self) -> EvaluateConfig:
         check_roles(self.roles, self.compared, self.external)
         source = self.threshold_source
         kind, _, name = source.partition(":")
@@ -439,21 +542,11 @@ class EvaluateConfig:
                 f"evaluate.threshold_source={source}: no external set named {name!r} in "
                 f"evaluate.external (configured: {', '.join(self.external) or 'none'})"
             )
+        return self
 
 
-_SET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-RESERVED_SET_NAMES = ("train", "val", "test")
-
-
-SET_ROLES = ("selection", "confirmation")
-
-
-def check_roles(roles: Mapping[str, Any], compared: Mapping[str, Any], external: Mapping[str, str]) -> None:
-    """``evaluate.roles`` and ``evaluate.compared`` name configured sets with valid values.
-
-    A **selection** set chooses among configurations (``compared`` says how many were compared on
-    it); a **confirmation** set is scored, never chosen on, and flagged when settings change after
-    its first scoring. A set without a role is a selection set: its figures are not confirmatory.
+def check_roles(roles: Mapping[str, str], compared: Mapping[str, int], external: Mapping[str, str]) -> None:
+    """``evaluate.roles`` and ``evaluate.compared`` name configured sets, and counts fit their sets.
 
     Args:
         roles: ``{set name: selection | confirmation}``.
@@ -461,22 +554,17 @@ def check_roles(roles: Mapping[str, Any], compared: Mapping[str, Any], external:
         external: the configured sets.
 
     Raises:
-        ConfigError: an unknown set, an unknown role, a count below 1, or a count for a confirmation set.
+        ConfigError: an unknown set, a count below 1, or a count for a confirmation set.
     """
     for key, mapping in (("roles", roles), ("compared", compared)):
-        if not isinstance(mapping, Mapping):
-            raise ConfigError(f"evaluate.{key}: expected a mapping of external set name to a value")
         for name in mapping:
             if name not in external:
                 raise ConfigError(
                     f"evaluate.{key}.{name}: no external set named {name!r} in evaluate.external "
                     f"(configured: {', '.join(external) or 'none'})"
                 )
-    for name, role in roles.items():
-        if role not in SET_ROLES:
-            raise ConfigError(f"evaluate.roles.{name}={role!r}: choose one of {', '.join(SET_ROLES)}")
     for name, count in compared.items():
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        if count < 1:
             raise ConfigError(f"evaluate.compared.{name}={count!r}: give the number of configurations compared (≥ 1)")
         if roles.get(name) == "confirmation":
             raise ConfigError(f"evaluate.compared.{name}: a confirmation set is never used to compare configurations")
@@ -507,124 +595,101 @@ def check_external_sets(value: Any) -> dict[str, str]:
     return sets
 
 
-def setting(section: Any, cls: type, name: str) -> Any:
-    """One setting from a section given as its dataclass or as a (possibly partial) mapping.
-
-    A missing key reads as the dataclass default, so the default is still written in one place.
-
-    Args:
-        section: the section (an instance of ``cls`` or a mapping).
-        cls: the section's dataclass.
-        name: the setting.
-
-    Returns:
-        Its value.
-    """
-    if isinstance(section, cls):
-        return getattr(section, name)
-    if name in section:
-        return section[name]
-    f = cls.__dataclass_fields__[name]
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-@dataclass(frozen=True)
-class ReportConfig:
+class ReportConfig(Section):
     """The HTML report."""
 
-    readers: str = ""
+    location: ClassVar[str] = "report"
+    readers: Text = ""
 
 
-@dataclass(frozen=True)
-class PromotionConfig:
+class PromotionConfig(Section):
     """Champion/challenger: when a newly trained model replaces the shipped one (``cxr promote``)."""
 
+    location: ClassVar[str] = "promotion"
     policy: Literal["gate", "always"] = "gate"
-    reference: str = ""
-    auc_margin: float = _opt(0.01, ge=0, le=1)
-    sensitivity_margin: float = _opt(0.05, ge=0, le=1)
-    ood_margin: float = _opt(0.02, ge=0, le=1)
-    bootstrap: int = _opt(1000, ge=100, le=100_000)
-    seed: int = _seed()
+    reference: Text = ""
+    auc_margin: Number = Field(default=0.01, ge=0, le=1)
+    sensitivity_margin: Number = Field(default=0.05, ge=0, le=1)
+    ood_margin: Number = Field(default=0.02, ge=0, le=1)
+    bootstrap: Whole = Field(default=1000, ge=100, le=100_000)
+    seed: Seed = 42
 
-    def __post_init__(self) -> None:
-        _check(self, "promotion")
-        if self.reference and not _SET_NAME.match(self.reference):
+    @field_validator("reference")
+    @classmethod
+    def _a_set_name(cls, reference: str) -> str:
+        if reference and not _SET_NAME.match(reference):
             raise ConfigError(
-                f'promotion.reference={self.reference!r}: give the name of an evaluate.external set, or "" '
-                "for the test split"
+                f"promotion.reference={reference!r}: give the name of an evaluate.external set, "
+                'or "" for the test split'
             )
+        return reference
 
 
-@dataclass(frozen=True)
-class MonitoringConfig:
+class MonitoringConfig(Section):
     """What a retrain compares between its data and the data the champion was trained on."""
 
+    location: ClassVar[str] = "monitoring"
     on_drift: Literal["warn", "hold"] = "warn"
-    max_prevalence_shift: float = _opt(0.10, gt=0, le=1)
-    max_size_change: float = _opt(0.25, gt=0)
-    max_intensity_shift: float = _opt(0.10, gt=0, le=1)
-    max_out_of_domain: float = _opt(0.05, gt=0, le=1)
-
-    def __post_init__(self) -> None:
-        _check(self, "monitoring")
+    max_prevalence_shift: Number = Field(default=0.10, gt=0, le=1)
+    max_size_change: Number = Field(default=0.25, gt=0)
+    max_intensity_shift: Number = Field(default=0.10, gt=0, le=1)
+    max_out_of_domain: Number = Field(default=0.05, gt=0, le=1)
 
 
-EXPORT_FORMATS = ("onnx", "savedmodel", "litert")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Section):
     """Portable copies of the shipped models (``cxr export``, the export stage)."""
 
-    formats: tuple[str, ...] = ("onnx",)  # onnx | savedmodel | litert; () = none
+    location: ClassVar[str] = "export"
+    formats: tuple[Literal["onnx", "savedmodel", "litert"], ...] = ("onnx",)  # () = none
 
-    def __post_init__(self) -> None:
-        _check(self, "export")
-        for fmt in self.formats:
-            if fmt not in EXPORT_FORMATS:
-                raise ConfigError(f"export.formats: {fmt!r}: choose from {', '.join(EXPORT_FORMATS)}")
-        if len(set(self.formats)) != len(self.formats):
-            raise ConfigError(f"export.formats={list(self.formats)}: each format once")
+    @field_validator("formats")
+    @classmethod
+    def _each_once(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(formats)) != len(formats):
+            raise ConfigError(f"export.formats={list(formats)}: each format once")
+        return formats
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(Section):
     """Every section of ``params.yaml``, parsed."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    input: InputConfig = field(default_factory=InputConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    promotion: PromotionConfig = field(default_factory=PromotionConfig)
-    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
-    def __post_init__(self) -> None:
+    @field_validator("train", mode="before")
+    @classmethod
+    def _every_model(cls, value: Any) -> Any:
+        return value if isinstance(value, TrainSection) else parse_train(value)
+
+    @model_validator(mode="after")
+    def _reference_is_configured(self) -> Params:
         reference = self.promotion.reference
         if reference and reference not in self.evaluate.external:
             raise ConfigError(
                 f"promotion.reference={reference}: no external set of that name in evaluate.external "
                 f"(configured: {', '.join(self.evaluate.external) or 'none'})"
             )
+        return self
 
     def as_params(self) -> dict[str, Any]:
         """The whole configuration as the nested mapping ``params.yaml`` holds (defaults filled in)."""
-        out = {f.name: as_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "train"}
+        out = {name: as_plain(getattr(self, name)) for name in type(self).model_fields if name != "train"}
         out["input"]["augment"]["augment_validation"] = out["input"].pop("augment_validation")
         out["train"] = self.train.as_params()
         return out
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(Params)  # section name → its dataclass, in file order
-
-
-def parse_params(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     """Strictly parse a whole ``params.yaml`` mapping.
 
     Args:
@@ -638,34 +703,9 @@ def parse_params(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
         ConfigError: one line naming the first unknown key, wrong type or out-of-range value.
     """
     try:
-        raw = _mapping(raw, "the top level")
-        _known_keys(raw, tuple(SECTIONS), "the top level")
-        special = {"input": parse_input, "train": parse_train}
-        values = {}
-        for name, cls in SECTIONS.items():
-            section = raw.get(name) or {}
-            values[name] = special[name](section) if name in special else parse_section(cls, section, name)
-        return Params(**values)
+        return parse_section(Params, raw, "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def as_section(cls: type, value: Any, where: str) -> Any:
-    """A step's section given as its dataclass, or as a params mapping (strictly parsed).
-
-    Args:
-        cls: the section's dataclass (:class:`DataConfig`, :class:`EvaluateConfig`, ...).
-        value: an instance of ``cls``, a mapping, or None (every default).
-        where: the section's dotted name, for error messages.
-
-    Returns:
-        The instance of ``cls``.
-    """
-    if isinstance(value, cls):
-        return value
-    if cls is InputConfig:
-        return parse_input(value or {}, where)
-    return parse_section(cls, value or {}, where)
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -773,39 +813,155 @@ def _parse_value(raw: str) -> Any:
             return raw
 
 
-# ---------------------------------------------------------------- the strict parser
-def parse_section(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, strictly.
+# ---------------------------------------------------------------- pydantic's first error, in one line
+S = TypeVar("S", bound=BaseModel)
+
+
+def parse_section(cls: type[S], raw: Any, where: str) -> S:
+    """Validate ``raw`` as section ``cls``; the first problem becomes one :class:`ConfigError` line.
 
     Args:
-        cls: a dataclass whose fields declare types (and ranges in their metadata).
+        cls: the section's model (:class:`SplitConfig`, :class:`EvaluateConfig`, ...).
         raw: the mapping (None = every default).
-        where: the section's dotted name, for error messages.
+        where: the section's dotted name, prefixed to the key in error messages.
 
     Returns:
-        The dataclass instance.
+        The frozen section.
 
     Raises:
         ConfigError: an unknown key (with the closest match), a wrong type or an out-of-range value.
     """
-    raw = _mapping(raw, where)
-    _known_keys(raw, _names(cls), where)
-    hints = _hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            values[f.name] = _coerce(raw[f.name], hints[f.name], f"{where}.{f.name}")
-    _check_values(cls, values, where)
     try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError, CxrError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        return cls.model_validate({} if raw is None else raw)
+    except ValidationError as exc:
+        raise _config_error(exc, cls, where) from None
 
 
-def _names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+_EXPECTED = {
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "expected a number",
+    "bool_type": "expected true or false",
+    "string_type": "expected text",
+    "list_type": "expected a list",
+    "tuple_type": "expected a list",
+    "int_parsing_size": "too large for a whole number",
+}
+_NOT_A_SECTION = ("model_type", "model_attributes_type", "dict_type", "mapping_type")
+_OUT_OF_RANGE = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _config_error(exc: ValidationError, cls: type[BaseModel], where: str) -> ConfigError:
+    """The first of pydantic's errors as one line: ``key=value: rule``, or the unknown key and its closest match."""
+    error = _first(exc.errors(include_url=False))
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    path = _dotted(where, loc)
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _Invalid):  # a nested section's own errors
+        return _config_error(cause.errors, cause.cls, path)
+    if isinstance(cause, ConfigError):  # a validator's own message names its key
+        return cause
+    hint, info = _declared(cls, loc)
+    if kind == "extra_forbidden":
+        return _unknown_key(str(loc[-1]), tuple(cls.model_fields), _dotted(where, loc[:-1]))
+    if kind in _NOT_A_SECTION:
+        shown = path or "the top level"
+        return ConfigError(f"{shown}={value!r}: expected a section (key: value lines), got a {type(value).__name__}")
+    if kind == "literal_error":
+        return ConfigError(f"{path}={value!r}: choose one of {', '.join(str(a) for a in get_args(_bare(hint)))}")
+    if kind in _OUT_OF_RANGE:
+        return ConfigError(f"{path}={_as_number(value, hint)!r}: {_range_rule(error, info)}")
+    if kind in _EXPECTED:
+        return ConfigError(f"{path}={value!r}: {_EXPECTED[kind]}")
+    return ConfigError(f"{path or 'the top level'}: {cause or error['msg']}")
+
+
+def _first(errors: list[ErrorDetails]) -> ErrorDetails:
+    """The error a reader meets first: unknown keys, then wrong types, then values out of range, each in field order.
+
+    (A nested section's errors come as one error at its key, worded by :class:`_Invalid`.)
+    """
+    return min(errors, key=lambda e: 0 if e["type"] == "extra_forbidden" else 2 if e["type"] in _OUT_OF_RANGE else 1)
+
+
+def _dotted(where: str, loc: tuple[int | str, ...]) -> str:
+    """``input`` + ``("augment", "zoom")`` → ``input.augment.zoom``; list items as ``[i]``."""
+    path = where
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else str(part)
+    return path
+
+
+def _declared(cls: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[Any, FieldInfo | None]:
+    """The type ``cls`` declares at ``loc`` (an item's type for ``key[i]`` or ``key.name``) and the field there.
+
+    ``loc`` is one key deep, or two for an item: a nested section's errors come through :class:`_Invalid`.
+    """
+    info = cls.model_fields.get(str(loc[0])) if loc else None
+    hint = info.annotation if info is not None else Any
+    for _ in loc[1:]:  # an item of a list or tuple, a value of a mapping
+        args = [a for a in get_args(_bare(hint)) if a is not Ellipsis]
+        hint, info = (args[-1] if args else Any), None
+    return hint, info
+
+
+def _bare(hint: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` → ``X``."""
+    while True:
+        if get_origin(hint) is Annotated:
+            hint = get_args(hint)[0]
+        elif get_origin(hint) in (typing.Union, types.UnionType):
+            inner = [a for a in get_args(hint) if a is not type(None)]
+            if len(inner) != 1:
+                return hint
+            hint = inner[0]
+        else:
+            return hint
+
+
+def _range_rule(error: ErrorDetails, info: FieldInfo | None) -> str:
+    """``must be in [1, 10000]``, ``must be ≥ 0`` or ``must be > 1``, with the field's note."""
+    bounds = dict(error.get("ctx") or {})
+    if info is not None:  # Field(ge=..., le=...) puts annotated_types' Ge, Le... in the field's metadata
+        bounds = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    lo = (">", bounds["gt"]) if "gt" in bounds else ("≥", bounds["ge"]) if "ge" in bounds else None
+    hi = ("<", bounds["lt"]) if "lt" in bounds else ("≤", bounds["le"]) if "le" in bounds else None
+    if lo and hi:
+        opening, closing = "(" if lo[0] == ">" else "[", ")" if hi[0] == "<" else "]"
+        rule = f"must be in {opening}{_bound(lo[1])}, {_bound(hi[1])}{closing}"
+    else:
+        one = lo or hi
+        rule = f"must be {one[0]} {_bound(one[1])}" if one else "out of range"
+    return f"{rule} ({info.description})" if info is not None and info.description else rule
+
+
+def _bound(value: float) -> str:
+    """A range bound in full: ``4294967295``, ``100000``, ``0.5`` (not ``4.29497e+09``)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _as_number(value: Any, hint: Any) -> Any:
+    """The value as the range check saw it: ``'1e-6'`` (YAML 1.1 text) as the number, ``0`` as ``0.0`` for a float."""
+    number = _whole(value) if isinstance(value, str) else value
+    return float(number) if _bare(hint) is float and isinstance(number, int) else number
+
+
+def _unknown_key(key: str, allowed: tuple[str, ...], section: str) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    where = f"in section {section}" if section else "at the top level"
+    full = f"{section}.{key}" if section else key
+    return ConfigError(f"{full}: unknown key {where} (known keys: {', '.join(allowed)}){hint}")
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    """Unknown keys of a mapping read by hand (``train.common`` and ``train.<model>``, merged before parsing)."""
+    for key in raw:
+        if key not in allowed:
+            raise _unknown_key(str(key), allowed, where)
 
 
 def _mapping(raw: Any, where: str) -> Mapping[str, Any]:
@@ -816,114 +972,8 @@ def _mapping(raw: Any, where: str) -> Mapping[str, Any]:
     return raw
 
 
-def _known_keys(raw: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
-    allowed = tuple(allowed)
-    for key in raw:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"{where}.{key}: unknown key in section {where} (known keys: {', '.join(allowed)}){hint}")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key) if len(inner) == 1 else value
-    if origin is Literal:
-        if value not in args or isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(str(a) for a in args)}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return parse_input(value, key) if hint is InputConfig else parse_section(hint, value, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if hint is int:
-        return _int(value, key)
-    if hint is float:
-        return _float(value, key)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected text")
-        return value
-    if origin in (tuple, list) or hint in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        item = args[0] if args else Any
-        items = [v if item is Any else _coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin or hint) is tuple else items
-    if origin in (Mapping, dict) or hint in (dict, Mapping):
-        return dict(_mapping(value, key))
-    return value
-
-
-def _int(value: Any, key: str) -> int:
-    """A whole number; ``1e6`` (text to YAML 1.1, a float to JSON) counts when it is whole."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if isinstance(number, float) and math.isfinite(number) and number.is_integer():
-        return int(number)
-    raise ConfigError(f"{key}={value!r}: expected a whole number")
-
-
-def _float(value: Any, key: str) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads 1e-6 as text
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r}: expected a number") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r}: expected a number")
-    return float(value)
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check(obj: Any, where: str) -> None:
-    """Choice and range checks of a dataclass built in code (parsed ones were checked with their full key)."""
-    _check_values(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, where)
-
-
-def _check_values(cls: type, values: Mapping[str, Any], where: str) -> None:
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        value, meta = values[f.name], f.metadata
-        hint = _hints(cls)[f.name]
-        if get_origin(hint) is Literal and value not in get_args(hint):
-            choices = ", ".join(str(a) for a in get_args(hint))
-            raise ConfigError(f"{where}.{f.name}={value!r}: choose one of {choices}")
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        lo = (">", meta["gt"]) if "gt" in meta else (("≥", meta["ge"]) if "ge" in meta else None)
-        hi = ("<", meta["lt"]) if "lt" in meta else (("≤", meta["le"]) if "le" in meta else None)
-        bad_lo = lo and (value <= lo[1] if lo[0] == ">" else value < lo[1])
-        bad_hi = hi and (value >= hi[1] if hi[0] == "<" else value > hi[1])
-        if bad_lo or bad_hi:
-            if lo and hi:
-                opening, closing = "(" if lo[0] == ">" else "[", ")" if hi[0] == "<" else "]"
-                rule = f"must be in {opening}{_bound(lo[1])}, {_bound(hi[1])}{closing}"
-            else:
-                rule = f"must be {(lo or hi)[0]} {_bound((lo or hi)[1])}"
-            doc = f" ({meta['doc']})" if meta.get("doc") else ""
-            raise ConfigError(f"{where}.{f.name}={value!r}: {rule}{doc}")
-
-
 def as_plain(value: Any) -> Any:
-    """Dataclasses, tuples and mappings → plain dicts and lists (for YAML, JSON and hashing).
+    """Sections, tuples and mappings → plain dicts and lists (for YAML, JSON and hashing).
 
     Args:
         value: a config object or any nesting of them.
@@ -931,8 +981,8 @@ def as_plain(value: Any) -> Any:
     Returns:
         The same data as dicts, lists and scalars.
     """
-    if dataclasses.is_dataclass(value):
-        return {f.name: as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, BaseModel):
+        return {name: as_plain(getattr(value, name)) for name in type(value).model_fields}
     if isinstance(value, Mapping):
         return {k: as_plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -107,7 +107,7 @@ def load_json_bounded(path: str | Path, what: str, cap: int = SMALL_FILE) -> Any
         raise CxrError(f"{printable(path)}: the {what} is not valid JSON ({reason})") from None
 
 
-def json_safe(obj: Any) -> Any:
+def json_safe(obj: object) -> Any:
     """``obj`` with every NaN or infinite number replaced by None, ready for strict JSON.
 
     JSON has no NaN: ``json.dumps`` writes a bare ``NaN`` that other readers refuse. Mappings,
@@ -134,7 +134,7 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def dumps_json(payload: Any, **kwargs: Any) -> str:
+def dumps_json(payload: object, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`json_safe` ``(payload)`` with ``allow_nan=False``: never a bare NaN.
 
     Args:
@@ -170,7 +170,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_json(path: Path, payload: Any) -> None:
+def write_json(path: Path, payload: object) -> None:
     """Write JSON atomically (temp file + rename), sorted keys, trailing newline, never NaN.
 
     The temporary file ``.<name>.tmp-<pid>`` sits beside ``path``, so the rename stays on one file
@@ -196,7 +196,7 @@ def save_keras(model: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_csv_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def write_csv_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Write a small CSV table (a header, then ``rows``), ``\\n`` line ends; its folder is created.
 
     Args:

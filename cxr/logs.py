@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TextIO, TypeVar
 
 T = TypeVar("T")
 
@@ -19,15 +19,17 @@ _OUR_LOGGERS = ("cxr", "tasks", "flows")
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is *now* (a caller or test may have swapped it since)."""
 
+    _cxr = True  # marks the handler setup_logging added: a second call replaces it instead of stacking one
+
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value: Any) -> None:
+    def stream(self, value: TextIO) -> None:
         pass
 
 
@@ -52,7 +54,6 @@ def setup_logging(level: str | None = None) -> None:
     for name in _OUR_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if not getattr(h, "_cxr", False)]
-        handler._cxr = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False

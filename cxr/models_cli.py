@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def champion_history(name: str) -> list[str]:
     """
     stack: list[str] = []
 
-    def push(version: Any) -> None:
+    def push(version: object) -> None:
         if isinstance(version, str) and (not stack or stack[-1] != version):
             stack.append(version)
 
@@ -81,7 +82,7 @@ def list_versions(name: str | None, models_dir: Path) -> list[dict[str, Any]]:
             champion_sha = model_store.shipped_sha256(Shipped(version.name, models_dir))
             champions[version.name] = champion_sha[: model_store.ID_LENGTH] if champion_sha else None
         own = [e for e in events if e.get("model") == version.name]
-        decisions = {e.get("version"): e for e in own if e.get("event") == "promotion"}
+        decisions = {str(e.get("version")): e for e in own if e.get("event") == "promotion"}
         rolled_back = {str(e.get("rolled_back")) for e in own if e.get("event") == "rollback"}
         rows.append(_row(version, _status(version, champions[version.name], decisions, rolled_back)))
     return rows
@@ -187,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any, common: Any) -> None:
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Register ``cxr models``."""
     p = sub.add_parser("models", help="stored model versions: list, show ID, promote ID, rollback NAME")
     common(p)

@@ -119,7 +119,8 @@ def pass_on(captured: Captured, drop: re.Pattern[str] | None = None) -> list[str
         The messages of the dropped lines, without absl's prefix.
     """
     drop = drop or _NO_GPU
-    dropped, kept = [], []
+    dropped: list[str] = []
+    kept: list[str] = []
     for line in captured.lines():
         (dropped if drop.search(line) else kept).append(line)
     if kept:

@@ -332,7 +332,7 @@ _HEADER = """\
 """
 
 
-def _dvc_out(out: Output) -> Any:
+def _dvc_out(out: Output) -> str | dict[str, dict[str, Any]]:
     opts: dict[str, Any] = dict(out.plot)
     if not out.cache:
         opts["cache"] = False
@@ -414,7 +414,7 @@ _ARTIFACTS_COMMENT = """\
 """
 
 
-def _top_level(key: str, value: Any, comment: str) -> str:
+def _top_level(key: str, value: object, comment: str) -> str:
     text = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
     return comment + text
 

@@ -14,12 +14,12 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import Flow, State, Task, flow, get_run_logger
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
 from cxr.config import DataConfig, load_config
@@ -38,6 +38,11 @@ from tasks.runner import one_line
 from tasks.train import preview_task, promote_task, train_task
 
 log = logging.getLogger("flows.pipeline")
+
+# the pipeline flow with a task runner chosen (what Flow.with_options returns; called, it gives pipeline's result)
+PipelineFlow = Flow[..., dict[str, Any]]
+# every step's task: a ``cxr`` child process, its result a JSON-able summary
+StepTask = Task[..., dict[str, Any]]
 
 SAMPLE_REFUSED = (
     "scheduled retraining needs real data: configure Kaggle credentials or `data.source: dir`"
@@ -63,7 +68,7 @@ def require_real_data(data: DataConfig) -> str:
     return resolved
 
 
-def _verified(task_obj: Any, state: Any, kwargs: dict[str, Any]) -> tuple[str, Any]:
+def _verified(task_obj: StepTask, state: State[dict[str, Any]], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Trust a cached result only if the files it names are intact; otherwise run the task again."""
     result = state.result()
     if state.is_completed() and state.name == "Cached" and not outputs_intact(result):
@@ -71,10 +76,10 @@ def _verified(task_obj: Any, state: Any, kwargs: dict[str, Any]) -> tuple[str, A
         result = state.result()
     label = f"{task_obj.name}@{kwargs['model']}" if "model" in kwargs else task_obj.name
     log.info("%s: %s", label, state.name)
-    return state.name, result
+    return str(state.name), result  # never None: Prefect names a state after its type when it is not given one
 
 
-def run_verified(task_obj: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+def run_verified(task_obj: StepTask, **kwargs: Any) -> tuple[str, dict[str, Any]]:
     """Run a task in the flow's thread; see :func:`_verified`."""
     return _verified(task_obj, task_obj(**kwargs, return_state=True), kwargs)
 
@@ -132,13 +137,13 @@ def pipeline(
 
     fetch = fetch_task.with_options(refresh_cache=True) if refresh_source else fetch_task
     states["fetch"], fetched = run_verified(
-        fetch, settings=settings("fetch"), inputs=inputs("fetch"), source_digest=source_digest(params["data"])
+        fetch, settings=settings("fetch"), inputs=inputs("fetch"), source_digest=source_digest(config.data)
     )
     states["prepare"], prepared = run_verified(prepare_task, raw_dir=fetched["raw"], settings=settings("prepare"))
     states["preview"], _ = run_verified(
         preview_task, inputs=inputs("preview"), params_path=params_path, settings=settings("preview")
     )
-    for set_name, folder in external_sets(params["evaluate"]).items():  # before promotion: a set may be its reference
+    for set_name, folder in external_sets(config.evaluate).items():  # before promotion: a set may be its reference
         states[f"external@{set_name}"], _ = run_verified(
             external_task,
             name=set_name,
@@ -166,7 +171,7 @@ def pipeline(
     states["ensemble"], _ = run_verified(
         ensemble_task, inputs=inputs("ensemble"), params_path=params_path, settings=settings("ensemble")
     )
-    if members_of(params):
+    if members_of(config):
         scored_names.append("ensemble")
     states["evaluate"], _ = run_verified(
         evaluate_task,
@@ -186,7 +191,11 @@ def pipeline(
 
 
 def _train_all(
-    params: dict[str, Any], params_path: str, settings: Any, inputs: Any, states: dict[str, str]
+    params: dict[str, Any],
+    params_path: str,
+    settings: Callable[[str, str], dict[str, Any]],
+    inputs: Callable[[str, str], list[str]],
+    states: dict[str, str],
 ) -> tuple[dict[str, Any], list[str]]:
     """One training task per model, concurrently; (the trained versions, a reason per failed model).
 
@@ -216,20 +225,25 @@ def _train_all(
     return models, failures
 
 
-def pipeline_with_runner(max_parallel: int = 1, dask_address: str | None = None) -> Any:
+def pipeline_with_runner(max_parallel: int = 1, dask_address: str | None = None) -> PipelineFlow:
     """The flow with its task runner: local threads (``max_parallel``) or an existing Dask cluster.
 
     On Dask, each training task (a ``cxr train`` child process) runs on a cluster worker; workers
     must see the same repository checkout (a shared file system or the same path on every host).
     """
+    runner: TaskRunner[Any]
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
-        return pipeline.with_options(task_runner=DaskTaskRunner(address=dask_address))
-    return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, max_parallel)))
+        runner = DaskTaskRunner(address=dask_address)
+    else:
+        runner = ThreadPoolTaskRunner(max_workers=max(1, max_parallel))
+    # Prefect's with_options declares a TaskRunner of the base PrefectFuture; its runners are TaskRunners of
+    # their own future type, an invariant parameter, so none matches as declared (Prefect casts it internally)
+    return pipeline.with_options(task_runner=runner)  # type: ignore[arg-type]
 
 
-def runner_flow(params: Mapping[str, Any], dask_address: str | None = None) -> Any:
+def runner_flow(params: Mapping[str, Any], dask_address: str | None = None) -> PipelineFlow:
     """The flow as ``params`` asks to run it: what ``flows.pipeline`` runs and ``flows.schedule`` serves.
 
     Args:
@@ -243,7 +257,7 @@ def runner_flow(params: Mapping[str, Any], dask_address: str | None = None) -> A
     return pipeline_with_runner(params["orchestration"]["max_parallel_training"], dask_address)
 
 
-def describe_runner(runner: Any = None) -> str:
+def describe_runner(runner: object = None) -> str:
     """The task runner in words (the current flow run's when ``runner`` is None), for the run's log."""
     if runner is None:
         from prefect.context import FlowRunContext

@@ -22,25 +22,28 @@ import sys
 import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flows  # noqa: F401  (environment defaults before Prefect is imported)
 from cxr.config import load_config
 from cxr.errors import CxrError
 from cxr.logs import setup_logging
 from cxr.safe_text import printable
-from flows.pipeline import require_real_data, runner_flow
+from flows.pipeline import PipelineFlow, require_real_data, runner_flow
+
+if TYPE_CHECKING:
+    from prefect.schedules import Schedule
 
 
 @dataclass(frozen=True)
 class Served:
     """What :func:`main` serves: the runner-configured flow and the arguments of its ``serve`` call."""
 
-    flow: Any
+    flow: PipelineFlow
     serve_kwargs: dict[str, Any]
 
 
-def cron_schedule(expression: str, timezone: str) -> Any:
+def cron_schedule(expression: str, timezone: str) -> Schedule:
     """A Prefect cron schedule read in ``timezone``.
 
     Args:

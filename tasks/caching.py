@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import INPUTS, CachePolicy
+from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from cxr.data.links import hash_linked_tree
@@ -42,7 +43,7 @@ def digest_path(path: str | Path) -> str:
     return "missing"
 
 
-def _digest_any(value: Any) -> Any:
+def _digest_any(value: str | Path | list[str | Path] | tuple[str | Path, ...]) -> str | list[str]:
     if isinstance(value, list | tuple):
         return [digest_path(v) for v in value]
     return digest_path(value)
@@ -54,7 +55,7 @@ class TaskModule(CachePolicy):
     runner loads from an entrypoint, so the module file is fingerprinted, not the function's source)."""
 
     def compute_key(
-        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
         fn = task_ctx.task.fn
         module = sys.modules.get(fn.__module__)
@@ -71,7 +72,7 @@ class StageCode(CachePolicy):
     stage: str = ""
 
     def compute_key(
-        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
         return stage(self.stage).fingerprint()
 
@@ -83,7 +84,7 @@ class PathContent(CachePolicy):
     names: tuple[str, ...] = ()
 
     def compute_key(
-        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
         return hash_objects({k: _digest_any(inputs[k]) for k in self.names if inputs.get(k)}, raise_on_failure=True)
 
@@ -106,7 +107,7 @@ def stage_policy(name: str, path_inputs: Sequence[str] = (), ignore: Sequence[st
     return TaskModule() + StageCode(stage=name) + PathContent(names=tuple(path_inputs)) + inputs
 
 
-def outputs_intact(result: Any) -> bool:
+def outputs_intact(result: object) -> bool:
     """True when every ``<name>`` path in a result dict still has its ``<name>_sha256``."""
     if not isinstance(result, dict):
         return False

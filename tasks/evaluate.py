@@ -12,6 +12,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from cxr.config import EvaluateConfig, parse_section
 from cxr.data.external_sets import index_external
 from cxr.provenance.hashing import sha256_file
 from cxr.reporting.report import build
@@ -118,7 +119,8 @@ def report_task(models: list[str], inputs: list[str], settings: dict[str, Any]) 
     Returns:
         The HTML path and its hash.
     """
-    result = build(models, str(settings["report"]["readers"] or ""), settings["evaluate"])
+    evaluate = parse_section(EvaluateConfig, settings["evaluate"], "evaluate")
+    result = build(models, str(settings["report"]["readers"] or ""), evaluate)
     create_markdown_artifact(
         key="cxr-report", markdown=result["markdown"], description="Chest X-ray pipeline: data, metrics and warnings"
     )

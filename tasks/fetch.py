@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import task
 
+from cxr.config import DataConfig, parse_section
 from cxr.data.fetch import fetch
 from tasks.caching import stage_policy
 
@@ -36,7 +37,7 @@ def fetch_task(
     Returns:
         Paths and hashes of what was fetched.
     """
-    result = fetch(settings["data"], raw_dir=raw_dir, record_path=record)
+    result = fetch(parse_section(DataConfig, settings["data"], "data"), raw_dir=raw_dir, record_path=record)
     return {
         "raw": raw_dir,
         "raw_sha256": result["tree_sha256"],

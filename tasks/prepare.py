@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import task
 
+from cxr.config import InputConfig, PrepareConfig, SplitConfig, parse_section
 from cxr.data.prepare import prepare
 from tasks.caching import stage_policy
 
@@ -28,9 +29,9 @@ def prepare_task(
     caps = {key.removeprefix("input."): value for key, value in settings.items() if key.startswith("input.")}
     return prepare(
         raw_dir,
-        settings["split"],
-        settings["prepare"],
+        parse_section(SplitConfig, settings["split"], "split"),
+        parse_section(PrepareConfig, settings["prepare"], "prepare"),
         prepared_dir=prepared_dir,
         reports_dir=reports_dir,
-        input_params=caps,
+        input_params=parse_section(InputConfig, caps, "input"),
     )

@@ -30,6 +30,13 @@ TAIL_LINES = 20  # the child's last log lines carried by the error when it fails
 
 # the child's log line, as cxr.logs formats it: "12:03:44 WARNING cxr.training.train: message"
 _LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) +(?P<name>[\w.]+): (?P<message>.*)$")
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
 # TensorFlow's C++ runtime (absl) logs "E0000 00:00:1795936100.488661   15247 cuda_platform.cc:52] ..."
 _RUNTIME_LINE = re.compile(r"^(?P<level>[IWEF])\d{4} [\d:.]+ +\d+ [\w./-]+:\d+\] ")
 _ERROR_PREFIX = "cxr: error: "
@@ -101,10 +108,12 @@ def run_cxr(
         env=env,
     )
     try:
+        child_out, child_err = proc.stdout, proc.stderr
+        assert child_out is not None and child_err is not None  # both opened as PIPE
         # stdout on a thread, stderr here: neither pipe can fill up and stall the child
-        reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)
+        reader = threading.Thread(target=lambda: stdout.append(child_out.read()), daemon=True)
         reader.start()
-        for raw in proc.stderr:
+        for raw in child_err:
             line = printable(raw.rstrip("\r\n"))
             if not line.strip():
                 continue
@@ -134,8 +143,7 @@ def forward(logger: logging.Logger | logging.LoggerAdapter, line: str) -> None:
     """
     match = _LINE.match(line)
     if match:
-        level = logging.getLevelName(match["level"])
-        logger.log(level, "%s: %s", match["name"], match["message"])
+        logger.log(_LEVELS[match["level"]], "%s: %s", match["name"], match["message"])
     elif runtime := _RUNTIME_LINE.match(line):
         logger.log(logging.CRITICAL if runtime["level"] == "F" else logging.DEBUG, "%s", line)
     elif line.startswith(_ERROR_PREFIX):

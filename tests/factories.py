@@ -192,22 +192,24 @@ def small_params() -> dict[str, Any]:
 
 def prepared_project(root: Path, params: dict[str, Any], *, n_patients: int = 16, hostile: bool = True) -> Path:
     """``root`` with ``params.yaml``, a synthetic ``data/raw`` and ``data/prepared`` (no model yet)."""
+    from cxr.config import PrepareConfig, SplitConfig
     from cxr.data.prepare import prepare
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with chdir(root):
         write_raw(root / "data/raw", n_patients=n_patients, hostile=hostile)
-        prepare("data/raw", SPLIT, {"min_images_per_class": 5, "workers": 1})
+        prepare("data/raw", SplitConfig(**SPLIT), PrepareConfig(min_images_per_class=5, workers=1))
     return root
 
 
 def train_smallnet(root: Path, params: dict[str, Any]) -> dict[str, Any]:
     """Train smallnet in the prepared project ``root``; its card."""
+    from cxr.config import parse_params
     from cxr.training.train import train
 
     with chdir(root):
-        return train("smallnet", params)
+        return train("smallnet", parse_params(params))
 
 
 def build_trained_project(root: Path) -> Path:
@@ -220,12 +222,13 @@ def build_trained_project(root: Path) -> Path:
 
 def build_evaluated_project(root: Path, trained: Path) -> Path:
     """A copy of the trained project ``trained`` in ``root``, plus ``evaluate`` and ``explain`` outputs."""
+    from cxr.config import parse_params
     from cxr.evaluation.evaluate import evaluate_models
     from cxr.evaluation.explain import explain_models
 
     shutil.copytree(trained, root, dirs_exist_ok=True)
-    params = small_params()
+    config = parse_params(small_params())
     with chdir(root):
-        evaluate_models(["smallnet"], params["evaluate"], params["input"])
-        explain_models(["smallnet"], params["evaluate"], params["input"])
+        evaluate_models(["smallnet"], config.evaluate, config.input)
+        explain_models(["smallnet"], config.evaluate, config.input)
     return root

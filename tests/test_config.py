@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr.config import ConfigError, Params, TrainConfig, defaults, load_config, parse_params
+from cxr.config import (
+    ConfigError,
+    DataConfig,
+    InputConfig,
+    Params,
+    TrainConfig,
+    defaults,
+    load_config,
+    parse_params,
+)
 from cxr.model_options import OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +159,62 @@ def test_the_scheduler_refuses_a_bad_setting_before_serving(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith("did you mean seed?") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "read"),
+    [  # YAML 1.1 reads 1e-3 as text; JSON (-S) reads 1e3 as a float
+        ("input.image_size=64.0", ("input", "image_size", 64)),
+        ("input.image_size='96'", ("input", "image_size", 96)),
+        ("input.image_size='1e2'", ("input", "image_size", 100)),
+        ("train.smallnet.epochs=1e3", ("train", "epochs", 1000)),
+        ("train.smallnet.learning_rate='1e-3'", ("train", "learning_rate", 1e-3)),
+        ("train.smallnet.learning_rate=1", ("train", "learning_rate", 1.0)),
+        ("train.common.steps_per_epoch=null", ("train", "steps_per_epoch", None)),
+    ],
+)
+def test_numbers_are_read_as_yaml_and_json_write_them(override, read):
+    config = load_config(REPO / "params.yaml", [override])
+    section, key, value = read
+    got = getattr(config.train.model("smallnet") if section == "train" else config.input, key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("input.image_size=true", r"input\.image_size=True: expected a whole number"),
+        ("input.image_size=64.5", r"input\.image_size=64\.5: expected a whole number"),
+        ("train.common.learning_rate=true", r"train\.common\.learning_rate=True: expected a number"),
+        ("train.common.learning_rate=.inf", r"train\.common\.learning_rate=inf: expected a number"),
+        ("train.common.tensorboard=1", r"train\.common\.tensorboard=1: expected true or false"),
+        ("train.common.monitor=5", r"train\.common\.monitor=5: expected text"),
+        ("train.cxrnet.widths=[8,8,8,true]", r"train\.cxrnet\.widths\[3\]=True: expected a whole number"),
+        ("train.vgg16.imagenet_preprocessing=1", r"train\.vgg16\.imagenet_preprocessing=1: expected true or false"),
+        ("train.cxrnet.widths=[1,2]", r"train\.cxrnet: widths=\[1, 2\]: four positive filter counts"),
+        ("data.link_roots=[a, 5]", r"data\.link_roots\[1\]=5: expected text"),
+        ("export.formats=[pdf]", r"export\.formats\[0\]='pdf': choose one of onnx, savedmodel, litert"),
+        ("data.max_ratio=1", r"data\.max_ratio=1\.0: must be > 1 \(zip-bomb guard"),
+        ("nosuch.x=1", r"nosuch: unknown key at the top level \(known keys: data, prepare, split, "),
+    ],
+)
+def test_wrong_types_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(REPO / "params.yaml", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_the_first_of_several_problems_is_reported_unknown_keys_first():
+    with pytest.raises(ConfigError, match=r"^params\.yaml: split\.seeed: unknown key"):
+        parse_params({"split": {"seed": -1, "seeed": 1}, "input": {"image_size": "abc"}})
+    with pytest.raises(ConfigError, match=r"^params\.yaml: input\.image_size='abc': expected a whole number$"):
+        parse_params({"input": {"augment": {"zoom": 2}, "image_size": "abc"}})
+
+
+def test_a_section_built_in_code_is_checked_like_params_yaml_and_an_empty_one_is_the_defaults():
+    with pytest.raises(ConfigError, match=r"^input\.augment\.zoom=2\.0: must be in \[0, 1\)$"):
+        InputConfig(augment={"zoom": 2})
+    with pytest.raises(ConfigError, match=r"^data\.source='ftp': choose one of kaggle, dir, medmnist, sample, auto$"):
+        DataConfig(source="ftp")
+    assert parse_params({"split": None, "input": {"augment": None}, "train": None}) == Params()
+    assert InputConfig.from_params({"augment": {"augment_validation": True}}).augment_validation is True

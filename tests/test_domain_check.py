@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cxr.common.domain import DomainModel, fit_domain, load_domain
+from cxr.config import EvaluateConfig, parse_params
 from cxr.errors import CxrError
 from tests.factories import chdir, prepared_project, small_params, synthetic
 
@@ -53,7 +54,7 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["train"]["common"]["domain_check"] = True
     root = prepared_project(tmp_path_factory.mktemp("domain") / "p", params, hostile=False)
     with chdir(root):
-        train("smallnet", params)
+        train("smallnet", parse_params(params))
     return root
 
 
@@ -139,8 +140,9 @@ def test_evaluate_and_the_report_count_the_images_of_a_set_outside_the_domain(ch
             _png(folder / class_name / f"noise-{i}.png", rng.integers(0, 256, (32, 32)).astype(np.uint8))
     params = small_params()
     params["evaluate"].update(external={"odd_site": "odd_site"}, bootstrap=20)
+    config = parse_params(params)
     with chdir(checked):
-        summary = evaluate_models(["smallnet"], params["evaluate"], params["input"])
+        summary = evaluate_models(["smallnet"], config.evaluate, config.input)
         html = Path(render(["smallnet"])["html"]).read_text()
     domain = summary["external"]["odd_site"]["models"]["smallnet"]["domain"]
     assert domain["n"] == 16 and 8 <= domain["flagged"] <= 10  # the 8 noise images, and at most 2 films
@@ -163,8 +165,8 @@ def test_the_ensemble_checks_every_member_and_keeps_the_worst_score(checked: Pat
     film = _png(tmp_path / "film.png", synthetic(rng, False))
     checker = _png(tmp_path / "checker.png", (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8))
     with chdir(checked):
-        train("cxrnet", params)
-        card = build_ensemble(params)
+        train("cxrnet", parse_params(params))
+        card = build_ensemble(parse_params(params))
         sidecar = Path("ensemble/ensemble.domain.npz")
         assert card["domain"]["members"] == ["smallnet", "cxrnet"]
         assert card["domain"]["sha256"] == sha256_file(sidecar) and card["domain"]["file"] == sidecar.as_posix()
@@ -190,9 +192,10 @@ def test_grad_cam_shows_in_domain_films_and_reader_agreement_marks_the_others(ch
 
     params = small_params()
     params["evaluate"].update(external={}, bootstrap=20)
+    config = parse_params(params)
     with chdir(checked):
-        summary = evaluate_models(["smallnet"], params["evaluate"], params["input"])
-        explained = explain_models(["smallnet"], params["evaluate"], params["input"])
+        summary = evaluate_models(["smallnet"], config.evaluate, config.input)
+        explained = explain_models(["smallnet"], config.evaluate, config.input)
         record = json.loads(Path("reports/eval/smallnet/domain.json").read_text())
         predictions = pd.read_csv("reports/eval/smallnet/predictions.csv", keep_default_na=False)
     test = summary["models"]["smallnet"]["domain"]
@@ -208,7 +211,9 @@ def test_grad_cam_shows_in_domain_films_and_reader_agreement_marks_the_others(ch
         "path,r1,r2\n"
         + "".join(f"{p},{y},{y}\n" for p, y in zip(predictions["path"], predictions["label"], strict=True))
     )
-    result = agreement_for_report(readers, "smallnet", {"bootstrap": 10}, tmp_path / "a.json", checked / "reports/eval")
+    result = agreement_for_report(
+        readers, "smallnet", EvaluateConfig(bootstrap=10), tmp_path / "a.json", checked / "reports/eval"
+    )
     assert result["out_of_domain"] == {"images": 1, "paths": [victim]}
 
 

@@ -74,12 +74,14 @@ def test_dvc_plots_diff_shows_roc_pr_confusion_across_two_experiments(repo):
     assert counts == {("NORMAL", "NORMAL"): 6, ("PNEUMONIA", "PNEUMONIA"): 6}  # the fixture's perfect split
 
     # experiment 2: the same model scored at a fixed threshold nothing reaches
+    from cxr.config import parse_params
     from cxr.evaluation.evaluate import evaluate_models
 
     params = small_params()
     params["evaluate"].update(threshold_source="fixed", threshold=0.999)
+    config = parse_params(params)
     with chdir(repo):
-        evaluate_models(["smallnet"], params["evaluate"], params["input"])
+        evaluate_models(["smallnet"], config.evaluate, config.input)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "experiment 2: fixed threshold 0.999"], repo)
     _run(["git", "tag", "experiment-2"], repo)

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def project(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained project plus ``models/cxrnet.keras``: a 10 % centre crop, 64 px, eight epochs."""
+    from cxr.config import parse_params
     from cxr.training.train import train
 
     root = tmp_path_factory.mktemp("export") / "project"
@@ -39,7 +40,7 @@ def project(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["train"]["models"] = ["cxrnet"]
     params["train"]["cxrnet"] = {"epochs": 8, "learning_rate": 0.01, "widths": [8, 16, 16, 16], "dropout": 0.0}
     with chdir(root):
-        train("cxrnet", params)
+        train("cxrnet", parse_params(params))
     return root
 
 

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.common.metrics import youden_threshold
 from cxr.common.thresholds import threshold_rule
+from cxr.config import EvaluateConfig, InputConfig, parse_params
 from cxr.data.external_sets import external_sets, index_external, load_external
 from cxr.errors import CxrError, DataError
 from cxr.evaluation.evaluate import evaluate_models
@@ -56,6 +57,12 @@ def _params(rule: str = "validation", **extra: object) -> dict:
     params = small_params()
     params["evaluate"].update(external={"site_b": "site_b"}, threshold_source=rule, **extra)
     return params
+
+
+def _sections(rule: str = "validation", **extra: object) -> tuple[EvaluateConfig, InputConfig]:
+    """The ``evaluate`` and ``input`` sections of :func:`_params`, as ``evaluate_models`` takes them."""
+    config = parse_params(_params(rule, **extra))
+    return config.evaluate, config.input
 
 
 # ------------------------------------------------------------------------------------------- index
@@ -121,17 +128,19 @@ def test_a_set_without_both_classes_is_refused(tmp_path):
 )
 def test_external_set_names_are_checked(value, message):
     with pytest.raises(CxrError, match=message):
-        external_sets({"external": value})
+        external_sets(EvaluateConfig(external=value))
 
 
 def test_threshold_rules_are_checked():
-    assert threshold_rule({}, []) == ("validation", None)
-    assert threshold_rule({"threshold_source": "fixed"}, []) == ("fixed", None)
-    assert threshold_rule({"threshold_source": "external:site_b"}, ["site_b"]) == ("external", "site_b")
-    with pytest.raises(CxrError, match="no external set named 'site_c'"):
-        threshold_rule({"threshold_source": "external:site_c"}, ["site_b"])
+    site_b = {"site_b": "b"}
+    assert threshold_rule(EvaluateConfig(), []) == ("validation", None)
+    assert threshold_rule(EvaluateConfig(threshold_source="fixed"), []) == ("fixed", None)
+    rule = EvaluateConfig(external=site_b, threshold_source="external:site_b")
+    assert threshold_rule(rule, ["site_b"]) == ("external", "site_b")
+    with pytest.raises(CxrError, match="no external set named 'site_c'"):  # refused as the section is read
+        threshold_rule(EvaluateConfig(external=site_b, threshold_source="external:site_c"), ["site_b"])
     with pytest.raises(CxrError, match="choose one of"):
-        threshold_rule({"threshold_source": "test"}, [])
+        threshold_rule(EvaluateConfig(threshold_source="test"), [])
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -143,7 +152,7 @@ def _external_predictions(root: Path, model: str = "smallnet") -> pd.DataFrame:
 
 def test_evaluate_scores_each_external_set_at_the_validation_threshold(project):
     with chdir(project):
-        summary = evaluate_models(["smallnet"], _params()["evaluate"], small_params()["input"])
+        summary = evaluate_models(["smallnet"], *_sections())
     card = json.loads((project / "models/smallnet.card.json").read_text())
     shipped = card["operating_point"]["threshold"]
     ext = summary["external"]["site_b"]
@@ -168,7 +177,7 @@ def test_evaluate_scores_each_external_set_at_the_validation_threshold(project):
 
 def test_a_threshold_chosen_on_an_external_set_is_labelled_and_shipped_to_predict(project, cli):
     with chdir(project):
-        summary = evaluate_models(["smallnet"], _params("external:site_b")["evaluate"], small_params()["input"])
+        summary = evaluate_models(["smallnet"], *_sections("external:site_b"))
         predictions = _external_predictions(project)
         expected = youden_threshold(predictions["label"].to_numpy(), predictions["probability"].to_numpy())
         m = summary["external"]["site_b"]["models"]["smallnet"]
@@ -194,7 +203,7 @@ def test_a_threshold_chosen_on_an_external_set_is_labelled_and_shipped_to_predic
 
 def test_a_fixed_threshold_rule_uses_evaluate_threshold(project):
     with chdir(project):
-        summary = evaluate_models(["smallnet"], _params("fixed", threshold=0.3)["evaluate"], small_params()["input"])
+        summary = evaluate_models(["smallnet"], *_sections("fixed", threshold=0.3))
     assert summary["models"]["smallnet"]["threshold"] == 0.3
     assert summary["external"]["site_b"]["models"]["smallnet"]["threshold"] == 0.3
 
@@ -203,7 +212,7 @@ def test_report_summary_puts_external_sets_first(project):
     from cxr.reporting.report import render, summary_rows
 
     with chdir(project):
-        evaluate_models(["smallnet"], _params()["evaluate"], small_params()["input"])
+        evaluate_models(["smallnet"], *_sections())
         result = render(["smallnet"])
         html = Path(result["html"]).read_text()
         from cxr.reporting.report import collect
@@ -228,7 +237,7 @@ def two_models(project: Path) -> Path:
     params["train"]["models"] = ["smallnet", "cxrnet"]
     params["train"]["cxrnet"].update(epochs=2, widths=[8, 8, 8, 8])
     with chdir(project):
-        train("cxrnet", params)
+        train("cxrnet", parse_params(params))
     return project
 
 
@@ -237,8 +246,9 @@ def test_the_ensemble_is_the_mean_of_its_members_and_ships_like_a_model(two_mode
     params["train"]["models"] = ["smallnet", "cxrnet"]
     params["ensemble"] = {"members": ["smallnet", "cxrnet"]}
     params["evaluate"].update(external={"site_b": "site_b"})
+    config = parse_params(params)
     with chdir(two_models):
-        card = build_ensemble(params)
+        card = build_ensemble(config)
         assert [m["model"] for m in card["members"]] == ["smallnet", "cxrnet"]
         assert card["operating_point"]["chosen_on"] == "val" and card["health"]["status"] == "healthy"
         ensemble = load(model_file("ensemble"))
@@ -247,8 +257,8 @@ def test_the_ensemble_is_the_mean_of_its_members_and_ships_like_a_model(two_mode
         images = np.stack([load_image(f, ensemble.input) for f in files])
         members = [predict_images(load(f"models/{m}.keras").model, images) for m in ("smallnet", "cxrnet")]
         np.testing.assert_allclose(predict_images(ensemble.model, images), np.mean(members, axis=0), atol=1e-5)
-        assert evaluated_models(params) == ["smallnet", "cxrnet", "ensemble"]
-        summary = evaluate_models(evaluated_models(params), params["evaluate"], params["input"])
+        assert evaluated_models(config) == ["smallnet", "cxrnet", "ensemble"]
+        summary = evaluate_models(evaluated_models(config), config.evaluate, config.input)
         assert set(summary["external"]["site_b"]["models"]) == {"smallnet", "cxrnet", "ensemble"}
         assert len(summary["external"]["site_b"]["comparison"]) == 3
         code, out, _ = cli(["predict", "--model", "ensemble", str(files[0]), "--json"])
@@ -268,18 +278,18 @@ def test_ensemble_members_are_checked(two_models):
     ):
         params["ensemble"] = {"members": members}
         with pytest.raises(CxrError, match=message):
-            members_of(params)
+            members_of(parse_params(params))
     params["ensemble"] = {"members": []}
     with chdir(two_models):
-        assert build_ensemble(params) is None
+        assert build_ensemble(parse_params(params)) is None
         assert json.loads(Path("ensemble/ensemble.json").read_text()) == {"enabled": False, "members": []}
-        assert evaluated_models(params) == ["smallnet", "cxrnet"]
+        assert evaluated_models(parse_params(params)) == ["smallnet", "cxrnet"]
         # a member whose bytes differ from its card is refused
         params["ensemble"] = {"members": ["smallnet", "cxrnet"]}
         with open("models/cxrnet.keras", "ab") as handle:
             handle.write(b"\0")
         with pytest.raises(CxrError, match="differs from its card"):
-            build_ensemble(params)
+            build_ensemble(parse_params(params))
 
 
 def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(project):
@@ -296,7 +306,7 @@ def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(proje
     params = small_params()
     params["train"]["common"]["target_sensitivity"] = 0.9
     with chdir(project):
-        card = train("smallnet", params)  # the card carries the rule's threshold, rule and set
+        card = train("smallnet", parse_params(params))  # the card carries the rule's threshold, rule and set
         point = card["operating_point"]
         assert point["chosen_on"] == "val" and "sensitivity ≥ 0.9" in point["rule"]
         val = pd.read_csv("data/prepared/splits.csv", keep_default_na=False).query("split == 'val'")
@@ -305,7 +315,7 @@ def test_sensitivity_target_rule_picks_the_highest_threshold_that_keeps_it(proje
         assert point["threshold"] == pytest.approx(
             sensitivity_threshold(val["label"].to_numpy(), val_probs, 0.9), abs=1e-6
         )
-        summary = evaluate_models(["smallnet"], _params()["evaluate"], small_params()["input"])
+        summary = evaluate_models(["smallnet"], *_sections())
         assert summary["models"]["smallnet"]["operating_point"] == point  # evaluate ships the card's
     for bad in (1.5, 0):
         params["train"]["common"]["target_sensitivity"] = bad
@@ -332,7 +342,7 @@ def test_a_selection_set_says_how_many_configurations_were_compared_on_it(projec
     from cxr.reporting.report import render
 
     with chdir(project):
-        summary = evaluate_models(["smallnet"], _params(compared={"site_b": 7})["evaluate"], small_params()["input"])
+        summary = evaluate_models(["smallnet"], *_sections(compared={"site_b": 7}))
         result = render(["smallnet"])
         html = Path(result["html"]).read_text()
     assert summary["external"]["site_b"]["role"] == "selection"
@@ -349,13 +359,11 @@ def test_a_confirmation_set_is_flagged_once_settings_change_after_its_first_scor
     confirm = {"roles": {"site_b": "confirmation"}}
     log = project / "lineage/confirmation.jsonl"
     with chdir(project):
-        first = evaluate_models(["smallnet"], _params(**confirm)["evaluate"], small_params()["input"])
-        again = evaluate_models(["smallnet"], _params(**confirm)["evaluate"], small_params()["input"])
+        first = evaluate_models(["smallnet"], *_sections(**confirm))
+        again = evaluate_models(["smallnet"], *_sections(**confirm))
         html = Path(render(["smallnet"])["html"]).read_text()
         assert "id='confirmation-site_b'" in html and "no longer confirmatory" not in html
-        changed = evaluate_models(
-            ["smallnet"], _params("fixed", threshold=0.3, **confirm)["evaluate"], small_params()["input"]
-        )
+        changed = evaluate_models(["smallnet"], *_sections("fixed", threshold=0.3, **confirm))
         result = render(["smallnet"])
         html = Path(result["html"]).read_text()
     roles = [s["external"]["site_b"] for s in (first, again, changed)]

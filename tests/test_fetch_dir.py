@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cxr.config import DataConfig
 from cxr.data.fetch import fetch, source_digest
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.errors import CxrError, DataError
@@ -17,7 +18,7 @@ from cxr.provenance.hashing import hash_tree
 
 def _fetch(src: Path, tmp_path: Path) -> dict:
     return fetch(
-        {"source": "dir", "dir": str(src)},
+        DataConfig(source="dir", dir=str(src)),
         raw_dir=tmp_path / "data/raw",
         record_path=tmp_path / "data/fetch.json",
         cache_dir=tmp_path / "data/.cache",
@@ -85,7 +86,7 @@ def test_missing_folder_and_unknown_source(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         _fetch(tmp_path / "nope", tmp_path)
     with pytest.raises(CxrError, match="choose one of kaggle, dir, medmnist"):
-        fetch({"source": "ftp"}, raw_dir=tmp_path / "raw", record_path=tmp_path / "r.json")
+        fetch(DataConfig(source="ftp"), raw_dir=tmp_path / "raw", record_path=tmp_path / "r.json")
 
 
 def test_read_only_source_is_never_written(make_dataset, tmp_path):
@@ -118,8 +119,8 @@ def test_refetch_replaces_atomically_and_failure_keeps_previous(make_dataset, tm
 
 def test_source_digest_tracks_content(make_dataset, tmp_path):
     src = make_dataset({"NORMAL": ["a.jpeg"], "PNEUMONIA": ["b.jpeg"]})
-    first = source_digest({"source": "dir", "dir": str(src)})
-    assert first == source_digest({"source": "dir", "dir": str(src)})
+    first = source_digest(DataConfig(source="dir", dir=str(src)))
+    assert first == source_digest(DataConfig(source="dir", dir=str(src)))
     (src / "NORMAL/a.jpeg").write_bytes(b"changed")
-    assert source_digest({"source": "dir", "dir": str(src)}) != first
-    assert source_digest({"source": "kaggle"}) is None
+    assert source_digest(DataConfig(source="dir", dir=str(src))) != first
+    assert source_digest(DataConfig(source="kaggle")) is None

@@ -38,6 +38,7 @@ import pytest
 from kaggle_standin import KaggleStandIn, Seen, StandInUnavailable
 
 from cxr import CLASS_NAMES, SPLITS
+from cxr.config import DataConfig
 from cxr.data.fetch import fetch, resolve_source
 from cxr.data.kaggle import NoCredentialsError, find_credentials
 from cxr.errors import FetchError
@@ -236,7 +237,7 @@ def legacy_env(standin: KaggleStandIn, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def run_fetch(env: Env, dataset: str = DATASET, **params: Any) -> dict[str, Any]:
     data = {"source": "kaggle", "kaggle_dataset": dataset, "retries": 1, "retry_backoff_s": 0.01, **params}
-    return fetch(data, raw_dir=env.raw, record_path=env.record, cache_dir=env.data / ".cache")
+    return fetch(DataConfig(**data), raw_dir=env.raw, record_path=env.record, cache_dir=env.data / ".cache")
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -526,7 +527,7 @@ def test_kaggle_auth_login_credentials_fetch_through_the_standin(
     ``~/.kaggle/credentials.json``; ``data.source: auto`` then resolves to Kaggle and fetches with it."""
     standin.add_dataset(DATASET, kaggle_zip)
     code = standin.add_login_code()
-    assert resolve_source({"source": "auto"}) == "sample"  # nothing configured yet
+    assert resolve_source(DataConfig(source="auto")) == "sample"  # nothing configured yet
 
     login = _kaggle_cli("auth", "login", "--no-launch-browser", stdin=code + "\n")
 
@@ -536,7 +537,7 @@ def test_kaggle_auth_login_credentials_fetch_through_the_standin(
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
     assert {"refresh_token", "access_token", "access_token_expiration"} <= set(json.loads(saved.read_text()))
     assert find_credentials().method == "OAUTH"
-    assert resolve_source({"source": "auto"}) == "kaggle"
+    assert resolve_source(DataConfig(source="auto")) == "kaggle"
     login_calls = standin.endpoints()
 
     record = run_fetch(env, source="auto")
@@ -689,7 +690,7 @@ def test_credential_precheck_agrees_with_the_client(
     expected_source = "sample" if ours is None else "kaggle"
 
     assert ours == _client_auth_method()
-    assert resolve_source({"source": "auto"}) == expected_source
+    assert resolve_source(DataConfig(source="auto")) == expected_source
 
 
 # -- 4. and 5. missing or wrong credentials --------------------------------------------------------

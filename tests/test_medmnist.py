@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.config import DataConfig
 from cxr.data.fetch import fetch
 from cxr.errors import DataError, FetchError
 from tests.factories import SHARED_DATA
@@ -30,7 +31,7 @@ def _npz(path, with_test: bool = False, **overrides):
 def test_npz_becomes_png_files_with_exact_pixels(tmp_path):
     npz, arrays = _npz(tmp_path / "p.npz", with_test=True)
     record = fetch(
-        {"source": "medmnist", "npz": str(npz)}, raw_dir=tmp_path / "raw", record_path=tmp_path / "fetch.json"
+        DataConfig(source="medmnist", npz=str(npz)), raw_dir=tmp_path / "raw", record_path=tmp_path / "fetch.json"
     )
     assert record["counts"] == {
         "test/NORMAL": 1,
@@ -48,24 +49,28 @@ def test_npz_becomes_png_files_with_exact_pixels(tmp_path):
 def test_bad_npz_files_get_clear_errors(tmp_path):
     with pytest.raises(FetchError, match="file not found"):
         fetch(
-            {"source": "medmnist", "npz": str(tmp_path / "none.npz")},
+            DataConfig(source="medmnist", npz=str(tmp_path / "none.npz")),
             raw_dir=tmp_path / "raw",
             record_path=tmp_path / "f.json",
         )
     (tmp_path / "junk.npz").write_text("junk")
     with pytest.raises(DataError, match=r"not a readable \.npz"):
         fetch(
-            {"source": "medmnist", "npz": str(tmp_path / "junk.npz")},
+            DataConfig(source="medmnist", npz=str(tmp_path / "junk.npz")),
             raw_dir=tmp_path / "raw",
             record_path=tmp_path / "f.json",
         )
     bad_labels, _ = _npz(tmp_path / "labels.npz", train_labels=np.array([[0], [2], [1], [0], [1], [1]]))
     with pytest.raises(DataError, match="labels other than 0"):
-        fetch({"source": "medmnist", "npz": str(bad_labels)}, raw_dir=tmp_path / "raw", record_path=tmp_path / "f.json")
+        fetch(
+            DataConfig(source="medmnist", npz=str(bad_labels)),
+            raw_dir=tmp_path / "raw",
+            record_path=tmp_path / "f.json",
+        )
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(DataError, match="not a MedMNIST file"):
         fetch(
-            {"source": "medmnist", "npz": str(tmp_path / "other.npz")},
+            DataConfig(source="medmnist", npz=str(tmp_path / "other.npz")),
             raw_dir=tmp_path / "raw",
             record_path=tmp_path / "f.json",
         )
@@ -85,7 +90,7 @@ def test_download_without_the_medmnist_package_names_the_fix(tmp_path, monkeypat
     monkeypatch.setattr(builtins, "__import__", no_medmnist)
     with pytest.raises(FetchError, match=r"set data.npz .* pip install 'cxr-pipeline\[medmnist\]'"):
         fetch(
-            {"source": "medmnist", "npz": "", "medmnist_size": 28},
+            DataConfig(source="medmnist", npz="", medmnist_size=28),
             raw_dir=tmp_path / "raw",
             record_path=tmp_path / "f.json",
             cache_dir=tmp_path / "cache",
@@ -95,7 +100,7 @@ def test_download_without_the_medmnist_package_names_the_fix(tmp_path, monkeypat
 @pytest.mark.skipif(not (SHARED_DATA / "pneumoniamnist_trainval.npz").is_file(), reason="shared data absent")
 def test_shared_pneumoniamnist_file(tmp_path):
     record = fetch(
-        {"source": "medmnist", "npz": str(SHARED_DATA / "pneumoniamnist_trainval.npz")},
+        DataConfig(source="medmnist", npz=str(SHARED_DATA / "pneumoniamnist_trainval.npz")),
         raw_dir=tmp_path / "raw",
         record_path=tmp_path / "f.json",
     )

@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score
 import cxr.inference.predict
 from cxr.common.metrics import youden_threshold
 from cxr.common.model_card import card_path_for
+from cxr.config import parse_params
 from cxr.errors import CxrError
 from cxr.evaluation.evaluate import evaluate_models
 from cxr.evaluation.explain import OUTCOMES, outcome, select
@@ -387,8 +388,10 @@ def test_evaluate_compares_models_pairwise(evaluated, tmp_path):
     card = json.loads((root / "models/smallnet.card.json").read_text())
     (root / "models/twin.card.json").write_text(json.dumps(card))
     params = small_params()
+    params["evaluate"]["bootstrap"] = 50
+    config = parse_params(params)
     with chdir(root):
-        summary = evaluate_models(["smallnet", "twin"], {**params["evaluate"], "bootstrap": 50}, params["input"])
+        summary = evaluate_models(["smallnet", "twin"], config.evaluate, config.input)
     [comparison] = summary["comparison"]
     assert (comparison["a"], comparison["b"]) == ("smallnet", "twin")
     assert comparison["auc_difference"] == 0 and comparison["p_value"] == 1.0

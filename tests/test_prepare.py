@@ -7,12 +7,13 @@ import json
 import pandas as pd
 import pytest
 
+from cxr.config import PrepareConfig, SplitConfig
 from cxr.data.prepare import prepare
 from cxr.errors import DataError
 from cxr.provenance.hashing import sha256_file
 from tests.factories import kermany_layout, write_image
 
-SPLIT = {"strategy": "patient", "seed": 42, "test_size": 0.2, "val_size": 0.2}
+SPLIT = SplitConfig(strategy="patient", seed=42, test_size=0.2, val_size=0.2)
 
 
 def test_prepare_writes_manifest_splits_quality_and_plot(make_dataset, tmp_path, monkeypatch):
@@ -21,7 +22,7 @@ def test_prepare_writes_manifest_splits_quality_and_plot(make_dataset, tmp_path,
     (tmp_path / "data/raw/train/NORMAL/zero.jpeg").write_bytes(b"")
     dup = (tmp_path / "data/raw/train/PNEUMONIA").iterdir().__next__()
     (tmp_path / "data/raw/train/PNEUMONIA/copy_of_other.jpeg").write_bytes(dup.read_bytes())
-    result = prepare("data/raw", SPLIT, {"min_images_per_class": 5, "workers": 2})
+    result = prepare("data/raw", SPLIT, PrepareConfig(min_images_per_class=5, workers=2))
 
     manifest = pd.read_csv("data/prepared/manifest.csv", keep_default_na=False)
     splits = pd.read_csv("data/prepared/splits.csv", keep_default_na=False)
@@ -47,11 +48,11 @@ def test_prepare_writes_manifest_splits_quality_and_plot(make_dataset, tmp_path,
 def test_prepare_is_deterministic(make_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_dataset(kermany_layout(n_patients=25), root=tmp_path / "data/raw")
-    first = prepare("data/raw", SPLIT, {"min_images_per_class": 1})
-    second = prepare("data/raw", SPLIT, {"min_images_per_class": 1})
+    first = prepare("data/raw", SPLIT, PrepareConfig(min_images_per_class=1))
+    second = prepare("data/raw", SPLIT, PrepareConfig(min_images_per_class=1))
     assert first["splits_sha256"] == second["splits_sha256"]
     assert first["manifest_sha256"] == second["manifest_sha256"]
-    other_seed = prepare("data/raw", {**SPLIT, "seed": 7}, {"min_images_per_class": 1})
+    other_seed = prepare("data/raw", SPLIT.model_copy(update={"seed": 7}), PrepareConfig(min_images_per_class=1))
     assert other_seed["splits_sha256"] != first["splits_sha256"]
 
 
@@ -60,7 +61,7 @@ def test_prepare_fails_clearly_when_a_class_is_too_small(make_dataset, tmp_path,
     pneumonia = [f"person{i}_virus_{i}.jpeg" for i in range(20)]
     make_dataset({"NORMAL": ["IM-0001-0001.jpeg"], "PNEUMONIA": pneumonia}, root=tmp_path / "data/raw")
     with pytest.raises(DataError, match=r"NORMAL=1; prepare.min_images_per_class=5"):
-        prepare("data/raw", SPLIT, {"min_images_per_class": 5})
+        prepare("data/raw", SPLIT, PrepareConfig(min_images_per_class=5))
 
 
 def test_identical_files_under_both_classes_are_excluded(make_dataset, tmp_path, monkeypatch):
@@ -68,7 +69,7 @@ def test_identical_files_under_both_classes_are_excluded(make_dataset, tmp_path,
     make_dataset(kermany_layout(n_patients=10), root=tmp_path / "data/raw")
     write_image(tmp_path / "data/raw/train/NORMAL/IM-0900-0001.jpeg", 4242)
     write_image(tmp_path / "data/raw/train/PNEUMONIA/person900_virus_1.jpeg", 4242)
-    prepare("data/raw", SPLIT, {"min_images_per_class": 1})
+    prepare("data/raw", SPLIT, PrepareConfig(min_images_per_class=1))
     quality = json.loads((tmp_path / "reports/data_quality.json").read_text())
     reasons = {e["path"]: e["reason"] for e in quality["excluded"]}
     assert reasons["data/raw/train/NORMAL/IM-0900-0001.jpeg"].startswith("identical bytes")

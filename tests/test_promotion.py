@@ -335,9 +335,10 @@ def test_without_a_reference_the_test_split_less_training_images_decides(tmp_pat
     (root / "params.yaml").write_text(yaml.safe_dump(small_params()))
     write_raw(root / "data/raw", n_patients=24, hostile=False)
     with chdir(root):
+        from cxr.config import PrepareConfig, SplitConfig
         from cxr.data.prepare import prepare
 
-        prepare("data/raw", SPLIT, {"min_images_per_class": 5, "workers": 1})
+        prepare("data/raw", SplitConfig(**SPLIT), PrepareConfig(min_images_per_class=5, workers=1))
         assert cli(["train", "--model", "smallnet", "--no-promote"])[0] == 0
         assert not (root / "models/smallnet.keras").exists()  # stored, not shipped
         assert cli(["promote", "--model", "smallnet"])[0] == 0

@@ -87,6 +87,7 @@ def test_bad_lever_settings_are_refused_in_one_line(key: str, value: object) -> 
 
 
 def test_a_short_run_with_every_lever_trains_and_records_them(tmp_path: Path) -> None:
+    from cxr.config import parse_params
     from cxr.training.train import train
 
     params = small_params()
@@ -94,7 +95,7 @@ def test_a_short_run_with_every_lever_trains_and_records_them(tmp_path: Path) ->
     params["train"]["common"]["early_stopping"] = {"enabled": False}
     root = prepared_project(tmp_path / "p", params, hostile=False)
     with chdir(root):
-        card = train("smallnet", params)
+        card = train("smallnet", parse_params(params))
         history = (root / "reports/train/smallnet/history.csv").read_text().splitlines()
     assert card["best_epoch"] == card["epochs_run"] == 3  # the fixed budget's last epoch shipped
     assert card["train_config"]["schedule"] == "cosine" and card["train_config"]["mixup"] == 0.2

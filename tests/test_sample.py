@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cxr.config import load_params
+from cxr.config import DataConfig, load_params
 from cxr.data import sample
 from cxr.data.fetch import fetch, resolve_source, source_digest
 from cxr.data.manifest import parse_patient
@@ -135,11 +135,11 @@ def test_rebuilding_the_sample_gives_the_same_bytes() -> None:
 
 
 def test_auto_without_credentials_is_the_sample(no_credentials: Path) -> None:
-    assert resolve_source({"source": "auto"}) == "sample"
-    assert resolve_source({"source": "sample"}) == "sample"
-    assert resolve_source({"source": "dir"}) == "dir"
-    assert source_digest({"source": "auto"}) == source_digest({"source": "sample"})
-    assert str(source_digest({"source": "auto"})).startswith("sample:")
+    assert resolve_source(DataConfig(source="auto")) == "sample"
+    assert resolve_source(DataConfig(source="sample")) == "sample"
+    assert resolve_source(DataConfig(source="dir")) == "dir"
+    assert source_digest(DataConfig(source="auto")) == source_digest(DataConfig(source="sample"))
+    assert str(source_digest(DataConfig(source="auto"))).startswith("sample:")
 
 
 def _oauth_sign_in() -> str:
@@ -170,9 +170,9 @@ def test_auto_with_credentials_is_kaggle(form: str, no_credentials: Path, monkey
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
         path.chmod(0o600)
-    assert resolve_source({"source": "auto"}) == "kaggle"
-    assert source_digest({"source": "auto"}) is None
-    assert resolve_source({"source": "sample"}) == "sample"  # an explicit choice stays
+    assert resolve_source(DataConfig(source="auto")) == "kaggle"
+    assert source_digest(DataConfig(source="auto")) is None
+    assert resolve_source(DataConfig(source="sample")) == "sample"  # an explicit choice stays
 
 
 def test_auto_with_unusable_credentials_is_an_error_not_the_sample(no_credentials: Path) -> None:
@@ -182,7 +182,7 @@ def test_auto_with_unusable_credentials_is_an_error_not_the_sample(no_credential
     path.write_text(json.dumps({"username": "u", "key": "k"}))
     path.chmod(0o644)
     with pytest.raises(FetchError, match=r"chmod 600"):
-        resolve_source({"source": "auto"})
+        resolve_source(DataConfig(source="auto"))
 
 
 # -- what fetch records ----------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_fetch_records_the_resolved_source(
     raw, record_path = tmp_path / "data" / "raw", tmp_path / "data" / "fetch.json"
     caplog.set_level(logging.INFO, logger="cxr")
 
-    record = fetch({"source": "auto"}, raw_dir=raw, record_path=record_path, cache_dir=tmp_path / "cache")
+    record = fetch(DataConfig(source="auto"), raw_dir=raw, record_path=record_path, cache_dir=tmp_path / "cache")
 
     assert json.loads(record_path.read_text()) == record
     assert (record["source"], record["requested"], record["demo_sample"]) == ("sample", "auto", True)
@@ -205,7 +205,7 @@ def test_fetch_records_the_resolved_source(
     assert warnings == [sample.FALLBACK_WARNING]
     assert "kaggle auth login" in warnings[0] and "data.source=dir" in warnings[0]
 
-    explicit = fetch({"source": "sample"}, raw_dir=raw, record_path=record_path, cache_dir=tmp_path / "cache")
+    explicit = fetch(DataConfig(source="sample"), raw_dir=raw, record_path=record_path, cache_dir=tmp_path / "cache")
     assert "requested" not in explicit and explicit["demo_sample"] is True
     assert explicit["tree_sha256"] == record["tree_sha256"]
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # no warning when asked for
@@ -220,7 +220,7 @@ def test_fetch_records_the_resolved_source(
 def test_missing_sample_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sample, "SAMPLE_DIR", tmp_path / "gone")
     with pytest.raises(DataError, match=r"embedded demo sample is missing.*data\.source=kaggle") as err:
-        fetch({"source": "sample"}, raw_dir=tmp_path / "raw", record_path=tmp_path / "r.json")
+        fetch(DataConfig(source="sample"), raw_dir=tmp_path / "raw", record_path=tmp_path / "r.json")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "raw").exists()
 

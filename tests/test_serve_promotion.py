@@ -32,6 +32,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture
 def project(trained: Path, tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
     """A copy of the trained project with a second stored version (another seed), not shipped."""
+    from cxr.config import parse_params
     from cxr.provenance import model_store
     from cxr.provenance.hashing import sha256_file
     from cxr.training.train import train
@@ -43,7 +44,7 @@ def project(trained: Path, tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
     with chdir(root):
         first = sha256_file(root / "models/smallnet.keras")
         model_store.champion(model_store.Shipped("smallnet"))  # the shipped model is a stored version too
-        train("smallnet", params, install=False)
+        train("smallnet", parse_params(params), install=False)
         second = model_store.latest("smallnet").sha256
     assert first != second
     yield root, first, second

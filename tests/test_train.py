@@ -21,6 +21,7 @@ import pytest
 import yaml
 from sklearn.utils.class_weight import compute_class_weight
 
+from cxr.config import parse_params
 from cxr.errors import CxrError, DataError
 from cxr.provenance.hashing import sha256_file
 from cxr.training.health import HealthConfig, assess
@@ -243,7 +244,7 @@ def test_train_writes_model_card_and_reports(trained_project):
 def test_train_without_splits_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="run the prepare step first"):
-        train("smallnet", make_params())
+        train("smallnet", parse_params(make_params()))
 
 
 def test_training_is_deterministic(trained_project, base_project, project):
@@ -251,7 +252,7 @@ def test_training_is_deterministic(trained_project, base_project, project):
     reference = weights_of(root / "models/smallnet.keras")
 
     project(base_project)
-    again = train("smallnet", make_params())
+    again = train("smallnet", parse_params(make_params()))
     assert again["health"]["status"] == "healthy"
     repeated = weights_of(Path("models/smallnet.keras"))
     assert len(repeated) == len(reference)
@@ -259,7 +260,7 @@ def test_training_is_deterministic(trained_project, base_project, project):
         np.testing.assert_array_equal(a, b)
     assert again["validation"] == card["validation"]
 
-    train("smallnet", make_params(seed=7))
+    train("smallnet", parse_params(make_params(seed=7)))
     other = weights_of(Path("models/smallnet.keras"))
     assert any(not np.array_equal(a, b) for a, b in zip(reference, other, strict=True))
 
@@ -267,7 +268,7 @@ def test_training_is_deterministic(trained_project, base_project, project):
 def test_continue_epochs_trains_on_from_the_saved_model(trained_project, project):
     root, first = trained_project
     project(root)
-    card = train("smallnet", set_model(make_params(), continue_epochs=2))
+    card = train("smallnet", parse_params(set_model(make_params(), continue_epochs=2)))
     assert card["initial_epoch"] == EPOCHS
     assert card["epochs_run"] == EPOCHS + 2
     assert card["continued_from"] == first["model_sha256"]
@@ -283,14 +284,14 @@ def test_continue_epochs_refuses_a_tampered_model(trained_project, project):
         handle.write(b"tampered")
     before = Path("models/smallnet.card.json").read_bytes()
     with pytest.raises(CxrError, match="does not match its card"):
-        train("smallnet", set_model(make_params(), continue_epochs=2))
+        train("smallnet", parse_params(set_model(make_params(), continue_epochs=2)))
     assert Path("models/smallnet.card.json").read_bytes() == before
 
 
 def test_continue_epochs_without_a_saved_model(base_project, project):
     project(base_project)
     with pytest.raises(CxrError, match=r"no saved models/smallnet\.keras"):
-        train("smallnet", set_model(make_params(), continue_epochs=2))
+        train("smallnet", parse_params(set_model(make_params(), continue_epochs=2)))
 
 
 def _reports(root: Path = Path(".")) -> dict[str, bytes]:
@@ -306,7 +307,7 @@ def test_collapse_with_fail_keeps_the_previous_model(trained_project, project):
     reports_before = _reports()
     params = set_model(make_params(health={"on_collapse": "fail"}), learning_rate=COLLAPSING_LR)
     with pytest.raises(TrainingRejected, match=r"smallnet: model is (collapsed|degenerate)") as info:
-        train("smallnet", params)
+        train("smallnet", parse_params(params))
     assert "models/.rejected" in str(info.value)
     assert Path("models/smallnet.keras").read_bytes() == model_before
     assert Path("models/smallnet.card.json").read_bytes() == card_before
@@ -326,7 +327,7 @@ def test_collapse_with_fail_and_no_previous_model(base_project, project):
     project(base_project)
     params = set_model(make_params(health={"on_collapse": "fail"}), learning_rate=COLLAPSING_LR)
     with pytest.raises(TrainingRejected):
-        train("smallnet", params)
+        train("smallnet", parse_params(params))
     assert not Path("models/smallnet.keras").exists()
     assert not Path("models/smallnet.card.json").exists()
     assert Path("models/.rejected/smallnet.keras").is_file()
@@ -338,7 +339,7 @@ def test_an_unreachable_health_threshold_rejects_a_good_model(base_project, proj
     # min_val_auc cannot be set above 1 any more (the strict config refuses it), and a good model reaches 1.0 here
     params = make_params(health={"on_collapse": "fail", "min_prediction_std": 0.5})
     with pytest.raises(TrainingRejected, match=r"collapsed: constant predictions \(std [0-9.]+ < 0\.5\)"):
-        train("smallnet", params)
+        train("smallnet", parse_params(params))
     assert not Path("models/smallnet.keras").exists()
 
 
@@ -347,7 +348,7 @@ def test_collapse_with_warn_keeps_the_flagged_model(base_project, project):
 
     project(base_project)
     params = set_model(make_params(health={"on_collapse": "warn"}), learning_rate=COLLAPSING_LR)
-    card = train("smallnet", params)
+    card = train("smallnet", parse_params(params))
     assert card["health"]["status"] in {"collapsed", "degenerate"}
     assert card["health"]["problems"]
     saved = json.loads(Path("models/smallnet.card.json").read_text())

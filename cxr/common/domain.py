@@ -23,8 +23,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # Keras is imported where a model is built (it loads TensorFlow)
+    import keras
 
 FEATURE_LAYER = "pneumonia"  # every builder's output layer; its input is the penultimate features
 DEFAULT_PERCENTILE = 99.5
@@ -106,7 +110,7 @@ def load_domain(path: str | Path) -> DomainModel:
     return DomainModel(mean, precision, threshold, percentile)
 
 
-def scoring_model(model: object) -> object:
+def scoring_model(model: keras.Model) -> keras.Model:
     """A Keras model with two outputs: (penultimate features, P(pneumonia)), from one forward pass.
 
     Args:
@@ -120,18 +124,18 @@ def scoring_model(model: object) -> object:
     """
     import keras
 
-    layer = model.get_layer(FEATURE_LAYER)  # type: ignore[attr-defined]
-    return keras.Model(model.inputs[0], [layer.input, model.outputs[0]])  # type: ignore[attr-defined]
+    layer = model.get_layer(FEATURE_LAYER)
+    return keras.Model(model.inputs[0], [layer.input, model.outputs[0]])
 
 
 def features_and_probabilities(
-    scorer: object, images: np.ndarray, batch_size: int = 32
+    scorer: keras.Model, images: np.ndarray, batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) features and (N,) P(pneumonia) of (N, S, S, 3) uint8 images, one batch at a time."""
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].astype(np.float32) / 255.0
-        f, p = scorer(batch, training=False)  # type: ignore[operator]
+        f, p = scorer(batch, training=False)
         feats.append(np.asarray(f, dtype=np.float64))
         probs.append(np.asarray(p, dtype=np.float64).reshape(-1))
     if not feats:
@@ -149,7 +153,7 @@ class MemberDomains:
     def to_bytes(self) -> bytes:
         """The ensemble's ``.domain.npz``: every member's arrays under ``<member>__<array>``."""
         buffer = io.BytesIO()
-        arrays = {}
+        arrays: dict[str, np.ndarray | np.float64] = {}
         for name, d in sorted(self.members.items()):
             arrays.update(
                 {
@@ -159,7 +163,9 @@ class MemberDomains:
                     f"{name}__percentile": np.float64(d.percentile),
                 }
             )
-        np.savez(buffer, **arrays)
+        # numpy's stub gives savez a bool keyword (allow_pickle) beside **arrays; mypy cannot tell that no
+        # array is named allow_pickle, so it checks every array against bool too
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
         return buffer.getvalue()
 
 

@@ -19,14 +19,13 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageFile
 
-from cxr.config import InputConfig, setting
+from cxr.config import InputConfig
 from cxr.errors import DataError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
@@ -74,21 +73,17 @@ class ImageLimits:
     max_bytes: int
 
     @classmethod
-    def of(cls, cfg: InputConfig | Mapping[str, Any] | None = None) -> ImageLimits:
+    def of(cls, cfg: InputConfig | None = None) -> ImageLimits:
         """The caps of an ``input`` section.
 
         Args:
-            cfg: an :class:`~cxr.config.InputConfig`, a (partial) mapping of the ``input`` section,
-                or None for the defaults.
+            cfg: the ``input`` section, or None for the defaults.
 
         Returns:
             The caps.
         """
-        section = cfg if cfg is not None else {}
-        return cls(
-            int(setting(section, InputConfig, "max_image_pixels")),
-            int(setting(section, InputConfig, "max_image_bytes")),
-        )
+        section = cfg or InputConfig()
+        return cls(section.max_image_pixels, section.max_image_bytes)
 
 
 @dataclass(frozen=True)
@@ -228,21 +223,9 @@ def probe(path: str | Path, limits: ImageLimits | None = None) -> dict[str, Any]
         return {"error": f"unreadable file ({exc.strerror or type(exc).__name__})"}
     if not size:
         return {"bytes": 0, "error": "empty file (0 bytes)"}
-    try:
-        check_bytes(path, limits)
-        header = read_header(path, limits)
-    except ImageRefused as exc:
-        return {"bytes": size, "error": str(exc)}
-    except OSError as exc:
-        return {"bytes": size, "error": f"unreadable file ({exc.strerror or type(exc).__name__})"}
-    if header.format not in SUPPORTED_FORMATS:
-        return {"bytes": size, "error": f"unsupported format {header.format} (use JPEG or PNG)"}
-    if header.mode == "CMYK":
-        return {"bytes": size, "error": CMYK_REFUSED}
-    try:
-        check_shape(header.width, header.height)
-    except NotAFilm as exc:
-        return {"bytes": size, "error": str(exc)}
+    problem = _header_problem(path, limits)
+    if problem:
+        return {"bytes": size, "error": problem}
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -250,29 +233,49 @@ def probe(path: str | Path, limits: ImageLimits | None = None) -> dict[str, Any]
     result: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     if len(data) > limits.max_bytes:  # it grew between stat and read
         return {**result, "error": f"file grew past {_byte_cap(limits)} while it was read"}
+    return {**result, **_decode_whole(data, limits)}
+
+
+def _header_problem(path: Path, limits: ImageLimits) -> str | None:
+    """Why :func:`probe` refuses a file before reading its pixel data (its size, its header's
+    format, mode and pixels), or None."""
     try:
-        with Image.open(io.BytesIO(data)) as image:  # decode the very bytes that were hashed
+        check_bytes(path, limits)
+        header = read_header(path, limits)
+    except ImageRefused as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"unreadable file ({exc.strerror or type(exc).__name__})"
+    if header.format not in SUPPORTED_FORMATS:
+        return f"unsupported format {header.format} (use JPEG or PNG)"
+    if header.mode == "CMYK":
+        return CMYK_REFUSED
+    try:
+        check_shape(header.width, header.height)
+    except NotAFilm as exc:
+        return str(exc)
+    return None
+
+
+def _decode_whole(data: bytes, limits: ImageLimits) -> dict[str, Any]:
+    """Decode the very bytes that were hashed: ``{width, height, channels, format}`` or ``{error: reason}``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             fmt, mode, (width, height) = image.format, image.mode, image.size
             if fmt not in SUPPORTED_FORMATS:
-                return {**result, "error": f"unsupported format {fmt} (use JPEG or PNG)"}
+                return {"error": f"unsupported format {fmt} (use JPEG or PNG)"}
             check_pixels(width, height, limits)
             check_shape(width, height)
             image.load()
     except ImageRefused as exc:
-        return {**result, "error": str(exc)}
+        return {"error": str(exc)}
     except Image.UnidentifiedImageError:
-        return {**result, "error": "not an image (unknown format)"}
+        return {"error": "not an image (unknown format)"}
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return {**result, "error": f"over {_pixel_cap(limits)}"}
+        return {"error": f"over {_pixel_cap(limits)}"}
     except (OSError, SyntaxError, ValueError) as exc:
-        return {**result, "error": f"truncated or corrupt image ({str(exc).splitlines()[0][:80]})"}
-    return {
-        **result,
-        "width": width,
-        "height": height,
-        "channels": _CHANNELS.get(mode, 3),
-        "format": SUPPORTED_FORMATS[fmt],
-    }
+        return {"error": f"truncated or corrupt image ({str(exc).splitlines()[0][:80]})"}
+    return {"width": width, "height": height, "channels": _CHANNELS.get(mode, 3), "format": SUPPORTED_FORMATS[fmt]}
 
 
 def check_image(path: str | Path, limits: ImageLimits) -> Header:

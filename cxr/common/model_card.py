@@ -149,7 +149,7 @@ def _field(error: Mapping[str, Any]) -> str:
     return ".".join(str(part) for part in error.get("loc", ())) or "card"
 
 
-def parse_card(raw: Any, where: str | Path = "model card") -> ModelCard:
+def parse_card(raw: object, where: str | Path = "model card") -> ModelCard:
     """A card from its JSON object, of any version this code reads.
 
     Args:
@@ -272,7 +272,7 @@ def decisive_fields(card: ModelCard | Mapping[str, Any]) -> dict[str, Any]:
     raw = card.to_json() if isinstance(card, ModelCard) else dict(card)
     flat: dict[str, Any] = {}
 
-    def walk(prefix: str, value: Any) -> None:
+    def walk(prefix: str, value: object) -> None:
         if isinstance(value, Mapping):
             for key, item in value.items():
                 walk(f"{prefix}.{key}", item)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,6 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from cxr import CLASS_NAMES
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.figure import Figure
 
 _COLOURS = {"NORMAL": "#4c72b0", "PNEUMONIA": "#dd8452"}
 
@@ -78,7 +82,7 @@ def training_curves(history: Mapping[str, list[float]], out: str | Path, title: 
     return out
 
 
-def image_grid(images: Any, labels: Any, out: str | Path, title: str, columns: int = 4) -> Path:
+def image_grid(images: np.ndarray, labels: np.ndarray, out: str | Path, title: str, columns: int = 4) -> Path:
     """A grid of images (uint8 or [0, 1] floats) titled NORMAL / PNEUMONIA, like the notebook's.
 
     Args:
@@ -141,7 +145,7 @@ def architecture(layers: list[tuple[str, str, str, int]], out: str | Path, title
     return out
 
 
-def _save(fig: Any, out: Path) -> Path:
+def _save(fig: Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=90, metadata={"Software": None})
@@ -183,8 +187,8 @@ def confusion(matrix: Mapping[str, int], out: str | Path, title: str) -> Path:
 
 
 def curve(
-    x: Any,
-    y: Any,
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
     out: str | Path,
     title: str,
     xlabel: str,

@@ -25,7 +25,7 @@ import numpy as np
 
 from cxr.common.metrics import sensitivity_threshold, youden_threshold
 from cxr.common.model_card import ModelCard, OperatingPoint
-from cxr.config import EvaluateConfig, setting
+from cxr.config import EvaluateConfig
 from cxr.errors import CxrError, DataError
 from cxr.files import load_json_bounded, write_json
 from cxr.safe_text import printable
@@ -66,9 +66,7 @@ def validation_operating_point(
 THRESHOLD_RULES = ("validation", "fixed", "external:<name>")
 
 
-def threshold_rule(
-    eval_params: EvaluateConfig | Mapping[str, Any], external_names: Sequence[str]
-) -> tuple[str, str | None]:
+def threshold_rule(eval_params: EvaluateConfig, external_names: Sequence[str]) -> tuple[str, str | None]:
     """``evaluate.threshold_source`` checked: ``("validation", None)``, ``("fixed", None)`` or
     ``("external", name)``.
 
@@ -82,7 +80,7 @@ def threshold_rule(
     Raises:
         CxrError: an unknown rule, or ``external:<name>`` naming no configured set.
     """
-    source = str(setting(eval_params, EvaluateConfig, "threshold_source"))
+    source = eval_params.threshold_source
     if source in ("validation", "fixed"):
         return source, None
     kind, _, name = source.partition(":")
@@ -172,7 +170,7 @@ def record_operating_point(
     return path
 
 
-def _valid_point(raw: Any) -> OperatingPoint | None:
+def _valid_point(raw: object) -> OperatingPoint | None:
     if not isinstance(raw, dict):
         return None
     value = raw.get("threshold")

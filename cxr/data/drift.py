@@ -58,7 +58,9 @@ def profile(rows: Sequence[Mapping[str, Any]], decode_failures: int | None = Non
         "median_width": _median(_numbers(rows, "width")),
         "median_height": _median(_numbers(rows, "height")),
         "median_intensity": _median(_numbers(rows, "mean_intensity")),
-        "channels": dict(Counter(str(r.get("channels") or "?") for r in rows)) if rows and "channels" in rows[0] else {},
+        "channels": dict(Counter(str(r.get("channels") or "?") for r in rows))
+        if rows and "channels" in rows[0]
+        else {},
         "formats": dict(Counter(str(r.get("format") or "?") for r in rows)) if rows and "format" in rows[0] else {},
         "decode_failures": decode_failures,
     }
@@ -91,15 +93,44 @@ def compare(
         examples), ``patients`` (new, removed), ``shifts`` (the measured changes) and ``warnings``
         (one sentence per threshold crossed; empty when nothing moved beyond ``monitoring``).
     """
+    old_p, new_p = profile(old_rows, old_failures), profile(new_rows, new_failures)
+    shifts = _shifts(old_p, new_p, out_of_domain)
+    return {
+        "old": old_p,
+        "new": new_p,
+        "files": _files(old_rows, new_rows),
+        "patients": _patients(old_rows, new_rows),
+        "shifts": shifts,
+        "warnings": _warnings(old_p, new_p, shifts, cfg),
+    }
+
+
+def _files(old_rows: Sequence[Mapping[str, Any]], new_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """New, removed, changed (same path, other sha256) and unchanged file counts, with up to five examples each."""
     old_by_path = {str(r.get("path")): str(r.get("sha256")) for r in old_rows}
     new_by_path = {str(r.get("path")): str(r.get("sha256")) for r in new_rows}
     added = sorted(set(new_by_path) - set(old_by_path))
     removed = sorted(set(old_by_path) - set(new_by_path))
     changed = sorted(p for p in set(new_by_path) & set(old_by_path) if new_by_path[p] != old_by_path[p])
+    return {
+        "new": len(added),
+        "removed": len(removed),
+        "changed": len(changed),
+        "unchanged": len(set(new_by_path) & set(old_by_path)) - len(changed),
+        "examples": {"new": added[:5], "removed": removed[:5], "changed": changed[:5]},
+    }
+
+
+def _patients(old_rows: Sequence[Mapping[str, Any]], new_rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many patient ids are new, and how many are gone."""
     old_patients = {str(r.get("patient_id") or "") for r in old_rows} - {""}
     new_patients = {str(r.get("patient_id") or "") for r in new_rows} - {""}
-    old_p, new_p = profile(old_rows, old_failures), profile(new_rows, new_failures)
-    shifts = {
+    return {"new": len(new_patients - old_patients), "removed": len(old_patients - new_patients)}
+
+
+def _shifts(old_p: Mapping[str, Any], new_p: Mapping[str, Any], out_of_domain: float | None) -> dict[str, float | None]:
+    """The measured changes: prevalence and median intensity as differences, median size as relative changes."""
+    return {
         "prevalence": (
             new_p["prevalence"] - old_p["prevalence"]
             if old_p["prevalence"] is not None and new_p["prevalence"] is not None
@@ -114,6 +145,12 @@ def compare(
         ),
         "out_of_domain": out_of_domain,
     }
+
+
+def _warnings(
+    old_p: Mapping[str, Any], new_p: Mapping[str, Any], shifts: Mapping[str, float | None], cfg: MonitoringConfig
+) -> list[str]:
+    """One sentence per ``monitoring`` threshold that a shift crosses."""
     warnings = []
     if shifts["prevalence"] is not None and abs(shifts["prevalence"]) > cfg.max_prevalence_shift:
         warnings.append(
@@ -132,25 +169,13 @@ def compare(
             f"median mean intensity {old_p['median_intensity']:.3f} → {new_p['median_intensity']:.3f} "
             f"(monitoring.max_intensity_shift {cfg.max_intensity_shift:g})"
         )
+    out_of_domain = shifts["out_of_domain"]
     if out_of_domain is not None and out_of_domain > cfg.max_out_of_domain:
         warnings.append(
             f"{out_of_domain * 100:.1f} % of the new images are outside the champion's content check "
             f"(monitoring.max_out_of_domain {cfg.max_out_of_domain:g})"
         )
-    return {
-        "old": old_p,
-        "new": new_p,
-        "files": {
-            "new": len(added),
-            "removed": len(removed),
-            "changed": len(changed),
-            "unchanged": len(set(new_by_path) & set(old_by_path)) - len(changed),
-            "examples": {"new": added[:5], "removed": removed[:5], "changed": changed[:5]},
-        },
-        "patients": {"new": len(new_patients - old_patients), "removed": len(old_patients - new_patients)},
-        "shifts": shifts,
-        "warnings": warnings,
-    }
+    return warnings
 
 
 def new_or_changed(old_rows: Sequence[Mapping[str, Any]], new_rows: Sequence[Mapping[str, Any]]) -> list[str]:

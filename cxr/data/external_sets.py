@@ -11,7 +11,6 @@ train and validation splits); ``evaluate`` scores every model on the indexed fil
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from cxr import CLASS_NAMES
-from cxr.config import EvaluateConfig, check_external_sets, setting
 from cxr.common.images import probe
+from cxr.config import EvaluateConfig
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.data.links import OUTSIDE_FOLDER, link_roots, walk_files
 from cxr.data.manifest import parse_patient
@@ -37,16 +36,16 @@ EXTERNAL_DIR = HERE.external
 COLUMNS = ("path", "label", "class_name", "patient_id", "sha256")
 
 
-def external_sets(eval_params: EvaluateConfig | Mapping[str, Any]) -> dict[str, str]:
-    """``evaluate.external`` checked: ``{name: folder}`` (empty when none is configured).
+def external_sets(eval_params: EvaluateConfig) -> dict[str, str]:
+    """``evaluate.external``: ``{name: folder}`` (empty when none is configured).
 
     Args:
-        eval_params: the ``evaluate`` section (its dataclass or the mapping).
+        eval_params: the ``evaluate`` section (its set names were checked when it was read).
 
     Returns:
         ``{set name: folder}``; names start with a letter and are not a split name.
     """
-    return check_external_sets(setting(eval_params, EvaluateConfig, "external") or {})
+    return dict(eval_params.external)
 
 
 @dataclass(frozen=True)

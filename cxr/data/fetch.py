@@ -14,19 +14,19 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr.config import DataConfig, as_section
+from cxr.config import DataConfig
 from cxr.data import kaggle as kaggle_source
 from cxr.data import medmnist as medmnist_source
 from cxr.data import sample as sample_source
 from cxr.data.archive import ExtractLimits, safe_extract
 from cxr.data.dir_copy import copy_dataset_folder
-from cxr.data.links import hash_linked_tree, link_roots
 from cxr.data.kaggle_layout import ClassFolder, find_class_folders
+from cxr.data.links import hash_linked_tree, link_roots
 from cxr.data.staging import SCRATCH_PREFIX, install, recover, remove_tree
 from cxr.errors import CxrError, DataError
 from cxr.locks import lock_path, step_lock
@@ -137,7 +137,7 @@ _FETCHERS: dict[str, Callable[[DataConfig, _Workspace], dict[str, Any]]] = {
 SOURCES = (*_FETCHERS, "auto")
 
 
-def resolve_source(data: DataConfig | Mapping[str, Any]) -> str:
+def resolve_source(data: DataConfig) -> str:
     """The concrete source a fetch of ``data`` uses: ``kaggle``, ``sample``, ``dir`` or ``medmnist``.
 
     ``data.source: auto`` (the default) resolves to ``kaggle`` when Kaggle credentials are configured
@@ -147,20 +147,16 @@ def resolve_source(data: DataConfig | Mapping[str, Any]) -> str:
     sample (scheduled runs) refuse when this returns ``"sample"``.
 
     Args:
-        data: the ``data`` section (its dataclass, or the mapping).
+        data: the ``data`` section.
 
     Returns:
         The source name.
 
     Raises:
-        CxrError: an unknown source.
         FetchError: ``auto`` with credentials that are configured but unusable (a credential file
             readable by other users, a broken ``kaggle.json``): the user meant Kaggle, so it is not
             silently replaced by the sample.
     """
-    data = as_section(DataConfig, data, "data")
-    if data.source not in SOURCES:
-        raise CxrError(f"data.source={data.source!r}: choose one of {', '.join(SOURCES)}")
     if data.source != "auto":
         return data.source
     try:
@@ -179,7 +175,7 @@ def _contents(staged: Path, origin: Any) -> dict[str, Any]:
 
 
 def fetch(
-    data: DataConfig | Mapping[str, Any],
+    data: DataConfig,
     raw_dir: str | Path = HERE.raw,
     record_path: str | Path = HERE.fetch_record,
     cache_dir: str | Path = HERE.downloads,
@@ -187,7 +183,7 @@ def fetch(
     """Materialise ``data.source`` into ``raw_dir`` and write the fetch record.
 
     Args:
-        data: the ``data`` section (its dataclass, or the mapping): ``source`` (one of ``SOURCES``; ``auto``
+        data: the ``data`` section: ``source`` (one of ``SOURCES``; ``auto``
             is resolved by :func:`resolve_source`) and that source's settings
             (``dir``; ``npz``, ``medmnist_size``; ``kaggle_dataset``, ``retries``, ``retry_backoff_s``,
             ``max_files``, ``max_bytes``).
@@ -200,7 +196,6 @@ def fetch(
         (and digest where known), ``demo_sample: true`` for the embedded sample, the file counts per
         folder and the content digest of ``raw_dir``.
     """
-    data = as_section(DataConfig, data, "data")
     source = resolve_source(data)
     if data.source == "auto" and source == "sample":
         log.warning(sample_source.FALLBACK_WARNING)
@@ -234,7 +229,7 @@ def fetch(
     return record
 
 
-def source_digest(data: DataConfig | Mapping[str, Any]) -> str | None:
+def source_digest(data: DataConfig) -> str | None:
     """Content digest of a *local* source (folder or .npz), so callers can tell if it changed.
 
     Args:
@@ -246,7 +241,6 @@ def source_digest(data: DataConfig | Mapping[str, Any]) -> str | None:
         appear); None for Kaggle (its content is only known after downloading) and for a local source
         that is not there.
     """
-    data = as_section(DataConfig, data, "data")
     if data.source in ("sample", "auto") and resolve_source(data) == "sample":
         return "sample:" + hash_tree(sample_source.sample_dir())
     if data.source == "dir" and data.dir:

@@ -20,11 +20,15 @@ import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 from cxr.errors import FetchError
 
+if TYPE_CHECKING:  # imported where used: kaggle authenticates at import
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NO_CREDENTIALS = (
     "no Kaggle credentials found: run 'kaggle auth login', or set KAGGLE_API_TOKEN (a token from "
@@ -206,12 +210,12 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def with_retries(
-    action: Callable[[], Any],
+    action: Callable[[], T],
     what: str,
     retries: int = 4,
     backoff_s: float = 2.0,
     sleep: Callable[[float], None] = time.sleep,
-) -> Any:
+) -> T:
     """Run ``action``; retry transient network errors with exponential backoff.
 
     Args:
@@ -273,7 +277,7 @@ def _cached_zip(dataset: str, cache_dir: Path) -> Path:
     return folder / f"{slug}.zip"
 
 
-def _client() -> Any:
+def _client() -> KaggleApi:
     """An authenticated ``KaggleApi``."""
     # kaggle authenticates (and may print help or call the network) at import: keep it quiet.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -284,7 +288,7 @@ def _client() -> Any:
     return api
 
 
-def _log_licence(api: Any, dataset: str) -> None:
+def _log_licence(api: KaggleApi, dataset: str) -> None:
     """Ask Kaggle for the dataset's metadata (so a wrong name fails early) and log its licence."""
     from kagglesdk.datasets.types.dataset_api_service import ApiGetDatasetMetadataRequest
 
@@ -299,12 +303,12 @@ def _log_licence(api: Any, dataset: str) -> None:
     log.info("Kaggle dataset %s, licence %s", dataset, ", ".join(licences) or "unknown")
 
 
-def _download(api: Any, dataset: str, folder: Path) -> None:
+def _download(api: KaggleApi, dataset: str, folder: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         api.dataset_download_files(dataset, path=str(folder), force=False, quiet=True)
 
 
-def _download_complete_zip(api: Any, dataset: str, target: Path, retries: int, backoff_s: float) -> None:
+def _download_complete_zip(api: KaggleApi, dataset: str, target: Path, retries: int, backoff_s: float) -> None:
     """Download ``dataset`` to ``target``; a zip that fails its CRC check is deleted and downloaded once more."""
     for attempt in (1, 2):
         with_retries(lambda: _download(api, dataset, target.parent), "Kaggle download", retries, backoff_s)

@@ -10,17 +10,20 @@ the ``manifest.csv`` bytes written with it, the same value on every row) and rea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cxr.errors import DataError
 from cxr.provenance.hashing import sha256_file
 from cxr.safe_text import printable
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 PAIR_COLUMN = "manifest_sha256"
 MANIFEST_NAME = "manifest.csv"
 
 
-def check_pair(splits_csv: str | Path, frame: Any) -> None:
+def check_pair(splits_csv: str | Path, frame: pd.DataFrame) -> None:
     """Refuse ``splits.csv`` when the ``manifest.csv`` beside it is not the one it was cut from.
 
     A split file without the column (written by hand, or before the check existed) or without a

@@ -18,15 +18,16 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from cxr import CLASS_NAMES
-from cxr.config import InputConfig, PrepareConfig, SplitConfig, as_section
 from cxr.common.images import ImageLimits
+from cxr.common.plots import class_distribution
+from cxr.config import InputConfig, PrepareConfig, SplitConfig
 from cxr.data.manifest import build_manifest
 from cxr.data.pairing import PAIR_COLUMN
 from cxr.data.split import STRATEGIES, assign_splits
@@ -34,7 +35,6 @@ from cxr.errors import DataError
 from cxr.files import dumps_json
 from cxr.locks import lock_path, step_lock
 from cxr.provenance.hashing import sha256_file
-from cxr.common.plots import class_distribution
 from cxr.safe_text import is_utf8, printable
 from cxr.workspace import HERE
 
@@ -60,7 +60,7 @@ class _Commit:
     def __init__(self) -> None:
         self.staged: list[tuple[Path, Path]] = []
 
-    def write(self, path: Path, writer: Any) -> Path:
+    def write(self, path: Path, writer: Callable[[Path], object]) -> Path:
         """Run ``writer(tmp)`` for the output ``path``; the temporary file written."""
         tmp = _temp_name(path, os.getpid())
         self.staged.append((tmp, path))
@@ -178,14 +178,15 @@ def _class_counts(
     return class_counts
 
 
-def _split(manifest: pd.DataFrame, split_params: SplitConfig) -> tuple[str, Any, dict[str, Any]]:
+def _split(manifest: pd.DataFrame, split_params: SplitConfig) -> tuple[str, pd.Series, dict[str, Any]]:
     """The configured strategy, its split per manifest row, and the summaries of every strategy."""
     strategy = split_params.strategy
-    kwargs = {"test_size": split_params.test_size, "val_size": split_params.val_size, "seed": split_params.seed}
     summaries: dict[str, Any] = {}
     chosen = None
     for name in STRATEGIES:  # both, so the report can show what the other one would leak
-        split, summaries[name] = assign_splits(manifest, name, **kwargs)
+        split, summaries[name] = assign_splits(
+            manifest, name, test_size=split_params.test_size, val_size=split_params.val_size, seed=split_params.seed
+        )
         if name == strategy:
             chosen = split
     if chosen is None:  # assign_splits raised for an unknown strategy before reaching here
@@ -193,12 +194,12 @@ def _split(manifest: pd.DataFrame, split_params: SplitConfig) -> tuple[str, Any,
     return strategy, chosen, summaries
 
 
-def _csv_writer(frame: pd.DataFrame) -> Any:
+def _csv_writer(frame: pd.DataFrame) -> Callable[[Path], None]:
     return lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
 def _stage_tables(
-    manifest: pd.DataFrame, chosen: Any, prepared_dir: Path, commit: _Commit
+    manifest: pd.DataFrame, chosen: pd.Series, prepared_dir: Path, commit: _Commit
 ) -> tuple[tuple[Path, Path], tuple[str, str]]:
     """Stage ``manifest.csv`` (every usable image) and ``splits.csv`` (those assigned a split, each row
     naming the manifest's sha256); their paths and the sha256s of the bytes staged."""
@@ -283,24 +284,24 @@ def _log_split(strategy: str, summary: Mapping[str, Any], started: float) -> Non
 
 def prepare(
     raw_dir: str | Path,
-    split_params: SplitConfig | Mapping[str, Any],
-    prepare_params: PrepareConfig | Mapping[str, Any] | None = None,
+    split_params: SplitConfig,
+    prepare_params: PrepareConfig | None = None,
     prepared_dir: str | Path = HERE.prepared,
     reports_dir: str | Path = HERE.reports,
-    input_params: InputConfig | Mapping[str, Any] | None = None,
+    input_params: InputConfig | None = None,
 ) -> dict[str, Any]:
     """Build the manifest, check the data, split it without leakage and plot the class balance.
 
     Args:
         raw_dir: the fetched images in Kaggle layout.
-        split_params: the ``split`` section (its dataclass or the mapping): ``strategy`` (``patient``,
+        split_params: the ``split`` section: ``strategy`` (``patient``,
             the default, or ``seed``: the notebook's image-level split), ``test_size``, ``val_size``, ``seed``.
         prepare_params: the ``prepare`` section: ``workers`` (image probing), ``min_images_per_class``
             (None = the defaults).
         prepared_dir: where ``manifest.csv`` and ``splits.csv`` are written.
         reports_dir: where ``data_quality.json`` and ``plots/class_distribution.png`` are written.
         input_params: the decode caps ``max_image_pixels`` and ``max_image_bytes`` of the ``input``
-            section (its dataclass or a partial mapping; None = the defaults): larger images are excluded.
+            section (None = the defaults): larger images are excluded.
 
     Returns:
         Paths and content hashes of what the step wrote (``manifest``, ``splits``, ``quality``,
@@ -311,8 +312,7 @@ def prepare(
         DataError: no usable data; OSError: an output cannot be written (nothing is replaced then).
     """
     started = time.perf_counter()
-    split_params = as_section(SplitConfig, split_params, "split")
-    prepare_params = as_section(PrepareConfig, prepare_params, "prepare")
+    prepare_params = prepare_params or PrepareConfig()
     raw_dir, prepared_dir, reports_dir = Path(raw_dir), Path(prepared_dir), Path(reports_dir)
     _check_raw(raw_dir)  # before creating anything (the lock files); checked again under the locks
     with (
@@ -323,21 +323,50 @@ def prepare(
         manifest, dup_summary, excluded = _usable_manifest(raw_dir, prepare_params, ImageLimits.of(input_params))
         class_counts = _class_counts(manifest, excluded, raw_dir, prepare_params)
         strategy, chosen, summaries = _split(manifest, split_params)
-        commit = _Commit()
-        try:
-            (manifest_path, splits_path), hashes = _stage_tables(manifest, chosen, prepared_dir, commit)
-            quality = _quality_report(
-                raw_dir, manifest, excluded, dup_summary, class_counts, (strategy, summaries), hashes
-            )
-            quality_path = reports_dir / "data_quality.json"
-            quality_text = dumps_json(quality, indent=2, sort_keys=True) + "\n"
-            quality_sha = sha256_file(commit.write(quality_path, lambda tmp: tmp.write_text(quality_text)))
-            plot_path = _plot_classes(strategy, summaries[strategy], reports_dir, commit)
-            commit.commit()
-        finally:
-            commit.discard()
+        written = _write_outputs(
+            raw_dir,
+            prepared_dir,
+            reports_dir,
+            manifest,
+            chosen,
+            excluded,
+            dup_summary,
+            class_counts,
+            (strategy, summaries),
+        )
     _log_exclusions(excluded)
     _log_split(strategy, summaries[strategy], started)
+    return written
+
+
+def _write_outputs(
+    raw_dir: Path,
+    prepared_dir: Path,
+    reports_dir: Path,
+    manifest: pd.DataFrame,
+    chosen: pd.Series,
+    excluded: list[dict[str, str]],
+    dup_summary: dict[str, Any],
+    class_counts: dict[str, int],
+    split: tuple[str, dict[str, Any]],
+) -> dict[str, str]:
+    """Write ``manifest.csv``, ``splits.csv``, ``data_quality.json`` and the class plot together: all
+    staged first, then committed (nothing is replaced if one fails); their paths and sha256s.
+
+    ``chosen`` is the configured strategy's split per manifest row, ``split`` is (strategy, summaries).
+    """
+    strategy, summaries = split
+    commit = _Commit()
+    try:
+        (manifest_path, splits_path), hashes = _stage_tables(manifest, chosen, prepared_dir, commit)
+        quality = _quality_report(raw_dir, manifest, excluded, dup_summary, class_counts, split, hashes)
+        quality_path = reports_dir / "data_quality.json"
+        quality_text = dumps_json(quality, indent=2, sort_keys=True) + "\n"
+        quality_sha = sha256_file(commit.write(quality_path, lambda tmp: tmp.write_text(quality_text)))
+        plot_path = _plot_classes(strategy, summaries[strategy], reports_dir, commit)
+        commit.commit()
+    finally:
+        commit.discard()
     return {
         "manifest": manifest_path.as_posix(),
         "manifest_sha256": hashes[0],

@@ -14,7 +14,7 @@ import csv
 import io
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pandas as pd
 
 from cxr.common.metrics import interval
 from cxr.common.thresholds import recorded_point
-from cxr.config import EvaluateConfig, as_section
+from cxr.config import EvaluateConfig
 from cxr.errors import DataError
 from cxr.files import TABLE_FILE, read_bounded
 from cxr.safe_text import printable
@@ -128,8 +128,19 @@ def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.
     """
     shown = printable(path)
     text = _read_text(path)
+    frame = _parse_csv(text, shown)
+    _refuse_duplicate_columns(text, shown)
+    key = _key_column(frame, shown)
+    readers = _reader_columns(frame, key, shown, min_readers)
+    if frame.empty:
+        raise DataError(f"{shown}: no rows below the header; add one row per image")
+    return frame[key], _labels(frame, readers, shown)
+
+
+def _parse_csv(text: str, shown: str) -> pd.DataFrame:
+    """The CSV's cells as text (nothing read as NaN); DataError when it is empty or does not parse."""
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise DataError(
             f"{shown}: empty file; needs a header row (path,reader1,reader2,...) and one row per image"
@@ -137,7 +148,10 @@ def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.
     except (pd.errors.ParserError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{shown}: not a readable CSV ({printable(reason)})") from None
-    _refuse_duplicate_columns(text, shown)
+
+
+def _key_column(frame: pd.DataFrame, shown: str) -> str:
+    """The image key column; DataError when there is none or an image appears in more than one row."""
     key = next((c for c in frame.columns if str(c).lower() in KEY_COLUMNS), None)
     if key is None:
         raise DataError(f"{shown}: needs a key column named one of {', '.join(KEY_COLUMNS)}")
@@ -148,6 +162,11 @@ def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.
             f"{shown}: image {printable(frame[key][repeated].iloc[0])!r} appears in more than one row "
             f"(rows {', '.join(map(str, rows))}); keep one row per image, or it is counted twice"
         )
+    return key
+
+
+def _reader_columns(frame: pd.DataFrame, key: str, shown: str, min_readers: int) -> list[str]:
+    """Every column but the key; DataError when there are fewer than ``min_readers`` (or none)."""
     readers = [c for c in frame.columns if c != key]
     if not readers:
         raise DataError(f"{shown}: no reader columns besides {printable(key)!r}")
@@ -156,8 +175,11 @@ def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.
             f"{shown}: {len(readers)} reader column ({printable(readers[0])!r}); kappa needs at least "
             f"{min_readers} readers: add a column per reader"
         )
-    if frame.empty:
-        raise DataError(f"{shown}: no rows below the header; add one row per image")
+    return readers
+
+
+def _labels(frame: pd.DataFrame, readers: list[str], shown: str) -> pd.DataFrame:
+    """The readers' cells as int 0/1; DataError naming the row and column of the first unknown label."""
     labels = frame[readers].apply(lambda col: col.str.strip().str.lower().map(_LABELS))
     bad = labels.isna()
     if bad.any().any():
@@ -166,7 +188,7 @@ def read_readers(path: str | Path, min_readers: int = 1) -> tuple[pd.Series, pd.
             f"{shown}: row {row + 2}, column {printable(readers[column])!r}: "
             f"{printable(repr(frame[readers[column]].iloc[row]))} is not 0/1/NORMAL/PNEUMONIA"
         )
-    return frame[key], labels.astype(int)
+    return labels.astype(int)
 
 
 def agreement(
@@ -213,7 +235,7 @@ def agreement(
 def agreement_for_report(
     readers_csv: str | Path,
     model: str,
-    eval_params: EvaluateConfig | Mapping[str, Any],
+    eval_params: EvaluateConfig,
     out: str | Path,
     eval_dir: str | Path = HERE.eval,
 ) -> dict[str, Any]:
@@ -246,7 +268,6 @@ def agreement_for_report(
     if not predictions_csv.is_file():
         raise DataError(f"{predictions_csv}: not found; run the evaluate step first (dvc repro evaluate)")
     predictions = pd.read_csv(predictions_csv, keep_default_na=False)
-    evaluate = as_section(EvaluateConfig, eval_params, "evaluate")
     point = recorded_point(model, eval_dir)  # the shipped threshold, as evaluate recorded it
     threshold = point.threshold
     by_path = dict(zip(predictions["path"], predictions["probability"], strict=True))
@@ -258,14 +279,14 @@ def agreement_for_report(
             f"{readers_csv}: {len(missing)} image(s) are not in {model}'s test predictions, e.g. {missing[0]!r}"
         )
     labels = (np.asarray(probs, dtype=float) >= threshold).astype(int)
-    result = agreement(readers, {"name": model, "labels": labels}, evaluate.bootstrap, evaluate.seed)
+    result = agreement(readers, {"name": model, "labels": labels}, eval_params.bootstrap, eval_params.seed)
     result["threshold"] = {"value": threshold, "rule": point.rule}
     result["out_of_domain"] = _out_of_domain(Path(eval_dir) / model / "domain.json", keys)
     write_json(Path(out), result)
     return result
 
 
-def _out_of_domain(record: Path, keys: Sequence[str]) -> dict[str, Any] | None:
+def _out_of_domain(record: Path, keys: Iterable[str]) -> dict[str, Any] | None:
     """How many of the readers' images the model's content check flags (marked, not dropped: the
     readers read them), from the record ``evaluate`` wrote; None when the model has no check."""
     try:

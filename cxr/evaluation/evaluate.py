@@ -38,6 +38,7 @@ from cxr.common.metrics import (
     threshold_free,
     youden_threshold,
 )
+from cxr.common.model_card import ModelCard
 from cxr.common.thresholds import (
     operating_point,
     record_operating_point,
@@ -45,7 +46,7 @@ from cxr.common.thresholds import (
     validation_point,
     validation_youden,
 )
-from cxr.config import EvaluateConfig, InputConfig, as_section
+from cxr.config import EvaluateConfig, InputConfig
 from cxr.data.external_sets import EXTERNAL_DIR, ExternalSet, external_sets, load_external
 from cxr.data.kaggle_layout import find_class_folders
 from cxr.data.manifest import parse_patient
@@ -127,7 +128,12 @@ def _curves(name: str, labels: np.ndarray, probs: np.ndarray, result: Mapping[st
     _plot_curves(name, out, roc[:2], (recall, precision), bins, result)
 
 
-def _write_curve_tables(out: Path, roc: Sequence[np.ndarray], pr: Sequence[np.ndarray], bins: Sequence[Any]) -> None:
+def _write_curve_tables(
+    out: Path,
+    roc: tuple[np.ndarray, np.ndarray, np.ndarray],
+    pr: tuple[np.ndarray, np.ndarray],
+    bins: Sequence[Mapping[str, float]],
+) -> None:
     """``roc.csv`` (fpr, tpr, threshold), ``pr.csv`` (recall, precision) and ``calibration.csv``."""
     fpr, tpr, thr = roc
     write_csv_rows(
@@ -151,9 +157,9 @@ def _write_curve_tables(out: Path, roc: Sequence[np.ndarray], pr: Sequence[np.nd
 def _plot_curves(
     name: str,
     out: Path,
-    roc: Sequence[np.ndarray],
-    pr: Sequence[np.ndarray],
-    bins: Sequence[Any],
+    roc: tuple[np.ndarray, np.ndarray],
+    pr: tuple[np.ndarray, np.ndarray],
+    bins: Sequence[Mapping[str, float]],
     result: Mapping[str, Any],
 ) -> None:
     """``roc.png``, ``pr.png``, ``calibration.png`` and ``confusion.png`` (at the shipped threshold)."""
@@ -239,7 +245,7 @@ def _score_model(
     splits_csv: Path,
     cache_dir: str,
     sets: Sequence[ExternalSet],
-    decoded: dict[tuple[Any, ...], np.ndarray],
+    decoded: dict[tuple[str, int, str, str], np.ndarray],  # by (set, image size, resize, interpolation)
     allow: bool = False,
 ) -> _Scored:
     """One model's probabilities on the validation and test splits and every external set
@@ -389,8 +395,8 @@ def _add_comparisons(
 
 def evaluate_models(
     models: Sequence[str],
-    eval_params: EvaluateConfig | Mapping[str, Any],
-    input_params: InputConfig | Mapping[str, Any],
+    eval_params: EvaluateConfig,
+    input_params: InputConfig,
     splits_csv: str | Path = HERE.splits,
     models_dir: str | Path = HERE.models,
     out_dir: str | Path = HERE.eval,
@@ -420,40 +426,80 @@ def evaluate_models(
         CxrError: a model or its card is missing or cannot be loaded, or
             ``evaluate.threshold_source`` names no configured external set.
     """
-    eval_params = as_section(EvaluateConfig, eval_params, "evaluate")
     n_boot, seed = eval_params.bootstrap, eval_params.seed
-    cache_dir = as_section(InputConfig, input_params, "input").cache_dir
+    cache_dir = input_params.cache_dir
     splits_csv, out_dir = Path(splits_csv), Path(out_dir)
     sets_cfg = external_sets(eval_params)
     rule = threshold_rule(eval_params, list(sets_cfg))
     sets = [load_external(name, folder, external_dir) for name, folder in sets_cfg.items()]
     summary = _empty_summary(eval_params, sets, sets_cfg)
     samples: dict[str, dict[str, dict[str, np.ndarray]]] = {"test": {}, **{ext.name: {} for ext in sets}}
-    decoded: dict[tuple[Any, ...], np.ndarray] = {}
+    decoded: dict[tuple[str, int, str, str], np.ndarray] = {}
     cards = {}
     for name in models:
         lm = load(model_file(name, models_dir))
         cards[name] = lm.card
         scored = _score_model(lm, splits_csv, cache_dir, sets, decoded, eval_params.allow_outside_intended_use)
-        point = operating_point(
-            rule,
-            eval_params.threshold,
-            scored.val_point,
-            {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets},
-        )
-        summary["models"][name], samples["test"][name] = _score_test(name, lm, scored, point, n_boot, seed, out_dir)
-        for ext in sets:
-            compact, samples[ext.name][name] = _score_external(name, ext, scored, point, n_boot, seed, out_dir)
-            summary["external"][ext.name]["models"][name] = compact
+        point = _shipped_point(rule, eval_params.threshold, scored, sets)
+        _add_model_figures(summary, samples, name, lm, scored, point, sets, n_boot, seed, out_dir)
     _add_comparisons(summary, samples, models)
+    _add_roles(summary, sets, eval_params, cards, models, Path(confirmation_log))
+    _write_summary(summary, out_dir, Path(metrics_path))
+    return summary
+
+
+def _shipped_point(
+    rule: tuple[str, str | None], fixed_threshold: float, scored: _Scored, sets: Sequence[ExternalSet]
+) -> dict[str, Any]:
+    """One model's shipped operating point under ``evaluate.threshold_source`` (:func:`operating_point`)."""
+    return operating_point(
+        rule,
+        fixed_threshold,
+        scored.val_point,
+        {ext.name: (ext.labels, scored.external[ext.name]) for ext in sets},
+    )
+
+
+def _add_model_figures(
+    summary: dict[str, Any],
+    samples: dict[str, dict[str, dict[str, np.ndarray]]],
+    name: str,
+    lm: LoadedModel,
+    scored: _Scored,
+    point: Mapping[str, Any],
+    sets: Sequence[ExternalSet],
+    n_boot: int,
+    seed: int,
+    out_dir: Path,
+) -> None:
+    """One model's figures at its shipped threshold on the test split and on each external set, into
+    ``summary``; its bootstrap samples, for the paired comparisons, into ``samples``."""
+    summary["models"][name], samples["test"][name] = _score_test(name, lm, scored, point, n_boot, seed, out_dir)
+    for ext in sets:
+        compact, samples[ext.name][name] = _score_external(name, ext, scored, point, n_boot, seed, out_dir)
+        summary["external"][ext.name]["models"][name] = compact
+
+
+def _add_roles(
+    summary: dict[str, Any],
+    sets: Sequence[ExternalSet],
+    eval_params: EvaluateConfig,
+    cards: Mapping[str, ModelCard],
+    models: Sequence[str],
+    confirmation_log: Path,
+) -> None:
+    """What each external set's figures may claim, selection or confirmation (:func:`role_of`), into ``summary``."""
     settings = settings_digest(cards, eval_params)
-    for ext in sets:  # what the set's figures may claim: selection or confirmation
-        summary["external"][ext.name].update(role_of(ext, eval_params, settings, models, Path(confirmation_log)))
-    from cxr.evaluation.curves import write_plot_data  # DVC plot data: ROC, PR, reliability, confusion
+    for ext in sets:
+        summary["external"][ext.name].update(role_of(ext, eval_params, settings, models, confirmation_log))
+
+
+def _write_summary(summary: Mapping[str, Any], out_dir: Path, metrics_path: Path) -> None:
+    """The DVC plot data (ROC, PR, reliability, confusion) under ``out_dir``, and the summary to ``metrics_path``."""
+    from cxr.evaluation.curves import write_plot_data
 
     write_plot_data(out_dir, summary)
-    write_json(Path(metrics_path), summary)
-    return summary
+    write_json(metrics_path, summary)
 
 
 def _score_external(
@@ -566,7 +612,7 @@ def evaluate_folder(
     files, labels, groups = labelled_folder(data_dir)
     keep, images, skipped = [], [], []
     for i, (path, image, error) in enumerate(iter_images(files, lm.input)):
-        if error:
+        if error or image is None:  # iter_images yields an image or an error, never both
             skipped.append({"path": str(path), "reason": error})
             continue
         keep.append(i)

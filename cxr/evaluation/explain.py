@@ -11,7 +11,7 @@ edges rather than the lung field.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASS_NAMES
-from cxr.config import EvaluateConfig, InputConfig, as_section
+from cxr.config import EvaluateConfig, InputConfig
 from cxr.files import write_json
 from cxr.inference.gradcam import border_fraction, gradcam, last_conv_layer, overlay
-from cxr.inference.loading import ENSEMBLE, load, model_file
+from cxr.inference.loading import ENSEMBLE, LoadedModel, load, model_file
 from cxr.training.input_pipeline import load_images, read_split
 from cxr.workspace import HERE
 
@@ -67,7 +67,9 @@ def select(predictions: pd.DataFrame, threshold: float, per_outcome: int, seed: 
     parts = []
     for kind in OUTCOMES:
         rows = frame[frame["outcome"] == kind]
-        take = rng.choice(len(rows), size=min(per_outcome, len(rows)), replace=False) if len(rows) else []
+        take: np.ndarray | list[int] = (
+            rng.choice(len(rows), size=min(per_outcome, len(rows)), replace=False) if len(rows) else []
+        )
         parts.append(rows.iloc[sorted(take)])
     return pd.concat(parts)
 
@@ -99,8 +101,8 @@ def _gallery(images: np.ndarray, cams: np.ndarray, rows: pd.DataFrame, out: Path
 
 def explain_models(
     models: Sequence[str],
-    eval_params: EvaluateConfig | Mapping[str, Any],
-    input_params: InputConfig | Mapping[str, Any],
+    eval_params: EvaluateConfig,
+    input_params: InputConfig,
     splits_csv: str | Path = HERE.splits,
     models_dir: str | Path = HERE.models,
     eval_dir: str | Path = HERE.eval,
@@ -133,15 +135,10 @@ def explain_models(
         CxrError: a model or its card is missing or cannot be loaded, or ``evaluate.gradcam_layer``
             is not a layer on the model's main path.
     """
-    eval_params = as_section(EvaluateConfig, eval_params, "evaluate")
-    per_outcome, seed = eval_params.gradcam_per_outcome, eval_params.seed
-    margin, layer = eval_params.border_margin, eval_params.gradcam_layer or None
     out_dir = Path(out_dir)
-    summary: dict[str, Any] = {
-        "border_margin": margin,
-        "uniform_border_fraction": 1 - (1 - 2 * margin) ** 2,
-        "models": {},
-    }
+    margin = eval_params.border_margin
+    uniform = 1 - (1 - 2 * margin) ** 2  # the border's share of a uniform map
+    summary: dict[str, Any] = {"border_margin": margin, "uniform_border_fraction": uniform, "models": {}}
     for name in models:
         if name == ENSEMBLE:
             log.info(
@@ -152,43 +149,79 @@ def explain_models(
             continue
         lm = load(model_file(name, models_dir))
         threshold, _ = lm.threshold(eval_dir=eval_dir)  # TP/FP/TN/FN as the model ships
-        cfg = lm.cached_input(as_section(InputConfig, input_params, "input").cache_dir)
-        paths, _, key = read_split(splits_csv, "test")
-        images = load_images(paths, key, cfg, "test")
-        fractions = []
-        for start in range(0, len(images), 32):
-            cams, _ = gradcam(lm.model, images[start : start + 32].astype(np.float32) / 255.0, layer)
-            fractions += [border_fraction(c, margin) for c in cams]
-        predictions = pd.read_csv(Path(eval_dir) / name / "predictions.csv", keep_default_na=False)
-        _, scores = lm.score(images)  # the gallery shows films in the model's domain only
-        outside = set() if scores is None else {p for p, s in zip(paths, scores, strict=True) if s > 1.0}
-        shown = predictions[~predictions["path"].isin(outside)]
-        chosen = select(shown, threshold, per_outcome, seed).assign(threshold=threshold)
-        index = {p: i for i, p in enumerate(paths)}
-        picked = images[[index[p] for p in chosen["path"]]]
-        cams, _ = gradcam(lm.model, picked.astype(np.float32) / 255.0, layer)
-        gallery = _gallery(
-            picked, cams, chosen, out_dir / f"{name}.png", f"{name}: Grad-CAM of {layer or last_conv_layer(lm.model)}"
+        cfg = lm.cached_input(input_params.cache_dir)
+        summary["models"][name] = _explain_model(
+            name, lm, threshold, cfg, eval_params, splits_csv, eval_dir, out_dir, uniform
         )
-        value = float(np.nanmean(fractions))
-        summary["models"][name] = {
-            "layer": layer or last_conv_layer(lm.model),
-            "gallery": gallery.as_posix(),
-            "threshold": threshold,
-            "border_fraction_mean": round(value, 4),
-            "border_to_uniform_ratio": round(value / summary["uniform_border_fraction"], 3),
-            "images": len(fractions),
-            "out_of_domain_skipped": None if scores is None else len(outside),
-            "examples": [
-                {
-                    "path": r["path"],
-                    "outcome": r["outcome"],
-                    "probability": float(r["probability"]),
-                    "label": CLASS_NAMES[int(r["label"])],
-                }
-                for _, r in chosen.iterrows()
-            ],
-        }
-        log.info("%s: Grad-CAM border heat %.3f (uniform %.3f)", name, value, summary["uniform_border_fraction"])
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _explain_model(
+    name: str,
+    lm: LoadedModel,
+    threshold: float,
+    cfg: InputConfig,
+    eval_params: EvaluateConfig,
+    splits_csv: str | Path,
+    eval_dir: str | Path,
+    out_dir: Path,
+    uniform: float,
+) -> dict[str, Any]:
+    """One model's Grad-CAM gallery (``<out_dir>/<name>.png``) and border heat over every test image.
+
+    Args: as :func:`explain_models`'s; ``threshold`` is the model's shipped one, ``cfg`` its input
+    settings with the decoded-image cache, ``uniform`` the border share of a uniform map.
+
+    Returns:
+        The model's entry in ``summary.json``.
+    """
+    layer = eval_params.gradcam_layer or None
+    paths, _, key = read_split(splits_csv, "test")
+    images = load_images(paths, key, cfg, "test")
+    fractions = _border_fractions(lm.model, images, eval_params.border_margin, layer)
+    predictions = pd.read_csv(Path(eval_dir) / name / "predictions.csv", keep_default_na=False)
+    _, scores = lm.score(images)  # the gallery shows films in the model's domain only
+    outside = set() if scores is None else {p for p, s in zip(paths, scores, strict=True) if s > 1.0}
+    shown = predictions[~predictions["path"].isin(outside)]
+    chosen = select(shown, threshold, eval_params.gradcam_per_outcome, eval_params.seed).assign(threshold=threshold)
+    index = {p: i for i, p in enumerate(paths)}
+    picked = images[[index[p] for p in chosen["path"]]]
+    cams, _ = gradcam(lm.model, picked.astype(np.float32) / 255.0, layer)
+    gallery = _gallery(
+        picked, cams, chosen, out_dir / f"{name}.png", f"{name}: Grad-CAM of {layer or last_conv_layer(lm.model)}"
+    )
+    value = float(np.nanmean(fractions))
+    log.info("%s: Grad-CAM border heat %.3f (uniform %.3f)", name, value, uniform)
+    return {
+        "layer": layer or last_conv_layer(lm.model),
+        "gallery": gallery.as_posix(),
+        "threshold": threshold,
+        "border_fraction_mean": round(value, 4),
+        "border_to_uniform_ratio": round(value / uniform, 3),
+        "images": len(fractions),
+        "out_of_domain_skipped": None if scores is None else len(outside),
+        "examples": _examples(chosen),
+    }
+
+
+def _border_fractions(model: Any, images: np.ndarray, margin: float, layer: str | None) -> list[float]:
+    """The share of Grad-CAM heat within ``margin`` of the border, per image (32 images per pass)."""
+    fractions = []
+    for start in range(0, len(images), 32):
+        cams, _ = gradcam(model, images[start : start + 32].astype(np.float32) / 255.0, layer)
+        fractions += [border_fraction(c, margin) for c in cams]
+    return fractions
+
+
+def _examples(chosen: pd.DataFrame) -> list[dict[str, Any]]:
+    """The gallery's images as listed in ``summary.json``: path, outcome, P(pneumonia), truth."""
+    return [
+        {
+            "path": r["path"],
+            "outcome": r["outcome"],
+            "probability": float(r["probability"]),
+            "label": CLASS_NAMES[int(r["label"])],
+        }
+        for _, r in chosen.iterrows()
+    ]

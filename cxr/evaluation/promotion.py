@@ -31,7 +31,7 @@ summarised in one log line such as ``cxrnet: challenger 3f2a… not promoted: AU
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ def reference_set(cfg: Params, versions: Sequence[Version], splits_csv: Path) ->
         DataError: the configured set cannot be read, or its files changed since it was indexed.
     """
     name = cfg.promotion.reference
+    rows: list[dict[Hashable, Any]]  # one per image, as pandas' to_dict("records") gives them
     if name:
         ext = load_external(name, cfg.evaluate.external[name])
         rows = [
@@ -110,6 +111,10 @@ def reference_set(cfg: Params, versions: Sequence[Version], splits_csv: Path) ->
     )
 
 
+# the reference images decoded once per preprocessing: (image size, resize, interpolation, paths)
+_DecodeKey = tuple[int, str, str, tuple[str, ...]]
+
+
 @dataclass
 class _Scores:
     probabilities: np.ndarray
@@ -118,7 +123,7 @@ class _Scores:
     threshold_source: str
 
 
-def _score(lm: LoadedModel, paths: Sequence[str], decoded: dict[tuple[Any, ...], np.ndarray]) -> _Scores:
+def _score(lm: LoadedModel, paths: Sequence[str], decoded: dict[_DecodeKey, np.ndarray]) -> _Scores:
     key = (lm.input.image_size, lm.input.resize, lm.input.interpolation, tuple(paths))
     if key not in decoded:
         decoded[key] = (
@@ -172,7 +177,11 @@ def _decode_failures(version: Version) -> int | None:
 
 
 def gate(
-    cfg: Params, champion: Mapping[str, Any], challenger: Mapping[str, Any], paired: Mapping[str, Any], drift: Any
+    cfg: Params,
+    champion: Mapping[str, Any],
+    challenger: Mapping[str, Any],
+    paired: Mapping[str, Any],
+    drift: Mapping[str, Any] | None,
 ) -> list[str]:
     """The gate's failed conditions, as phrases (empty: the challenger may ship).
 
@@ -245,6 +254,33 @@ def promote(
             f"{name}: no trained version in {printable(registry_dir or HERE.registry)}; run `cxr train --model {name}`"
         )
     champion = model_store.champion(shipped, registry_dir)
+    decision = _decide(name, cfg, champion, challenger, splits_csv)
+    if decision["promoted"]:
+        model_store.install(challenger, shipped)
+    shipped_now = challenger if decision["promoted"] else champion
+    decision["shipped"] = {"id": shipped_now.id} if shipped_now else None
+    decision["line"] = decision_line(decision)
+    previous = _previous_decision(shipped)
+    if decision["outcome"] == "already champion" and (previous.get("challenger") or {}).get("id") == challenger.id:
+        log.info("%s", decision["line"])
+        return previous  # the decision that shipped it stays the record (nothing new was decided)
+    _record(decision, shipped)
+    (log.info if decision["promoted"] or decision["outcome"] == "already champion" else log.warning)(
+        "%s", decision["line"]
+    )
+    if decision["shipped"] is None:
+        raise NothingShipped(
+            f"{decision['line']}; no {name} model is shipped. Fix its training (see the health problems in "
+            f"registry/{name}/{challenger.id}/{name}.card.json), or ship it flagged with promotion.policy: always"
+        )
+    return decision
+
+
+def _decide(
+    name: str, cfg: Params, champion: Version | None, challenger: Version, splits_csv: str | Path
+) -> dict[str, Any]:
+    """The decision on ``challenger`` before anything is installed: ``model``, ``policy``, ``promoted``,
+    ``outcome``, ``reasons`` and both models' entries (and, when they were compared, the comparison)."""
     policy = cfg.promotion.policy
     decision: dict[str, Any] = {"model": name, "policy": policy, "challenger": _model_entry(challenger, None)}
     rolled_back = [
@@ -268,24 +304,6 @@ def promote(
         decision.update(_compare(name, cfg, champion, challenger, Path(splits_csv)))
         if policy == "always":
             decision.update(promoted=True, outcome="promoted (policy always)")
-    if decision["promoted"]:
-        model_store.install(challenger, shipped)
-    shipped_now = challenger if decision["promoted"] else champion
-    decision["shipped"] = {"id": shipped_now.id} if shipped_now else None
-    decision["line"] = decision_line(decision)
-    previous = _previous_decision(shipped)
-    if decision["outcome"] == "already champion" and (previous.get("challenger") or {}).get("id") == challenger.id:
-        log.info("%s", decision["line"])
-        return previous  # the decision that shipped it stays the record (nothing new was decided)
-    _record(decision, shipped)
-    (log.info if decision["promoted"] or decision["outcome"] == "already champion" else log.warning)(
-        "%s", decision["line"]
-    )
-    if decision["shipped"] is None:
-        raise NothingShipped(
-            f"{decision['line']}; no {name} model is shipped. Fix its training (see the health problems in "
-            f"registry/{name}/{challenger.id}/{name}.card.json), or ship it flagged with promotion.policy: always"
-        )
     return decision
 
 
@@ -315,7 +333,7 @@ def _on_collapse(version: Version) -> str | None:
 
 def _compare(name: str, cfg: Params, champion: Version, challenger: Version, splits_csv: Path) -> dict[str, Any]:
     ref = reference_set(cfg, [champion, challenger], splits_csv)
-    decoded: dict[tuple[Any, ...], np.ndarray] = {}
+    decoded: dict[_DecodeKey, np.ndarray] = {}
     champion_lm = load(champion.model)
     challenger_lm = load(challenger.model)
     champion_scores, challenger_scores = (

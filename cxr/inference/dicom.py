@@ -28,7 +28,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from cxr.common.images import ImageLimits, ImageRefused, check_bytes, check_pixe
 from cxr.errors import DataError
 from cxr.runtime import native_stderr
 from cxr.safe_text import printable
+
+if TYPE_CHECKING:  # pydicom is imported where a DICOM is read
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
@@ -61,7 +64,8 @@ logging.getLogger("pydicom").addHandler(_COMPLAINTS)
 @contextlib.contextmanager
 def _complaints() -> Iterator[list[str]]:
     """What pydicom logs about the file read in the block (this thread only)."""
-    _COMPLAINTS.local.found = found = []
+    found: list[str] = []
+    _COMPLAINTS.local.found = found
     try:
         yield found
     finally:
@@ -87,7 +91,7 @@ INTENDED_VIEWS = ("AP", "PA")
 _EXPECTS = "expects CR or DX chest radiographs, AP or PA"
 
 
-def intended_use_problem(ds: Any) -> str | None:
+def intended_use_problem(ds: Dataset) -> str | None:
     """Why a DICOM dataset is outside the intended use, from its metadata alone; None when it is not.
 
     Args:
@@ -212,11 +216,27 @@ def read_dicom(
             unsupported photometric interpretation or pixel shape, or pixel data that cannot be
             decoded (naming the decoder plugin to install for a compressed transfer syntax).
     """
-    import pydicom
-
     path = Path(path)
     check_dicom_header(path, limits)
     shown = printable(path)
+    ds = _read_dataset(path, shown)
+    photometric = _check_content(ds, shown, allow_outside_intended_use)
+    pixels = _pixel_array(ds, shown)
+    gray = _to_gray(ds, pixels, photometric, shown)
+    del pixels, ds  # a 50-megapixel film: keep one float64 copy alive, not three
+    if not np.isfinite(gray).all():  # float pixel data, or a rescale that overflows
+        raise DataError(f"{shown}: pixel values that are not finite numbers (NaN or infinity); not scored")
+    return _stretch(gray, clip_std)
+
+
+def _read_dataset(path: Path, shown: str) -> Dataset:
+    """The parsed DICOM dataset, its pixels not yet decoded; pydicom's complaints logged at DEBUG.
+
+    Raises:
+        DataError: unreadable, not a readable DICOM file, or an object without pixel data.
+    """
+    import pydicom
+
     with _complaints() as found:
         try:
             ds = pydicom.dcmread(path)
@@ -231,6 +251,17 @@ def read_dicom(
         raise DataError(f"{shown}: DICOM object without pixel data ({printable(kind)}); not an image")
     for complaint in found:
         log.debug("%s: pydicom: %s", shown, complaint)
+    return ds
+
+
+def _check_content(ds: Dataset, shown: str, allow_outside_intended_use: bool) -> str:
+    """The dataset's photometric interpretation, once its intended use, shape and photometric
+    interpretation are checked (before any pixel is decoded).
+
+    Raises:
+        OutsideIntendedUse: the metadata says it is not a chest radiograph (unless allowed).
+        DataError: a shape over a cap, or an unsupported photometric interpretation.
+    """
     problem = intended_use_problem(ds)
     if problem and not allow_outside_intended_use:
         raise OutsideIntendedUse(f"{shown}: {problem}: outside intended use ({_EXPECTS})")
@@ -242,6 +273,15 @@ def read_dicom(
     colour = ("RGB", "YBR_FULL", "YBR_FULL_422")
     if not photometric.startswith("MONOCHROME") and photometric not in colour:
         raise DataError(f"{shown}: unsupported photometric interpretation {printable(photometric)}")
+    return photometric
+
+
+def _pixel_array(ds: Dataset, shown: str) -> np.ndarray:
+    """The decoded pixels; what a native decoder printed is logged at DEBUG.
+
+    Raises:
+        DataError: the pixel data cannot be decoded (see :func:`_undecodable`).
+    """
     try:  # decoders written in C (OpenJPEG, libjpeg) report on fd 2: captured, so a failure is one line
         with native_stderr(quiet_on=(Exception,)) as noise:
             pixels = ds.pixel_array
@@ -250,25 +290,31 @@ def read_dicom(
     for line in noise.lines():
         if line.strip():
             log.debug("%s: decoder: %s", shown, printable(line.strip()))
+    return pixels
+
+
+def _to_gray(ds: Dataset, pixels: np.ndarray, photometric: str, shown: str) -> np.ndarray:
+    """One float64 gray image, bright where attenuation is high: luminance of a colour capture, or
+    the LUT stages (:func:`_grayscale`) with MONOCHROME1 inverted.
+
+    Raises:
+        DataError: an unexpected pixel array shape, or LUT attributes that cannot be applied.
+    """
     if pixels.ndim == 3 and pixels.shape[-1] == 3:  # colour secondary capture: use luminance
-        gray = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    elif pixels.ndim == 2:
+        return pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if pixels.ndim == 2:
         gray = _grayscale(ds, pixels, shown)
         if photometric == "MONOCHROME1":
             np.subtract(gray.max() + gray.min(), gray, out=gray)
-    else:
-        raise DataError(f"{shown}: unexpected pixel array shape {pixels.shape}")
-    del pixels, ds  # a 50-megapixel film: keep one float64 copy alive, not three
-    if not np.isfinite(gray).all():  # float pixel data, or a rescale that overflows
-        raise DataError(f"{shown}: pixel values that are not finite numbers (NaN or infinity); not scored")
-    return _stretch(gray, clip_std)
+        return gray
+    raise DataError(f"{shown}: unexpected pixel array shape {pixels.shape}")
 
 
 # The attributes the Modality and VOI LUT stages compute with: each must hold finite numbers.
 _LUT_NUMBERS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
 
 
-def _lut_numbers_problem(ds: Any) -> str | None:
+def _lut_numbers_problem(ds: Dataset) -> str | None:
     """Why the rescale or window attributes cannot be applied (``WindowWidth 0``...), or None."""
     for keyword in _LUT_NUMBERS:
         if keyword not in ds:
@@ -291,7 +337,7 @@ def _lut_numbers_problem(ds: Any) -> str | None:
     return None
 
 
-def _grayscale(ds: Any, pixels: np.ndarray, shown: str) -> np.ndarray:
+def _grayscale(ds: Dataset, pixels: np.ndarray, shown: str) -> np.ndarray:
     """Stored values → Modality LUT → VOI LUT or window, as a new float64 array; DataError when the
     file's own attributes cannot be applied (a hostile file must not take its batch down with it)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -309,7 +355,7 @@ def _grayscale(ds: Any, pixels: np.ndarray, shown: str) -> np.ndarray:
         raise DataError(f"{shown}: its modality or VOI LUT cannot be applied ({reason})") from None
 
 
-def _undecodable(ds: Any, exc: Exception, native: list[str]) -> str:
+def _undecodable(ds: Dataset, exc: Exception, native: list[str]) -> str:
     """Why the pixel data did not decode: a missing decoder (naming the plugin to install), a
     damaged compressed stream (with the decoder's own first complaint), or unreadable pixel data."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)

@@ -19,7 +19,7 @@ import os
 import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,7 @@ class LoadedModel:
         Returns:
             A copy of the model's input settings with ``cache="disk"`` in ``cache_dir``.
         """
-        return replace(self.input, cache="disk", cache_dir=cache_dir)
+        return self.input.model_copy(update={"cache": "disk", "cache_dir": cache_dir})
 
 
 ENSEMBLE = "ensemble"
@@ -291,7 +291,7 @@ def load(model_path: str | Path, allow_unverified: bool = False) -> LoadedModel:
     return LoadedModel(model, card, cfg, model_path, verified, sha256, domain)
 
 
-def _load_domain(model_path: Path, card: ModelCard, allow_unverified: bool) -> DomainModel | None:
+def _load_domain(model_path: Path, card: ModelCard, allow_unverified: bool) -> DomainModel | MemberDomains | None:
     """The content check's statistics beside the model, verified against the card's sha256."""
     if card.domain is None:
         return None
@@ -313,7 +313,7 @@ def _load_domain(model_path: Path, card: ModelCard, allow_unverified: bool) -> D
     return None
 
 
-def _op_message(exc: Any) -> str:
+def _op_message(exc: BaseException) -> str:
     """TensorFlow's error message without the function-node prefix and the ``[Op:...]`` suffix."""
     text = str(getattr(exc, "message", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)

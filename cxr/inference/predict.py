@@ -16,7 +16,6 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from cxr import CLASS_NAMES
 from cxr.common.images import ImageLimits
+from cxr.config import InputConfig
 from cxr.errors import CxrError, DataError
 from cxr.files import dumps_json, write_bytes_atomic
 from cxr.inference.dicom import dicom_intended_use, is_dicom
@@ -94,7 +94,11 @@ def _gradcam_folder(gradcam_dir: str | Path) -> Path:
 
 
 def _inputs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
-    """``(file, None)`` per file to predict and ``(folder, error)`` per given folder without one, in order."""
+    """``(file, None)`` per file to predict and ``(folder, error)`` per given folder without one, in order.
+
+    Raises:
+        CxrError: no paths were given.
+    """
     inputs: list[tuple[Path, str | None]] = []
     suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
     for item in paths:
@@ -102,7 +106,143 @@ def _inputs(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
         if not found:
             inputs.append((Path(item), f"{printable(item)}: no image files in this folder ({suffixes})"))
         inputs.extend((path, None) for path in found)
+    if not inputs:
+        raise CxrError("no image files or folders given")
     return inputs
+
+
+def _load_model(
+    model_path: str | Path | LoadedModel, allow_unverified: bool, limits: ImageLimits | None
+) -> tuple[LoadedModel, InputConfig]:
+    """The model (loaded unless it already is) and its decoding settings, under ``limits`` when given.
+
+    Raises:
+        UnverifiedModel: its file is not the one its card describes (and that is not allowed).
+    """
+    try:
+        lm = model_path if isinstance(model_path, LoadedModel) else load(model_path, allow_unverified=allow_unverified)
+    except UnverifiedModel as exc:
+        raise UnverifiedModel(f"{exc} (--allow-unverified uses it anyway)") from None
+    cfg = lm.input
+    if limits is not None:
+        cfg = cfg.model_copy(update={"max_image_pixels": limits.max_pixels, "max_image_bytes": limits.max_bytes})
+    return lm, cfg
+
+
+class _Output:
+    """Where one ``cxr predict`` run writes: a line (or JSON object) per image on ``out``, a
+    ``cxr: error: ...`` line per input that could not be predicted on ``err`` (``failures`` counts
+    them), and the Grad-CAM overlays in ``folder`` (None: none)."""
+
+    def __init__(self, out: TextIO | None, err: TextIO | None, as_json: bool, gradcam_dir: str | Path | None) -> None:
+        self.out = out or sys.stdout  # looked up per call: callers may have redirected the streams
+        self.err = err or sys.stderr
+        self.as_json = as_json
+        self.folder = _gradcam_folder(gradcam_dir) if gradcam_dir is not None else None
+        self.failures = 0
+
+    def error(self, message: str | None) -> None:
+        """One input that could not be predicted."""
+        self.failures += 1
+        print(f"cxr: error: {message}", file=self.err)
+
+    def errors(self, messages: Iterable[str | None]) -> int:
+        """Inputs none of which can be predicted; how many failed."""
+        for message in messages:
+            self.error(message)
+        return self.failures
+
+    def prediction(self, path: Path, record: dict[str, Any], probability: float, outside: str | None) -> None:
+        """One image's record as JSON, or the notebook's line."""
+        if self.as_json:
+            print(dumps_json(record), file=self.out)
+            return
+        label = record["label"]
+        mark = f"  (outside intended use: {outside})" if outside is not None else ""
+        if label == OUT_OF_DOMAIN:
+            why = f"unlike the training films (domain score {record['ood_score']:.2f} > 1)"
+            print(f"{printable(path)}: prediction: {label}: {why}; no verdict{mark}", file=self.out)
+        else:
+            print(f"{printable(path)}: prediction: {label}  P(Pneumonia): {probability:.4f}{mark}", file=self.out)
+
+
+class _Batches:
+    """Images decoded one by one, scored ``batch_size`` at a time, and written in input order."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cut: float,
+        cut_source: str,
+        cfg: InputConfig,
+        output: _Output,
+        batch_size: int,
+        allow_outside_intended_use: bool,
+    ) -> None:
+        self.lm = lm
+        self.cut = cut
+        self.cut_source = cut_source
+        self.cfg = cfg
+        self.output = output
+        self.batch_size = batch_size
+        self.allow_outside = allow_outside_intended_use
+        self.claimed = lm.card.model_sha256
+        self.pending: list[tuple[Path, np.ndarray, str | None]] = []
+
+    def predict(self, inputs: list[tuple[Path, str | None]]) -> int:
+        """Decode and score every input (a bad one is an error line); the number that failed."""
+        for path, error in inputs:
+            try:
+                image = load_image(path, self.cfg, self.allow_outside) if error is None else None
+            except DataError as exc:
+                error = str(exc)
+            if error or image is None:
+                self.flush()  # keep the output in input order around the error line
+                self.output.error(error)
+                self.output.err.flush()
+                continue
+            outside = dicom_intended_use(path) if self.allow_outside and is_dicom(path) else None
+            self.pending.append((path, image, outside))
+            if len(self.pending) >= self.batch_size:
+                self.flush()
+        self.flush()
+        return self.output.failures
+
+    def flush(self) -> None:
+        """Score the images waiting, in one model call, and write their records."""
+        if not self.pending:
+            return
+        probabilities, domain_scores = self.lm.score(np.stack([image for _, image, _ in self.pending]), self.batch_size)
+        for i, ((path, image, outside), probability) in enumerate(zip(self.pending, probabilities, strict=True)):
+            p = float(probability)
+            if not math.isfinite(p):
+                self.output.error(f"{printable(path)}: the model returned {p} for this image; retrain it")
+                continue
+            domain_score = None if domain_scores is None else float(domain_scores[i])
+            self.output.prediction(path, self.record(path, image, outside, p, domain_score), p, outside)
+        self.output.out.flush()
+        self.pending.clear()
+
+    def record(
+        self, path: Path, image: np.ndarray, outside: str | None, p: float, domain_score: float | None
+    ) -> dict[str, Any]:
+        """``cxr predict --json``'s record of one image; its Grad-CAM overlay is written when asked for."""
+        call = verdict(p, self.cut, domain_score, self.allow_outside)
+        record: dict[str, Any] = {
+            "path": _json_path(path),
+            **call,
+            "threshold": self.cut,
+            "threshold_source": self.cut_source,
+            "model_sha256": self.lm.sha256 or None,
+            "card_model_sha256": self.claimed if isinstance(self.claimed, str) else None,
+            "verified_model": self.lm.verified,
+            "intended_use": outside is None,
+        }
+        if outside is not None:
+            record["outside_intended_use"] = outside
+        if self.output.folder is not None:
+            record["gradcam"] = _write_overlay(self.lm, image, path, self.output.folder, call["label"], p)
+        return record
 
 
 def predict(
@@ -152,87 +292,15 @@ def predict(
         CxrError: a bad threshold or Grad-CAM folder; the model file or its card is missing,
             damaged or does not match (see :func:`cxr.inference.loading.load`).
     """
-    out = out or sys.stdout  # looked up per call: callers may have redirected the streams
-    err = err or sys.stderr
     cut_given = None if threshold is None else check_threshold(threshold)
-    folder = _gradcam_folder(gradcam_dir) if gradcam_dir is not None else None
+    output = _Output(out, err, as_json, gradcam_dir)  # the Grad-CAM folder is created now, before the model loads
     inputs = _inputs(paths)
-    if not inputs:
-        raise CxrError("no image files or folders given")
-    failures = 0
     if all(error for _, error in inputs):  # nothing to predict: no model to load
-        for _, error in inputs:
-            print(f"cxr: error: {error}", file=err)
-        return len(inputs)
-    try:
-        lm = model_path if isinstance(model_path, LoadedModel) else load(model_path, allow_unverified=allow_unverified)
-    except UnverifiedModel as exc:
-        raise UnverifiedModel(f"{exc} (--allow-unverified uses it anyway)") from None
+        return output.errors(error for _, error in inputs)
+    lm, cfg = _load_model(model_path, allow_unverified, limits)
     cut, cut_source = lm.threshold(cut_given)
-    cfg = lm.input
-    if limits is not None:
-        cfg = replace(cfg, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
-    claimed = lm.card.model_sha256
-    pending: list[tuple[Path, np.ndarray, str | None]] = []
-
-    def flush() -> None:
-        nonlocal failures
-        if not pending:
-            return
-        probabilities, domain_scores = lm.score(np.stack([image for _, image, _ in pending]), batch_size)
-        for i, ((path, image, outside), probability) in enumerate(zip(pending, probabilities, strict=True)):
-            p = float(probability)
-            if not math.isfinite(p):
-                failures += 1
-                print(f"cxr: error: {printable(path)}: the model returned {p} for this image; retrain it", file=err)
-                continue
-            call = verdict(
-                p, cut, None if domain_scores is None else float(domain_scores[i]), allow_outside_intended_use
-            )
-            label = call["label"]
-            record: dict[str, Any] = {
-                "path": _json_path(path),
-                **call,
-                "threshold": cut,
-                "threshold_source": cut_source,
-                "model_sha256": lm.sha256 or None,
-                "card_model_sha256": claimed if isinstance(claimed, str) else None,
-                "verified_model": lm.verified,
-                "intended_use": outside is None,
-            }
-            if outside is not None:
-                record["outside_intended_use"] = outside
-            if folder is not None:
-                record["gradcam"] = _write_overlay(lm, image, path, folder, label, p)
-            if as_json:
-                print(dumps_json(record), file=out)
-            else:
-                mark = f"  (outside intended use: {outside})" if outside is not None else ""
-                if label == OUT_OF_DOMAIN:
-                    why = f"unlike the training films (domain score {call['ood_score']:.2f} > 1)"
-                    print(f"{printable(path)}: prediction: {label}: {why}; no verdict{mark}", file=out)
-                else:
-                    print(f"{printable(path)}: prediction: {label}  P(Pneumonia): {p:.4f}{mark}", file=out)
-        out.flush()
-        pending.clear()
-
-    for path, error in inputs:
-        try:
-            image = load_image(path, cfg, allow_outside_intended_use) if error is None else None
-        except DataError as exc:
-            error = str(exc)
-        if error or image is None:
-            flush()  # keep the output in input order around the error line
-            failures += 1
-            print(f"cxr: error: {error}", file=err)
-            err.flush()
-            continue
-        outside = dicom_intended_use(path) if allow_outside_intended_use and is_dicom(path) else None
-        pending.append((path, image, outside))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    return failures
+    batches = _Batches(lm, cut, cut_source, cfg, output, batch_size, allow_outside_intended_use)
+    return batches.predict(inputs)
 
 
 OUT_OF_DOMAIN = "OUT_OF_DOMAIN"
@@ -277,7 +345,7 @@ def _json_path(path: Path) -> str:
     return text
 
 
-def _write_overlay(lm: Any, image: np.ndarray, path: Path, folder: Path, label: str, probability: float) -> str:
+def _write_overlay(lm: LoadedModel, image: np.ndarray, path: Path, folder: Path, label: str, probability: float) -> str:
     from cxr.common.plots import plt
     from cxr.inference.gradcam import gradcam, overlay
 

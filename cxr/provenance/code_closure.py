@@ -97,18 +97,19 @@ def import_closure(module: str) -> tuple[str, ...]:
     """
     if _module_file(module) is None:
         raise CxrError(f"{module}: not a module of the cxr package")
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}  # module name -> its file
     todo = [module]
     while todo:
         current = todo.pop()
         parts = current.split(".")
         for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
             name = ".".join(parts[:i])
-            if name in seen or _module_file(name) is None:
+            path = None if name in seen else _module_file(name)
+            if path is None:
                 continue
-            seen.add(name)
-            todo.extend(_imports(name, _module_file(name)) - seen)
-    files = {_module_file(m).relative_to(REPO_ROOT).as_posix() for m in seen}
+            seen[name] = path
+            todo.extend(_imports(name, path) - seen.keys())
+    files = {path.relative_to(REPO_ROOT).as_posix() for path in seen.values()}
     return tuple(sorted(files))
 
 

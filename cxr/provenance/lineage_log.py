@@ -36,7 +36,7 @@ MIN_PREFIX = 6  # hex digits of a data hash ``cxr audit --data`` needs (one digi
 _OBJECT_FIELDS = ("data", "run", "metrics", "params", "code")
 
 
-def current_run() -> dict[str, Any]:
+def current_run() -> dict[str, str | None]:
     """Which driver is running us: a Prefect flow run, a DVC stage, or a person at the CLI.
 
     Read from the environment: ``CXR_PREFECT_FLOW_RUN`` (set by our Prefect tasks) first, then
@@ -118,7 +118,7 @@ def append(entry: Mapping[str, Any], log_path: Path = LINEAGE_LOG) -> None:
         os.close(fd)
 
 
-def shape_problem(record: Any) -> str | None:
+def shape_problem(record: object) -> str | None:
     """Why a parsed lineage line cannot be used as a record, or None when it can.
 
     Args:
@@ -160,10 +160,11 @@ def records(log_path: Path = LINEAGE_LOG) -> list[dict[str, Any]]:
     """
     if not log_path.is_file():
         return []
-    out = []
+    out: list[dict[str, Any]] = []
     for number, raw in enumerate(read_bounded(log_path, "lineage log", LOG_FILE).split(b"\n"), start=1):
         if not raw.strip():
             continue
+        problem: str | None
         try:
             record = parse_json_bounded(raw.decode("utf-8"), str(log_path))
         except UnicodeDecodeError:

@@ -101,7 +101,7 @@ class Version:
         return read_card(self.card_file)
 
     @property
-    def sha256(self) -> str:
+    def sha256(self) -> str | None:
         return self.card().model_sha256
 
     def summary(self) -> dict[str, Any]:
@@ -293,7 +293,7 @@ def champion(shipped: Shipped, root: Path | None = None) -> Version | None:
     if card.model_sha256 != sha:
         raise CxrError(
             f"{printable(shipped.model)}: its bytes differ from its card (sha256 {sha[:12]} vs "
-            f"{card.model_sha256[:12]}); restore it (`cxr models rollback {shipped.name}`) before promoting"
+            f"{str(card.model_sha256)[:12]}); restore it (`cxr models rollback {shipped.name}`) before promoting"
         )
     reports = [p for p in sorted(shipped.reports.glob("*")) if p.is_file()] if shipped.reports.is_dir() else []
     # storing the champion does not make it the newest trained version

@@ -34,6 +34,7 @@ from markupsafe import Markup
 import cxr
 from cxr.common.intended_use import DATA_CITATION, INTENDED_USE, LIMITATIONS
 from cxr.common.model_card import card_path_for, read_card_if_any
+from cxr.config import EvaluateConfig
 from cxr.files import load_json_bounded
 from cxr.formatting import MINUS, interval, num
 from cxr.inference.loading import model_file
@@ -46,7 +47,7 @@ _TEMPLATE = "report.html.j2"
 _EVAL_PLOTS = ("confusion", "roc", "pr", "calibration")
 
 
-def _escape(value: Any) -> Any:
+def _escape(value: object) -> object:
     """The environment's ``finalize`` hook: escape every ``{{ value }}`` with :func:`html.escape`.
 
     Autoescaping would escape these anyway (with MarkupSafe); doing it here first keeps the entities the
@@ -71,7 +72,7 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def _fmt(value: object, digits: int = 3) -> str:
     """A figure as shown: a float rounded with a real minus sign (:func:`cxr.formatting.num`), "–" when absent."""
     if value is None:
         return "–"
@@ -608,7 +609,7 @@ def promotion_section(info: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         champion = decision.get("champion") if isinstance(decision.get("champion"), Mapping) else None
         ref = decision.get("reference") if isinstance(decision.get("reference"), Mapping) else {}
-        drift = decision.get("drift") if isinstance(decision.get("drift"), Mapping) else {}
+        drift = given if isinstance(given := decision.get("drift"), Mapping) else {}
         out.append(
             {
                 "name": name,
@@ -774,7 +775,7 @@ def render(
 def build(
     models: Sequence[str],
     readers: str,
-    eval_params: Mapping[str, Any],
+    eval_params: EvaluateConfig,
     agreement_file: Path = HERE.agreement,
 ) -> dict[str, Any]:
     """The report step, shared by the CLI and the Prefect task.
@@ -785,7 +786,7 @@ def build(
     Args:
         models: The models to report on; the first one is compared with the readers.
         readers: Path of the readers CSV, or ``""`` for none.
-        eval_params: The ``evaluate`` parameters (bootstrap resamples, seed) for the agreement CIs.
+        eval_params: The ``evaluate`` section (bootstrap resamples, seed) for the agreement CIs.
         agreement_file: Where the agreement JSON is written (or removed).
 
     Returns:

@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,10 @@ class _TooLarge(Exception):
     """The request body passed the upload cap while it was being read."""
 
 
+# what the worker answers for one image: (P(pneumonia), its domain score, or None without a content check)
+ImageScore = tuple[float, float | None]
+
+
 class ModelWorker:
     """The only thread that calls the Keras model; images queued together are scored as one batch.
 
@@ -131,7 +135,7 @@ class ModelWorker:
         self.max_wait_s = max_wait_s
         self._incoming = 0  # requests decoding an image that will be submitted
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[np.ndarray, concurrent.futures.Future[float]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[np.ndarray, concurrent.futures.Future[ImageScore]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="cxr-serve-model", daemon=True)
         self._thread.start()
 
@@ -140,14 +144,14 @@ class ModelWorker:
         with self._lock:
             self._incoming += change
 
-    def submit(self, image: np.ndarray, expected: bool = False) -> concurrent.futures.Future[float]:
-        """Queue one (S, S, 3) uint8 image; the future resolves to its P(pneumonia).
+    def submit(self, image: np.ndarray, expected: bool = False) -> concurrent.futures.Future[ImageScore]:
+        """Queue one (S, S, 3) uint8 image; the future resolves to its P(pneumonia) and domain score.
 
         Args:
             image: the decoded image.
             expected: it was announced with :meth:`expect`.
         """
-        future: concurrent.futures.Future[float] = concurrent.futures.Future()
+        future: concurrent.futures.Future[ImageScore] = concurrent.futures.Future()
         if expected:
             self.expect(-1)
         self._queue.put((image, future))
@@ -158,7 +162,9 @@ class ModelWorker:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def _gather(self, first: tuple[np.ndarray, concurrent.futures.Future[float]]) -> tuple[list[Any], bool]:
+    def _gather(
+        self, first: tuple[np.ndarray, concurrent.futures.Future[ImageScore]]
+    ) -> tuple[list[tuple[np.ndarray, concurrent.futures.Future[ImageScore]]], bool]:
         """The first item plus whatever arrives while images are still decoding; (batch, stop after it)."""
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
@@ -208,13 +214,14 @@ class _Served:
     threshold: float
     threshold_source: str
     cfg: InputConfig
-    identity: dict[str, Any]
+    identity: dict[str, str | bool | None]  # the served model's sha256s and whether it was verified
     active: int = 0
     retired: bool = False
 
     @classmethod
     def start(cls, lm: LoadedModel, threshold: float, source: str, limits: ImageLimits, batch_size: int) -> _Served:
-        cfg = replace(lm.input, max_image_pixels=limits.max_pixels, max_image_bytes=limits.max_bytes)
+        caps = {"max_image_pixels": limits.max_pixels, "max_image_bytes": limits.max_bytes}
+        cfg = lm.input.model_copy(update=caps)
         identity = {
             "model_sha256": lm.sha256 or None,
             "card_model_sha256": lm.card.model_sha256,
@@ -222,7 +229,7 @@ class _Served:
         }
         return cls(lm, ModelWorker(lm.model, batch_size, score=lm.score), threshold, source, cfg, identity)
 
-    def warm_up(self) -> concurrent.futures.Future[Any]:
+    def warm_up(self) -> concurrent.futures.Future[ImageScore]:
         size = self.lm.input.image_size
         return self.worker.submit(np.zeros((size, size, 3), np.uint8))
 
@@ -328,6 +335,189 @@ def _dicom_or_image_suffix(name: str, content_type: str) -> str:
     return ".dcm" if content_type.split(";")[0].strip().lower() in DICOM_TYPES else ""
 
 
+class _Service:
+    """What the routes of one application share: the model being served (swapped for a newer one on
+    reload), the upload limits, the decode budget and how to reload; one method per thing a request does.
+
+    Args: as :func:`create_app`'s, with ``limits`` and ``budget`` given.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        threshold: float,
+        threshold_source: str,
+        max_upload_bytes: int,
+        batch_size: int,
+        limits: ImageLimits,
+        allow_outside_intended_use: bool,
+        reload: Callable[[], tuple[LoadedModel, float, str]] | None,
+        watch_s: float,
+        budget: DecodeBudget,
+    ) -> None:
+        self.max_upload_bytes = max_upload_bytes
+        self.batch_size = batch_size
+        self.limits = limits
+        self.allow_outside_intended_use = allow_outside_intended_use
+        self.reload = reload
+        self.watch_s = watch_s
+        self.budget = budget
+        self.first = _Served.start(lm, threshold, threshold_source, limits, batch_size)  # warmed up by the lifespan
+        self.holder = _Holder(self.first)
+        self.model_path = lm.path
+        self.model_name = lm.path.name.removesuffix(".keras")
+
+    async def swap(self) -> dict[str, Any]:
+        """Load the model file again; serve it if its bytes differ (requests in flight finish on the old)."""
+        if self.reload is None:
+            raise UploadError(409, "this server serves a fixed file; start it with a model name to follow promotions")
+        async with self.holder.swapping:
+            try:
+                new_lm, cut, source = await run_in_threadpool(self.reload)
+            except CxrError as exc:
+                log.warning("reload refused, still serving %s: %s", self.holder.current.lm.sha256[:12], exc)
+                raise UploadError(503, f"reload refused, still serving the previous model: {exc}") from None
+            old = self.holder.current
+            if new_lm.sha256 == old.lm.sha256 and cut == old.threshold:
+                return {"reloaded": False, **old.identity}
+            fresh = await run_in_threadpool(_Served.start, new_lm, cut, source, self.limits, self.batch_size)
+            await asyncio.wrap_future(fresh.warm_up())
+            self.holder.replace(fresh)
+            log.info("now serving %s (sha256 %s…; was %s…)", self.model_name, new_lm.sha256[:12], old.lm.sha256[:12])
+            return {"reloaded": True, "previous_model_sha256": old.lm.sha256, **fresh.identity}
+
+    async def watch(self) -> None:
+        """Poll the model's card every ``watch_s`` seconds; :meth:`swap` when it changed."""
+        card_file = card_path_for(self.model_path)
+        seen = _stat_key(card_file)
+        while True:
+            await asyncio.sleep(self.watch_s)
+            now = _stat_key(card_file)
+            if now == seen:
+                continue
+            try:
+                await self.swap()
+                seen = now
+            except UploadError:
+                pass  # a half-written install (model renamed, card not yet): the next poll tries again
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        """Warm the model up and start the watcher; on shutdown, stop it, the model workers and the decode lanes."""
+        await asyncio.wrap_future(self.first.warm_up())  # build the model's kernels
+        watcher = asyncio.create_task(self.watch()) if self.reload is not None and self.watch_s > 0 else None
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.holder.close()
+            self.budget.close()
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``'s answer."""
+        return {"status": "ok", "model": self.model_name, **self.holder.current.identity}
+
+    def model_info(self) -> dict[str, Any]:
+        """``GET /model``'s answer: the card, the file, the threshold in use and the upload limits."""
+        current = self.holder.current
+        return {
+            "model": self.model_name,
+            "model_file": current.lm.path.as_posix(),
+            **current.identity,
+            "threshold": current.threshold,
+            "threshold_source": current.threshold_source,
+            "limits": {
+                "max_upload_bytes": self.max_upload_bytes,
+                "max_batch_files": MAX_BATCH_FILES,
+                "max_image_pixels": self.limits.max_pixels,
+                "max_image_bytes": self.limits.max_bytes,
+                "decode_budget_bytes": self.budget.total,
+            },
+            "card": current.lm.card.to_json(),
+        }
+
+    async def decode_within_budget(
+        self, cfg: InputConfig, data: bytes, filename: str, content_type: str
+    ) -> tuple[np.ndarray, str | None]:
+        """Decode one file in the lane for its size, holding what its decode will cost."""
+        dicom = _dicom_or_image_suffix(filename, content_type) == ".dcm" or data[128:132] == b"DICM"
+        cost, pixels = await self.budget.run(False, decode_cost, data, dicom)
+        large = pixels > LARGE_PIXELS
+        async with self.budget.hold(cost, filename, large):
+            return await self.budget.run(
+                large, _decode, cfg, data, filename, content_type, self.allow_outside_intended_use
+            )
+
+    @staticmethod
+    def body_reservation(request: Request, cap: int) -> int:
+        """What reading the body may hold: twice its declared length, or twice ``cap`` when it declares none."""
+        declared = request.headers.get("content-length", "")
+        return 2 * (int(declared) if declared.isdigit() and int(declared) <= cap else cap)
+
+    async def score(self, current: _Served, image: np.ndarray, filename: str, outside: str | None) -> dict[str, Any]:
+        """The record of one decoded image (its worker was told to expect it)."""
+        probability, domain_score = await asyncio.wrap_future(current.worker.submit(image, expected=True))
+        if not math.isfinite(probability):
+            log.error("%s: the model returned %s", filename, probability)
+            raise UploadError(500, f"{filename}: the model returned {probability} for this image; retrain it")
+        record = {  # cxr predict --json's record (tests/test_serve.py compares the two)
+            "path": filename,
+            **verdict(probability, current.threshold, domain_score, self.allow_outside_intended_use),
+            "threshold": current.threshold,
+            "threshold_source": current.threshold_source,
+            **current.identity,
+            "intended_use": outside is None,
+        }
+        if outside is not None:
+            record["outside_intended_use"] = outside
+        return record
+
+    async def predict(self, current: _Served, request: Request, name: str | None) -> JSONResponse:
+        """``POST /predict`` on the model ``current``: the record, or the refusal."""
+        body = _CappedBody(request.receive, self.max_upload_bytes)
+        current.worker.expect()  # from here on, the worker may wait briefly to batch this image with others
+        try:
+            try:
+                async with self.budget.hold(self.body_reservation(request, self.max_upload_bytes), "the upload"):
+                    data, filename, content_type = await _read_upload(request, body, name)
+                    image, outside = await self.decode_within_budget(current.cfg, data, filename, content_type)
+            except BaseException:
+                current.worker.expect(-1)
+                raise
+            return JSONResponse(await self.score(current, image, filename, outside))
+        except (UploadError, BudgetError, ClientDisconnect) as exc:
+            return await _refused(exc, "an upload", body, request, 4 * self.max_upload_bytes)
+
+    async def predict_batch(self, current: _Served, request: Request) -> JSONResponse:
+        """``POST /predict/batch`` on the model ``current``: a record per file, or the batch's refusal."""
+        cap = BATCH_UPLOAD_FACTOR * self.max_upload_bytes
+        body = _CappedBody(request.receive, cap)
+        try:
+            async with self.budget.hold(self.body_reservation(request, cap), "the batch"):
+                files = await _read_batch(request, body, self.max_upload_bytes)
+                current.worker.expect(sum(1 for f in files if not isinstance(f, UploadError)))
+                results = await asyncio.gather(*(self.batch_item(current, f) for f in files))
+        except (UploadError, BudgetError, ClientDisconnect) as exc:
+            return await _refused(exc, "a batch", body, request, 2 * cap)
+        return JSONResponse({"results": list(results)})
+
+    async def batch_item(self, current: _Served, item: tuple[bytes, str, str] | UploadError) -> dict[str, Any]:
+        """One file's record in a batch: its verdict, or its error (the worker was told to expect it)."""
+        if isinstance(item, UploadError):
+            return {"path": item.name, "error": item.message, "status": item.status}
+        data, filename, content_type = item
+        try:
+            try:
+                image, outside = await self.decode_within_budget(current.cfg, data, filename, content_type)
+            except BaseException:
+                current.worker.expect(-1)
+                raise
+            return await self.score(current, image, filename, outside)
+        except (UploadError, BudgetError) as exc:
+            return {"path": filename, "error": exc.message, "status": exc.status}
+
+
 def create_app(
     lm: LoadedModel,
     threshold: float,
@@ -361,66 +551,34 @@ def create_app(
     Returns:
         The application; its lifespan starts and stops the model worker threads.
     """
-    limits = limits or ImageLimits.of()
-    budget = budget or DecodeBudget(1_000_000_000)
-    served = _Served.start(lm, threshold, threshold_source, limits, batch_size)
-    holder = _Holder(served)
-    model_name = lm.path.name.removesuffix(".keras")
-
-    async def swap() -> dict[str, Any]:
-        """Load the model file again; serve it if its bytes differ (requests in flight finish on the old)."""
-        if reload is None:
-            raise UploadError(409, "this server serves a fixed file; start it with a model name to follow promotions")
-        async with holder.swapping:
-            try:
-                new_lm, cut, source = await run_in_threadpool(reload)
-            except CxrError as exc:
-                log.warning("reload refused, still serving %s: %s", holder.current.lm.sha256[:12], exc)
-                raise UploadError(503, f"reload refused, still serving the previous model: {exc}") from None
-            old = holder.current
-            if new_lm.sha256 == old.lm.sha256 and cut == old.threshold:
-                return {"reloaded": False, **old.identity}
-            fresh = await run_in_threadpool(_Served.start, new_lm, cut, source, limits, batch_size)
-            await asyncio.wrap_future(fresh.warm_up())
-            holder.replace(fresh)
-            log.info("now serving %s (sha256 %s…; was %s…)", model_name, new_lm.sha256[:12], old.lm.sha256[:12])
-            return {"reloaded": True, "previous_model_sha256": old.lm.sha256, **fresh.identity}
-
-    async def watch() -> None:
-        card_file = card_path_for(lm.path)
-        seen = _stat_key(card_file)
-        while True:
-            await asyncio.sleep(watch_s)
-            now = _stat_key(card_file)
-            if now == seen:
-                continue
-            try:
-                await swap()
-                seen = now
-            except UploadError:
-                pass  # a half-written install (model renamed, card not yet): the next poll tries again
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await asyncio.wrap_future(served.warm_up())  # build the model's kernels
-        watcher = asyncio.create_task(watch()) if reload is not None and watch_s > 0 else None
-        try:
-            yield
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            holder.close()
-            budget.close()
-
+    service = _Service(
+        lm,
+        threshold,
+        threshold_source,
+        max_upload_bytes,
+        batch_size,
+        limits or ImageLimits.of(),
+        allow_outside_intended_use,
+        reload,
+        watch_s,
+        budget or DecodeBudget(1_000_000_000),
+    )
     app = FastAPI(
         title="cxr serve",
-        summary=f"P(pneumonia) for chest radiographs from {model_name}",
+        summary=f"P(pneumonia) for chest radiographs from {service.model_name}",
         version=_version(),
-        lifespan=lifespan,
+        lifespan=service.lifespan,
         docs_url="/docs",
         redoc_url=None,
         openapi_url="/openapi.json",
     )
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every error with one line, ``{"error": "..."}``; a traceback never reaches the client."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -437,134 +595,49 @@ def create_app(
         log.error("internal error: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
+
+def _add_routes(app: FastAPI, service: _Service) -> None:
+    """The endpoints, each handing its request to ``service`` (their names and docstrings are the
+    OpenAPI schema's operations)."""
+
     @app.get("/health", response_model=Health)
     async def health() -> dict[str, Any]:
         """The model is loaded and warmed up; which file it is."""
-        return {"status": "ok", "model": model_name, **holder.current.identity}
+        return service.health()
 
     @app.post("/reload", response_model=Reloaded, responses=errors(409, 503))
     async def reload_model() -> JSONResponse:
         """Load the model file again and serve it if its bytes changed (a promotion or a rollback)."""
         try:
-            return JSONResponse(await swap())
+            return JSONResponse(await service.swap())
         except UploadError as exc:
             return _error(exc.status, exc.message)
 
     @app.get("/model", response_model=ModelInfo)
     async def model_card() -> dict[str, Any]:
         """The model card, the threshold in use and the upload limits."""
-        current = holder.current
-        return {
-            "model": model_name,
-            "model_file": current.lm.path.as_posix(),
-            **current.identity,
-            "threshold": current.threshold,
-            "threshold_source": current.threshold_source,
-            "limits": {
-                "max_upload_bytes": max_upload_bytes,
-                "max_batch_files": MAX_BATCH_FILES,
-                "max_image_pixels": limits.max_pixels,
-                "max_image_bytes": limits.max_bytes,
-                "decode_budget_bytes": budget.total,
-            },
-            "card": current.lm.card.to_json(),
-        }
+        return service.model_info()
 
     @app.post("/predict", response_model=Prediction, responses=errors(400, 413, 422, 503), openapi_extra=UPLOAD_BODY)
     async def predict(
         request: Request, name: str | None = Query(None, max_length=255, description="the file's name for the record")
     ) -> JSONResponse:
         """Score one image: ``cxr predict --json``'s record."""
-        current = holder.acquire()  # this request finishes on this model, whatever a reload does meanwhile
+        current = service.holder.acquire()  # this request finishes on this model, whatever a reload does meanwhile
         try:
-            return await _predict(current, request, name)
+            return await service.predict(current, request, name)
         finally:
-            holder.release(current)
+            service.holder.release(current)
 
     @app.post("/predict/batch", response_model=BatchResult, responses=errors(400, 413, 503), openapi_extra=BATCH_BODY)
     async def predict_batch(request: Request) -> JSONResponse:
         """Score several images sent together: one record per file, in order; a file that fails is
         that record's error, not the request's."""
-        current = holder.acquire()
+        current = service.holder.acquire()
         try:
-            return await _predict_batch(current, request)
+            return await service.predict_batch(current, request)
         finally:
-            holder.release(current)
-
-    async def _decode_within_budget(
-        cfg: InputConfig, data: bytes, filename: str, content_type: str
-    ) -> tuple[np.ndarray, str | None]:
-        """Decode one file in the lane for its size, holding what its decode will cost."""
-        dicom = _dicom_or_image_suffix(filename, content_type) == ".dcm" or data[128:132] == b"DICM"
-        cost, pixels = await budget.run(False, decode_cost, data, dicom)
-        large = pixels > LARGE_PIXELS
-        async with budget.hold(cost, filename, large):
-            return await budget.run(large, _decode, cfg, data, filename, content_type, allow_outside_intended_use)
-
-    def _body_reservation(request: Request, cap: int) -> int:
-        declared = request.headers.get("content-length", "")
-        return 2 * (int(declared) if declared.isdigit() and int(declared) <= cap else cap)
-
-    async def _score(current: _Served, image: np.ndarray, filename: str, outside: str | None) -> dict[str, Any]:
-        """The record of one decoded image (its worker was told to expect it)."""
-        probability, domain_score = await asyncio.wrap_future(current.worker.submit(image, expected=True))
-        if not math.isfinite(probability):
-            log.error("%s: the model returned %s", filename, probability)
-            raise UploadError(500, f"{filename}: the model returned {probability} for this image; retrain it")
-        record = {  # cxr predict --json's record (tests/test_serve.py compares the two)
-            "path": filename,
-            **verdict(probability, current.threshold, domain_score, allow_outside_intended_use),
-            "threshold": current.threshold,
-            "threshold_source": current.threshold_source,
-            **current.identity,
-            "intended_use": outside is None,
-        }
-        if outside is not None:
-            record["outside_intended_use"] = outside
-        return record
-
-    async def _predict(current: _Served, request: Request, name: str | None) -> JSONResponse:
-        body = _CappedBody(request.receive, max_upload_bytes)
-        current.worker.expect()  # from here on, the worker may wait briefly to batch this image with others
-        try:
-            try:
-                async with budget.hold(_body_reservation(request, max_upload_bytes), "the upload"):
-                    data, filename, content_type = await _read_upload(request, body, name)
-                    image, outside = await _decode_within_budget(current.cfg, data, filename, content_type)
-            except BaseException:
-                current.worker.expect(-1)
-                raise
-            return JSONResponse(await _score(current, image, filename, outside))
-        except (UploadError, BudgetError, ClientDisconnect) as exc:
-            return await _refused(exc, "an upload", body, request, 4 * max_upload_bytes)
-
-    async def _predict_batch(current: _Served, request: Request) -> JSONResponse:
-        cap = BATCH_UPLOAD_FACTOR * max_upload_bytes
-        body = _CappedBody(request.receive, cap)
-        try:
-            async with budget.hold(_body_reservation(request, cap), "the batch"):
-                files = await _read_batch(request, body, max_upload_bytes)
-                current.worker.expect(sum(1 for f in files if not isinstance(f, UploadError)))
-                results = await asyncio.gather(*(_batch_item(current, f) for f in files))
-        except (UploadError, BudgetError, ClientDisconnect) as exc:
-            return await _refused(exc, "a batch", body, request, 2 * cap)
-        return JSONResponse({"results": list(results)})
-
-    async def _batch_item(current: _Served, item: tuple[bytes, str, str] | UploadError) -> dict[str, Any]:
-        if isinstance(item, UploadError):
-            return {"path": item.name, "error": item.message, "status": item.status}
-        data, filename, content_type = item
-        try:
-            try:
-                image, outside = await _decode_within_budget(current.cfg, data, filename, content_type)
-            except BaseException:
-                current.worker.expect(-1)
-                raise
-            return await _score(current, image, filename, outside)
-        except (UploadError, BudgetError) as exc:
-            return {"path": filename, "error": exc.message, "status": exc.status}
-
-    return app
+            service.holder.release(current)
 
 
 async def _refused(
@@ -771,9 +844,42 @@ def serve(
         CxrError: a bad option; the model is missing, damaged, unloadable or unverified; or the
             address cannot be bound.
     """
-    import uvicorn
-
     from cxr.inference.loading import load, model_file
+
+    cut_given = _check_serve_options(max_upload_mb, max_memory_mb, batch_size, port, threshold)
+    path = model_file(model)
+    lm = load(path)  # refuses a file that is not the one its card describes
+    if not lm.verified:  # defence in depth: never serve an unverified model
+        raise CxrError(f"{printable(path)}: unverified model; retrain it or restore the file its card describes")
+    cut, cut_source = lm.threshold(cut_given)
+    budget = _decode_budget(max_memory_mb)
+    if not math.isfinite(watch_s) or watch_s < 0:
+        raise CxrError(f"--watch {watch_s}: give seconds ≥ 0 (0: reload only on POST /reload)")
+    app = create_app(
+        lm,
+        cut,
+        cut_source,
+        int(max_upload_mb * 1e6),
+        batch_size,
+        limits,
+        allow_outside_intended_use,
+        reload=_reloader(path, cut_given),
+        watch_s=watch_s,
+        budget=budget,
+    )
+    sock = listen(host, port)
+    _announce(lm, cut, cut_source, host, sock.getsockname()[1])
+    _run_uvicorn(app, sock, path)
+
+
+def _check_serve_options(
+    max_upload_mb: float, max_memory_mb: float, batch_size: int, port: int, threshold: float | None
+) -> float | None:
+    """Refuse a bad ``cxr serve`` option; the threshold given (None: the model's shipped one).
+
+    Raises:
+        CxrError: naming the option and what to give instead.
+    """
     from cxr.inference.predict import check_threshold
 
     if not math.isfinite(max_upload_mb) or not MIN_UPLOAD_MB <= max_upload_mb <= MAX_UPLOAD_MB:
@@ -787,15 +893,12 @@ def serve(
         raise CxrError(f"--batch-size {batch_size}: give 1 to 1024 images per model call")
     if not 0 <= port <= 65535:
         raise CxrError(f"--port {port}: give a TCP port from 0 to 65535 (0: any free port)")
-    cut_given = None if threshold is None else check_threshold(threshold)
-    path = model_file(model)
-    lm = load(path)  # refuses a file that is not the one its card describes
-    if not lm.verified:  # defence in depth: never serve an unverified model
-        raise CxrError(f"{printable(path)}: unverified model; retrain it or restore the file its card describes")
-    cut, cut_source = lm.threshold(cut_given)
-    budget = _decode_budget(max_memory_mb)
-    if not math.isfinite(watch_s) or watch_s < 0:
-        raise CxrError(f"--watch {watch_s}: give seconds ≥ 0 (0: reload only on POST /reload)")
+    return None if threshold is None else check_threshold(threshold)
+
+
+def _reloader(path: Path, cut_given: float | None) -> Callable[[], tuple[LoadedModel, float, str]]:
+    """What ``POST /reload`` and the watcher call: load ``path`` again, refused unless verified, with its threshold."""
+    from cxr.inference.loading import load
 
     def reload_model() -> tuple[LoadedModel, float, str]:
         fresh = load(path)
@@ -804,20 +907,11 @@ def serve(
         new_cut, new_source = fresh.threshold(cut_given)
         return fresh, new_cut, new_source
 
-    app = create_app(
-        lm,
-        cut,
-        cut_source,
-        int(max_upload_mb * 1e6),
-        batch_size,
-        limits,
-        allow_outside_intended_use,
-        reload=reload_model,
-        watch_s=watch_s,
-        budget=budget,
-    )
-    sock = listen(host, port)
-    bound = sock.getsockname()[1]
+    return reload_model
+
+
+def _announce(lm: LoadedModel, cut: float, cut_source: str, host: str, bound: int) -> None:
+    """The start-up line (the port actually bound); a warning when the address is not loopback."""
     if not is_loopback(host):
         log.warning("listening on %s, beyond this machine: the service has no authentication", printable(host))
     shown = f"[{host}]" if ":" in host else host
@@ -830,6 +924,16 @@ def serve(
         shown,
         bound,
     )
+
+
+def _run_uvicorn(app: FastAPI, sock: socket.socket, path: Path) -> None:
+    """Serve ``app`` on ``sock`` until interrupted, uvicorn logging through cxr's handler.
+
+    Raises:
+        CxrError: the server did not start.
+    """
+    import uvicorn
+
     # The decode budget bounds the work; uvicorn's own limit only bounds sockets. Idle ones are
     # closed by the guarded protocol, so they cannot fill it (cxr.serving.connections).
     config = uvicorn.Config(

@@ -33,10 +33,11 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 log = logging.getLogger("cxr.serve")
+T = TypeVar("T")
 
 LARGE_PIXELS = 4_000_000  # a Kermany JPEG is 1-7.8 MP, a flat-panel DICOM about 9-18 MP
 DICOM_BYTES_PER_PIXEL = 24
@@ -155,7 +156,7 @@ class DecodeBudget:
                 self.used_large -= n if large else 0
                 changed.notify_all()
 
-    async def run(self, large: bool, func: Any, *args: Any) -> Any:
+    async def run(self, large: bool, func: Callable[..., T], *args: object) -> T:
         """``func(*args)`` in the lane for its size."""
         lane = self.large_lane if large else self.small_lane
         return await asyncio.get_running_loop().run_in_executor(lane, func, *args)

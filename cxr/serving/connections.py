@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -40,10 +39,10 @@ class _Waiting:
     def __init__(self, per_client: int, total: int) -> None:
         self.per_client = per_client
         self.total = total
-        self.all: OrderedDict[Any, None] = OrderedDict()
-        self.by_client: dict[str, OrderedDict[Any, None]] = {}
+        self.all: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()
+        self.by_client: dict[str, OrderedDict[_GuardedH11Protocol, None]] = {}
 
-    def add(self, conn: Any, client: str) -> list[Any]:
+    def add(self, conn: _GuardedH11Protocol, client: str) -> list[_GuardedH11Protocol]:
         """Register ``conn``; return the connections to close so that both caps hold."""
         self.all[conn] = None
         self.by_client.setdefault(client, OrderedDict())[conn] = None
@@ -58,13 +57,74 @@ class _Waiting:
             self.remove(oldest, oldest.waiting_client)
         return evicted
 
-    def remove(self, conn: Any, client: str) -> None:
+    def remove(self, conn: _GuardedH11Protocol, client: str) -> None:
         self.all.pop(conn, None)
         mine = self.by_client.get(client)
         if mine is not None:
             mine.pop(conn, None)
             if not mine:
                 del self.by_client[client]
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline and capped waiting connections (the module's rules).
+
+    A subclass per server (:func:`guarded_protocol`) sets ``waiting``, its registry of the connections
+    waiting for a request header, and ``header_deadline_s``.
+    """
+
+    waiting: _Waiting
+    header_deadline_s: float
+    waiting_client = ""
+    _deadline: asyncio.TimerHandle | None = None
+    _is_waiting = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.waiting_client = self.client[0] if self.client else ""
+        self._wait()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._stop_waiting()  # a request is in progress: its header arrived
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._wait()  # kept alive: the next request's header has its own deadline
+
+    def _wait(self) -> None:
+        if self._is_waiting:
+            return
+        self._is_waiting = True
+        self._deadline = self.loop.call_later(self.header_deadline_s, self._expire)
+        for conn in self.waiting.add(self, self.waiting_client):
+            conn._drop("evicted: too many connections waiting for a request header")
+
+    def _stop_waiting(self) -> None:
+        if not self._is_waiting:
+            return
+        self._is_waiting = False
+        self.waiting.remove(self, self.waiting_client)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self._is_waiting:
+            self._drop(f"no complete request header within {self.header_deadline_s:g} s")
+
+    def _drop(self, why: str) -> None:
+        self._stop_waiting()
+        if not self.transport.is_closing():
+            log.debug("closed a connection from %s: %s", self.waiting_client or "?", why)
+            self.transport.close()
 
 
 def guarded_protocol(
@@ -82,58 +142,9 @@ def guarded_protocol(
     Returns:
         The protocol class (one per server, so servers in one process do not share caps).
     """
-    waiting = _Waiting(max_waiting_per_client, max_waiting)
 
-    class GuardedH11Protocol(H11Protocol):
-        waiting_client = ""
-        _deadline: asyncio.TimerHandle | None = None
-        _is_waiting = False
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.waiting_client = self.client[0] if self.client else ""
-            self._wait()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._stop_waiting()
-            super().connection_lost(exc)
-
-        def handle_events(self) -> None:
-            super().handle_events()
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._stop_waiting()  # a request is in progress: its header arrived
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-                self._wait()  # kept alive: the next request's header has its own deadline
-
-        def _wait(self) -> None:
-            if self._is_waiting:
-                return
-            self._is_waiting = True
-            self._deadline = self.loop.call_later(header_timeout_s, self._expire)
-            for conn in waiting.add(self, self.waiting_client):
-                conn._drop("evicted: too many connections waiting for a request header")
-
-        def _stop_waiting(self) -> None:
-            if not self._is_waiting:
-                return
-            self._is_waiting = False
-            waiting.remove(self, self.waiting_client)
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expire(self) -> None:
-            self._deadline = None
-            if self._is_waiting:
-                self._drop(f"no complete request header within {header_timeout_s:g} s")
-
-        def _drop(self, why: str) -> None:
-            self._stop_waiting()
-            if not self.transport.is_closing():
-                log.debug("closed a connection from %s: %s", self.waiting_client or "?", why)
-                self.transport.close()
+    class GuardedH11Protocol(_GuardedH11Protocol):
+        waiting = _Waiting(max_waiting_per_client, max_waiting)
+        header_deadline_s = header_timeout_s
 
     return GuardedH11Protocol

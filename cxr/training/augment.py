@@ -88,7 +88,7 @@ def affine_matrix(
 def _intensity(image: np.ndarray, u: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     import cv2
 
-    x = image.astype(np.float32) / 255.0
+    x: np.ndarray = image.astype(np.float32) / 255.0
     if cfg.gamma:
         x = np.power(x, 1.0 + cfg.gamma * (2 * u[3] - 1))
     if cfg.contrast:
@@ -103,12 +103,13 @@ def _intensity(image: np.ndarray, u: np.ndarray, cfg: AugmentConfig) -> np.ndarr
     if cfg.noise_std:
         rng = np.random.default_rng(int(u[7] * 2**31))
         x = x + rng.standard_normal(x.shape, dtype=np.float32) * (cfg.noise_std * u[7])
-    out = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
     if cfg.jpeg_quality and u[8] < 0.5:
         quality = int(np.rint(cfg.jpeg_quality + (95 - cfg.jpeg_quality) * u[8] * 2))
         ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if ok:
-            out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(out.shape)
+        decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if ok else None
+        if decoded is not None:  # like a failed encode: the image goes on without the JPEG round trip
+            out = decoded.reshape(out.shape)
     return out
 
 

@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from types import TracebackType
 
 from cxr.errors import CxrError
 from cxr.safe_text import printable
@@ -124,7 +124,7 @@ def quiet_hdf5_teardown() -> None:
     if getattr(previous, "cxr_hdf5", False):
         return
 
-    def hook(unraisable: Any) -> None:
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
         if "h5py" in repr(getattr(unraisable, "object", "")) or "ref count" in str(unraisable.exc_value):
             log.debug("HDF5 teardown after a failed write: %s", printable(str(unraisable.exc_value).splitlines()[0]))
             return
@@ -134,7 +134,7 @@ def quiet_hdf5_teardown() -> None:
     # as unraisable: both hooks pass on everything but these.
     previous_excepthook = sys.excepthook
 
-    def excepthook(kind: Any, value: BaseException, tb: Any) -> None:
+    def excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         if isinstance(value, RuntimeError) and "decrement id ref count" in str(value):
             log.debug("HDF5 teardown after a failed write: %s", printable(str(value).splitlines()[0]))
             return

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from cxr.common.domain import SUFFIX as DOMAIN_SUFFIX
 from cxr.common.domain import DomainModel, MemberDomains
 from cxr.common.model_card import card_digest, decisive_fields, write_card
+from cxr.config import Params
 from cxr.errors import CxrError
 from cxr.files import save_keras, sweep_stale, write_json
 from cxr.formatting import num
@@ -45,17 +46,16 @@ log = logging.getLogger(__name__)
 _SAME_PREPROCESSING = ("image_size", "resize", "interpolation")
 
 
-def members_of(params: Mapping[str, Any]) -> list[str]:
+def members_of(params: Params) -> list[str]:
     """``ensemble.members`` checked: distinct names of models listed in ``train.models``.
 
     Args:
-        params: the whole parameters mapping (``ensemble.members``, ``train.models``).
+        params: the configuration (``ensemble.members``, ``train.models``).
 
     Returns:
         The member names (empty: no ensemble); never a single member.
     """
-    members = list((params.get("ensemble") or {}).get("members") or [])
-    trained = list((params.get("train") or {}).get("models") or [])
+    members, trained = list(params.ensemble.members), list(params.train.models)
     unknown = [m for m in members if m not in trained]
     if unknown:
         raise CxrError(f"ensemble.members: {', '.join(map(str, unknown))} not in train.models ({', '.join(trained)})")
@@ -66,17 +66,16 @@ def members_of(params: Mapping[str, Any]) -> list[str]:
     return members
 
 
-def evaluated_models(params: Mapping[str, Any]) -> list[str]:
+def evaluated_models(params: Params) -> list[str]:
     """The models ``evaluate`` and ``report`` cover: ``train.models``, then the ensemble if configured.
 
     Args:
-        params: the whole parameters mapping.
+        params: the configuration.
 
     Returns:
         Model names, ``ensemble`` last when ``ensemble.members`` is set.
     """
-    models = list((params.get("train") or {}).get("models") or [])
-    return models + ([ENSEMBLE] if members_of(params) else [])
+    return list(params.train.models) + ([ENSEMBLE] if members_of(params) else [])
 
 
 def compose(members: Sequence[LoadedModel]) -> Any:
@@ -126,18 +125,17 @@ class _Validation:
 
 
 def _validate(
-    model: Any, loaded: Sequence[LoadedModel], members: Sequence[str], params: Mapping[str, Any], splits_csv: str | Path
+    model: Any, loaded: Sequence[LoadedModel], members: Sequence[str], params: Params, splits_csv: str | Path
 ) -> _Validation:
     """Score the ensemble on the validation split and apply the members' health policy to it."""
     from cxr.inference.loading import predict_images
     from cxr.training.health import assess
     from cxr.training.input_pipeline import load_images, read_split
-    from cxr.training.train import TrainConfig
 
-    cache_dir = str((params.get("input") or {}).get("cache_dir", "data/cache"))
     paths, labels, key = read_split(splits_csv, "val")
-    probabilities = predict_images(model, load_images(paths, key, loaded[0].cached_input(cache_dir), "val"))
-    member_cfg = TrainConfig.from_params(params.get("train") or {}, members[0])
+    images = load_images(paths, key, loaded[0].cached_input(params.input.cache_dir), "val")
+    probabilities = predict_images(model, images)
+    member_cfg = params.train.model(members[0])
     health = assess(labels, probabilities, {}, member_cfg.health)
     if health.status != "healthy" and member_cfg.health.on_collapse == "fail":
         raise CxrError(
@@ -182,12 +180,13 @@ def _card(model: Any, loaded: Sequence[LoadedModel], models_dir: str | Path, val
 
 def _domain_record(loaded: Sequence[LoadedModel]) -> dict[str, Any] | None:
     """The ensemble's content check: its members' (an image is in domain when in every member's)."""
-    if not all(isinstance(lm.domain, DomainModel) for lm in loaded):
+    domains = [lm.domain for lm in loaded if isinstance(lm.domain, DomainModel)]
+    if len(domains) < len(loaded):
         return None  # a member without one: no check rather than a partial one
     return {
         "method": "the members' content checks: the highest of their scores",
         "layer": "each member's input of pneumonia",
-        "percentile": min(lm.domain.percentile for lm in loaded),  # type: ignore[union-attr]
+        "percentile": min(d.percentile for d in domains),
         "threshold": 1.0,  # member scores are already distances over each member's threshold
         "members": [lm.name for lm in loaded],
         "file": None,
@@ -196,7 +195,8 @@ def _domain_record(loaded: Sequence[LoadedModel]) -> dict[str, Any] | None:
 
 
 def _domain_bytes(loaded: Sequence[LoadedModel]) -> bytes:
-    return MemberDomains({lm.name: lm.domain for lm in loaded}).to_bytes()  # type: ignore[misc]
+    """The members' checks in one file (written only when every member has one: :func:`_domain_record`)."""
+    return MemberDomains({lm.name: lm.domain for lm in loaded if isinstance(lm.domain, DomainModel)}).to_bytes()
 
 
 def _save(
@@ -262,12 +262,12 @@ def _record(card: Mapping[str, Any], digest: str, members: Sequence[str], metric
 
 
 def build_ensemble(
-    params: Mapping[str, Any], splits_csv: str | Path = HERE.splits, models_dir: str | Path = HERE.models
+    params: Params, splits_csv: str | Path = HERE.splits, models_dir: str | Path = HERE.models
 ) -> dict[str, Any] | None:
     """Write ``ensemble/ensemble.keras`` and its card from ``ensemble.members``; None when disabled.
 
     Args:
-        params: the whole parameters mapping (``ensemble``, ``train.models``, ``input``).
+        params: the configuration (``ensemble``, ``train``, ``input``).
         splits_csv: the split file the members were trained on (validation scores the ensemble).
         models_dir: where the members are.
 

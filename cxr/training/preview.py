@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cxr.common import plots
-from cxr.config import InputConfig, as_section
+from cxr.config import InputConfig
 from cxr.training.input_pipeline import load_images, make_dataset, read_split
 from cxr.workspace import HERE
 
 
 def augmented_batch(
-    input_cfg: InputConfig | Mapping[str, Any],
+    input_cfg: InputConfig,
     seed: int,
     splits_csv: str | Path = HERE.splits,
     out: str | Path = HERE.preview_plot,
@@ -24,7 +22,7 @@ def augmented_batch(
     """Plot ``count`` images of one augmented training batch, as the model sees them.
 
     Args:
-        input_cfg: the ``input`` section (its dataclass or the mapping).
+        input_cfg: the ``input`` section.
         seed: the training seed (``train.common.seed``): the batch the first epoch starts with.
         splits_csv: the split file.
         out: the PNG to write.
@@ -33,7 +31,6 @@ def augmented_batch(
     Returns:
         The PNG's path.
     """
-    input_cfg = as_section(InputConfig, input_cfg, "input")
     paths, labels, key = read_split(splits_csv, "train")
     images = load_images(paths, key, input_cfg, "train")
     ds = make_dataset(images, labels, input_cfg, shuffle=True, augment=True, seed=seed)

@@ -121,10 +121,10 @@ class EpochLine:
         super().__init__()
         self.run_name, self.epochs = name, epochs
 
-    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, object] | None = None) -> None:
         self.started = time.perf_counter()
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, object] | None = None) -> None:
         logs = logs or {}
         shown = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float))
         log.info(
@@ -358,7 +358,7 @@ class _Outcome:
     model: Any  # the best checkpoint when one was written, else the fitted model
     history: dict[str, list[float]]
     health: Health
-    point: dict[str, Any]
+    point: dict[str, Any] | None  # None when the validation split cannot choose a threshold
     epochs_run: int
     best_epoch: int | None
     domain: DomainModel | None = None
@@ -366,7 +366,7 @@ class _Outcome:
 
 def train(
     name: str,
-    params: Params | Mapping[str, Any],
+    params: Params,
     splits_csv: str | Path = HERE.splits,
     models_dir: str | Path = HERE.models,
     reports_dir: str | Path = HERE.train_reports_root,
@@ -381,8 +381,8 @@ def train(
 
     Args:
         name: a model of the registry (``cxr.training.models``), also the key of ``train.<name>``.
-        params: the parsed configuration, or the params.yaml mapping; only this model's
-            ``train`` settings and the ``input`` section are read.
+        params: the parsed configuration; only this model's ``train`` settings and the ``input``
+            section are read.
         splits_csv: the prepare step's ``splits.csv`` (``manifest.csv`` is expected beside it).
         models_dir: where ``<name>.keras`` and ``<name>.card.json`` are written.
         reports_dir: the parent of this model's reports folder ``<reports_dir>/<name>/``.
@@ -401,12 +401,8 @@ def train(
         TrainingRejected: the model is unhealthy and ``on_collapse`` is ``fail`` (or the fallback run
             is unhealthy too); it is kept in ``<models_dir>/.rejected/``, the shipped pair is untouched.
     """
-    if isinstance(params, Params):
-        cfg, input_cfg = params.train.model(name), params.input
-    else:
-        cfg = TrainConfig.from_params(params.get("train") or {}, name)
-        input_cfg = InputConfig.from_params(params.get("input") or {})
-    input_cfg = batch_for_data(name, cfg, input_cfg, splits_csv)
+    cfg = params.train.model(name)
+    input_cfg = batch_for_data(name, cfg, params.input, splits_csv)
     first = _setup_run(name, cfg, input_cfg, splits_csv, models_dir, reports_dir, logs_dir)
     first = replace(first, install=install, registry_dir=Path(registry_dir) if registry_dir else None)
     try:
@@ -452,7 +448,7 @@ def batch_for_data(name: str, cfg: TrainConfig, input_cfg: InputConfig, splits_c
         input_cfg.batch_size,
         min(cfg.min_steps_per_epoch, -(-n_train // batch)),
     )
-    return replace(input_cfg, batch_size=batch)
+    return input_cfg.model_copy(update={"batch_size": batch})
 
 
 def _train_attempts(first: _Run) -> dict[str, Any]:
@@ -482,7 +478,8 @@ def _attempts(cfg: TrainConfig) -> list[TrainConfig]:
     if cfg.health.on_collapse != "fallback":
         return [cfg]
     lower = cfg.learning_rate * cfg.health.fallback_lr_factor
-    return [cfg, replace(cfg, learning_rate=lower, health=replace(cfg.health, on_collapse="fail"))]
+    health = cfg.health.model_copy(update={"on_collapse": "fail"})
+    return [cfg, cfg.model_copy(update={"learning_rate": lower, "health": health})]
 
 
 def _setup_run(
@@ -955,14 +952,7 @@ def _ship(
     model.save(model_tmp)
     card["model_sha256"] = sha256_file(model_tmp)
     card["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
-    metrics = {
-        "val": card["validation"],
-        "epochs_run": card["epochs_run"],
-        "best_epoch": card["best_epoch"],
-        "health": card["health"]["status"],
-        "train_images_per_second": card["timings"]["train_images_per_second"],
-    }
-    write_json(staged / "metrics.json", metrics)
+    _stage_metrics(staged, card)
     card["run"] = audit.current_run()
     card["lineage_data"] = audit.data_lineage(run.splits_csv)
     card["data_quality"] = _data_quality(run.splits_csv)
@@ -973,12 +963,7 @@ def _ship(
         "folder": run.reports_dir.as_posix(),
         "sha256": {n: sha256_file(staged / n) for n in names},
     }
-    domain_path = run.model_path.with_name(run.name + SUFFIX)
-    if card.get("domain") and (staged / _DOMAIN_STAGED).is_file():
-        card["domain"].update(file=domain_path.as_posix(), sha256=sha256_file(staged / _DOMAIN_STAGED))
-    else:  # no statistics for this model, and none of the old model's: a file saying so (DVC declares it)
-        card["domain"] = None
-        write_bytes_atomic(staged / _DOMAIN_STAGED, no_domain_bytes())
+    _stage_domain(run, card)
     card = write_card(staged / model_store.card_file(run.name), card).to_json()
     version = model_store.add_version(
         run.name,
@@ -993,13 +978,47 @@ def _ship(
     audit.append(_lineage_record(run, card, version.id, card_digest(version.card_file)))
     shutil.rmtree(run.work_dir, ignore_errors=True)
     if run.install:
-        try:
-            before = model_store.champion(run.shipped, run.registry_dir)
-        except CxrError as exc:  # a damaged shipped model is replaced, not kept as a version
-            log.warning("%s: the shipped model is not kept as a version: %s", run.name, exc)
-            before = None
-        model_store.install(version, run.shipped)
-        _record_install(run, card, version, before.id if before else None)
+        _install_at_training(run, card, version)
+    _log_version(run, card, version)
+    return card
+
+
+def _stage_metrics(staged: Path, card: Mapping[str, Any]) -> None:
+    """Stage ``metrics.json``: the validation figures, epochs, health and training speed from the card."""
+    metrics = {
+        "val": card["validation"],
+        "epochs_run": card["epochs_run"],
+        "best_epoch": card["best_epoch"],
+        "health": card["health"]["status"],
+        "train_images_per_second": card["timings"]["train_images_per_second"],
+    }
+    write_json(staged / "metrics.json", metrics)
+
+
+def _stage_domain(run: _Run, card: dict[str, Any]) -> None:
+    """Point the card at the staged domain statistics, or stage a file saying there are none."""
+    staged = run.staging_dir
+    domain_path = run.model_path.with_name(run.name + SUFFIX)
+    if card.get("domain") and (staged / _DOMAIN_STAGED).is_file():
+        card["domain"].update(file=domain_path.as_posix(), sha256=sha256_file(staged / _DOMAIN_STAGED))
+    else:  # no statistics for this model, and none of the old model's: a file saying so (DVC declares it)
+        card["domain"] = None
+        write_bytes_atomic(staged / _DOMAIN_STAGED, no_domain_bytes())
+
+
+def _install_at_training(run: _Run, card: Mapping[str, Any], version: model_store.Version) -> None:
+    """Ship the stored version at once (``run.install``) and record it as promotion would."""
+    try:
+        before = model_store.champion(run.shipped, run.registry_dir)
+    except CxrError as exc:  # a damaged shipped model is replaced, not kept as a version
+        log.warning("%s: the shipped model is not kept as a version: %s", run.name, exc)
+        before = None
+    model_store.install(version, run.shipped)
+    _record_install(run, card, version, before.id if before else None)
+
+
+def _log_version(run: _Run, card: Mapping[str, Any], version: model_store.Version) -> None:
+    """One line: the version stored, whether it ships, its best epoch, validation AUC and health."""
     log.info(
         "%s: version %s (sha256 %s) %s, best epoch %s, val AUC %s, %s",
         run.name,
@@ -1010,7 +1029,6 @@ def _ship(
         num(card["validation"].get("auc"), 4),
         card["health"]["status"],
     )
-    return card
 
 
 def _record_install(run: _Run, card: Mapping[str, Any], version: model_store.Version, before: str | None) -> None:

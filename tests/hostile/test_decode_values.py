@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from cxr.common.images import probe
+from cxr.config import PrepareConfig, SplitConfig
 from cxr.data.prepare import prepare
 from cxr.safe_text import printable
 from tests.factories import kermany_layout, synthetic, write_dicom
@@ -130,7 +131,7 @@ def test_prepare_excludes_dots_strips_and_cmyk_with_the_reason(make_dataset, tmp
         _image(normal / "IM-9003-0001.png", 2000, 200): "a 10:1 strip",
         _image(normal / "IM-9004-0001.jpeg", 64, 64, mode="CMYK", fmt="JPEG"): "CMYK JPEG is not supported",
     }
-    prepare("data/raw", {"strategy": "patient", "seed": 1, "test_size": 0.2, "val_size": 0.2}, {"workers": 1})
+    prepare("data/raw", SplitConfig(strategy="patient", seed=1, test_size=0.2, val_size=0.2), PrepareConfig(workers=1))
     reasons = {e["path"]: e["reason"] for e in json.loads(Path("reports/data_quality.json").read_text())["excluded"]}
     for path, phrase in refused.items():
         assert phrase in reasons[path.relative_to(tmp_path).as_posix()]

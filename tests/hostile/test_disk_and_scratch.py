@@ -39,6 +39,7 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_backup(pr
 def test_training_without_room_for_its_checkpoints_is_refused_before_the_first_epoch(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from cxr.config import parse_params
     from cxr.training import disk
     from cxr.training.train import train
 
@@ -48,7 +49,7 @@ def test_training_without_room_for_its_checkpoints_is_refused_before_the_first_e
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 10**6, 10**6))
     before = snapshot(root / "models")
     with chdir(root), pytest.raises(CxrError, match=r"models: 1 MB free, about \d+ MB needed"):
-        train("smallnet", small_params())
+        train("smallnet", parse_params(small_params()))
     assert snapshot(root / "models") == before
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from cxr.config import DataConfig, PrepareConfig, SplitConfig
 from cxr.data import kaggle as kaggle_source
 from cxr.data.archive import ExtractLimits, safe_extract
 from cxr.data.fetch import source_digest
@@ -102,8 +103,8 @@ def prepared_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_source(root / "src")
     ws = make_workspace(root / "ws", "../src")
     with chdir(ws):
-        fetch({"source": "dir", "dir": "../src"})
-        prepare("data/raw", {}, {"min_images_per_class": 1, "workers": 1})
+        fetch(DataConfig(source="dir", dir="../src"))
+        prepare("data/raw", SplitConfig(), PrepareConfig(min_images_per_class=1, workers=1))
     return root
 
 
@@ -230,8 +231,8 @@ def test_split_folders_linked_into_a_listed_root_fetch_like_the_plain_folder(tmp
     record = _fetched(ws)
     assert record["skipped"] == []
     assert record["tree_sha256"] == expected["tree_sha256"] and record["counts"] == expected["counts"]
-    assert source_digest({"source": "dir", "dir": str(linked), "link_roots": [str(store)]}) == source_digest(
-        {"source": "dir", "dir": str(plain)}
+    assert source_digest(DataConfig(source="dir", dir=str(linked), link_roots=(str(store),))) == source_digest(
+        DataConfig(source="dir", dir=str(plain))
     )
 
 
@@ -299,7 +300,7 @@ def test_names_that_are_not_utf8_hash_deterministically(tmp_path: Path) -> None:
     assert first == hash_tree(folder)
     os.rename(os.path.join(os.fsencode(folder), b"\xfe.jpeg"), os.path.join(os.fsencode(folder), b"\xfd.jpeg"))
     assert hash_tree(folder) != first  # the name's bytes count, as a renamed file's should
-    assert source_digest({"source": "dir", "dir": str(folder)}) == hash_tree(folder)
+    assert source_digest(DataConfig(source="dir", dir=str(folder))) == hash_tree(folder)
 
 
 def test_hash_tree_of_a_missing_folder_is_an_error(tmp_path: Path) -> None:

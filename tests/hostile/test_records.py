@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxr.config import EvaluateConfig, InputConfig, parse_params
 from cxr.errors import DataError
 from tests.hostile.harness import (
     assert_no_traceback,
@@ -228,19 +229,19 @@ def test_reader_agreement_of_the_model_uses_its_shipped_threshold(tmp_path: Path
     point = json.loads(point_file.read_text())
     out = tmp_path / "agreement.json"
     # the shipped threshold, as evaluate recorded it: the model agrees with readers who give the truth
-    result = agreement_for_report(readers, "smallnet", {"threshold": 0.01, "bootstrap": 20}, out, eval_dir)
+    result = agreement_for_report(readers, "smallnet", EvaluateConfig(threshold=0.01, bootstrap=20), out, eval_dir)
     assert result["threshold"] == {"value": point["threshold"], "rule": point["rule"]}
     assert [c["kappa"] for c in result["cohen"][:2]] == [1.0, 1.0]  # the test split is separable
     # a shipped threshold of 0 calls every image PNEUMONIA, whatever evaluate.threshold says
     point_file.write_text(json.dumps({**point, "threshold": 0.0}))
-    result = agreement_for_report(readers, "smallnet", {"threshold": 0.99, "bootstrap": 20}, out, eval_dir)
+    result = agreement_for_report(readers, "smallnet", EvaluateConfig(threshold=0.99, bootstrap=20), out, eval_dir)
     assert result["threshold"]["value"] == 0.0
     assert [c["kappa"] for c in result["cohen"][:2]] == [0.0, 0.0]  # one label for all: no better than chance
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
 
     point_file.unlink()
     with pytest.raises(DataError, match=r"operating_point\.json: not found; run the evaluate step"):
-        agreement_for_report(readers, "smallnet", {"bootstrap": 20}, out, eval_dir)
+        agreement_for_report(readers, "smallnet", EvaluateConfig(bootstrap=20), out, eval_dir)
 
 
 # ---------------------------------------------------------------------------------------- JSON
@@ -304,7 +305,7 @@ def test_a_failed_retrain_leaves_the_shipped_model_and_its_history_byte_identica
     (project / f"models/.smallnet.tmp-{dead.pid}.keras").write_bytes(b"half a model")
     assert len(leftovers(project)) == 2
     with pytest.raises(error, match="fit failed"):
-        train_module.train("smallnet", params)
+        train_module.train("smallnet", parse_params(params))
 
     after = {k: v for k, v in snapshot(project).items() if k in kept or k.startswith("reports/")}
     assert after == before  # model, card, lineage, history, curves, metrics, summary: all byte-identical
@@ -334,8 +335,8 @@ def test_explain_skips_the_ensemble_with_one_line(evaluated: Path, tmp_path: Pat
     try:
         summary = explain_models(
             ["ensemble"],
-            {"gradcam_per_outcome": 1, "seed": 1, "border_margin": 0.125},
-            {"cache_dir": str(evaluated / "data/cache")},
+            EvaluateConfig(gradcam_per_outcome=1, seed=1, border_margin=0.125),
+            InputConfig(cache_dir=str(evaluated / "data/cache")),
             splits_csv=evaluated / "data/prepared/splits.csv",
             models_dir=evaluated / "models",
             eval_dir=evaluated / "reports/eval",
