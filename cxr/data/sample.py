@@ -26,7 +26,7 @@ CITATION = "Kermany, Zhang, Goldbaum (2018), Mendeley Data v2, doi:10.17632/rscb
 FALLBACK_WARNING = (
     "data.source=auto: no Kaggle credentials found, so the embedded demo sample is used (a few hundred "
     "images: models trained on it are demonstrations only); for the full data run 'kaggle auth login' or "
-    "see README 'Kaggle credentials', or set data.source=dir with data.dir in Kaggle layout"
+    "see docs/data-sources.md 'Kaggle credentials', or set data.source=dir with data.dir in Kaggle layout"
 )
 
 

@@ -1,5 +1,5 @@
 """Reporting: figures and the HTML report.
 
-- ``plots`` — matplotlib figures (class balance, training curves, ROC, confusion, calibration).
+- the figures are drawn by ``cxr.common.plots`` (a leaf every step may use).
 - ``report`` — the step: ``reports/report.html`` from the metrics and figures.
 """

@@ -2,7 +2,8 @@
 
 - ``input_pipeline`` — decode, cache, resize and batch; ``augment`` — the training-split augmentations.
 - ``preview`` — one plotted augmented batch.
-- ``models`` — the architectures (SmallNet, cxrnet, VGG16) and their options.
+- ``models`` — the architectures (SmallNet, cxrnet, resnet, VGG16) and their options.
+- ``disk`` — room checks and torn checkpoints.
 - ``train`` — the step: fit, health check, model card, ship or reject; ``health`` — the collapse check.
 - ``ensemble`` — the probability-averaging ensemble of trained models.
 """
