@@ -70,3 +70,18 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of ``trained`` plus ``evaluate`` and ``explain`` outputs. Shared by every module: copy it
     before writing."""
     return build_evaluated_project(tmp_path_factory.mktemp("cxr-evaluated-project"), trained)
+
+
+# ------------------------------------------------------------ running the suite in parallel (pytest-xdist)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long integration tests (marked ``slow``) first, in file order: under ``pytest -n auto --dist
+    worksteal`` the longest start at once and the short tests fill the workers around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at most four (each worker's TensorFlow children use every core
+    and about 2 GB; more workers only contend)."""
+    return max(1, min(os.cpu_count() or 1, 4))

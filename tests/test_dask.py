@@ -41,6 +41,7 @@ def test_two_models_train_concurrently_on_a_local_dask_cluster(make_dataset, tmp
         "input.batch_size=8",
         "evaluate.bootstrap=50",
         "evaluate.gradcam_per_outcome=1",
+        "export.formats=[]",
     ]
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,

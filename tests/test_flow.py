@@ -23,6 +23,7 @@ SMALL_TRAINING = [
     "input.batch_size=8",
     "evaluate.bootstrap=50",
     "evaluate.gradcam_per_outcome=1",
+    "export.formats=[]",  # the ONNX export in a flow: test_external_sets_and_the_ensemble_in_the_flow
 ]
 TASKS = [
     "fetch",
@@ -162,9 +163,12 @@ def test_external_sets_and_the_ensemble_in_the_flow(prefect_env, make_dataset, t
         "train.cxrnet.epochs=1",
         "ensemble.members=[smallnet, cxrnet]",
         f"evaluate.external={json.dumps({'site_b': str(site)})}",
+        "export.formats=[onnx]",
     ]
     first = pipeline(overrides=args)
     assert first["states"]["external@site_b"] == "Completed" and first["states"]["ensemble"] == "Completed"
+    exported = json.loads(Path("exports/index.json").read_text())["exports"]
+    assert {(r["model"], r["format"]) for r in exported} == {("smallnet", "onnx"), ("cxrnet", "onnx")}
     metrics = json.loads(Path("reports/metrics.json").read_text())
     assert set(metrics["external"]["site_b"]["models"]) == {"smallnet", "cxrnet", "ensemble"}
 

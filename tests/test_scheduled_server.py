@@ -196,6 +196,7 @@ def test_scheduled_deployment_runs_and_reuses_unchanged_data(prefect_server, mak
         "input.batch_size=8",
         "evaluate.bootstrap=50",
         "evaluate.gradcam_per_outcome=1",
+        "export.formats=[]",
     ]
     serve_cmd = [sys.executable, "-m", "flows.schedule", "--cron", "0 0 1 1 *", "--timezone", "Asia/Tokyo"]
     serve_cmd += ["--name", "test"]

@@ -242,6 +242,7 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+@pytest.mark.slow
 def test_dvc_and_prefect_rerun_the_same_stages_after_a_code_or_param_change(locked_project):
     root, env = locked_project
     dvc, base = _decisions(root, env)
