@@ -75,10 +75,36 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------ running the suite in parallel (pytest-xdist)
 
 
+# the modules of the longest tests (pytest --durations: 1-4 minutes each on two cores)
+_LONGEST = (
+    "tests/test_dvc_pipeline.py",
+    "tests/test_flow.py",
+    "tests/test_dask.py",
+    "tests/test_stages.py",
+    "tests/test_scheduled_server.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n``, hand tests to the workers one at a time, in the order below (pytest-xdist's
+    ``--maxschedchunk 1``): by default the first worker would get the first quarter of the list, every
+    long test with it, and run them one after another while the other worker ran the short ones."""
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long integration tests (marked ``slow``) first, in file order: under ``pytest -n auto --dist
-    worksteal`` the longest start at once and the short tests fill the workers around them."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The long integration tests first: those of :data:`_LONGEST`, then the other ``slow`` ones, then the
+    rest, each group in file order. ``pytest -n auto`` hands the list out in order,
+    so the longest start on every worker at once and the short tests fill in around them (one at a time:
+    :func:`pytest_configure`)."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.nodeid.startswith(_LONGEST) else 1
+
+    items.sort(key=rank)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
