@@ -85,19 +85,12 @@ _LONGEST = (
 )
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Under ``pytest -n``, hand tests to the workers one at a time, in the order below (pytest-xdist's
-    ``--maxschedchunk 1``): by default the first worker would get the first quarter of the list, every
-    long test with it, and run them one after another while the other worker ran the short ones."""
-    if getattr(config.option, "maxschedchunk", 0) is None:
-        config.option.maxschedchunk = 1
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The long integration tests first: those of :data:`_LONGEST`, then the other ``slow`` ones, then the
-    rest, each group in file order. ``pytest -n auto`` hands the list out in order,
-    so the longest start on every worker at once and the short tests fill in around them (one at a time:
-    :func:`pytest_configure`)."""
+    rest, each group in file order. ``pytest -n auto --dist loadfile`` hands whole files to the workers in
+    that order, so the longest files start first and the short ones fill in around them. (File by file:
+    with tests handed out one by one, a worker that first imported Prefect inside a ``capsys`` test once
+    lost pytest's capture for the rest of the run.)"""
 
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("slow") is None:
