@@ -479,8 +479,7 @@ class _Service:
         current.worker.expect()  # from here on, the worker may wait briefly to batch this image with others
         try:
             try:
-                reservation = self.body_reservation(request, self.max_upload_bytes)
-                async with self.budget.hold(reservation, "the upload", body=True):
+                async with self.budget.hold(self.body_reservation(request, self.max_upload_bytes), "the upload"):
                     data, filename, content_type = await _read_upload(request, body, name)
                     image, outside = await self.decode_within_budget(current.cfg, data, filename, content_type)
             except BaseException:
@@ -495,7 +494,7 @@ class _Service:
         cap = BATCH_UPLOAD_FACTOR * self.max_upload_bytes
         body = _CappedBody(request.receive, cap)
         try:
-            async with self.budget.hold(self.body_reservation(request, cap), "the batch", body=True):
+            async with self.budget.hold(self.body_reservation(request, cap), "the batch"):
                 files = await _read_batch(request, body, self.max_upload_bytes)
                 current.worker.expect(sum(1 for f in files if not isinstance(f, UploadError)))
                 results = await asyncio.gather(*(self.batch_item(current, f) for f in files))
