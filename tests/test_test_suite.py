@@ -72,3 +72,50 @@ def test_no_test_module_imports_another_test_module_or_conftest():
         "test modules must share code through tests/factories.py (builders) or conftest.py fixtures, "
         f"not by importing each other or conftest: {offending}"
     )
+
+
+CAPTURE_CASE = """
+def test_first_imports_absl():
+    import absl.logging  # TensorFlow's import does this: a handler on the captured stderr
+
+
+def test_then_first_imports_prefect_under_capsys(capsys):
+    from prefect import flow  # Prefect's first logging setup closes the handlers that exist
+
+    print("seen")
+    assert capsys.readouterr().out == "seen\\n"
+
+
+def test_a_later_test_still_has_pytest_s_capture():
+    print("still captured")
+"""
+
+
+def test_prefect_s_first_logging_setup_cannot_close_pytest_s_capture(tmp_path):
+    """The order pytest-xdist once met: absl's handler, then Prefect's first import in a capsys test.
+    Without ``tests/conftest.py``'s early Prefect logging setup this ends in three errors."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_capture_case.py").write_text(CAPTURE_CASE)
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "tests.conftest",
+            "test_capture_case.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout + run.stderr
