@@ -70,6 +70,7 @@ from cxr.serving.budget import (
     BudgetError,
     DecodeBudget,
     decode_cost,
+    map_large_allocations,
     resident_mb,
 )
 from cxr.serving.connections import guarded_protocol
@@ -304,8 +305,13 @@ class _CappedBody:
             self.finished = True
         return message
 
-    async def discard_rest(self, headers: Mapping[str, str], budget: int, timeout_s: float = 10.0) -> None:
-        """Read and drop the rest of a refused body, up to ``budget`` bytes and ``timeout_s`` seconds.
+    async def discard_rest(
+        self, headers: Mapping[str, str], budget: int, total_s: float = 30.0, idle_s: float = 5.0
+    ) -> None:
+        """Read and drop the rest of a refused body, up to ``budget`` bytes and ``total_s`` seconds, and
+        only while the client keeps sending (no more than ``idle_s`` between two reads): nginx's
+        ``lingering_time`` and ``lingering_timeout``, with its defaults. A fixed 10 s was too short
+        when sixty 48 MB uploads were refused at once on two busy cores.
 
         Nothing is read when the client waits for ``100 Continue`` (it then never sends the body), or
         when its declared ``Content-Length`` passes the budget.
@@ -315,16 +321,19 @@ class _CappedBody:
             return
         if declared.isdigit() and int(declared) > budget:
             return
-
-        async def drain() -> None:
-            dropped = 0
-            while not self.finished and dropped <= budget:
-                message = await self.receive()
-                dropped += len(message.get("body", b""))
-                self.finished = message.get("type") != "http.request" or not message.get("more_body", False)
-
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(drain(), timeout_s)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + total_s
+        dropped = 0
+        while not self.finished and dropped <= budget:
+            left = min(idle_s, until - loop.time())
+            if left <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(self.receive(), left)
+            except asyncio.TimeoutError:
+                return
+            dropped += len(message.get("body", b""))
+            self.finished = message.get("type") != "http.request" or not message.get("more_body", False)
 
 
 def _dicom_or_image_suffix(name: str, content_type: str) -> str:
@@ -479,7 +488,8 @@ class _Service:
         current.worker.expect()  # from here on, the worker may wait briefly to batch this image with others
         try:
             try:
-                async with self.budget.hold(self.body_reservation(request, self.max_upload_bytes), "the upload"):
+                reservation = self.body_reservation(request, self.max_upload_bytes)
+                async with self.budget.hold(reservation, "the upload", body=True):
                     data, filename, content_type = await _read_upload(request, body, name)
                     image, outside = await self.decode_within_budget(current.cfg, data, filename, content_type)
             except BaseException:
@@ -494,7 +504,7 @@ class _Service:
         cap = BATCH_UPLOAD_FACTOR * self.max_upload_bytes
         body = _CappedBody(request.receive, cap)
         try:
-            async with self.budget.hold(self.body_reservation(request, cap), "the batch"):
+            async with self.budget.hold(self.body_reservation(request, cap), "the batch", body=True):
                 files = await _read_batch(request, body, self.max_upload_bytes)
                 current.worker.expect(sum(1 for f in files if not isinstance(f, UploadError)))
                 results = await asyncio.gather(*(self.batch_item(current, f) for f in files))
@@ -847,6 +857,7 @@ def serve(
     from cxr.inference.loading import load, model_file
 
     cut_given = _check_serve_options(max_upload_mb, max_memory_mb, batch_size, port, threshold)
+    map_large_allocations()  # before the model loads (cxr.serving.budget)
     path = model_file(model)
     lm = load(path)  # refuses a file that is not the one its card describes
     if not lm.verified:  # defence in depth: never serve an unverified model

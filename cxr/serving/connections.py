@@ -13,6 +13,11 @@ module subclasses uvicorn's h11 protocol, adding two rules:
 * **Waiting connections are capped**, per client address and in all: when a new connection would
   pass a cap, the *oldest* waiting connection is closed. A flood of idle sockets therefore evicts
   itself, and a fresh request (``GET /health``) is always read and answered.
+* **A connection gets a grace period** (``EVICT_AFTER_S``) before it can be evicted. The event loop
+  accepts every queued connection before it reads from any, so a burst of real clients (64 uploads
+  at once from one address, on busy cores) counted as "waiting" all together, and the cap closed
+  some of them before their headers, already sent, were read: their clients saw a reset. Within the
+  grace period the caps may be passed; ``limit_concurrency`` still bounds the whole.
 
 A connection whose request is being read, decoded or scored is not waiting; what bounds those is
 the decode budget (:mod:`cxr.serving.budget`).
@@ -31,31 +36,38 @@ log = logging.getLogger("cxr.serve")
 HEADER_TIMEOUT_S = 10.0
 MAX_WAITING_PER_CLIENT = 16
 MAX_WAITING = 32
+EVICT_AFTER_S = 1.0
 
 
 class _Waiting:
     """The connections of one server that have not yet sent a complete request header, oldest first."""
 
-    def __init__(self, per_client: int, total: int) -> None:
+    def __init__(self, per_client: int, total: int, grace_s: float = EVICT_AFTER_S) -> None:
         self.per_client = per_client
         self.total = total
-        self.all: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()
-        self.by_client: dict[str, OrderedDict[_GuardedH11Protocol, None]] = {}
+        self.grace_s = grace_s
+        self.all: OrderedDict[_GuardedH11Protocol, float] = OrderedDict()  # → when it started waiting
+        self.by_client: dict[str, OrderedDict[_GuardedH11Protocol, float]] = {}
 
-    def add(self, conn: _GuardedH11Protocol, client: str) -> list[_GuardedH11Protocol]:
-        """Register ``conn``; return the connections to close so that both caps hold."""
-        self.all[conn] = None
-        self.by_client.setdefault(client, OrderedDict())[conn] = None
+    def add(self, conn: _GuardedH11Protocol, client: str, now: float) -> list[_GuardedH11Protocol]:
+        """Register ``conn``, waiting since ``now``; return the connections to close so that both caps
+        hold, oldest first, sparing those that have waited less than the grace period."""
+        self.all[conn] = now
+        self.by_client.setdefault(client, OrderedDict())[conn] = now
         evicted = []
         mine = self.by_client[client]
-        while len(mine) > self.per_client:
+        while len(mine) > self.per_client and self._expendable(mine, now):
             evicted.append(next(iter(mine)))
             self.remove(evicted[-1], client)
-        while len(self.all) > self.total:
+        while len(self.all) > self.total and self._expendable(self.all, now):
             oldest = next(iter(self.all))
             evicted.append(oldest)
             self.remove(oldest, oldest.waiting_client)
         return evicted
+
+    def _expendable(self, queue: OrderedDict[_GuardedH11Protocol, float], now: float) -> bool:
+        """The oldest connection in ``queue`` has had its grace period."""
+        return now - next(iter(queue.values())) >= self.grace_s
 
     def remove(self, conn: _GuardedH11Protocol, client: str) -> None:
         self.all.pop(conn, None)
@@ -103,7 +115,7 @@ class _GuardedH11Protocol(H11Protocol):
             return
         self._is_waiting = True
         self._deadline = self.loop.call_later(self.header_deadline_s, self._expire)
-        for conn in self.waiting.add(self, self.waiting_client):
+        for conn in self.waiting.add(self, self.waiting_client, self.loop.time()):
             conn._drop("evicted: too many connections waiting for a request header")
 
     def _stop_waiting(self) -> None:
