@@ -85,6 +85,29 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------ running the suite in parallel (pytest-xdist)
 
 
+# the modules of the longest tests (pytest --durations: 1-4 minutes each on two cores)
+_LONGEST = (
+    "tests/test_dvc_pipeline.py",
+    "tests/test_flow.py",
+    "tests/test_dask.py",
+    "tests/test_stages.py",
+    "tests/test_scheduled_server.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long integration tests first: those of :data:`_LONGEST`, then the other ``slow`` ones, then the
+    rest, each group in file order. pytest-xdist hands tests out in that order, so the longest start
+    first and the short ones fill in around them, instead of one long test running alone at the end."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.nodeid.startswith(_LONGEST) else 1
+
+    items.sort(key=rank)
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at most four (each worker's TensorFlow children use every core
     and about 2 GB; more workers only contend)."""
