@@ -58,8 +58,8 @@ HEADROOM_MB = 512.0
 
 
 # 1 MB also maps the model's activations, which costs serving 7-12 % of its throughput
-# (benchmarks/serve_speed.py, cxrnet at 160 px); 8 MB cost nothing there, but let the 64-DICOM load
-# test peak at 2,090 MB, over its 2,048 MB bound, in one run of nine: the bound comes first
+# (benchmarks/serve_speed.py, cxrnet at 160 px); 8 MB cost nothing there, but the 64-DICOM load test
+# then failed 4 runs of 15 (the one message kept: a 2,090 MB peak over its 2,048 MB bound)
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 TRIM_BYTES = 16_000_000  # a reservation this large hands its freed memory back to the system when it ends
