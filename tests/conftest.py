@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from prefect.logging.configuration import setup_logging as _setup_prefect_logging
 
+from tests.factories import build_evaluated_project, build_trained_project, write_image
+
 # Prefect's first logging setup (``import prefect`` does it) replaces every logging handler that exists,
 # closing each one; absl's handler, which TensorFlow's import creates on whatever ``sys.stderr`` is then,
 # closes its stream when it is not the current ``sys.stderr``. So when a test first imported TensorFlow
@@ -21,9 +23,7 @@ from prefect.logging.configuration import setup_logging as _setup_prefect_loggin
 # file was closed and every later test on that process errored ("I/O operation on closed file"; it
 # took pytest-xdist's test order to meet it). Prefect's setup runs here, before any handler exists;
 # its later calls are incremental and close nothing.
-_setup_prefect_logging()
-
-from tests.factories import build_evaluated_project, build_trained_project, write_image  # noqa: E402
+_setup_prefect_logging()  # tests.factories imports neither TensorFlow nor absl
 
 # before any test module imports TensorFlow (tests.factories imports no cxr module at import time)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -222,28 +222,26 @@ class DecodeBudget:
     ) -> None:
         """Wait (holding ``changed``) until ``n`` bytes fit, by the rules above; ``busy`` when they do not."""
         if body:
-            try:
-                room = changed.wait_for(lambda: self._fits(n, large) and not self._starved())
-                await asyncio.wait_for(room, self.wait_s)
-            except asyncio.TimeoutError:
-                raise busy from None
+            await self._wait(changed, lambda: self._fits(n, large) and not self._starved(), busy)
             return
-        ticket = object()
-        self._waiting.append((ticket, n, large))
+        entry = (object(), n, large)
+        self._waiting.append(entry)
         changed.notify_all()  # a younger decode may now have to give way
+        try:
+            await self._wait(
+                changed, lambda: self._fits(n, large) or (self._waiting[0] is not entry and self._starved()), busy
+            )
+        finally:
+            self._waiting.remove(entry)
+            changed.notify_all()
+        if not self._fits(n, large):
+            raise busy  # gave way to an older decode
 
-        def ready() -> bool:
-            return self._fits(n, large) or (self._waiting[0][0] is not ticket and self._starved())
-
+    async def _wait(self, changed: asyncio.Condition, ready: Callable[[], bool], busy: BudgetError) -> None:
         try:
             await asyncio.wait_for(changed.wait_for(ready), self.wait_s)
         except asyncio.TimeoutError:
             raise busy from None
-        finally:
-            self._waiting = [entry for entry in self._waiting if entry[0] is not ticket]
-            changed.notify_all()
-        if not self._fits(n, large):
-            raise busy  # gave way to an older decode
 
     async def run(self, large: bool, func: Callable[..., T], *args: object) -> T:
         """``func(*args)`` in the lane for its size."""
