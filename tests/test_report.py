@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -242,8 +244,18 @@ def test_report_command_with_readers(reported, tmp_path, cli, monkeypatch):
 # ------------------------------------------------------------------------------------- in a browser
 
 
+CHROMIUM_INSTALL_WAIT_S = 600
+
+
 def find_chromium() -> str:
-    """The Chromium binary; skip without one, but fail where CI is set (the browser checks must run there)."""
+    """The Chromium binary; skip without one, but fail where CI is set (the browser checks must run there).
+
+    ``.ci/run`` installs Chromium in the background while the project installs; until it has finished,
+    the flag file named by ``CXR_CHROMIUM_PENDING`` exists, and this waits for it (at most 10 minutes)."""
+    pending = os.environ.get("CXR_CHROMIUM_PENDING")
+    deadline = time.monotonic() + CHROMIUM_INSTALL_WAIT_S
+    while pending and Path(pending).exists() and time.monotonic() < deadline:
+        time.sleep(1)
     candidates = [
         os.environ.get("CHROMIUM"),
         shutil.which("chromium"),
@@ -309,6 +321,30 @@ def test_find_chromium_skips_or_fails_by_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI is set but Chromium is not installed"):
         find_chromium()
+
+
+def test_find_chromium_waits_for_the_background_install(monkeypatch, tmp_path):
+    flag, binary = tmp_path / "pending", tmp_path / "chromium"
+    flag.write_text("")
+    monkeypatch.setenv("CXR_CHROMIUM_PENDING", str(flag))
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CHROMIUM", raising=False)
+
+    def install() -> None:  # what .ci/run's background job does: the binary appears, then the flag goes
+        time.sleep(0.5)
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
+        flag.unlink()
+
+    monkeypatch.setenv("CHROMIUM", str(binary))
+    worker = threading.Thread(target=install)
+    worker.start()
+    try:
+        assert find_chromium() == str(binary)
+    finally:
+        worker.join()
+    assert not flag.exists()
 
 
 def test_every_figure_loads_in_chromium(chromium, reported, tmp_path):
