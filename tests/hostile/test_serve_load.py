@@ -1,9 +1,16 @@
 """``cxr serve`` under hostile clients (issue 19, part 2), on loopback, with bounded loops.
 
-One real server (``python -m cxr serve --port 0``) for the module, with the default memory bound
-(``--max-memory-mb 2048``): idle sockets and unfinished header blocks must not deny it; 64 concurrent
+One real server (``python -m cxr serve --port 0``) for the module, with a memory bound of 2,560 MB
+(``--max-memory-mb``): idle sockets and unfinished header blocks must not deny it; 64 concurrent
 48 MB DICOM uploads must keep its peak memory under the bound; sixteen decompression-heavy PNGs must
 not starve a small request.
+
+Not the default 2,048 MB: what the server holds once the model is loaded (its resident memory, which
+the budget is what is left of the bound after) is 714 MB with TensorFlow installed by pip and 824 MB
+with the same files installed by uv (file pages of ``libtensorflow_cc.so`` the kernel maps in larger
+pieces), and at 824 MB the large-image lane (three quarters of 2,048 − 824 − 512 MB) is 535 MB, under
+the 576 MB one 24-megapixel DICOM decode costs: every upload is rightly answered 413. At 2,560 MB the
+lane fits one such decode and not two, on either install, so the test still queues them.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from tests.hostile.harness import running_server
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-MAX_MEMORY_MB = 2048
+MAX_MEMORY_MB = 2560
 STARTUP_S = 180
 
 
@@ -135,6 +142,7 @@ def test_64_concurrent_48mb_dicoms_keep_the_peak_under_the_bound(served: tuple[s
         for future in futures:
             future.result()
     peak = _peak_mb(pid)
+    print(f"peak {peak:.0f} MB; answers {sorted(statuses)}")  # for the record (pytest -s shows it)
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) >= 1, statuses
     assert all(after == "1" for code, after in zip(statuses, retry_after, strict=True) if code == 503)
