@@ -80,9 +80,17 @@ def imported_names(module: str, path: Path) -> list[tuple[str, int]]:
     return found
 
 
-def _imports(module: str, path: Path) -> set[str]:
+def _imports(module: str, path: Path) -> frozenset[str]:
     """Modules named by the import statements of one file (at any depth), resolved to ``cxr`` modules."""
-    return {name for name, _ in imported_names(module, path) if _module_file(name) is not None}
+    stat = path.stat()
+    return _imports_cached(module, str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _imports_cached(module: str, path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    """:func:`_imports`, cached while the file's modification time and size stay the same: the steps'
+    closures share most of their files (``cxr stages --fingerprints`` walked 385 files for 67 before)."""
+    return frozenset(name for name, _ in imported_names(module, Path(path)) if _module_file(name) is not None)
 
 
 @functools.cache
