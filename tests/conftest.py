@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.logging.configuration import setup_logging as _setup_prefect_logging
@@ -106,6 +107,47 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return 0 if item.nodeid.startswith(_LONGEST) else 1
 
     items.sort(key=rank)
+
+
+# the modules whose tests share an expensive module-scoped fixture (a running server, a Prefect test server,
+# a trained or exported project: 5-13 s each); pytest-xdist's `load` distribution spread their tests over
+# both workers, and each worker built the fixture again (60 s of the suite's work, measured with --durations)
+SHARED_MODULE_FIXTURES = (
+    "tests/hostile/test_serve_load.py",
+    "tests/test_domain_check.py",
+    "tests/test_dvc_plots.py",
+    "tests/test_export.py",
+    "tests/test_flow.py",
+    "tests/test_serve.py",
+    "tests/test_serve_openapi.py",
+    "tests/test_train.py",
+)
+
+
+@pytest.fixture(scope="session")
+def shared_module_fixtures() -> tuple[str, ...]:
+    """:data:`SHARED_MODULE_FIXTURES`, for the test that keeps it true (test modules never import conftest)."""
+    return SHARED_MODULE_FIXTURES
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``-n``: pytest-xdist's ``load`` distribution (one test at a time, in the order above), except that
+    the tests of each module of :data:`SHARED_MODULE_FIXTURES` go to one worker together.
+
+    pytest-xdist's own ``--dist loadgroup`` would do it with ``xdist_group`` marks, but it silently stopped
+    grouping on pytest 9.2 (pytest-xdist issue 1386: it renames the node ids, which pytest no longer
+    reads), so this scheduler groups by node id instead. Another ``--dist`` keeps its own scheduler."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_MODULE_FIXTURES else nodeid
+
+    config.option.loadscopereorder = False  # keep the longest-first order of pytest_collection_modifyitems
+    return SharedFixtureModules(config, log)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

@@ -119,3 +119,26 @@ def test_prefect_s_first_logging_setup_cannot_close_pytest_s_capture(tmp_path):
         timeout=300,
     )
     assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout + run.stderr
+
+
+def _module_scoped_fixtures(source: str) -> list[str]:
+    """The functions of ``source`` decorated ``@pytest.fixture(scope="module")``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef):
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and ast.unparse(deco.func) == "pytest.fixture":
+                    scope = {k.arg: k.value for k in deco.keywords}.get("scope")
+                    if isinstance(scope, ast.Constant) and scope.value == "module":
+                        found.append(node.name)
+    return found
+
+
+def test_the_modules_kept_on_one_worker_each_define_a_module_scoped_fixture(shared_module_fixtures):
+    """conftest's scheduler keeps each listed module's tests on one worker so that its module-scoped
+    fixture is built once; a listed module without one (renamed, or its fixture gone) is a stale entry."""
+    assert _module_scoped_fixtures('@pytest.fixture(scope="module")\ndef f(): pass') == ["f"]
+    assert _module_scoped_fixtures("@pytest.fixture\ndef f(): pass") == []
+    root = TESTS.parent
+    stale = [m for m in shared_module_fixtures if not _module_scoped_fixtures((root / m).read_text(encoding="utf-8"))]
+    assert stale == []
