@@ -123,6 +123,10 @@ SHARED_MODULE_FIXTURES = (
     "tests/test_train.py",
 )
 
+# the modules whose tests use a machine-wide resource: the Kaggle stand-in listens on port 80 (the client's
+# LOCALHOST environment has no port), and some tests there expect nothing to listen on it
+SHARED_MACHINE_RESOURCES = ("tests/test_kaggle_fetch.py",)
+
 
 @pytest.fixture(scope="session")
 def shared_module_fixtures() -> tuple[str, ...]:
@@ -132,7 +136,8 @@ def shared_module_fixtures() -> tuple[str, ...]:
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``-n``: pytest-xdist's ``load`` distribution (one test at a time, in the order above), except that
-    the tests of each module of :data:`SHARED_MODULE_FIXTURES` go to one worker together.
+    the tests of each module of :data:`SHARED_MODULE_FIXTURES` and :data:`SHARED_MACHINE_RESOURCES` go to
+    one worker together.
 
     pytest-xdist's own ``--dist loadgroup`` would do it with ``xdist_group`` marks, but it silently stopped
     grouping on pytest 9.2 (pytest-xdist issue 1386: it renames the node ids, which pytest no longer
@@ -144,7 +149,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class SharedFixtureModules(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return module if module in SHARED_MODULE_FIXTURES else nodeid
+            return module if module in SHARED_MODULE_FIXTURES + SHARED_MACHINE_RESOURCES else nodeid
 
     config.option.loadscopereorder = False  # keep the longest-first order of pytest_collection_modifyitems
     return SharedFixtureModules(config, log)

@@ -89,8 +89,9 @@ def test_an_edited_model_card_is_unverified_with_the_field_that_changed(project:
         _edit_card(project, edit)
         line = assert_refused(run_cxr(["predict", "--model", "smallnet", image], project), "unverified model", field)
         assert "recorded" in line
-        allowed = run_cxr(["predict", "--model", "smallnet", "--json", "--allow-unverified", image], project)
-        assert allowed.rc == 0 and json.loads(allowed.out.splitlines()[-1])["verified_model"] is False
+        if field == "input.preprocessing.resize":  # allowed, it runs marked (one field will do: the same path)
+            allowed = run_cxr(["predict", "--model", "smallnet", "--json", "--allow-unverified", image], project)
+            assert allowed.rc == 0 and json.loads(allowed.out.splitlines()[-1])["verified_model"] is False
         audit = run_cxr(["audit", "models/smallnet.keras", "--json"], project)
         assert audit.out.strip(), audit.describe()
         report = json.loads(audit.out)
