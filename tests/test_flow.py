@@ -63,7 +63,7 @@ def test_a_second_run_is_cached_and_each_change_reruns_only_what_it_touches(
     prefect_env, make_dataset, tmp_path, monkeypatch
 ):
     """Two models, their ensemble and an outside set in the flow; a second run is all cache hits; then one
-    change at a time. (One flow: each change costs a run, not a first run and a second one as well.)"""
+    change of the data at a time. (One flow: each change costs a run, not a first run and a second one.)"""
     import json
 
     from flows.pipeline import pipeline
@@ -102,9 +102,8 @@ def test_a_second_run_is_cached_and_each_change_reruns_only_what_it_touches(
     assert {k: v for k, v in second["states"].items() if k != "dvc.lock"} == dict.fromkeys(TASKS, "Cached")
     assert second["prepare"] == first["prepare"]
 
-    # an evaluation parameter: only evaluate, explain and report run again
-    changed = pipeline(overrides=[*args, "evaluate.threshold=0.4"])
-    assert [k for k in TASKS if changed["states"][k] == "Completed"] == ["evaluate", "explain", "report"]
+    # (which steps a parameter reruns is decided on the steps' cache keys, the same decision as DVC's:
+    # tests/test_stages.py checks both drivers' decisions; this flow checks that the keys are honoured)
 
     # a new image at the outside site: index and scoring rerun, training and the ensemble stay cached
     write_image(site / "NORMAL" / "IM-0999-0001.jpeg", seed=4242)

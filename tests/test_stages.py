@@ -94,6 +94,13 @@ def test_every_declared_setting_exists_in_the_shipped_params():
 # --- DVC and Prefect agree on what a change touches -------------------------------------------------
 _KEYS_SCRIPT = textwrap.dedent("""
     import json, sys, types
+    from dvc.repo import Repo
+
+    # DVC first: `dvc repro code` (rewrites the fingerprints), then what `dvc status` would list
+    with Repo(".") as repo:
+        repo.reproduce("code", single_item=True)
+        dvc = sorted(name for name in repo.status() if name != "code")  # code: always changed
+
     from cxr.config import load_params
     from cxr.stages import inputs_of, settings_of
     from tasks.evaluate import ensemble_task, evaluate_task, explain_task, report_task
@@ -128,7 +135,7 @@ _KEYS_SCRIPT = textwrap.dedent("""
     }
     keys = {name: task.cache_policy.compute_key(types.SimpleNamespace(task=task), kwargs, {})
             for name, (task, kwargs) in calls.items()}
-    print(json.dumps(keys))
+    print(json.dumps({"dvc": dvc, "keys": keys}))
 """)
 
 
@@ -205,24 +212,13 @@ def locked_project(tmp_path):
 
 
 def _decisions(root: Path, env: dict[str, str]) -> tuple[set[str], dict[str, str]]:
-    """(the stages DVC would rerun, each Prefect task's cache key): ``dvc repro`` first runs the
-    ``code`` stage, which rewrites the fingerprints; the steps whose fingerprint or data changed follow."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "-q", "--single-item", "code"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0, proc.stderr
-    dvc = {name for name in json.loads(proc.stdout or "{}") if name != "code"}  # code: always changed
+    """(the stages DVC would rerun, each Prefect task's cache key), from one process with the project's
+    code: DVC's ``code`` stage first rewrites the fingerprints (``dvc repro code``), then ``dvc status``
+    lists the steps whose fingerprint or data changed, then each task's cache policy computes its key."""
     proc = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT], cwd=root, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return dvc, json.loads(proc.stdout)
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    return set(found["dvc"]), found["keys"]
 
 
 def _commit(root: Path, env: dict[str, str]) -> None:
