@@ -126,6 +126,7 @@ SHARED_MODULE_FIXTURES = (
 # the modules whose tests use a machine-wide resource: the Kaggle stand-in listens on port 80 (the client's
 # LOCALHOST environment has no port), and some tests there expect nothing to listen on it
 SHARED_MACHINE_RESOURCES = ("tests/test_kaggle_fetch.py",)
+_ONE_WORKER_MODULES = frozenset(SHARED_MODULE_FIXTURES + SHARED_MACHINE_RESOURCES)
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +150,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class SharedFixtureModules(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            return module if module in SHARED_MODULE_FIXTURES + SHARED_MACHINE_RESOURCES else nodeid
+            return module if module in _ONE_WORKER_MODULES else nodeid
 
     config.option.loadscopereorder = False  # keep the longest-first order of pytest_collection_modifyitems
     return SharedFixtureModules(config, log)

@@ -92,7 +92,7 @@ def test_every_declared_setting_exists_in_the_shipped_params():
 
 
 # --- DVC and Prefect agree on what a change touches -------------------------------------------------
-_KEYS_SCRIPT = textwrap.dedent("""
+_DECISIONS_SCRIPT = textwrap.dedent("""
     import json, sys, types
     from dvc.repo import Repo
 
@@ -215,7 +215,7 @@ def _decisions(root: Path, env: dict[str, str]) -> tuple[set[str], dict[str, str
     """(the stages DVC would rerun, each Prefect task's cache key), from one process with the project's
     code: DVC's ``code`` stage first rewrites the fingerprints (``dvc repro code``), then ``dvc status``
     lists the steps whose fingerprint or data changed, then each task's cache policy computes its key."""
-    proc = subprocess.run([sys.executable, "-c", _KEYS_SCRIPT], cwd=root, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", _DECISIONS_SCRIPT], cwd=root, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     return set(found["dvc"]), found["keys"]
