@@ -90,7 +90,6 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 _LONGEST = (
     "tests/test_dvc_pipeline.py",
     "tests/test_flow.py",
-    "tests/test_dask.py",
     "tests/test_stages.py",
     "tests/test_scheduled_server.py",
 )
