@@ -252,7 +252,9 @@ def _flip_a_third(folder: Path) -> None:
         path.rename(target)
 
 
-def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse_and_rolls_back(fresh_clone, tmp_path):
+def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse(fresh_clone, tmp_path):
+    """The gate inside `dvc repro` on real films. (A better challenger shipping, the rollback and the audit
+    after it: tests/test_promotion.py, through the same CLI.)"""
     from cxr.provenance.hashing import sha256_file
 
     inbox, reference = tmp_path / "inbox", tmp_path / "reference"
@@ -307,19 +309,3 @@ def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse_and_rolls_
     assert set(status) <= {"code"}, status
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], fresh_clone, stdout_only=True))
     assert "reports/train/smallnet/promotion.json" in json.dumps(metrics)
-
-    # the clean data again, trained longer: no worse on the reference set, so it ships
-    shutil.rmtree(inbox)
-    _copy_class_files(inbox, clean)
-    _set_params(fresh_clone, train__smallnet__epochs=14)
-    _run(["dvc", "repro", "promote@smallnet"], fresh_clone)
-    won = decision()
-    print(won["line"], won["challenger"]["reference"], won["champion"]["reference"])
-    assert won["promoted"] is True, won["line"]
-    assert sha256_file(model) != champion
-
-    # a rollback restores the first champion's bytes, and the audit verifies them
-    _run(["cxr", "models", "rollback", "smallnet"], fresh_clone)
-    assert sha256_file(model) == champion
-    audit = json.loads(_run(["cxr", "audit", "models/smallnet.keras", "--json"], fresh_clone, stdout_only=True))
-    assert audit["verified"] is True and audit["events"][-1]["event"] == "rollback"
