@@ -254,8 +254,7 @@ def test_repro_keeps_the_champion_when_a_mislabelled_retrain_is_worse(fresh_clon
     from cxr.provenance.hashing import sha256_file
 
     inbox, reference = tmp_path / "inbox", tmp_path / "reference"
-    clean = {"NORMAL": slice(0, 160), "PNEUMONIA": slice(0, 160)}
-    _copy_class_files(inbox, clean)
+    _copy_class_files(inbox, {"NORMAL": slice(0, 160), "PNEUMONIA": slice(0, 160)})
     _copy_class_files(reference, {"NORMAL": slice(700, 790), "PNEUMONIA": slice(2500, 2590)})
     _set_params(
         fresh_clone,

@@ -128,7 +128,7 @@ def test_a_second_run_is_cached_and_each_change_reruns_only_what_it_touches(
 
     # a new image at the outside site: index and scoring rerun, training and the ensemble stay cached; and a
     # deleted output is never trusted: its task runs again (it writes the same split, so nothing after it
-    # reruns for it; what a parameter only prepare reads reruns is tests/test_stages.py's check)
+    # reruns for it)
     write_image(site / "NORMAL" / "IM-0999-0001.jpeg", seed=4242)
     os.remove("data/prepared/splits.csv")
     third = pipeline(overrides=args)

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.factories import REPO_ROOT
 
 
 @pytest.mark.slow
 def test_mypy_finds_no_errors_in_the_packages() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-m", "mypy"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, f"mypy found errors:\n{proc.stdout}{proc.stderr}"
     assert proc.stdout.startswith("Success: no issues found in "), proc.stdout
